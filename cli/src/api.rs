@@ -1,0 +1,242 @@
+//! The control API between the client and the daemon: HTTP/1.1 with JSON bodies on a Unix
+//! socket, with paths and field names modelled on Docker's Engine API so that
+//! `curl --unix-socket /run/vswitch/vswitch.sock http://d/networks` works.
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `GET /_ping` | | `OK` |
+//! | `GET /networks` | | `[NetworkInspect]` |
+//! | `POST /networks/create` | [`NetworkCreate`] | [`Created`] |
+//! | `GET /networks/{name-or-id}` | | [`NetworkInspect`] |
+//! | `DELETE /networks/{name-or-id}` | | 204 |
+//! | `POST /networks/{name-or-id}/connect` | [`AttachRequest`] | [`EndpointInfo`] |
+//! | `POST /networks/{name-or-id}/disconnect` | [`DisconnectRequest`] | 204 |
+//! | `GET /endpoints` | | `[EndpointInfo]` |
+//! | `DELETE /endpoints/{name}` | | 204 (detached from every network) |
+//! | `GET /networks/{name-or-id}/fdb` | | `[FdbRow]` |
+//! | `GET /stats[?network=NAME]` | | `[NetworkStats]` |
+//!
+//! Errors carry a status (400 bad request, 404 unknown, 409 conflict, 500 failure) and an
+//! [`ErrorBody`] whose message is the one line the client prints.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ErrorBody {
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct NetworkCreate {
+    pub name: String,
+    /// Up to one IPv4 and one IPv6 subnet, as CIDR text.
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    /// Gateways, matched to the subnets by address family.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub ip_range: Option<String>,
+    #[serde(default)]
+    pub internal: bool,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    #[serde(default, rename = "EnableIPv6")]
+    pub enable_ipv6: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Created {
+    pub id: String,
+}
+
+/// `docker network inspect` shaped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetworkInspect {
+    pub name: String,
+    pub id: String,
+    pub created: String,
+    pub scope: String,
+    pub driver: String,
+    #[serde(rename = "EnableIPv6")]
+    pub enable_ipv6: bool,
+    #[serde(rename = "IPAM")]
+    pub ipam: Ipam,
+    pub internal: bool,
+    pub attachable: bool,
+    pub containers: BTreeMap<String, ContainerEntry>,
+    pub options: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Ipam {
+    pub driver: String,
+    pub config: Vec<IpamConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct IpamConfig {
+    pub subnet: String,
+    pub gateway: String,
+    #[serde(rename = "IPRange", default, skip_serializing_if = "Option::is_none")]
+    pub ip_range: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerEntry {
+    pub name: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+    pub mac_address: String,
+    #[serde(rename = "IPv4Address")]
+    pub ipv4_address: String,
+    #[serde(rename = "IPv6Address")]
+    pub ipv6_address: String,
+}
+
+/// How the target namespace of an attach was named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    /// A process whose network namespace is meant (`/proc/PID/ns/net`).
+    Pid(u32),
+    /// A namespace file (`/proc/PID/ns/net`, `/run/netns/X`, a bind mount elsewhere).
+    Path(String),
+    /// An `ip netns` name (`/run/netns/NAME`).
+    Name(String),
+}
+
+impl Target {
+    /// Reads a TARGET argument the way the CLI documents it: digits are a PID, text with a `/`
+    /// is a path, anything else an `ip netns` name.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("empty target: give a PID, a netns path or an `ip netns` name".into());
+        }
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            return s
+                .parse()
+                .map(Target::Pid)
+                .map_err(|_| format!("invalid PID {s}"));
+        }
+        if s.contains('/') {
+            return Ok(Target::Path(s.to_owned()));
+        }
+        Ok(Target::Name(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Pid(p) => write!(f, "pid {p}"),
+            Target::Path(p) => write!(f, "{p}"),
+            Target::Name(n) => write!(f, "netns {n}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct AttachRequest {
+    pub target: Target,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "IPv4Address")]
+    pub ipv4_address: Option<String>,
+    #[serde(default, rename = "IPv6Address")]
+    pub ipv6_address: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub mac_address: Option<String>,
+    #[serde(default)]
+    pub ifname: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct DisconnectRequest {
+    pub container: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EndpointInfo {
+    pub id: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+    pub name: String,
+    pub network: String,
+    pub network_id: String,
+    pub target: Target,
+    pub ifname: String,
+    pub mac_address: String,
+    #[serde(rename = "IPv4Address")]
+    pub ipv4_address: String,
+    #[serde(rename = "IPv6Address")]
+    pub ipv6_address: String,
+    pub gateway: String,
+    pub aliases: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct FdbRow {
+    pub mac_address: String,
+    pub port: u32,
+    /// Endpoint name, or `(gateway)`.
+    pub endpoint: String,
+    pub age_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetworkStats {
+    pub network: String,
+    pub ports: Vec<PortStatsRow>,
+    pub malformed: u64,
+    pub invalid_source: u64,
+    pub learn_refused: u64,
+    pub flooded: u64,
+    pub fdb_entries: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PortStatsRow {
+    pub port: u32,
+    pub endpoint: String,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub rx_dropped: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_forms() {
+        assert_eq!(Target::parse("1234"), Ok(Target::Pid(1234)));
+        assert_eq!(
+            Target::parse("/run/netns/a"),
+            Ok(Target::Path("/run/netns/a".into()))
+        );
+        assert_eq!(Target::parse("blue"), Ok(Target::Name("blue".into())));
+        assert!(Target::parse("").is_err());
+        assert!(Target::parse("99999999999999999999").is_err());
+    }
+}

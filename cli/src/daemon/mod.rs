@@ -1,0 +1,1041 @@
+//! The daemon: control API, state, IPAM and attach orchestration around the per-network
+//! datapaths.
+//!
+//! All control-plane changes go through [`Daemon`], which holds the state behind one async
+//! mutex: a request either completes every step (namespace plumbing, datapath port, DNS names,
+//! persisted state) or undoes the ones it did, and no other request sees the half-way state.
+
+pub mod datapath;
+pub mod ipam;
+pub mod plumb;
+mod server;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::Mutex;
+use vswitch_dns::Records;
+use vswitch_nat::GatewayConfig;
+use vswitch_netdev::ns::{NetNs, NsId};
+use vswitch_switch::{MacAddr, PortId};
+
+use crate::api::{
+    AttachRequest, ContainerEntry, Created, EndpointInfo, FdbRow, Ipam, IpamConfig, NetworkCreate,
+    NetworkInspect, NetworkStats, Target,
+};
+use datapath::{Datapath, Event};
+use plumb::Plumbing;
+use state::{Endpoint, Network, StateDir, Store};
+
+pub use server::serve;
+
+/// Options of [`serve`].
+pub fn server_options(socket: PathBuf, state_dir: PathBuf) -> server::Options {
+    server::Options { socket, state_dir }
+}
+
+pub const DEFAULT_NETWORK: &str = "bridge";
+const DEFAULT_MTU: u32 = 1500;
+
+/// An error for an API client: an HTTP status and one line of text.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: m.into(),
+        }
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self {
+            status: 403,
+            message: m.into(),
+        }
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self {
+            status: 404,
+            message: m.into(),
+        }
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self {
+            status: 409,
+            message: m.into(),
+        }
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self {
+            status: 500,
+            message: m.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::internal(format!("{e:#}"))
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A network that is up: its datapath thread, the endpoints plugged into it, its DNS names.
+struct LiveNetwork {
+    datapath: Datapath,
+    ports: HashMap<String, PortId>,
+    records: Records,
+}
+
+struct Inner {
+    store: Store,
+    live: HashMap<String, LiveNetwork>,
+}
+
+pub struct Daemon {
+    inner: Mutex<Inner>,
+    state_dir: StateDir,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    own_netns: NsId,
+}
+
+impl Daemon {
+    /// Loads (or initialises) the state, starts every network's datapath and re-plumbs the
+    /// endpoints whose namespaces still exist. Returns the daemon and the receiver of datapath
+    /// events, which the caller feeds back through [`Daemon::handle_event`].
+    pub async fn start(
+        state_dir: &Path,
+    ) -> anyhow::Result<(Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<Event>)> {
+        let state_dir = StateDir::new(state_dir)?;
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let own_netns = NetNs::current()
+            .context("cannot open the daemon's own network namespace")?
+            .id();
+        let loaded = state_dir.load()?;
+        let fresh = loaded.is_none();
+        let store = loaded.unwrap_or_default();
+        let daemon = Arc::new(Self {
+            inner: Mutex::new(Inner {
+                store,
+                live: HashMap::new(),
+            }),
+            state_dir,
+            events,
+            own_netns,
+        });
+        {
+            let mut inner = daemon.inner.lock().await;
+            if inner.store.find_network(DEFAULT_NETWORK).is_none() {
+                let bridge = Network {
+                    id: random_id(),
+                    name: DEFAULT_NETWORK.to_owned(),
+                    created: now_rfc3339(),
+                    subnet: "172.17.0.0/16".parse().context("bridge subnet")?,
+                    gateway: Ipv4Addr::new(172, 17, 0, 1),
+                    ip_range: None,
+                    subnet6: None,
+                    gateway6: None,
+                    internal: false,
+                    mtu: DEFAULT_MTU,
+                    dns_names: false,
+                };
+                tracing::info!(id = %bridge.id, "created the default network bridge (172.17.0.0/16)");
+                inner.store.networks.insert(bridge.id.clone(), bridge);
+            }
+            let networks: Vec<Network> = inner.store.networks.values().cloned().collect();
+            for net in &networks {
+                let live = daemon.start_network(net)?;
+                inner.live.insert(net.id.clone(), live);
+            }
+            if !fresh {
+                daemon.restore_endpoints(&mut inner).await;
+            }
+            daemon.state_dir.save(&inner.store)?;
+        }
+        Ok((daemon, rx))
+    }
+
+    fn start_network(&self, net: &Network) -> anyhow::Result<LiveNetwork> {
+        let gateway = GatewayConfig {
+            mac: gateway_mac(net).0,
+            ipv4: Some((net.gateway, net.subnet.prefix_len())),
+            ipv6: net
+                .subnet6
+                .zip(net.gateway6)
+                .map(|(s, g)| (g, s.prefix_len())),
+            mtu: net.mtu as usize,
+        };
+        let datapath = Datapath::start(
+            net.id.clone(),
+            net.name.clone(),
+            gateway,
+            self.events.clone(),
+        )
+        .with_context(|| format!("cannot start the datapath of network {}", net.name))?;
+        Ok(LiveNetwork {
+            datapath,
+            ports: HashMap::new(),
+            records: Records::default(),
+        })
+    }
+
+    /// After a restart: plug every stored endpoint in again, or drop it if its namespace is gone.
+    async fn restore_endpoints(&self, inner: &mut Inner) {
+        let endpoints: Vec<Endpoint> = inner.store.endpoints.values().cloned().collect();
+        for ep in endpoints {
+            let Some(net) = inner.store.networks.get(&ep.network_id).cloned() else {
+                inner.store.endpoints.remove(&ep.id);
+                continue;
+            };
+            match self.replumb(inner, &net, &ep).await {
+                Ok(()) => {
+                    tracing::info!(endpoint = %ep.name, network = %net.name, "endpoint restored")
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint = %ep.name, network = %net.name, error = %e.message, "endpoint dropped at restart");
+                    inner.store.endpoints.remove(&ep.id);
+                    remove_resolv_conf(&ep);
+                }
+            }
+        }
+    }
+
+    async fn replumb(&self, inner: &mut Inner, net: &Network, ep: &Endpoint) -> ApiResult<()> {
+        let ns = open_target(&ep.target)?;
+        if ns.id()
+            != (NsId {
+                dev: ep.ns_dev,
+                ino: ep.ns_ino,
+            })
+        {
+            return Err(ApiError::not_found(format!(
+                "{} is no longer the namespace the endpoint was attached to",
+                ep.target
+            )));
+        }
+        let mac: MacAddr = ep
+            .mac
+            .parse()
+            .map_err(|_| ApiError::internal("bad stored MAC"))?;
+        let plumbing = plumbing_for(net, &ep.ifname, mac, ep.ipv4, ep.ipv6);
+        let fd = tokio::task::spawn_blocking(move || plumb::plumb(&ns, &plumbing))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??;
+        self.plug(inner, net, ep, fd).await
+    }
+
+    async fn plug(
+        &self,
+        inner: &mut Inner,
+        net: &Network,
+        ep: &Endpoint,
+        fd: std::os::fd::OwnedFd,
+    ) -> ApiResult<()> {
+        let live = inner
+            .live
+            .get_mut(&net.id)
+            .ok_or_else(|| ApiError::internal("network has no datapath"))?;
+        let port = live
+            .datapath
+            .add_port(fd, &ep.id, &ep.name)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot plug the endpoint in: {e}")))?;
+        live.ports.insert(ep.id.clone(), port);
+        if net.dns_names {
+            let addrs: Vec<IpAddr> = std::iter::once(IpAddr::V4(ep.ipv4))
+                .chain(ep.ipv6.map(IpAddr::V6))
+                .collect();
+            for name in std::iter::once(&ep.name).chain(&ep.aliases) {
+                live.records.insert(name, &ep.id, &addrs);
+            }
+            live.records
+                .insert(&format!("{}.{}", ep.name, net.name), &ep.id, &addrs);
+        }
+        Ok(())
+    }
+
+    pub async fn handle_event(&self, event: Event) {
+        match event {
+            Event::PortGone {
+                network_id,
+                endpoint_id,
+            } => {
+                let mut inner = self.inner.lock().await;
+                let Some(ep) = inner.store.endpoints.remove(&endpoint_id) else {
+                    return;
+                };
+                if let Some(live) = inner.live.get_mut(&network_id) {
+                    live.ports.remove(&endpoint_id);
+                    live.records.remove_owner(&endpoint_id);
+                }
+                remove_resolv_conf(&ep);
+                tracing::info!(endpoint = %ep.name, ip = %ep.ipv4, "endpoint removed: its namespace or device is gone");
+                if let Err(e) = self.state_dir.save(&inner.store) {
+                    tracing::error!(error = %e, "cannot save state");
+                }
+            }
+        }
+    }
+
+    pub async fn networks(&self) -> Vec<NetworkInspect> {
+        let inner = self.inner.lock().await;
+        let mut nets: Vec<&Network> = inner.store.networks.values().collect();
+        nets.sort_by(|a, b| {
+            (a.name != DEFAULT_NETWORK, &a.name).cmp(&(b.name != DEFAULT_NETWORK, &b.name))
+        });
+        nets.into_iter().map(|n| inspect(&inner.store, n)).collect()
+    }
+
+    pub async fn network(&self, key: &str) -> ApiResult<NetworkInspect> {
+        let inner = self.inner.lock().await;
+        let net = find_network(&inner.store, key)?;
+        Ok(inspect(&inner.store, net))
+    }
+
+    pub async fn create_network(&self, req: NetworkCreate) -> ApiResult<Created> {
+        let mut inner = self.inner.lock().await;
+        let net = plan_network(&inner.store, req)?;
+        let live = self.start_network(&net)?;
+        inner.live.insert(net.id.clone(), live);
+        inner.store.networks.insert(net.id.clone(), net.clone());
+        if let Err(e) = self.state_dir.save(&inner.store) {
+            inner.store.networks.remove(&net.id);
+            inner.live.remove(&net.id);
+            return Err(e.into());
+        }
+        tracing::info!(name = %net.name, id = %net.id, subnet = %net.subnet, "network created");
+        Ok(Created { id: net.id })
+    }
+
+    pub async fn remove_network(&self, key: &str) -> ApiResult<()> {
+        let mut inner = self.inner.lock().await;
+        let net = find_network(&inner.store, key)?.clone();
+        if net.name == DEFAULT_NETWORK {
+            return Err(ApiError::forbidden(
+                "bridge is a pre-defined network and cannot be removed",
+            ));
+        }
+        if inner.store.endpoints_of(&net.id).next().is_some() {
+            return Err(ApiError::forbidden(format!(
+                "network {} has active endpoints",
+                net.name
+            )));
+        }
+        inner.store.networks.remove(&net.id);
+        if let Err(e) = self.state_dir.save(&inner.store) {
+            inner.store.networks.insert(net.id.clone(), net);
+            return Err(e.into());
+        }
+        inner.live.remove(&net.id);
+        tracing::info!(name = %net.name, "network removed");
+        Ok(())
+    }
+
+    pub async fn attach(&self, network: &str, req: AttachRequest) -> ApiResult<EndpointInfo> {
+        let mut inner = self.inner.lock().await;
+        let net = find_network(&inner.store, network)?.clone();
+        let ns = open_target(&req.target)?;
+        if ns.id() == self.own_netns {
+            return Err(ApiError::bad_request(format!(
+                "{} is the daemon's own network namespace; attach a container's namespace instead",
+                req.target
+            )));
+        }
+        let ep = plan_endpoint(&inner.store, &net, &req, ns.id())?;
+        let mac: MacAddr = ep
+            .mac
+            .parse()
+            .map_err(|_| ApiError::internal("bad planned MAC"))?;
+        let plumbing = plumbing_for(&net, &ep.ifname, mac, ep.ipv4, ep.ipv6);
+        let fd = tokio::task::spawn_blocking(move || plumb::plumb(&ns, &plumbing))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::bad_request(format!("cannot attach {}: {e:#}", req.target)))?;
+        self.plug(&mut inner, &net, &ep, fd).await?;
+        let mut ep = ep;
+        ep.wrote_resolv_conf = match &ep.target {
+            Target::Name(name)
+                if !inner.store.endpoints.values().any(|o| {
+                    o.ns_ino == ep.ns_ino && o.ns_dev == ep.ns_dev && o.wrote_resolv_conf
+                }) =>
+            {
+                match write_resolv_conf(name, &net) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(netns = %name, error = %e, "cannot write resolv.conf");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        inner.store.endpoints.insert(ep.id.clone(), ep.clone());
+        if let Err(e) = self.state_dir.save(&inner.store) {
+            self.unplug(&mut inner, &ep).await;
+            return Err(e.into());
+        }
+        tracing::info!(endpoint = %ep.name, network = %net.name, ip = %ep.ipv4, target = %ep.target, "endpoint attached");
+        Ok(endpoint_info(&net, &ep))
+    }
+
+    /// Removes an endpoint's port, names and resolv.conf, and forgets it (not persisted here).
+    async fn unplug(&self, inner: &mut Inner, ep: &Endpoint) {
+        if let Some(live) = inner.live.get_mut(&ep.network_id) {
+            if let Some(port) = live.ports.remove(&ep.id)
+                && let Err(e) = live.datapath.remove_port(port).await
+            {
+                tracing::warn!(endpoint = %ep.name, error = %e, "cannot unplug");
+            }
+            live.records.remove_owner(&ep.id);
+        }
+        remove_resolv_conf(ep);
+        inner.store.endpoints.remove(&ep.id);
+    }
+
+    /// Detaches endpoints: all endpoints called `name`, or only the one on `network`.
+    pub async fn detach(&self, name: &str, network: Option<&str>) -> ApiResult<()> {
+        let mut inner = self.inner.lock().await;
+        let net_id = match network {
+            Some(key) => Some(find_network(&inner.store, key)?.id.clone()),
+            None => None,
+        };
+        let victims: Vec<Endpoint> = inner
+            .store
+            .endpoints
+            .values()
+            .filter(|e| e.name == name || e.id == name)
+            .filter(|e| net_id.as_ref().is_none_or(|n| &e.network_id == n))
+            .cloned()
+            .collect();
+        if victims.is_empty() {
+            return Err(ApiError::not_found(match network {
+                Some(n) => format!("endpoint {name} not found on network {n}"),
+                None => format!("endpoint {name} not found"),
+            }));
+        }
+        for ep in &victims {
+            self.unplug(&mut inner, ep).await;
+            tracing::info!(endpoint = %ep.name, "endpoint detached");
+        }
+        self.state_dir.save(&inner.store)?;
+        Ok(())
+    }
+
+    pub async fn endpoints(&self) -> Vec<EndpointInfo> {
+        let inner = self.inner.lock().await;
+        inner
+            .store
+            .endpoints
+            .values()
+            .filter_map(|e| Some(endpoint_info(inner.store.networks.get(&e.network_id)?, e)))
+            .collect()
+    }
+
+    pub async fn fdb(&self, key: &str) -> ApiResult<Vec<FdbRow>> {
+        let inner = self.inner.lock().await;
+        let net = find_network(&inner.store, key)?;
+        let live = inner
+            .live
+            .get(&net.id)
+            .ok_or_else(|| ApiError::internal("network has no datapath"))?;
+        Ok(live
+            .datapath
+            .fdb()
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?)
+    }
+
+    pub async fn stats(&self, key: Option<&str>) -> ApiResult<Vec<NetworkStats>> {
+        let inner = self.inner.lock().await;
+        let ids: Vec<String> = match key {
+            Some(k) => vec![find_network(&inner.store, k)?.id.clone()],
+            None => {
+                let mut nets: Vec<&Network> = inner.store.networks.values().collect();
+                nets.sort_by(|a, b| a.name.cmp(&b.name));
+                nets.into_iter().map(|n| n.id.clone()).collect()
+            }
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(live) = inner.live.get(&id) {
+                out.push(
+                    live.datapath
+                        .stats()
+                        .await
+                        .map_err(|e| ApiError::internal(e.to_string()))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops every datapath (closing the TAPs). Endpoints stay in the state and are restored at
+    /// the next start.
+    pub async fn shutdown(&self) {
+        let mut inner = self.inner.lock().await;
+        inner.live.clear();
+    }
+}
+
+fn find_network<'a>(store: &'a Store, key: &str) -> ApiResult<&'a Network> {
+    store
+        .find_network(key)
+        .ok_or_else(|| ApiError::not_found(format!("network {key} not found")))
+}
+
+/// Docker's rule for names: a letter or digit, then letters, digits, `_`, `.` or `-`.
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && name.len() <= 128
+}
+
+fn check_name(kind: &str, name: &str) -> ApiResult<()> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid {kind} name {name:?}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
+        )))
+    }
+}
+
+/// Validates a `network create` request against the current state and builds the network.
+fn plan_network(store: &Store, req: NetworkCreate) -> ApiResult<Network> {
+    check_name("network", &req.name)?;
+    if matches!(req.name.as_str(), "host" | "none") || req.name.starts_with("container:") {
+        return Err(ApiError::forbidden(format!(
+            "network name {} is reserved for a network mode",
+            req.name
+        )));
+    }
+    if store
+        .find_network(&req.name)
+        .is_some_and(|n| n.name == req.name)
+    {
+        return Err(ApiError::conflict(format!(
+            "network with name {} already exists",
+            req.name
+        )));
+    }
+    let (mut v4, mut v6) = (None, None);
+    for s in &req.subnets {
+        if s.contains(':') {
+            if v6
+                .replace(ipam::parse_subnet6(s).map_err(ApiError::bad_request)?)
+                .is_some()
+            {
+                return Err(ApiError::bad_request("at most one IPv6 --subnet"));
+            }
+        } else if v4
+            .replace(ipam::parse_subnet4(s).map_err(ApiError::bad_request)?)
+            .is_some()
+        {
+            return Err(ApiError::bad_request("at most one IPv4 --subnet"));
+        }
+    }
+    let (mut gw4, mut gw6) = (None, None);
+    for g in &req.gateways {
+        match g.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) if gw4.is_none() => gw4 = Some(a),
+            Ok(IpAddr::V6(a)) if gw6.is_none() => gw6 = Some(a),
+            Ok(_) => {
+                return Err(ApiError::bad_request(
+                    "at most one --gateway per address family",
+                ));
+            }
+            Err(_) => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid gateway address {g:?}"
+                )));
+            }
+        }
+    }
+    if v6.is_some() && !req.enable_ipv6 {
+        return Err(ApiError::bad_request("an IPv6 --subnet needs --ipv6"));
+    }
+    if gw4.is_some() && v4.is_none() {
+        return Err(ApiError::bad_request("--gateway needs --subnet"));
+    }
+    if gw6.is_some() && v6.is_none() {
+        return Err(ApiError::bad_request(
+            "an IPv6 --gateway needs an IPv6 --subnet",
+        ));
+    }
+    let id = random_id();
+    let taken4: Vec<_> = store.networks.values().map(|n| n.subnet).collect();
+    let subnet = match v4 {
+        Some(s) => {
+            if let Some(other) = store
+                .networks
+                .values()
+                .find(|n| ipam::overlaps4(n.subnet, s))
+            {
+                return Err(ApiError::conflict(format!(
+                    "subnet {s} overlaps with network {} ({})",
+                    other.name, other.subnet
+                )));
+            }
+            s
+        }
+        None => ipam::pick_subnet(&taken4).ok_or_else(|| {
+            ApiError::conflict("no free subnet left in the default pools; give one with --subnet")
+        })?,
+    };
+    let gateway = match gw4 {
+        Some(g) if ipam::is_host4(subnet, g) => g,
+        Some(g) => {
+            return Err(ApiError::bad_request(format!(
+                "gateway {g} is not a host address of subnet {subnet}"
+            )));
+        }
+        None => Ipv4Addr::from(u32::from(subnet.network()) + 1),
+    };
+    let ip_range = match &req.ip_range {
+        None => None,
+        Some(_) if v4.is_none() => return Err(ApiError::bad_request("--ip-range needs --subnet")),
+        Some(r) => {
+            let range: ipnet::Ipv4Net = r.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid --ip-range {r:?}: expected IPv4 CIDR"))
+            })?;
+            if !subnet.contains(&range) {
+                return Err(ApiError::bad_request(format!(
+                    "ip-range {range} is not inside subnet {subnet}"
+                )));
+            }
+            Some(range.trunc())
+        }
+    };
+    let (subnet6, gateway6) = if req.enable_ipv6 {
+        let s6 = v6.unwrap_or_else(|| ipam::ula_for(&id));
+        if let Some(other) = store
+            .networks
+            .values()
+            .find(|n| n.subnet6.is_some_and(|o| ipam::overlaps6(o, s6)))
+        {
+            return Err(ApiError::conflict(format!(
+                "subnet {s6} overlaps with network {}",
+                other.name
+            )));
+        }
+        let g6 = match gw6 {
+            Some(g) if ipam::is_host6(s6, g) => g,
+            Some(g) => {
+                return Err(ApiError::bad_request(format!(
+                    "gateway {g} is not a host address of subnet {s6}"
+                )));
+            }
+            None => Ipv6Addr::from(u128::from(s6.network()) + 1),
+        };
+        (Some(s6), Some(g6))
+    } else {
+        (None, None)
+    };
+    let mtu = req.mtu.unwrap_or(DEFAULT_MTU);
+    let min_mtu = if req.enable_ipv6 { 1280 } else { 576 };
+    if !(min_mtu..=65_520).contains(&mtu) {
+        return Err(ApiError::bad_request(format!(
+            "invalid MTU {mtu}: expected {min_mtu} to 65520"
+        )));
+    }
+    Ok(Network {
+        id,
+        name: req.name,
+        created: now_rfc3339(),
+        subnet,
+        gateway,
+        ip_range,
+        subnet6,
+        gateway6,
+        internal: req.internal,
+        mtu,
+        dns_names: true,
+    })
+}
+
+/// Validates an attach request and picks the endpoint's name, interface and addresses.
+fn plan_endpoint(
+    store: &Store,
+    net: &Network,
+    req: &AttachRequest,
+    ns: NsId,
+) -> ApiResult<Endpoint> {
+    let same_ns = |e: &&Endpoint| e.ns_dev == ns.dev && e.ns_ino == ns.ino;
+    if let Some(e) = store.endpoints_of(&net.id).find(same_ns) {
+        return Err(ApiError::conflict(format!(
+            "{} is already attached to network {} as {}",
+            req.target, net.name, e.name
+        )));
+    }
+    let id = random_id();
+    let name = match (&req.name, &req.target) {
+        (Some(n), _) => n.clone(),
+        (None, Target::Name(n)) => n.clone(),
+        (None, _) => store
+            .endpoints
+            .values()
+            .find(same_ns)
+            .map(|e| e.name.clone())
+            .unwrap_or_else(|| id[..12].to_owned()),
+    };
+    check_name("endpoint", &name)?;
+    if store.endpoints_of(&net.id).any(|e| e.name == name) {
+        return Err(ApiError::conflict(format!(
+            "endpoint name {name} is already in use on network {}",
+            net.name
+        )));
+    }
+    if store
+        .endpoints
+        .values()
+        .any(|e| e.name == name && !same_ns(&e))
+    {
+        return Err(ApiError::conflict(format!(
+            "name {name} is already used by another namespace"
+        )));
+    }
+    for alias in &req.aliases {
+        check_name("alias", alias)?;
+    }
+    let ifname = match &req.ifname {
+        Some(i) => {
+            if i.is_empty()
+                || i.len() > 15
+                || i == "."
+                || i == ".."
+                || i.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+            {
+                return Err(ApiError::bad_request(format!(
+                    "invalid interface name {i:?}: 1 to 15 characters, no '/', ':' or spaces"
+                )));
+            }
+            if store
+                .endpoints
+                .values()
+                .filter(same_ns)
+                .any(|e| &e.ifname == i)
+            {
+                return Err(ApiError::conflict(format!(
+                    "interface {i} is already used by another vswitch endpoint in that namespace"
+                )));
+            }
+            i.clone()
+        }
+        None => (0..)
+            .map(|n| format!("eth{n}"))
+            .find(|cand| {
+                !store
+                    .endpoints
+                    .values()
+                    .filter(same_ns)
+                    .any(|e| &e.ifname == cand)
+            })
+            .unwrap_or_else(|| "eth0".to_owned()),
+    };
+    let used4: HashSet<Ipv4Addr> = store
+        .endpoints_of(&net.id)
+        .map(|e| e.ipv4)
+        .chain([net.gateway])
+        .collect();
+    let ipv4 = match &req.ipv4_address {
+        Some(s) => {
+            let ip: Ipv4Addr = s
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid IPv4 address {s:?}")))?;
+            if !ipam::is_host4(net.subnet, ip) {
+                return Err(ApiError::bad_request(format!(
+                    "address {ip} is not a host address of network {} ({})",
+                    net.name, net.subnet
+                )));
+            }
+            if used4.contains(&ip) {
+                return Err(ApiError::conflict(format!(
+                    "address {ip} is already in use on network {}",
+                    net.name
+                )));
+            }
+            ip
+        }
+        None => ipam::allocate4(net.subnet, net.ip_range, &used4).ok_or_else(|| {
+            ApiError::conflict(format!("no free address left on network {}", net.name))
+        })?,
+    };
+    let ipv6 = match (net.subnet6, &req.ipv6_address) {
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "network {} has no IPv6 subnet",
+                net.name
+            )));
+        }
+        (None, None) => None,
+        (Some(s6), want) => {
+            let used6: HashSet<Ipv6Addr> = store
+                .endpoints_of(&net.id)
+                .filter_map(|e| e.ipv6)
+                .chain(net.gateway6)
+                .collect();
+            Some(match want {
+                Some(s) => {
+                    let ip: Ipv6Addr = s.parse().map_err(|_| {
+                        ApiError::bad_request(format!("invalid IPv6 address {s:?}"))
+                    })?;
+                    if !ipam::is_host6(s6, ip) {
+                        return Err(ApiError::bad_request(format!(
+                            "address {ip} is not inside {s6}"
+                        )));
+                    }
+                    if used6.contains(&ip) {
+                        return Err(ApiError::conflict(format!(
+                            "address {ip} is already in use"
+                        )));
+                    }
+                    ip
+                }
+                None => ipam::allocate6(s6, &used6)
+                    .ok_or_else(|| ApiError::conflict("no free IPv6 address left"))?,
+            })
+        }
+    };
+    let mac = match &req.mac_address {
+        Some(s) => {
+            let mac: MacAddr = s
+                .parse()
+                .map_err(|e: vswitch_switch::ParseMacError| ApiError::bad_request(e.to_string()))?;
+            if mac.is_multicast() || mac.is_zero() {
+                return Err(ApiError::bad_request(format!(
+                    "MAC address {mac} is not a unicast address"
+                )));
+            }
+            mac
+        }
+        None => MacAddr::from_ipv4(ipv4),
+    };
+    if mac == gateway_mac(net)
+        || store
+            .endpoints_of(&net.id)
+            .any(|e| e.mac == mac.to_string())
+    {
+        return Err(ApiError::conflict(format!(
+            "MAC address {mac} is already in use on network {}",
+            net.name
+        )));
+    }
+    Ok(Endpoint {
+        endpoint_id: random_id(),
+        id,
+        name,
+        network_id: net.id.clone(),
+        target: req.target.clone(),
+        ns_dev: ns.dev,
+        ns_ino: ns.ino,
+        ifname,
+        mac: mac.to_string(),
+        ipv4,
+        ipv6,
+        aliases: req.aliases.clone(),
+        wrote_resolv_conf: false,
+    })
+}
+
+fn plumbing_for(
+    net: &Network,
+    ifname: &str,
+    mac: MacAddr,
+    ipv4: Ipv4Addr,
+    ipv6: Option<Ipv6Addr>,
+) -> Plumbing {
+    Plumbing {
+        ifname: ifname.to_owned(),
+        mac: mac.0,
+        mtu: net.mtu,
+        ipv4: (ipv4, net.subnet.prefix_len()),
+        gateway4: net.gateway,
+        ipv6: ipv6.zip(net.subnet6).map(|(ip, s)| (ip, s.prefix_len())),
+        gateway6: net.gateway6,
+    }
+}
+
+/// The gateway's MAC: derived from its IPv4 address like an endpoint's, so it is the same on
+/// every start and never borrowed from an endpoint (IPAM never hands out the gateway address,
+/// so no endpoint derives the same one).
+fn gateway_mac(net: &Network) -> MacAddr {
+    MacAddr::from_ipv4(net.gateway)
+}
+
+fn netns_path(target: &Target) -> ApiResult<PathBuf> {
+    Ok(match target {
+        Target::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        Target::Path(p) => PathBuf::from(p),
+        Target::Name(n) => {
+            if n.is_empty() || n == "." || n == ".." || n.contains('/') {
+                return Err(ApiError::bad_request(format!("invalid netns name {n:?}")));
+            }
+            PathBuf::from("/run/netns").join(n)
+        }
+    })
+}
+
+fn open_target(target: &Target) -> ApiResult<NetNs> {
+    let path = netns_path(target)?;
+    NetNs::open(&path).map_err(|e| {
+        ApiError::not_found(format!(
+            "cannot open the network namespace of {target} ({}): {e}",
+            path.display()
+        ))
+    })
+}
+
+fn resolv_conf_path(netns: &str) -> PathBuf {
+    PathBuf::from("/etc/netns").join(netns).join("resolv.conf")
+}
+
+/// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` binds over /etc/resolv.conf.
+fn write_resolv_conf(netns: &str, net: &Network) -> std::io::Result<()> {
+    let path = resolv_conf_path(netns);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut text = format!(
+        "# written by vswitch for network {}\nnameserver {}\n",
+        net.name, net.gateway
+    );
+    if net.dns_names {
+        text.push_str(&format!("search {}\n", net.name));
+    }
+    text.push_str("options ndots:0\n");
+    let tmp = path.with_extension("vswitch-tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)
+}
+
+fn remove_resolv_conf(ep: &Endpoint) {
+    if let (true, Target::Name(name)) = (ep.wrote_resolv_conf, &ep.target) {
+        let path = resolv_conf_path(name);
+        let _ = std::fs::remove_file(&path);
+        if let Some(dir) = path.parent() {
+            // Only succeeds if nothing else lives there.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn inspect(store: &Store, net: &Network) -> NetworkInspect {
+    let mut config = vec![IpamConfig {
+        subnet: net.subnet.to_string(),
+        gateway: net.gateway.to_string(),
+        ip_range: net.ip_range.map(|r| r.to_string()),
+    }];
+    if let (Some(s6), Some(g6)) = (net.subnet6, net.gateway6) {
+        config.push(IpamConfig {
+            subnet: s6.to_string(),
+            gateway: g6.to_string(),
+            ip_range: None,
+        });
+    }
+    let containers = store
+        .endpoints_of(&net.id)
+        .map(|e| {
+            (
+                e.id.clone(),
+                ContainerEntry {
+                    name: e.name.clone(),
+                    endpoint_id: e.endpoint_id.clone(),
+                    mac_address: e.mac.clone(),
+                    ipv4_address: format!("{}/{}", e.ipv4, net.subnet.prefix_len()),
+                    ipv6_address: e
+                        .ipv6
+                        .zip(net.subnet6)
+                        .map(|(ip, s)| format!("{ip}/{}", s.prefix_len()))
+                        .unwrap_or_default(),
+                },
+            )
+        })
+        .collect();
+    let mut options = BTreeMap::new();
+    options.insert(
+        "com.docker.network.driver.mtu".to_owned(),
+        net.mtu.to_string(),
+    );
+    if net.name == DEFAULT_NETWORK {
+        options.insert(
+            "com.docker.network.bridge.default_bridge".to_owned(),
+            "true".to_owned(),
+        );
+    }
+    NetworkInspect {
+        name: net.name.clone(),
+        id: net.id.clone(),
+        created: net.created.clone(),
+        scope: "local".to_owned(),
+        driver: "vswitch".to_owned(),
+        enable_ipv6: net.enable_ipv6(),
+        ipam: Ipam {
+            driver: "default".to_owned(),
+            config,
+        },
+        internal: net.internal,
+        attachable: true,
+        containers,
+        options,
+        labels: BTreeMap::new(),
+    }
+}
+
+fn endpoint_info(net: &Network, e: &Endpoint) -> EndpointInfo {
+    EndpointInfo {
+        id: e.id.clone(),
+        endpoint_id: e.endpoint_id.clone(),
+        name: e.name.clone(),
+        network: net.name.clone(),
+        network_id: net.id.clone(),
+        target: e.target.clone(),
+        ifname: e.ifname.clone(),
+        mac_address: e.mac.clone(),
+        ipv4_address: format!("{}/{}", e.ipv4, net.subnet.prefix_len()),
+        ipv6_address: e
+            .ipv6
+            .zip(net.subnet6)
+            .map(|(ip, s)| format!("{ip}/{}", s.prefix_len()))
+            .unwrap_or_default(),
+        gateway: net.gateway.to_string(),
+        aliases: e.aliases.clone(),
+    }
+}
+
+/// 64 hex digits from the kernel's random source, like Docker's ids.
+fn random_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_err()
+    {
+        // Without /dev/urandom, fall back to the std hasher's per-process random keys.
+        use std::hash::{BuildHasher, Hasher};
+        for chunk in bytes.chunks_mut(8) {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
+            );
+            chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string()
+}

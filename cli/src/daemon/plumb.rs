@@ -1,0 +1,210 @@
+//! Putting a TAP device into a target network namespace and configuring it there.
+//!
+//! The TAP is opened in the daemon's own namespace and only then moved into the target. The
+//! order matters: the kernel ties a TAP fd's socket to the namespace it was *opened* in and keeps
+//! that namespace alive while the fd is open. Opening it in the daemon's namespace means the
+//! daemon never pins a container's namespace, so when the container goes away the namespace is
+//! destroyed, the device with it, and the fd reports an error: that is how endpoints are
+//! garbage-collected (see the datapath).
+//!
+//! Everything is configured with rtnetlink. Netlink sockets belong to the namespace of the
+//! thread that creates them, so the work runs on a fresh thread that creates one socket in the
+//! daemon's namespace, moves the device, enters the target and creates a second one.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, anyhow, bail};
+use futures_util::TryStreamExt;
+use netlink_packet_route::address::AddressHeaderFlags;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use vswitch_netdev::Tap;
+use vswitch_netdev::ns::NetNs;
+
+/// What the device inside the namespace should look like.
+#[derive(Debug, Clone)]
+pub struct Plumbing {
+    pub ifname: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    pub ipv4: (Ipv4Addr, u8),
+    pub gateway4: Ipv4Addr,
+    pub ipv6: Option<(Ipv6Addr, u8)>,
+    pub gateway6: Option<Ipv6Addr>,
+}
+
+/// Creates the TAP, moves it into `target` and configures it. Returns the TAP's fd; closing it
+/// removes the device again. On error nothing is left behind in either namespace.
+pub fn plumb(target: &NetNs, p: &Plumbing) -> anyhow::Result<OwnedFd> {
+    std::thread::scope(|s| {
+        s.spawn(|| plumb_on_this_thread(target, p))
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("plumbing thread panicked")))
+    })
+}
+
+fn plumb_on_this_thread(target: &NetNs, p: &Plumbing) -> anyhow::Result<OwnedFd> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let temp_name = temp_ifname();
+    let tap = Tap::create(&temp_name)?;
+
+    // In the daemon's namespace: address, MTU, and the move.
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(conn);
+        let r = async {
+            let index = link_index(&handle, &temp_name)
+                .await?
+                .ok_or_else(|| anyhow!("TAP {temp_name} vanished"))?;
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .address(p.mac.to_vec())
+                        .mtu(p.mtu)
+                        .setns_by_fd(target.as_fd().as_raw_fd())
+                        .build(),
+                )
+                .execute()
+                .await
+                .context("cannot move the TAP into the target namespace")?;
+            anyhow::Ok(())
+        }
+        .await;
+        task.abort();
+        r
+    })?;
+
+    // Inside the target namespace: name, addresses, routes, up.
+    target
+        .enter()
+        .context("cannot enter the target network namespace")?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(conn);
+        let r = configure_inside(&handle, &temp_name, p).await;
+        task.abort();
+        r
+    })?;
+    Ok(tap.into_fd())
+}
+
+async fn configure_inside(handle: &Handle, temp_name: &str, p: &Plumbing) -> anyhow::Result<()> {
+    let index = link_index(handle, temp_name)
+        .await?
+        .ok_or_else(|| anyhow!("TAP {temp_name} did not arrive in the target namespace"))?;
+    if let Some(existing) = link_by_name(handle, &p.ifname).await? {
+        // A device of ours left over from before a daemon restart has our MAC: replace it.
+        // Anything else with that name belongs to somebody else.
+        if link_mac(&existing).as_deref() == Some(&p.mac[..]) {
+            handle.link().del(existing.header.index).execute().await?;
+        } else {
+            bail!(
+                "interface {} already exists in the target namespace (choose another with --ifname)",
+                p.ifname
+            );
+        }
+    }
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .name(p.ifname.clone())
+                .build(),
+        )
+        .execute()
+        .await
+        .with_context(|| format!("cannot rename the TAP to {}", p.ifname))?;
+    let (ip4, len4) = p.ipv4;
+    handle
+        .address()
+        .add(index, ip4.into(), len4)
+        .execute()
+        .await
+        .with_context(|| format!("cannot add {ip4}/{len4}"))?;
+    if let Some((ip6, len6)) = p.ipv6 {
+        let mut req = handle.address().add(index, ip6.into(), len6);
+        // Nobody else can hold the address: skip duplicate address detection so it is usable
+        // at once.
+        req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        req.execute()
+            .await
+            .with_context(|| format!("cannot add {ip6}/{len6}"))?;
+    }
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .context("cannot bring the interface up")?;
+    if let Some(lo) = link_index(handle, "lo").await? {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(lo).up().build())
+            .execute()
+            .await
+            .context("cannot bring lo up")?;
+    }
+    let route4 = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(p.gateway4)
+        .output_interface(index)
+        .build();
+    handle
+        .route()
+        .add(route4)
+        .replace()
+        .execute()
+        .await
+        .context("cannot add the default route")?;
+    if let Some(gw6) = p.gateway6 {
+        let route6 = RouteMessageBuilder::<Ipv6Addr>::new()
+            .gateway(gw6)
+            .output_interface(index)
+            .build();
+        handle
+            .route()
+            .add(route6)
+            .replace()
+            .execute()
+            .await
+            .context("cannot add the IPv6 default route")?;
+    }
+    Ok(())
+}
+
+async fn link_by_name(handle: &Handle, name: &str) -> anyhow::Result<Option<LinkMessage>> {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn link_index(handle: &Handle, name: &str) -> anyhow::Result<Option<u32>> {
+    Ok(link_by_name(handle, name).await?.map(|l| l.header.index))
+}
+
+fn link_mac(link: &LinkMessage) -> Option<Vec<u8>> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(mac) => Some(mac.clone()),
+        _ => None,
+    })
+}
+
+/// A name for the TAP while it sits in the daemon's namespace, unique per daemon and attach.
+fn temp_ifname() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
+    format!("vs{:x}t{:x}", std::process::id() & 0xff_ffff, n)
+}

@@ -1,0 +1,265 @@
+//! The control socket: HTTP/1.1 on a Unix socket, one task per connection.
+//!
+//! Requests are bounded (64 KiB of headers, 1 MiB of body, 10 s to send the headers, at most
+//! [`MAX_CONNECTIONS`] at once), so a client that sends garbage, sends too much or sends
+//! nothing costs a connection, never the daemon.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+use super::{ApiError, Daemon};
+use crate::api::{AttachRequest, DisconnectRequest, ErrorBody, NetworkCreate};
+
+const MAX_BODY: usize = 1 << 20;
+const MAX_HEADERS: usize = 64 << 10;
+const MAX_CONNECTIONS: usize = 256;
+
+pub struct Options {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn serve(opts: Options) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
+    let lock_path = opts.state_dir.join("lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "state directory {} is in use by another vswitch daemon ({e})",
+            opts.state_dir.display()
+        )
+    })?;
+
+    let listener = bind(&opts.socket).await?;
+    let (daemon, mut events) = Daemon::start(&opts.state_dir).await?;
+    tracing::info!(socket = %opts.socket.display(), state = %opts.state_dir.display(), "vswitch daemon ready");
+
+    let event_daemon = daemon.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            event_daemon.handle_event(ev).await;
+        }
+    });
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tracing::warn!("too many control connections; refusing one");
+                    continue;
+                };
+                let daemon = daemon.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let daemon = daemon.clone();
+                        async move { Ok::<_, Infallible>(route(&daemon, req).await) }
+                    });
+                    let mut builder = http1::Builder::new();
+                    builder
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .max_buf_size(MAX_HEADERS);
+                    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                        tracing::debug!(error = %e, "control connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    tracing::info!("shutting down");
+    daemon.shutdown().await;
+    let _ = std::fs::remove_file(&opts.socket);
+    Ok(())
+}
+
+/// Binds the control socket, owner-only. A socket file nobody listens on (left by a killed
+/// daemon) is replaced; a live one is an error.
+async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another vswitch daemon is already listening on {}",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    // Created owner-only from the start: no window in which others could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener.with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+type Reply = Response<Full<Bytes>>;
+
+async fn route(daemon: &Daemon, req: Request<Incoming>) -> Reply {
+    match dispatch(daemon, req).await {
+        Ok(r) => r,
+        Err(e) => error_reply(e),
+    }
+}
+
+async fn dispatch(daemon: &Daemon, req: Request<Incoming>) -> Result<Reply, ApiError> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect::<Result<_, _>>()?;
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    // Accept an optional Docker-style version prefix (/v1.45/networks).
+    let segs: &[&str] = match segs.split_first() {
+        Some((first, rest)) if first.starts_with('v') && first[1..].contains('.') => rest,
+        _ => &segs,
+    };
+    match (&method, segs) {
+        (&Method::GET, ["_ping"]) => Ok(text(StatusCode::OK, "OK")),
+        (&Method::GET, ["networks"]) => json(StatusCode::OK, &daemon.networks().await),
+        (&Method::POST, ["networks", "create"]) => {
+            let body: NetworkCreate = read_json(req).await?;
+            json(StatusCode::CREATED, &daemon.create_network(body).await?)
+        }
+        (&Method::GET, ["networks", key]) => json(StatusCode::OK, &daemon.network(key).await?),
+        (&Method::DELETE, ["networks", key]) => {
+            daemon.remove_network(key).await?;
+            Ok(text(StatusCode::NO_CONTENT, ""))
+        }
+        (&Method::POST, ["networks", key, "connect"]) => {
+            let key = key.to_string();
+            let body: AttachRequest = read_json(req).await?;
+            json(StatusCode::OK, &daemon.attach(&key, body).await?)
+        }
+        (&Method::POST, ["networks", key, "disconnect"]) => {
+            let key = key.to_string();
+            let body: DisconnectRequest = read_json(req).await?;
+            daemon.detach(&body.container, Some(&key)).await?;
+            Ok(text(StatusCode::NO_CONTENT, ""))
+        }
+        (&Method::GET, ["networks", key, "fdb"]) => json(StatusCode::OK, &daemon.fdb(key).await?),
+        (&Method::GET, ["endpoints"]) => json(StatusCode::OK, &daemon.endpoints().await),
+        (&Method::DELETE, ["endpoints", name]) => {
+            daemon.detach(name, None).await?;
+            Ok(text(StatusCode::NO_CONTENT, ""))
+        }
+        (&Method::GET, ["stats"]) => {
+            let network = query_param(&query, "network")?;
+            json(StatusCode::OK, &daemon.stats(network.as_deref()).await?)
+        }
+        _ => Err(ApiError::not_found(format!("no such API: {method} {path}"))),
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+fn query_param(query: &str, key: &str) -> Result<Option<String>, ApiError> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == key {
+            return percent_decode(v).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn percent_decode(s: &str) -> Result<String, ApiError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| ApiError::bad_request("bad percent-encoding in the path"))?;
+                out.push(hex);
+                i += 3;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| ApiError::bad_request("path is not UTF-8"))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Reply, ApiError> {
+    let body = serde_json::to_vec(value).map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(r)
+}
+
+fn error_reply(e: ApiError) -> Reply {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = ErrorBody { message: e.message };
+    json(status, &body).unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "error"))
+}

@@ -1,0 +1,440 @@
+//! `vswitch`: a userspace virtual switch for containers, with a Docker-shaped CLI.
+//!
+//! `vswitch daemon` runs the daemon; every other subcommand is a client of its control socket.
+
+mod api;
+mod client;
+mod daemon;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use api::{
+    AttachRequest, Created, DisconnectRequest, EndpointInfo, FdbRow, NetworkCreate, NetworkInspect,
+    NetworkStats, Target,
+};
+use client::{Client, seg};
+
+#[derive(Parser)]
+#[command(
+    name = "vswitch",
+    version,
+    about = "Userspace virtual switch for containers"
+)]
+struct Cli {
+    /// Control socket of the daemon [default: /run/vswitch/vswitch.sock as root,
+    /// $XDG_RUNTIME_DIR/vswitch/vswitch.sock otherwise]
+    #[arg(long, global = true, env = "VSWITCH_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground
+    Daemon(DaemonArgs),
+    /// Manage networks
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Attach a network namespace (PID, netns path or `ip netns` name) to a network
+    Attach {
+        /// Network to attach to
+        #[arg(long, default_value = "bridge")]
+        network: String,
+        #[command(flatten)]
+        opts: AttachOpts,
+        /// PID, netns path (/proc/PID/ns/net, /run/netns/X) or `ip netns` name
+        target: String,
+    },
+    /// Detach an endpoint from every network it is attached to
+    Detach { name: String },
+    /// Show a network's MAC table
+    Fdb { network: String },
+    /// Show per-port counters
+    Stats { network: Option<String> },
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// State directory [default: /var/lib/vswitch as root, $XDG_DATA_HOME/vswitch otherwise]
+    #[arg(long, env = "VSWITCH_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter directive)
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Args)]
+struct AttachOpts {
+    /// Endpoint name [default: the `ip netns` name, else a short id]
+    #[arg(long)]
+    name: Option<String>,
+    /// Static IPv4 address
+    #[arg(long)]
+    ip: Option<String>,
+    /// Static IPv6 address
+    #[arg(long)]
+    ip6: Option<String>,
+    /// Extra DNS name for the endpoint on this network (repeatable)
+    #[arg(long = "alias")]
+    aliases: Vec<String>,
+    /// MAC address [default: 02:42 followed by the IPv4 address]
+    #[arg(long)]
+    mac: Option<String>,
+    /// Interface name inside the namespace [default: eth0, or the next free ethN]
+    #[arg(long)]
+    ifname: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum NetworkCommand {
+    /// Create a network
+    Create {
+        name: String,
+        /// Subnet in CIDR form; give it twice for IPv4 and IPv6
+        #[arg(long)]
+        subnet: Vec<String>,
+        /// Gateway address (one per address family)
+        #[arg(long)]
+        gateway: Vec<String>,
+        /// Allocate endpoint addresses from this sub-range
+        #[arg(long)]
+        ip_range: Option<String>,
+        /// No route to the outside
+        #[arg(long)]
+        internal: bool,
+        /// MTU of the endpoints' interfaces
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// Enable IPv6 (a ULA /64 is chosen without an IPv6 --subnet)
+        #[arg(long)]
+        ipv6: bool,
+    },
+    /// List networks
+    #[command(alias = "list")]
+    Ls {
+        /// Only print ids
+        #[arg(short, long)]
+        quiet: bool,
+        /// Output format: table or json (one object per line)
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Show networks as JSON
+    Inspect {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+    /// Remove networks
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+    /// Attach a namespace to a network (same as `attach --network NET`)
+    Connect {
+        network: String,
+        target: String,
+        #[command(flatten)]
+        opts: AttachOpts,
+    },
+    /// Detach an endpoint from one network
+    Disconnect { network: String, name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_root = nix::unistd::geteuid().is_root();
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| default_socket(is_root));
+    let result = match cli.command {
+        Command::Daemon(args) => run_daemon(args, socket, is_root),
+        other => run_client(other, &socket),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_socket(is_root: bool) -> PathBuf {
+    if is_root {
+        return PathBuf::from("/run/vswitch/vswitch.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("vswitch/vswitch.sock"),
+        _ => PathBuf::from(format!(
+            "/run/user/{}/vswitch/vswitch.sock",
+            nix::unistd::getuid()
+        )),
+    }
+}
+
+fn default_state_dir(is_root: bool) -> PathBuf {
+    if is_root {
+        return PathBuf::from("/var/lib/vswitch");
+    }
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("vswitch");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".local/share/vswitch")
+}
+
+fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level {:?}: {e}", args.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let state_dir = args.state_dir.unwrap_or_else(|| default_state_dir(is_root));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("vswitch-ctl")
+        .build()?;
+    rt.block_on(daemon::serve(daemon::server_options(socket, state_dir)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn attach_request(target: &str, opts: AttachOpts) -> anyhow::Result<AttachRequest> {
+    Ok(AttachRequest {
+        target: Target::parse(target).map_err(anyhow::Error::msg)?,
+        name: opts.name,
+        ipv4_address: opts.ip,
+        ipv6_address: opts.ip6,
+        aliases: opts.aliases,
+        mac_address: opts.mac,
+        ifname: opts.ifname,
+    })
+}
+
+fn run_client(command: Command, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let client = Client::new(socket)?;
+    match command {
+        Command::Daemon(_) => unreachable!("handled by main"),
+        Command::Attach {
+            network,
+            opts,
+            target,
+        } => attach(&client, &network, &target, opts),
+        Command::Detach { name } => {
+            client.delete(&format!("/endpoints/{}", seg(&name)))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fdb { network } => {
+            let rows: Vec<FdbRow> = client.get(&format!("/networks/{}/fdb", seg(&network)))?;
+            let mut table = vec![vec![
+                "MAC ADDRESS".to_owned(),
+                "PORT".to_owned(),
+                "ENDPOINT".to_owned(),
+                "AGE".to_owned(),
+            ]];
+            for r in rows {
+                table.push(vec![
+                    r.mac_address,
+                    r.port.to_string(),
+                    r.endpoint,
+                    format!("{:.1}s", r.age_seconds),
+                ]);
+            }
+            print_table(&table);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats { network } => {
+            let path = match &network {
+                Some(n) => format!("/stats?network={}", seg(n)),
+                None => "/stats".to_owned(),
+            };
+            let nets: Vec<NetworkStats> = client.get(&path)?;
+            let mut table = vec![
+                [
+                    "NETWORK",
+                    "PORT",
+                    "ENDPOINT",
+                    "RX FRAMES",
+                    "RX BYTES",
+                    "RX DROPPED",
+                    "TX FRAMES",
+                    "TX BYTES",
+                    "TX DROPPED",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            for n in nets {
+                for p in n.ports {
+                    table.push(vec![
+                        n.network.clone(),
+                        p.port.to_string(),
+                        p.endpoint,
+                        p.rx_frames.to_string(),
+                        p.rx_bytes.to_string(),
+                        p.rx_dropped.to_string(),
+                        p.tx_frames.to_string(),
+                        p.tx_bytes.to_string(),
+                        p.tx_dropped.to_string(),
+                    ]);
+                }
+            }
+            print_table(&table);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Network(cmd) => network(&client, cmd),
+    }
+}
+
+fn attach(
+    client: &Client,
+    network: &str,
+    target: &str,
+    opts: AttachOpts,
+) -> anyhow::Result<ExitCode> {
+    let req = attach_request(target, opts)?;
+    let ep: EndpointInfo = client.post(&format!("/networks/{}/connect", seg(network)), &req)?;
+    println!("{}", ep.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        NetworkCommand::Create {
+            name,
+            subnet,
+            gateway,
+            ip_range,
+            internal,
+            mtu,
+            ipv6,
+        } => {
+            let req = NetworkCreate {
+                name,
+                subnets: subnet,
+                gateways: gateway,
+                ip_range,
+                internal,
+                mtu,
+                enable_ipv6: ipv6,
+            };
+            let created: Created = client.post("/networks/create", &req)?;
+            println!("{}", created.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        NetworkCommand::Ls { quiet, format } => {
+            let nets: Vec<NetworkInspect> = client.get("/networks")?;
+            match (quiet, format.as_str()) {
+                (true, _) => nets.iter().for_each(|n| println!("{}", &n.id[..12])),
+                (false, "json") => {
+                    for n in &nets {
+                        let line = serde_json::json!({
+                            "ID": &n.id[..12], "Name": n.name, "Driver": n.driver,
+                            "Scope": n.scope, "IPv6": n.enable_ipv6, "Internal": n.internal,
+                            "CreatedAt": n.created,
+                        });
+                        println!("{line}");
+                    }
+                }
+                (false, "table") => {
+                    let mut table = vec![
+                        ["NETWORK ID", "NAME", "DRIVER", "SCOPE"]
+                            .map(String::from)
+                            .to_vec(),
+                    ];
+                    for n in &nets {
+                        table.push(vec![
+                            n.id[..12].to_owned(),
+                            n.name.clone(),
+                            n.driver.clone(),
+                            n.scope.clone(),
+                        ]);
+                    }
+                    print_table(&table);
+                }
+                (false, other) => anyhow::bail!("unknown --format {other:?}: use table or json"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        NetworkCommand::Inspect { networks } => {
+            let mut found = Vec::new();
+            let mut failed = false;
+            for n in &networks {
+                match client.get::<NetworkInspect>(&format!("/networks/{}", seg(n))) {
+                    Ok(net) => found.push(net),
+                    Err(e) => {
+                        eprintln!("Error: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&found)?);
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        NetworkCommand::Rm { networks } => {
+            let mut failed = false;
+            for n in &networks {
+                match client.delete(&format!("/networks/{}", seg(n))) {
+                    Ok(()) => println!("{n}"),
+                    Err(e) => {
+                        eprintln!("Error: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        NetworkCommand::Connect {
+            network,
+            target,
+            opts,
+        } => attach(client, &network, &target, opts),
+        NetworkCommand::Disconnect { network, name } => {
+            client.post_empty_reply(
+                &format!("/networks/{}/disconnect", seg(&network)),
+                &DisconnectRequest { container: name },
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints rows as left-aligned columns separated by at least three spaces, like `docker`.
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
+            }
+        }
+        println!("{line}");
+    }
+}

@@ -1,0 +1,271 @@
+//! The gateway's smoltcp interface and the queue device that connects it to the switch.
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::wire::{
+    ArpPacket, EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpCidr,
+    IpProtocol, Ipv4Address, Ipv6Address, Ipv6Packet,
+};
+use vswitch_netdev::vnet::VNET_HDR_LEN;
+
+/// Frames waiting for the stack beyond this many are dropped (the stack is polled after every
+/// frame, so the queue only fills if something is badly wrong).
+const RX_QUEUE_LIMIT: usize = 256;
+/// Frames the stack emitted that the caller has not collected yet.
+const TX_QUEUE_LIMIT: usize = 1024;
+
+/// Addresses of a gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub mac: [u8; 6],
+    /// The gateway's IPv4 address and the network's prefix length.
+    pub ipv4: Option<(Ipv4Addr, u8)>,
+    /// The gateway's IPv6 address and the network's prefix length.
+    pub ipv6: Option<(Ipv6Addr, u8)>,
+    /// Largest IP packet on the network.
+    pub mtu: usize,
+}
+
+/// What the gateway did with the frames it was offered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// Frames handed to the stack.
+    pub accepted: u64,
+    /// Frames not for the gateway (ARP for other hosts, other MACs), ignored.
+    pub ignored: u64,
+    /// Frames too short or otherwise unparsable.
+    pub malformed: u64,
+    /// Frames emitted by the stack.
+    pub emitted: u64,
+}
+
+/// The gateway of one network. See the crate documentation.
+pub struct Gateway {
+    iface: Interface,
+    device: QueueDevice,
+    sockets: SocketSet<'static>,
+    mac: EthernetAddress,
+    ipv4: Option<Ipv4Address>,
+    ipv6: Option<Ipv6Address>,
+    epoch: Instant,
+    stats: GatewayStats,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("mac", &self.mac)
+            .field("ipv4", &self.ipv4)
+            .field("ipv6", &self.ipv6)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Builds the gateway. `now` becomes the stack's time origin.
+    ///
+    /// # Panics
+    /// If `config.mac` is not a unicast address (smoltcp refuses those).
+    pub fn new(config: &GatewayConfig, now: Instant) -> Self {
+        let mac = EthernetAddress(config.mac);
+        let mut device = QueueDevice::new(config.mtu);
+        let mut iface_config = Config::new(HardwareAddress::Ethernet(mac));
+        iface_config.random_seed = seed(now, config.mac);
+        let mut iface = Interface::new(iface_config, &mut device, smol_now(now, now));
+        let ipv4 = config.ipv4.map(|(ip, _)| ip);
+        let ipv6 = config.ipv6.map(|(ip, _)| ip);
+        iface.update_ip_addrs(|addrs| {
+            if let Some((ip, len)) = config.ipv4 {
+                // Capacity is IFACE_MAX_ADDR_COUNT (2 by default); we add at most two.
+                let _ = addrs.push(IpCidr::new(ip.into(), len));
+            }
+            if let Some((ip, len)) = config.ipv6 {
+                let _ = addrs.push(IpCidr::new(ip.into(), len));
+            }
+        });
+        Self {
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            mac,
+            ipv4,
+            ipv6,
+            epoch: now,
+            stats: GatewayStats::default(),
+        }
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac.0
+    }
+
+    pub fn stats(&self) -> &GatewayStats {
+        &self.stats
+    }
+
+    /// Whether a frame (starting with the virtio-net header) is one the gateway must see:
+    /// unicast to its MAC, ARP asking for one of its addresses, or IPv6 multicast ICMP (neighbour
+    /// discovery). Everything else on the segment is none of its business; in particular it never
+    /// sees ARP for other hosts, which a stack in any-IP mode would answer.
+    pub fn wants(&self, frame: &[u8]) -> bool {
+        let Some(eth) = frame
+            .get(VNET_HDR_LEN..)
+            .and_then(|f| EthernetFrame::new_checked(f).ok())
+        else {
+            return false;
+        };
+        let dst = eth.dst_addr();
+        if dst == self.mac {
+            return true;
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Arp if dst.is_broadcast() => {
+                let Some(ipv4) = self.ipv4 else { return false };
+                ArpPacket::new_checked(eth.payload())
+                    .is_ok_and(|arp| arp.target_protocol_addr() == ipv4.octets())
+            }
+            EthernetProtocol::Ipv6 if dst.is_multicast() && self.ipv6.is_some() => {
+                Ipv6Packet::new_checked(eth.payload())
+                    .is_ok_and(|ip| ip.next_header() == IpProtocol::Icmpv6)
+            }
+            _ => false,
+        }
+    }
+
+    /// Feeds one frame (virtio-net header first) to the stack. Frames the gateway does not
+    /// [`want`](Self::wants) are counted and ignored.
+    pub fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
+        if !self.wants(frame) {
+            self.stats.ignored += 1;
+            return;
+        }
+        let Some(eth) = frame.get(VNET_HDR_LEN..) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if self.device.rx.len() >= RX_QUEUE_LIMIT {
+            self.stats.ignored += 1;
+            return;
+        }
+        self.stats.accepted += 1;
+        self.device.rx.push_back(eth.to_vec());
+        self.poll(now);
+    }
+
+    /// Runs the stack's timers. Call it when [`Self::poll_timeout`] says so.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.poll(now);
+    }
+
+    /// When the stack next needs [`Self::handle_timeout`]; `None` if it has nothing pending.
+    pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
+        let t = smol_now(self.epoch, now);
+        self.iface
+            .poll_delay(t, &self.sockets)
+            .map(|d| now + Duration::from_micros(d.total_micros()))
+    }
+
+    /// The next frame the gateway sends, virtio-net header first (all zeros: checksums are
+    /// complete and nothing is segmented).
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        let frame = self.device.tx.pop_front()?;
+        self.stats.emitted += 1;
+        Some(frame)
+    }
+
+    fn poll(&mut self, now: Instant) {
+        let t = smol_now(self.epoch, now);
+        self.iface.poll(t, &mut self.device, &mut self.sockets);
+    }
+}
+
+fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
+    let micros = now.saturating_duration_since(epoch).as_micros();
+    smoltcp::time::Instant::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+}
+
+/// A seed for smoltcp's TCP sequence numbers and ephemeral ports: different per network and
+/// per run. It need not be cryptographically strong.
+fn seed(now: Instant, mac: [u8; 6]) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    now.hash(&mut h);
+    mac.hash(&mut h);
+    h.finish()
+}
+
+/// A smoltcp device backed by two queues: frames in from the switch, frames out to it.
+struct QueueDevice {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+    mtu: usize,
+}
+
+impl QueueDevice {
+    fn new(mtu: usize) -> Self {
+        Self {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            mtu,
+        }
+    }
+}
+
+struct RxToken(Vec<u8>);
+
+struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut frame = vec![0u8; VNET_HDR_LEN + len];
+        let r = f(&mut frame[VNET_HDR_LEN..]);
+        if self.0.len() < TX_QUEUE_LIMIT {
+            self.0.push_back(frame);
+        }
+        r
+    }
+}
+
+impl phy::Device for QueueDevice {
+    type RxToken<'a> = RxToken;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(
+        &mut self,
+        _timestamp: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let frame = self.rx.pop_front()?;
+        Some((RxToken(frame), TxToken(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        Some(TxToken(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + 14;
+        // Frames from a TAP may carry partial TCP/UDP checksums (the sender left them to
+        // "hardware"); verifying those would reject good packets. IP and ICMP checksums are
+        // always complete and are checked.
+        caps.checksum = ChecksumCapabilities::default();
+        caps.checksum.tcp = Checksum::Tx;
+        caps.checksum.udp = Checksum::Tx;
+        caps
+    }
+}
+
+#[cfg(test)]
+mod tests;

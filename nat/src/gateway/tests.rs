@@ -1,0 +1,124 @@
+use super::*;
+use etherparse::{ArpHardwareId, ArpOperation, ArpPacket as EpArp, EtherType, PacketBuilder};
+use etherparse::{LinkSlice, NetSlice, SlicedPacket, TransportSlice};
+
+const GW_MAC: [u8; 6] = [0x02, 0x42, 10, 88, 0, 1];
+const CTR_MAC: [u8; 6] = [0x02, 0x42, 10, 88, 0, 2];
+const GW: [u8; 4] = [10, 88, 0, 1];
+const CTR: [u8; 4] = [10, 88, 0, 2];
+
+fn gateway(now: Instant) -> Gateway {
+    Gateway::new(
+        &GatewayConfig {
+            mac: GW_MAC,
+            ipv4: Some((Ipv4Addr::from(GW), 16)),
+            ipv6: None,
+            mtu: 1500,
+        },
+        now,
+    )
+}
+
+fn with_vnet(eth: Vec<u8>) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend(eth);
+    f
+}
+
+fn arp_request(target: [u8; 4]) -> Vec<u8> {
+    let arp = EpArp::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REQUEST,
+        &CTR_MAC,
+        &CTR,
+        &[0; 6],
+        &target,
+    )
+    .expect("arp");
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, [0xff; 6])
+        .arp(arp)
+        .write(&mut out)
+        .expect("write");
+    with_vnet(out)
+}
+
+fn echo_request(seq: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, GW_MAC)
+        .ipv4(CTR, GW, 64)
+        .icmpv4_echo_request(7, seq)
+        .write(&mut out, b"ping payload")
+        .expect("write");
+    with_vnet(out)
+}
+
+#[test]
+fn answers_arp_for_its_own_address_only() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.handle_frame(t, &arp_request([10, 88, 0, 77]));
+    assert!(
+        gw.poll_transmit().is_none(),
+        "ARP for another host is not answered"
+    );
+    assert_eq!(gw.stats().ignored, 1);
+
+    gw.handle_frame(t, &arp_request(GW));
+    let reply = gw.poll_transmit().expect("ARP reply");
+    assert_eq!(&reply[..VNET_HDR_LEN], &[0; VNET_HDR_LEN]);
+    let p = SlicedPacket::from_ethernet(&reply[VNET_HDR_LEN..]).expect("parses");
+    let Some(LinkSlice::Ethernet2(eth)) = p.link else {
+        panic!("ethernet")
+    };
+    assert_eq!((eth.source(), eth.destination()), (GW_MAC, CTR_MAC));
+    let Some(NetSlice::Arp(arp)) = p.net else {
+        panic!("arp")
+    };
+    assert_eq!(arp.operation(), ArpOperation::REPLY);
+    assert_eq!(arp.sender_hw_addr(), &GW_MAC);
+    assert_eq!(arp.sender_protocol_addr(), &GW);
+}
+
+#[test]
+fn answers_ping() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.handle_frame(t, &arp_request(GW));
+    let _ = gw.poll_transmit();
+    gw.handle_frame(t, &echo_request(3));
+    let reply = gw.poll_transmit().expect("echo reply");
+    let p = SlicedPacket::from_ethernet(&reply[VNET_HDR_LEN..]).expect("parses");
+    let Some(NetSlice::Ipv4(ip)) = p.net else {
+        panic!("ipv4")
+    };
+    assert_eq!(ip.header().source(), GW);
+    assert_eq!(ip.header().destination(), CTR);
+    let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
+        panic!("icmp")
+    };
+    assert!(matches!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::EchoReply(e) if e.id == 7 && e.seq == 3
+    ));
+    assert_eq!(icmp.payload(), b"ping payload");
+}
+
+#[test]
+fn ignores_frames_for_other_macs_and_garbage() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    let mut other = echo_request(1);
+    other[VNET_HDR_LEN..VNET_HDR_LEN + 6].copy_from_slice(&[0x02, 0, 0, 0, 0, 9]);
+    gw.handle_frame(t, &other);
+    for junk in [&[][..], &[0u8; 20][..], &[0xffu8; 40][..]] {
+        gw.handle_frame(t, junk);
+    }
+    // Unicast to the gateway MAC but truncated IP: the stack drops it quietly.
+    let mut cut = echo_request(2);
+    cut.truncate(VNET_HDR_LEN + 20);
+    gw.handle_frame(t, &cut);
+    assert!(gw.poll_transmit().is_none());
+    assert_eq!(gw.stats().ignored, 4);
+}

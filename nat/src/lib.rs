@@ -1,0 +1,14 @@
+//! The gateway of a virtual network: a userspace IP stack (smoltcp) behind one switch port.
+//!
+//! Every network has one [`Gateway`]. The switch hands it the frames addressed to the gateway's
+//! stable MAC (and the broadcasts and multicasts it must see), and forwards whatever it emits like
+//! frames from any other port. Today it answers ARP and neighbour solicitations for its own
+//! addresses and ICMP echo, so `ping <gateway>` works; the embedded DNS server, published ports
+//! and outbound NAT are added as sockets and flows on this same stack.
+//!
+//! Like the switch core, the gateway is sans-IO: it is fed `(now, frame)` and drained with
+//! [`Gateway::poll_transmit`]; it owns no file descriptor and reads no clock.
+
+mod gateway;
+
+pub use gateway::{Gateway, GatewayConfig, GatewayStats};

@@ -1,0 +1,16 @@
+//! Devices and namespaces: everything in vswitch that talks to the kernel below the socket API.
+//!
+//! - [`tap`]: TAP devices opened with `IFF_VNET_HDR` and offloads, so the kernel hands over (and
+//!   accepts) 64 KiB GSO frames with a virtio-net header in front.
+//! - [`vnet`]: the virtio-net header itself (a plain byte view, no unsafe).
+//! - [`ns`]: entering network namespaces from a dedicated thread.
+//!
+//! This is the only crate of the workspace allowed `unsafe` code, and only in `sys`, where every
+//! block states why it is sound.
+
+pub mod ns;
+mod sys;
+pub mod tap;
+pub mod vnet;
+
+pub use tap::{Tap, TapError};
