@@ -75,7 +75,7 @@ fn unknown_unicast_floods_then_learned_address_is_forwarded() {
 #[test]
 fn broadcast_and_multicast_always_flood() {
     let mut lab = lab(3);
-    lab.send(0, 1, &frame(A, B));
+    let _ = lab.send(0, 1, &frame(A, B));
     assert_eq!(lab.send(0, 0, &frame(BCAST, A)), Decision::Flood);
     assert_eq!(lab.send(0, 0, &frame(MCAST, A)), Decision::Flood);
     assert_eq!(lab.bridge.stats().flooded, 3);
@@ -84,13 +84,13 @@ fn broadcast_and_multicast_always_flood() {
 #[test]
 fn moved_address_follows_its_new_port() {
     let mut lab = lab(3);
-    lab.send(0, 0, &frame(BCAST, A));
+    let _ = lab.send(0, 0, &frame(BCAST, A));
     assert_eq!(
         lab.send(0, 1, &frame(A, B)),
         Decision::Forward(lab.ports[0])
     );
     // A shows up behind port 2 (a container was re-attached elsewhere).
-    lab.send(1, 2, &frame(BCAST, A));
+    let _ = lab.send(1, 2, &frame(BCAST, A));
     assert_eq!(
         lab.send(1, 1, &frame(A, B)),
         Decision::Forward(lab.ports[2])
@@ -100,7 +100,7 @@ fn moved_address_follows_its_new_port() {
 #[test]
 fn destination_on_ingress_port_is_dropped_not_hairpinned() {
     let mut lab = lab(2);
-    lab.send(0, 0, &frame(BCAST, A));
+    let _ = lab.send(0, 0, &frame(BCAST, A));
     assert_eq!(
         lab.send(0, 0, &frame(A, C)),
         Decision::Drop(DropReason::SamePort)
@@ -125,7 +125,7 @@ fn entries_age_out_and_the_sweep_reclaims_them() {
         None,
         "idle bridge wants no timer"
     );
-    lab.send(0, 0, &frame(BCAST, A));
+    let _ = lab.send(0, 0, &frame(BCAST, A));
     assert_eq!(
         lab.send(9, 1, &frame(A, B)),
         Decision::Forward(lab.ports[0])
@@ -152,7 +152,7 @@ fn entries_age_out_and_the_sweep_reclaims_them() {
 #[test]
 fn fdb_reports_age() {
     let mut lab = lab(2);
-    lab.send(3, 1, &frame(BCAST, B));
+    let _ = lab.send(3, 1, &frame(BCAST, B));
     let entries: Vec<_> = lab.bridge.fdb().iter(lab.at(5)).collect();
     assert_eq!(
         entries,
@@ -172,7 +172,7 @@ fn full_table_refuses_new_addresses_but_keeps_delivering() {
     );
     for i in 0..10u8 {
         let src = [0x02, 0, 0, 0, 0, i];
-        lab.send(0, 0, &frame(BCAST, src));
+        let _ = lab.send(0, 0, &frame(BCAST, src));
     }
     assert_eq!(lab.bridge.fdb().len(), 4, "bounded");
     assert_eq!(lab.bridge.stats().learn_refused, 6);
@@ -182,7 +182,7 @@ fn full_table_refuses_new_addresses_but_keeps_delivering() {
         Decision::Flood
     );
     // Once the old entries age out, new addresses are learned again.
-    lab.send(61, 1, &frame(BCAST, C));
+    let _ = lab.send(61, 1, &frame(BCAST, C));
     assert_eq!(
         lab.send(61, 0, &frame(C, A)),
         Decision::Forward(lab.ports[1])
@@ -192,7 +192,7 @@ fn full_table_refuses_new_addresses_but_keeps_delivering() {
 #[test]
 fn removing_a_port_flushes_its_entries_and_reused_ids_start_clean() {
     let mut lab = lab(3);
-    lab.send(0, 1, &frame(BCAST, B));
+    let _ = lab.send(0, 1, &frame(BCAST, B));
     assert_eq!(
         lab.send(0, 0, &frame(B, A)),
         Decision::Forward(lab.ports[1])
@@ -218,7 +218,7 @@ fn removing_a_port_flushes_its_entries_and_reused_ids_start_clean() {
 fn separate_bridges_are_isolated() {
     let mut red = lab(2);
     let mut blue = lab(2);
-    red.send(0, 0, &frame(BCAST, A));
+    let _ = red.send(0, 0, &frame(BCAST, A));
     // Blue never saw A: to blue it is unknown, and nothing red learned leaks.
     assert_eq!(blue.send(0, 1, &frame(A, B)), Decision::Flood);
     assert_eq!(blue.bridge.fdb().iter(blue.at(0)).count(), 1);
@@ -230,8 +230,8 @@ fn counters_follow_frames() {
     let mut lab = lab(3);
     let f = frame(BCAST, A);
     let len = f.len() as u64;
-    lab.send(0, 0, &f);
-    lab.send(0, 1, &frame(A, B));
+    let _ = lab.send(0, 0, &f);
+    let _ = lab.send(0, 1, &frame(A, B));
     let p0 = *lab.bridge.port_stats(lab.ports[0]).expect("p0");
     let p1 = *lab.bridge.port_stats(lab.ports[1]).expect("p1");
     let p2 = *lab.bridge.port_stats(lab.ports[2]).expect("p2");

@@ -1,1 +1,450 @@
-//! Integration tests live in tests/.
+//! Harness for the integration tests (in `cli/tests/`, so that cargo always builds the
+//! `vswitch` binary they run): the real binary, real network namespaces.
+//!
+//! Every privileged test is `#[ignore]`d with a reason, so a plain `cargo test` lists them as
+//! ignored instead of passing them; `.ci/run` runs them as root with `--ignored`. Run by hand
+//! with `sudo -E cargo test -p vswitch --test skeleton -- --ignored`. A privileged test that finds itself
+//! without root fails rather than skipping.
+//!
+//! Each test starts its own daemon, in its own network namespace, with its own socket and
+//! state directory, so tests run in parallel. Namespaces are named `vst<pid>x<n>...` and are
+//! removed by guards on success and on failure. Every wait is bounded.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Fails the test unless it runs as root.
+pub fn require_root() {
+    // SAFETY-free check: /proc/self/status shows the effective uid on the Uid: line.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("?");
+    assert_eq!(
+        euid, "0",
+        "this privileged test needs root (network namespaces, TAP devices)"
+    );
+    // The distro default; some machines ship 0600, which only matters to rootless tests but
+    // is cheap to normalise.
+    let _ = Command::new("chmod")
+        .args(["0666", "/dev/net/tun"])
+        .status();
+}
+
+/// The vswitch binary built next to this test binary (or `$VSWITCH_BIN`).
+pub fn vswitch_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VSWITCH_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/vswitch
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("vswitch"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build -p vswitch) or set VSWITCH_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A unique name for this test process: `vst<pid>x<n>` plus a suffix.
+pub fn unique(suffix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "vst{}x{}{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        suffix
+    )
+}
+
+/// Runs a command with a timeout; returns its output.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let s = child.wait().expect("wait");
+            eprintln!("timed out after {timeout:?}: {cmd:?}");
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A network namespace made with `ip netns add`, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(suffix: &str) -> Self {
+        let name = unique(suffix);
+        let out = run(
+            Command::new("ip").args(["netns", "add", &name]),
+            Duration::from_secs(10),
+        );
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            text(&out.stderr)
+        );
+        Self { name }
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str], timeout: Duration) -> Output {
+        run(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .args(args),
+            timeout,
+        )
+    }
+
+    /// One ping to `ip`, 1 s timeout.
+    pub fn ping(&self, ip: &str) -> bool {
+        self.exec(&["ping", "-c", "1", "-W", "1", ip], Duration::from_secs(5))
+            .status
+            .success()
+    }
+
+    /// Pings until one answer arrives or `timeout` passes (ARP and the first frames may take
+    /// a moment after attach).
+    pub fn ping_within(&self, ip: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.ping(ip))
+    }
+
+    /// Names of the links in the namespace.
+    pub fn links(&self) -> Vec<String> {
+        let out = run(
+            Command::new("ip").args(["-n", &self.name, "-o", "link", "show"]),
+            Duration::from_secs(5),
+        );
+        text(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1).map(|s| s.trim().to_owned()))
+            .map(|s| s.split('@').next().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    /// The `ip -o addr` lines of an interface.
+    pub fn addrs(&self, ifname: &str) -> String {
+        let out = run(
+            Command::new("ip").args(["-n", &self.name, "-o", "addr", "show", "dev", ifname]),
+            Duration::from_secs(5),
+        );
+        text(&out.stdout)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run(
+            Command::new("ip").args(["netns", "del", &self.name]),
+            Duration::from_secs(10),
+        );
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
+    }
+}
+
+/// A process in a fresh, anonymous network namespace (`unshare -n sleep`), killed on drop.
+pub struct NsProcess {
+    pub child: Child,
+}
+
+impl NsProcess {
+    pub fn new() -> Self {
+        let child = Command::new("unshare")
+            .args(["-n", "sleep", "300"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare");
+        let me = Self { child };
+        // unshare execs sleep after unsharing; wait until the PID's netns differs from ours.
+        let ours = std::fs::read_link("/proc/self/ns/net").ok();
+        let pid = me.pid();
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+                theirs.is_some() && theirs != ours
+            }),
+            "unshare -n did not make a namespace"
+        );
+        me
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn exec(&self, args: &[&str], timeout: Duration) -> Output {
+        run(
+            Command::new("nsenter")
+                .args(["-t", &self.pid().to_string(), "-n"])
+                .args(args),
+            timeout,
+        )
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Default for NsProcess {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NsProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A vswitch daemon in its own network namespace with its own socket and state directory.
+pub struct Daemon {
+    pub ns: Netns,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Daemon {
+    pub fn start() -> Self {
+        let ns = Netns::new("d");
+        let dir = std::env::temp_dir().join(format!("{}-dir", ns.name));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut d = Self {
+            socket: dir.join("vswitch.sock"),
+            state: dir.join("state"),
+            log: dir.join("daemon.log"),
+            dir,
+            ns,
+            child: None,
+            starts: 0,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(vswitch_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("daemon")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--log-level", "debug"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn daemon");
+        self.child = Some(child);
+        let socket = self.socket.clone();
+        let ok = wait_until(Duration::from_secs(15), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        assert!(ok, "daemon did not start; log:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("running")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `vswitch --socket S ARGS...`.
+    pub fn vs(&self, args: &[&str]) -> Output {
+        run(
+            Command::new(vswitch_bin())
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(args),
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Runs the client and insists on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.vs(args);
+        assert!(
+            out.status.success(),
+            "vswitch {args:?} failed: {}\ndaemon log:\n{}",
+            text(&out.stderr),
+            self.log()
+        );
+        text(&out.stdout)
+    }
+
+    /// Runs the client and insists on failure with exactly one line on stderr; returns it.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.vs(args);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "vswitch {args:?} should have failed; stdout: {}",
+            text(&out.stdout)
+        );
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "vswitch {args:?} should print one error line, got: {err:?}"
+        );
+        err.trim_end().to_owned()
+    }
+
+    pub fn inspect(&self, network: &str) -> serde_json::Value {
+        let out = self.ok(&["network", "inspect", network]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("inspect JSON");
+        v[0].clone()
+    }
+
+    /// The IPv4 address (without prefix) of endpoint `name` on `network`.
+    pub fn ip_of(&self, network: &str, name: &str) -> String {
+        let net = self.inspect(network);
+        let containers = net["Containers"].as_object().expect("Containers");
+        let entry = containers
+            .values()
+            .find(|c| c["Name"] == name)
+            .unwrap_or_else(|| panic!("{name} not on {network}: {net}"));
+        let cidr = entry["IPv4Address"].as_str().expect("IPv4Address");
+        cidr.split('/').next().expect("ip").to_owned()
+    }
+
+    /// Sends a signal to the daemon process.
+    pub fn signal(&self, sig: &str) {
+        let _ = run(
+            Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]),
+            Duration::from_secs(5),
+        );
+    }
+
+    /// SIGKILLs the daemon and starts it again on the same socket and state directory.
+    pub fn kill9_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    /// Sends raw bytes to the control socket and returns what comes back (bounded).
+    pub fn raw(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        s.set_write_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.take(1 << 20).read_to_end(&mut out);
+        out
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = run(
+                Command::new("kill").args(["-CONT", &c.id().to_string()]),
+                Duration::from_secs(5),
+            );
+            let _ = run(
+                Command::new("kill").args(["-TERM", &c.id().to_string()]),
+                Duration::from_secs(5),
+            );
+            let exited = wait_until(Duration::from_secs(5), || {
+                matches!(c.try_wait(), Ok(Some(_)))
+            });
+            if !exited {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- daemon log ({}) ----\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

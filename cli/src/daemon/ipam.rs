@@ -75,7 +75,12 @@ pub fn allocate4(
 ) -> Option<Ipv4Addr> {
     let range = range.unwrap_or(subnet);
     let (lo, hi) = (u32::from(range.network()), u32::from(range.broadcast()));
+    // The first and last address of a range are skipped as well (unless the range is a /31 or
+    // /32): `10.80.5.0` is a valid host in 10.80.0.0/16, but software that sees a `.0` address
+    // often misbehaves, and nobody expects the first container of 10.80.5.0/24 to get it.
+    let edge = |ip: u32| range.prefix_len() < 31 && (ip == lo || ip == hi);
     (lo..=hi)
+        .filter(|ip| !edge(*ip))
         .map(Ipv4Addr::from)
         .find(|ip| is_host4(subnet, *ip) && !used.contains(ip))
 }

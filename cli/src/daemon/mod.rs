@@ -447,11 +447,10 @@ impl Daemon {
             .live
             .get(&net.id)
             .ok_or_else(|| ApiError::internal("network has no datapath"))?;
-        Ok(live
-            .datapath
+        live.datapath
             .fdb()
             .await
-            .map_err(|e| ApiError::internal(e.to_string()))?)
+            .map_err(|e| ApiError::internal(e.to_string()))
     }
 
     pub async fn stats(&self, key: Option<&str>) -> ApiResult<Vec<NetworkStats>> {

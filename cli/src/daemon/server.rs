@@ -90,6 +90,9 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
                     builder
                         .timer(TokioTimer::new())
                         .header_read_timeout(Duration::from_secs(10))
+                        // A client that shuts down its write side after the request (as
+                        // `nc -N` or a script might) still gets its answer.
+                        .half_close(true)
                         .max_buf_size(MAX_HEADERS);
                     if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
                         tracing::debug!(error = %e, "control connection ended with an error");
@@ -198,6 +201,17 @@ async fn dispatch(daemon: &Daemon, req: Request<Incoming>) -> Result<Reply, ApiE
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(ApiError {
+            status: 413,
+            message: format!("request body too large (limit {MAX_BODY} bytes)"),
+        });
+    }
     let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await

@@ -1,0 +1,624 @@
+//! The walking skeleton end to end: daemon, networks, attach in all target forms, L2 switching,
+//! gateway, detach, endpoint GC, restart after SIGKILL, bad input.
+
+use std::time::Duration;
+
+use vswitch_tests::{Daemon, Netns, NsProcess, require_root, text, wait_until};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn two_namespaces_ping_each_other_and_the_gateway() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "red", "--subnet", "10.77.0.0/24"]);
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    d.ok(&["attach", "--network", "red", &a.name]);
+    d.ok(&["attach", "--network", "red", &b.name]);
+    let ip_b = d.ip_of("red", &b.name);
+    assert_eq!(d.ip_of("red", &a.name), "10.77.0.2", "first free address");
+    assert_eq!(ip_b, "10.77.0.3");
+    assert!(a.ping_within(&ip_b, secs(5)), "a -> b");
+    assert!(b.ping("10.77.0.2"), "b -> a");
+    assert!(a.ping("10.77.0.1"), "gateway answers ping");
+
+    // Inside: eth0 with the address, a default route via the gateway, lo up, no other device.
+    assert_eq!(a.links(), vec!["lo", "eth0"]);
+    assert!(
+        a.addrs("eth0").contains("inet 10.77.0.2/24"),
+        "{}",
+        a.addrs("eth0")
+    );
+    let route = a.exec(&["ip", "route", "show", "default"], secs(5));
+    assert!(
+        text(&route.stdout).contains("via 10.77.0.1 dev eth0"),
+        "{}",
+        text(&route.stdout)
+    );
+    assert!(a.ping("127.0.0.1"), "lo is up");
+    // The TAP was opened with a virtio-net header and offloads.
+    let flags = a.exec(&["cat", "/sys/class/net/eth0/tun_flags"], secs(5));
+    let flags = u32::from_str_radix(text(&flags.stdout).trim().trim_start_matches("0x"), 16)
+        .expect("tun_flags");
+    assert_eq!(
+        flags & 0x4002,
+        0x4002,
+        "IFF_TAP|IFF_VNET_HDR, got {flags:#x}"
+    );
+
+    // Nothing was created in the daemon's namespace: no bridge, veth or stray TAP.
+    assert_eq!(d.ns.links(), vec!["lo"], "daemon namespace stays empty");
+
+    // The FDB learned both endpoints and the gateway; counters moved.
+    let fdb = d.ok(&["fdb", "red"]);
+    for (mac, who) in [
+        ("02:42:0a:4d:00:02", &a.name),
+        ("02:42:0a:4d:00:03", &b.name),
+    ] {
+        assert!(
+            fdb.lines()
+                .any(|l| l.contains(mac) && l.contains(who.as_str())),
+            "{mac} {who} missing from\n{fdb}"
+        );
+    }
+    assert!(
+        fdb.contains("02:42:0a:4d:00:01") && fdb.contains("(gateway)"),
+        "{fdb}"
+    );
+    let stats = d.ok(&["stats", "red"]);
+    let row = stats
+        .lines()
+        .find(|l| l.contains(&a.name))
+        .unwrap_or_else(|| panic!("no stats row for {}: {stats}", a.name));
+    let rx_frames: u64 = row
+        .split_whitespace()
+        .nth(3)
+        .and_then(|v| v.parse().ok())
+        .expect("rx");
+    assert!(rx_frames >= 3, "{row}");
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn all_three_target_forms_and_static_ip() {
+    require_root();
+    let d = Daemon::start();
+    // ip netns name (default network `bridge`).
+    let named = Netns::new("n");
+    d.ok(&["attach", &named.name]);
+    // netns path.
+    let pathy = Netns::new("p");
+    d.ok(&[
+        "attach",
+        "--name",
+        "bypath",
+        "--ip",
+        "172.17.5.5",
+        &pathy.path(),
+    ]);
+    // PID.
+    let proc_ns = NsProcess::new();
+    d.ok(&["attach", "--name", "bypid", &proc_ns.pid().to_string()]);
+
+    assert_eq!(d.ip_of("bridge", &named.name), "172.17.0.2");
+    assert_eq!(d.ip_of("bridge", "bypath"), "172.17.5.5", "static IP");
+    assert_eq!(d.ip_of("bridge", "bypid"), "172.17.0.3");
+    assert!(named.ping_within("172.17.5.5", secs(5)));
+    let ping = proc_ns.exec(&["ping", "-c", "1", "-W", "2", "172.17.0.2"], secs(10));
+    assert!(
+        ping.status.success(),
+        "pid-attached namespace reaches the named one"
+    );
+    assert!(pathy.ping("172.17.0.1"));
+
+    // The same path given as /proc/PID/ns/net.
+    let other = NsProcess::new();
+    let path = format!("/proc/{}/ns/net", other.pid());
+    d.ok(&["attach", "--name", "procpath", &path]);
+    assert_eq!(d.ip_of("bridge", "procpath"), "172.17.0.4");
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn detach_removes_the_device_names_and_address() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "blue"]);
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    d.ok(&["attach", "--network", "blue", &a.name]);
+    d.ok(&["attach", "--network", "blue", &b.name]);
+    let ip_a = d.ip_of("blue", &a.name);
+    assert!(
+        ip_a.starts_with("172.18."),
+        "automatic /16 from 172.18.0.0: {ip_a}"
+    );
+    let resolv = std::fs::read_to_string(format!("/etc/netns/{}/resolv.conf", a.name))
+        .expect("resolv.conf written for ip netns names");
+    assert!(resolv.contains("nameserver 172.18.0.1"), "{resolv}");
+    assert!(resolv.contains("search blue"), "{resolv}");
+    assert!(resolv.contains("options ndots:0"), "{resolv}");
+
+    d.ok(&["detach", &a.name]);
+    assert_eq!(a.links(), vec!["lo"], "eth0 removed");
+    assert!(
+        !std::path::Path::new(&format!("/etc/netns/{}/resolv.conf", a.name)).exists(),
+        "resolv.conf removed"
+    );
+    let net = d.inspect("blue");
+    assert_eq!(net["Containers"].as_object().map(|c| c.len()), Some(1));
+    // The address is free again: the next attach gets it.
+    let c = Netns::new("c");
+    d.ok(&["attach", "--network", "blue", &c.name]);
+    assert_eq!(d.ip_of("blue", &c.name), ip_a);
+    assert!(c.ping_within(&d.ip_of("blue", &b.name), secs(5)));
+
+    // network disconnect removes only the endpoint on that network.
+    d.ok(&["network", "create", "green"]);
+    d.ok(&["network", "connect", "green", &c.name]);
+    assert!(
+        c.links().contains(&"eth1".to_owned()),
+        "second network gets eth1: {:?}",
+        c.links()
+    );
+    d.ok(&["network", "disconnect", "green", &c.name]);
+    assert_eq!(c.links(), vec!["lo", "eth0"]);
+    assert!(c.ping(&d.ip_of("blue", &b.name)), "still on blue");
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn endpoints_are_collected_when_their_namespace_dies() {
+    require_root();
+    let d = Daemon::start();
+    let mut p = NsProcess::new();
+    d.ok(&["attach", "--name", "shortlived", &p.pid().to_string()]);
+    let gone = Netns::new("g");
+    d.ok(&["attach", &gone.name]);
+    assert_eq!(
+        d.inspect("bridge")["Containers"]
+            .as_object()
+            .map(|c| c.len()),
+        Some(2)
+    );
+
+    p.kill();
+    let n = gone.name.clone();
+    drop(gone); // ip netns del
+    let empty = wait_until(secs(3), || {
+        d.inspect("bridge")["Containers"]
+            .as_object()
+            .is_some_and(|c| c.is_empty())
+    });
+    assert!(empty, "endpoints not collected: {}", d.inspect("bridge"));
+    assert!(!std::path::Path::new(&format!("/etc/netns/{n}")).exists());
+    // Their addresses are free again.
+    let q = Netns::new("q");
+    d.ok(&["attach", &q.name]);
+    assert_eq!(d.ip_of("bridge", &q.name), "172.17.0.2");
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn traffic_comes_back_after_the_daemon_is_killed_and_restarted() {
+    require_root();
+    let mut d = Daemon::start();
+    d.ok(&["network", "create", "persist", "--subnet", "10.78.0.0/16"]);
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    d.ok(&["attach", "--network", "persist", "--alias", "web", &a.name]);
+    d.ok(&[
+        "attach",
+        "--network",
+        "persist",
+        "--ip",
+        "10.78.9.9",
+        &b.name,
+    ]);
+    assert!(a.ping_within("10.78.9.9", secs(5)));
+    let before = d.inspect("persist");
+
+    d.kill9_and_restart();
+    assert!(
+        a.ping_within("10.78.9.9", secs(10)),
+        "traffic flows again after restart"
+    );
+    let after = d.inspect("persist");
+    assert_eq!(before["Id"], after["Id"]);
+    assert_eq!(
+        before["Containers"], after["Containers"],
+        "same endpoints, addresses, MACs"
+    );
+    assert!(b.ping("10.78.0.1"), "gateway back too");
+    // A network created before the crash still refuses overlaps, and bridge is still there.
+    d.fails(&["network", "create", "again", "--subnet", "10.78.0.0/24"]);
+    assert!(d.ok(&["network", "ls"]).contains("bridge"));
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn a_frozen_daemon_stops_traffic() {
+    require_root();
+    let d = Daemon::start();
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    d.ok(&["attach", &a.name]);
+    d.ok(&["attach", &b.name]);
+    assert!(a.ping_within("172.17.0.3", secs(5)));
+    d.signal("STOP");
+    let blocked = !a.ping("172.17.0.3");
+    d.signal("CONT");
+    assert!(blocked, "frames must go through the daemon");
+    assert!(
+        a.ping_within("172.17.0.3", secs(5)),
+        "flows again after SIGCONT"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn ipv6_network() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&[
+        "network",
+        "create",
+        "six",
+        "--ipv6",
+        "--subnet",
+        "fd00:77::/64",
+        "--subnet",
+        "10.79.0.0/24",
+    ]);
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    d.ok(&["network", "connect", "six", &a.name]);
+    d.ok(&["network", "connect", "six", &b.name]);
+    let net = d.inspect("six");
+    assert_eq!(net["EnableIPv6"], true);
+    let b6 = net["Containers"]
+        .as_object()
+        .and_then(|c| c.values().find(|e| e["Name"] == b.name.as_str()))
+        .and_then(|e| e["IPv6Address"].as_str())
+        .expect("IPv6Address")
+        .to_owned();
+    assert_eq!(b6, "fd00:77::3/64");
+    assert!(
+        a.ping_within("fd00:77::3", secs(5)),
+        "IPv6 between endpoints"
+    );
+    assert!(a.ping("fd00:77::1"), "IPv6 gateway answers");
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn inspect_and_ls_are_docker_shaped() {
+    require_root();
+    let d = Daemon::start();
+    let id = d.ok(&[
+        "network",
+        "create",
+        "shape",
+        "--subnet",
+        "10.80.0.0/16",
+        "--gateway",
+        "10.80.0.254",
+        "--ip-range",
+        "10.80.5.0/24",
+        "--mtu",
+        "1400",
+        "--internal",
+    ]);
+    let id = id.trim();
+    assert_eq!(id.len(), 64, "prints the id");
+    let a = Netns::new("a");
+    d.ok(&["attach", "--network", "shape", "--alias", "x", &a.name]);
+    let n = d.inspect("shape");
+    assert_eq!(n["Name"], "shape");
+    assert_eq!(n["Id"], id);
+    assert_eq!(n["Driver"], "vswitch");
+    assert_eq!(n["Scope"], "local");
+    assert_eq!(n["Internal"], true);
+    assert_eq!(n["EnableIPv6"], false);
+    assert!(n["Created"].as_str().is_some_and(|c| c.contains('T')));
+    assert_eq!(n["IPAM"]["Config"][0]["Subnet"], "10.80.0.0/16");
+    assert_eq!(n["IPAM"]["Config"][0]["Gateway"], "10.80.0.254");
+    assert_eq!(n["IPAM"]["Config"][0]["IPRange"], "10.80.5.0/24");
+    let c = n["Containers"].as_object().expect("Containers");
+    let e = c.values().next().expect("one endpoint");
+    assert_eq!(e["Name"], a.name.as_str());
+    assert_eq!(
+        e["IPv4Address"], "10.80.5.1/16",
+        "allocated from the ip-range"
+    );
+    assert_eq!(e["MacAddress"], "02:42:0a:50:05:01");
+    assert_eq!(e["EndpointID"].as_str().map(str::len), Some(64));
+    assert_eq!(e["IPv6Address"], "");
+    assert!(n["Options"].is_object() && n["Labels"].is_object());
+    assert!(a.addrs("eth0").contains("10.80.5.1/16"));
+    let mtu = a.exec(&["cat", "/sys/class/net/eth0/mtu"], secs(5));
+    assert_eq!(text(&mtu.stdout).trim(), "1400");
+    // Prefix of the id works like Docker's.
+    assert_eq!(d.inspect(&id[..6])["Name"], "shape");
+
+    let ls = d.ok(&["network", "ls"]);
+    let header = ls.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("NETWORK ID")
+            && header.contains("NAME")
+            && header.contains("DRIVER")
+            && header.contains("SCOPE"),
+        "{ls}"
+    );
+    assert!(ls.lines().any(|l| l.starts_with(&id[..12])
+        && l.contains("shape")
+        && l.contains("vswitch")
+        && l.contains("local")));
+    let q = d.ok(&["network", "ls", "-q"]);
+    assert_eq!(q.lines().count(), 2);
+    assert!(q.lines().all(|l| l.len() == 12));
+    let json = d.ok(&["network", "ls", "--format", "json"]);
+    for line in json.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+        assert!(v["Name"].is_string());
+    }
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn bad_input_is_one_line_nonzero_and_changes_nothing() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "taken", "--subnet", "10.81.0.0/16"]);
+    let a = Netns::new("a");
+    d.ok(&[
+        "attach",
+        "--network",
+        "taken",
+        "--ip",
+        "10.81.0.10",
+        "--name",
+        "ep",
+        &a.name,
+    ]);
+    let snapshot = || {
+        (
+            d.ok(&["network", "ls", "-q"]),
+            d.ok(&["network", "inspect", "bridge", "taken"]),
+        )
+    };
+    let before = snapshot();
+    let b = Netns::new("b");
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["network", "create", "x", "--subnet", "10.0.0.0/33"],
+            "invalid subnet",
+        ),
+        (
+            vec!["network", "create", "x", "--subnet", "banana"],
+            "invalid subnet",
+        ),
+        (
+            vec!["network", "create", "x", "--subnet", "10.90.0.1/16"],
+            "it should be 10.90.0.0/16",
+        ),
+        (
+            vec![
+                "network",
+                "create",
+                "x",
+                "--subnet",
+                "10.90.0.0/16",
+                "--gateway",
+                "10.91.0.1",
+            ],
+            "not a host address",
+        ),
+        (
+            vec!["network", "create", "x", "--subnet", "10.81.128.0/17"],
+            "overlaps with network taken",
+        ),
+        (
+            vec!["network", "create", "x", "--subnet", "172.17.3.0/24"],
+            "overlaps with network bridge",
+        ),
+        (vec!["network", "create", "taken"], "already exists"),
+        (
+            vec!["network", "create", "bad name"],
+            "invalid network name",
+        ),
+        (vec!["network", "create", "x", "--mtu", "10"], "invalid MTU"),
+        (
+            vec!["network", "create", "x", "--ip-range", "10.0.0.0/24"],
+            "needs --subnet",
+        ),
+        (vec!["network", "inspect", "nope"], "network nope not found"),
+        (vec!["network", "rm", "nope"], "network nope not found"),
+        (vec!["network", "rm", "bridge"], "cannot be removed"),
+        (
+            vec!["network", "rm", "taken"],
+            "network taken has active endpoints",
+        ),
+        (
+            vec!["attach", "--network", "nope", &b.name],
+            "network nope not found",
+        ),
+        (
+            vec!["attach", "--network", "taken", "vst-no-such-netns"],
+            "cannot open the network namespace",
+        ),
+        (
+            vec!["attach", "--network", "taken", "999999999"],
+            "cannot open the network namespace",
+        ),
+        (
+            vec!["attach", "--network", "taken", "/etc/hostname"],
+            "not a network namespace",
+        ),
+        (
+            vec!["attach", "--network", "taken", "--ip", "10.99.0.5", &b.name],
+            "not a host address",
+        ),
+        (
+            vec![
+                "attach",
+                "--network",
+                "taken",
+                "--ip",
+                "10.81.0.10",
+                &b.name,
+            ],
+            "already in use",
+        ),
+        (
+            vec!["attach", "--network", "taken", "--ip", "10.81.0.1", &b.name],
+            "already in use",
+        ),
+        (
+            vec![
+                "attach",
+                "--network",
+                "taken",
+                "--ip",
+                "10.81.255.255",
+                &b.name,
+            ],
+            "not a host address",
+        ),
+        (
+            vec!["attach", "--network", "taken", "--name", "ep", &b.name],
+            "already in use",
+        ),
+        (
+            vec!["attach", "--network", "taken", "--mac", "zz", &b.name],
+            "invalid MAC",
+        ),
+        (
+            vec![
+                "attach",
+                "--network",
+                "taken",
+                "--mac",
+                "01:00:5e:00:00:01",
+                &b.name,
+            ],
+            "not a unicast",
+        ),
+        (
+            vec!["attach", "--network", "taken", &a.name],
+            "already attached",
+        ),
+        (
+            vec![
+                "attach",
+                "--network",
+                "taken",
+                "--ifname",
+                "this-name-is-way-too-long",
+                &b.name,
+            ],
+            "invalid interface name",
+        ),
+        (vec!["detach", "nobody"], "endpoint nobody not found"),
+        (
+            vec!["network", "disconnect", "taken", "nobody"],
+            "not found",
+        ),
+        (vec!["fdb", "nope"], "not found"),
+        (vec!["stats", "nope"], "not found"),
+    ];
+    for (args, needle) in &cases {
+        let err = d.fails(args);
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err:?}"
+        );
+        assert!(err.starts_with("Error: "), "{err}");
+    }
+    // The daemon's own namespace cannot be a target.
+    let own = format!("/proc/{}/ns/net", d.pid());
+    assert!(
+        d.fails(&["attach", &own])
+            .contains("daemon's own network namespace")
+    );
+    // An interface name that already exists inside the target is refused, leaving nothing.
+    let ex = b.exec(&["ip", "link", "add", "eth0", "type", "dummy"], secs(5));
+    if ex.status.success() {
+        assert!(
+            d.fails(&["attach", "--network", "taken", &b.name])
+                .contains("already exists")
+        );
+    }
+
+    assert_eq!(snapshot(), before, "state unchanged by bad input");
+    assert_eq!(
+        b.links().iter().filter(|l| l.starts_with("vs")).count(),
+        0,
+        "no TAP left in the target"
+    );
+    assert!(!b.links().iter().any(|l| l == "eth1"));
+    assert_eq!(
+        d.ns.links(),
+        vec!["lo"],
+        "no TAP left in the daemon's namespace"
+    );
+    assert!(a.ping("10.81.0.1"), "existing endpoint unaffected");
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn control_socket_survives_garbage_and_clients_name_the_socket() {
+    require_root();
+    let d = Daemon::start();
+    let mode = std::fs::metadata(&d.socket).map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
+    assert_eq!(mode.ok(), Some(0o600), "socket is owner-only");
+
+    let _ = d.raw(b"\x00\x01\x02 this is not http\r\n\r\n");
+    let _ = d.raw(&vec![b'A'; 256 * 1024]);
+    let big = format!(
+        "POST /networks/create HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        8 << 20
+    );
+    let mut req = big.into_bytes();
+    req.extend(std::iter::repeat_n(b'{', 64 << 10));
+    let reply = d.raw(&req);
+    assert!(
+        text(&reply).starts_with("HTTP/1.1 4"),
+        "oversized body refused: {}",
+        text(&reply)
+    );
+    let reply =
+        d.raw(b"POST /networks/create HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{\"Name\":1");
+    assert!(text(&reply).starts_with("HTTP/1.1 400"), "{}", text(&reply));
+    let reply = d.raw(b"GET /no/such/path HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(text(&reply).starts_with("HTTP/1.1 404"), "{}", text(&reply));
+    let reply = d.raw(b"GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        text(&reply).contains("OK"),
+        "daemon alive: {}",
+        text(&reply)
+    );
+    d.ok(&["network", "ls"]);
+
+    // A client that cannot reach a daemon says so, naming the socket.
+    let missing = d.dir.join("no-such.sock");
+    let out = vswitch_tests::run(
+        std::process::Command::new(vswitch_tests::vswitch_bin())
+            .arg("--socket")
+            .arg(&missing)
+            .args(["network", "ls"]),
+        secs(10),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+}

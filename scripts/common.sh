@@ -1,0 +1,32 @@
+# Shared by scripts/*.sh: install the Debian packages vswitch's tests and demo use, and find cargo.
+
+# Packages: iproute2 (ip netns), iputils-ping, dnsutils (dig), curl, python3, iperf3, procps,
+# util-linux (unshare, nsenter).
+VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils curl python3 iperf3 procps util-linux"
+
+install_packages() {
+    local missing=() p
+    for p in $VSWITCH_PACKAGES "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})" >&2
+        return 1
+    fi
+    echo "installing: ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+find_cargo() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        for d in "$HOME/.cargo/bin" /root/.cargo/bin "${SUDO_USER:+/home/$SUDO_USER/.cargo/bin}"; do
+            [ -n "$d" ] && [ -x "$d/cargo" ] && export PATH="$d:$PATH" && break
+        done
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "cargo not found: install Rust 1.91 or newer (https://rustup.rs), then run this again" >&2
+        return 1
+    fi
+}
