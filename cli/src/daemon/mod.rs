@@ -356,10 +356,12 @@ impl Daemon {
             .parse()
             .map_err(|_| ApiError::internal("bad planned MAC"))?;
         let plumbing = plumbing_for(&net, &ep.ifname, mac, ep.ipv4, ep.ipv6);
+        let started = std::time::Instant::now();
         let fd = tokio::task::spawn_blocking(move || plumb::plumb(&ns, &plumbing))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::bad_request(format!("cannot attach {}: {e:#}", req.target)))?;
+        let plumbed = started.elapsed();
         self.plug(&mut inner, &net, &ep, fd).await?;
         let mut ep = ep;
         ep.wrote_resolv_conf = match &ep.target {
@@ -383,7 +385,11 @@ impl Daemon {
             self.unplug(&mut inner, &ep).await;
             return Err(e.into());
         }
-        tracing::info!(endpoint = %ep.name, network = %net.name, ip = %ep.ipv4, target = %ep.target, "endpoint attached");
+        tracing::info!(
+            endpoint = %ep.name, network = %net.name, ip = %ep.ipv4, target = %ep.target,
+            plumb_ms = plumbed.as_secs_f64() * 1e3, total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "endpoint attached"
+        );
         Ok(endpoint_info(&net, &ep))
     }
 
