@@ -12,10 +12,16 @@ find_cargo
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+cargo test --workspace --locked 2>&1 | tee -a "$LOG"
 if [ "$(id -u)" -eq 0 ]; then
     echo "== privileged integration tests (root)"
-    cargo test --workspace --locked -- --ignored --test-threads 4
+    cargo test --workspace --locked -- --ignored --test-threads 4 2>&1 | tee -a "$LOG"
+    skipped=0
 else
     echo "== privileged integration tests SKIPPED: not root (run: sudo scripts/test.sh)" >&2
+    skipped=$(awk '/^test result:/ {s += $8} END {print s + 0}' "$LOG")
 fi
+# One closing line over both runs (cargo prints one "test result" per test binary).
+awk -v skipped="$skipped" '/^test result:/ {p += $4; f += $6} END {printf "summary: %d passed, %d failed, %d skipped\n", p, f, skipped}' "$LOG"

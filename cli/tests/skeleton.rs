@@ -53,6 +53,21 @@ fn two_namespaces_ping_each_other_and_the_gateway() {
     // Nothing was created in the daemon's namespace: no bridge, veth or stray TAP.
     assert_eq!(d.ns.links(), vec!["lo"], "daemon namespace stays empty");
 
+    // Isolation: a namespace on another network sees none of red's broadcasts. Pinging an
+    // absent address makes `a` broadcast ARP requests, which reach b and the gateway only.
+    d.ok(&["network", "create", "other", "--subnet", "10.76.0.0/24"]);
+    let c = Netns::new("c");
+    d.ok(&["attach", "--network", "other", &c.name]);
+    assert!(!a.ping("10.77.0.99"));
+    let other = d.ok(&["stats", "other"]);
+    let c_row = other.lines().find(|l| l.contains(&c.name)).expect("c row");
+    let c_tx: u64 = c_row
+        .split_whitespace()
+        .nth(6)
+        .and_then(|v| v.parse().ok())
+        .expect("tx");
+    assert_eq!(c_tx, 0, "nothing was sent to c: {other}");
+
     // The FDB learned both endpoints and the gateway; counters moved.
     let fdb = d.ok(&["fdb", "red"]);
     for (mac, who) in [
@@ -547,13 +562,20 @@ fn bad_input_is_one_line_nonzero_and_changes_nothing() {
             .contains("daemon's own network namespace")
     );
     // An interface name that already exists inside the target is refused, leaving nothing.
-    let ex = b.exec(&["ip", "link", "add", "eth0", "type", "dummy"], secs(5));
-    if ex.status.success() {
-        assert!(
-            d.fails(&["attach", "--network", "taken", &b.name])
-                .contains("already exists")
-        );
-    }
+    let ex = b.exec(
+        &["ip", "tuntap", "add", "dev", "eth0", "mode", "tap"],
+        secs(5),
+    );
+    assert!(ex.status.success(), "{}", text(&ex.stderr));
+    assert!(
+        d.fails(&["attach", "--network", "taken", &b.name])
+            .contains("already exists")
+    );
+    assert_eq!(
+        b.links(),
+        vec!["lo", "eth0"],
+        "only the foreign eth0, no TAP of ours"
+    );
 
     assert_eq!(snapshot(), before, "state unchanged by bad input");
     assert_eq!(
@@ -561,7 +583,6 @@ fn bad_input_is_one_line_nonzero_and_changes_nothing() {
         0,
         "no TAP left in the target"
     );
-    assert!(!b.links().iter().any(|l| l == "eth1"));
     assert_eq!(
         d.ns.links(),
         vec!["lo"],
