@@ -65,6 +65,16 @@ struct DaemonArgs {
     /// Log filter (error, warn, info, debug, trace, or a tracing filter directive)
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Upstream DNS server, IP[:PORT] (repeatable, up to 3) [default: the nameservers of the
+    /// host's /etc/resolv.conf, re-read when it changes]
+    #[arg(long, value_parser = vswitch_dns::upstream::parse_upstream)]
+    dns_upstream: Vec<std::net::SocketAddr>,
+    /// TTL in seconds of container records
+    #[arg(long, default_value_t = vswitch_dns::responder::DEFAULT_TTL)]
+    dns_ttl: u32,
+    /// Also serve <name>.<network> for every network to the host on ADDR:PORT (UDP and TCP)
+    #[arg(long, value_name = "ADDR:PORT")]
+    dns_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -202,7 +212,24 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Resul
         .enable_all()
         .thread_name("vswitch-ctl")
         .build()?;
-    rt.block_on(daemon::serve(daemon::server_options(socket, state_dir)))?;
+    if args.dns_upstream.len() > vswitch_dns::upstream::MAX_UPSTREAMS {
+        anyhow::bail!(
+            "at most {} --dns-upstream servers",
+            vswitch_dns::upstream::MAX_UPSTREAMS
+        );
+    }
+    let opts = daemon::Options {
+        socket,
+        state_dir,
+        dns: daemon::DnsOptions {
+            upstreams: args.dns_upstream,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            ttl: args.dns_ttl,
+            max_forwards: 1024,
+        },
+        dns_listen: args.dns_listen,
+    };
+    rt.block_on(daemon::serve(opts))?;
     Ok(ExitCode::SUCCESS)
 }
 

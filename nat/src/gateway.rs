@@ -12,6 +12,8 @@ use smoltcp::wire::{
 };
 use vswitch_netdev::vnet::VNET_HDR_LEN;
 
+use crate::stream::{StreamMessage, StreamService};
+
 /// Frames waiting for the stack beyond this many are dropped (the stack is polled after every
 /// frame, so the queue only fills if something is badly wrong).
 const RX_QUEUE_LIMIT: usize = 256;
@@ -53,6 +55,7 @@ pub struct Gateway {
     ipv6: Option<Ipv6Address>,
     epoch: Instant,
     stats: GatewayStats,
+    stream: Option<StreamService>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -97,7 +100,43 @@ impl Gateway {
             ipv6,
             epoch: now,
             stats: GatewayStats::default(),
+            stream: None,
         }
+    }
+
+    /// Accepts length-prefixed messages (DNS over TCP) on `port` of the gateway's addresses, at
+    /// most `max_conns` connections at once, each cut after `idle` without a complete message.
+    /// Messages come out of [`Self::poll_stream_messages`]; answer with [`Self::stream_reply`].
+    pub fn enable_stream_service(
+        &mut self,
+        now: Instant,
+        port: u16,
+        max_conns: usize,
+        idle: Duration,
+    ) {
+        self.stream = Some(StreamService::new(port, max_conns, idle));
+        self.poll(now);
+    }
+
+    /// Messages received on the stream service since the last call.
+    pub fn poll_stream_messages(&mut self) -> Vec<StreamMessage> {
+        self.stream
+            .as_mut()
+            .map(StreamService::take_messages)
+            .unwrap_or_default()
+    }
+
+    /// Sends an answer on a stream connection.
+    pub fn stream_reply(&mut self, now: Instant, conn: u64, message: &[u8]) {
+        if let Some(svc) = self.stream.as_mut() {
+            svc.reply(now, &mut self.sockets, conn, message);
+        }
+        self.poll(now);
+    }
+
+    /// Open stream connections (for tests and stats).
+    pub fn stream_connections(&self) -> usize {
+        self.stream.as_ref().map_or(0, StreamService::connections)
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -165,9 +204,12 @@ impl Gateway {
     /// When the stack next needs [`Self::handle_timeout`]; `None` if it has nothing pending.
     pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
         let t = smol_now(self.epoch, now);
-        self.iface
+        let stack = self
+            .iface
             .poll_delay(t, &self.sockets)
-            .map(|d| now + Duration::from_micros(d.total_micros()))
+            .map(|d| now + Duration::from_micros(d.total_micros()));
+        let idle = self.stream.as_ref().and_then(StreamService::next_deadline);
+        [stack, idle].into_iter().flatten().min()
     }
 
     /// The next frame the gateway sends, virtio-net header first (all zeros: checksums are
@@ -181,6 +223,12 @@ impl Gateway {
     fn poll(&mut self, now: Instant) {
         let t = smol_now(self.epoch, now);
         self.iface.poll(t, &mut self.device, &mut self.sockets);
+        if let Some(svc) = self.stream.as_mut() {
+            svc.service(now, &mut self.sockets);
+            // What the service queued (answers, RSTs, a new listener) goes out now.
+            self.iface.poll(t, &mut self.device, &mut self.sockets);
+            svc.reap(&mut self.sockets);
+        }
     }
 }
 

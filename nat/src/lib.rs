@@ -10,5 +10,7 @@
 //! [`Gateway::poll_transmit`]; it owns no file descriptor and reads no clock.
 
 mod gateway;
+mod stream;
 
 pub use gateway::{Gateway, GatewayConfig, GatewayStats};
+pub use stream::StreamMessage;

@@ -14,17 +14,21 @@
 //! namespace is gone").
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use etherparse::{LinkSlice, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use vswitch_dns::upstream::Forwarder;
+use vswitch_dns::{Asker, Outcome, Responder, Transport};
 use vswitch_nat::{Gateway, GatewayConfig};
-use vswitch_netdev::vnet::VNET_HDR_LEN;
+use vswitch_netdev::vnet::{VNET_HDR_LEN, VnetHdr};
 use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, PortId};
 
 use crate::api::{FdbRow, NetworkStats, PortStatsRow};
@@ -35,6 +39,94 @@ const BATCH: usize = 64;
 const FRAME_BUF: usize = VNET_HDR_LEN + 14 + 65_535 + 64;
 const WAKE_TOKEN: u64 = u64::MAX;
 const GATEWAY_NAME: &str = "(gateway)";
+const DNS_PORT: u16 = 53;
+/// DNS over TCP on the virtual network: connections per network, and how long a client may take
+/// to send a complete query.
+const DNS_TCP_CONNS: usize = 32;
+const DNS_TCP_IDLE: Duration = Duration::from_secs(5);
+
+/// The embedded DNS server as the datapath sees it: queries to the gateway's port 53 are
+/// answered inline from the responder; what it cannot answer goes to the forwarder task.
+#[derive(Clone)]
+pub struct DnsHook {
+    pub responder: Arc<Responder>,
+    pub forwarder: Forwarder,
+    pub jobs: tokio::sync::mpsc::UnboundedSender<ForwardJob>,
+}
+
+/// A query to relay upstream; the answer goes back through `injector`.
+pub struct ForwardJob {
+    pub query: Vec<u8>,
+    pub reply: ReplyTo,
+    pub injector: Injector,
+    /// Held until the answer is delivered: bounds the forwards in flight.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Where a forwarded answer goes.
+#[derive(Debug, Clone)]
+pub enum ReplyTo {
+    /// As a UDP datagram from the gateway to the client that asked.
+    Udp(UdpPeer),
+    /// On the gateway's TCP connection with this id.
+    Tcp(u64),
+}
+
+impl ReplyTo {
+    pub fn is_tcp(&self) -> bool {
+        matches!(self, ReplyTo::Tcp(_))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UdpPeer {
+    client_mac: [u8; 6],
+    client_ip: IpAddr,
+    client_port: u16,
+    gw_mac: [u8; 6],
+    gw_ip: IpAddr,
+}
+
+/// Hands frames and stream answers to a datapath thread from elsewhere (the forwarder task).
+#[derive(Clone)]
+pub struct Injector {
+    commands: mpsc::Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+impl Injector {
+    /// Delivers a forwarded answer to whoever asked.
+    pub fn deliver(&self, to: ReplyTo, answer: Vec<u8>) {
+        let cmd = match to {
+            ReplyTo::Udp(peer) => match udp_frame(&peer, &answer) {
+                Some(frame) => Command::InjectFrame(frame),
+                None => return,
+            },
+            ReplyTo::Tcp(conn) => Command::StreamReply { conn, answer },
+        };
+        if self.commands.send(cmd).is_ok() {
+            let _ = self.wake.write(1);
+        }
+    }
+}
+
+/// A UDP datagram from the gateway's port 53 to the client, as a frame with a zero vnet header.
+fn udp_frame(p: &UdpPeer, payload: &[u8]) -> Option<Vec<u8>> {
+    let eth = PacketBuilder::ethernet2(p.gw_mac, p.client_mac);
+    let mut out = vec![0u8; VNET_HDR_LEN];
+    let r = match (p.gw_ip, p.client_ip) {
+        (IpAddr::V4(g), IpAddr::V4(c)) => eth
+            .ipv4(g.octets(), c.octets(), 64)
+            .udp(DNS_PORT, p.client_port)
+            .write(&mut out, payload),
+        (IpAddr::V6(g), IpAddr::V6(c)) => eth
+            .ipv6(g.octets(), c.octets(), 64)
+            .udp(DNS_PORT, p.client_port)
+            .write(&mut out, payload),
+        _ => return None,
+    };
+    r.ok().map(|()| out)
+}
 
 /// Something the datapath tells the control plane.
 #[derive(Debug)]
@@ -60,6 +152,13 @@ enum Command {
     },
     Fdb(oneshot::Sender<Vec<FdbRow>>),
     Stats(oneshot::Sender<NetworkStats>),
+    /// A frame from the gateway (a forwarded DNS answer) to switch into the network.
+    InjectFrame(Vec<u8>),
+    /// A forwarded answer for a DNS-over-TCP connection of the gateway.
+    StreamReply {
+        conn: u64,
+        answer: Vec<u8>,
+    },
     Shutdown,
 }
 
@@ -82,6 +181,7 @@ impl Datapath {
         network_id: String,
         network_name: String,
         gateway: GatewayConfig,
+        dns: Option<DnsHook>,
         events: tokio::sync::mpsc::UnboundedSender<Event>,
     ) -> io::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -101,6 +201,20 @@ impl Datapath {
         let gateway_port = bridge.add_port();
         let mut ports = Vec::new();
         ports.resize_with(gateway_port.index() + 1, || None);
+        let gateway_ips: Vec<IpAddr> = gateway
+            .ipv4
+            .map(|(ip, _)| IpAddr::V4(ip))
+            .into_iter()
+            .chain(gateway.ipv6.map(|(ip, _)| IpAddr::V6(ip)))
+            .collect();
+        let mut gw = Gateway::new(&gateway, now);
+        if dns.is_some() {
+            gw.enable_stream_service(now, DNS_PORT, DNS_TCP_CONNS, DNS_TCP_IDLE);
+        }
+        let injector = Injector {
+            commands: tx.clone(),
+            wake: wake.clone(),
+        };
         let mut worker = Worker {
             network_id,
             network_name: network_name.clone(),
@@ -109,7 +223,11 @@ impl Datapath {
             commands: rx,
             events,
             bridge,
-            gateway: Gateway::new(&gateway, now),
+            gateway: gw,
+            gateway_mac: gateway.mac,
+            gateway_ips,
+            dns,
+            injector,
             gateway_port,
             ports,
             scratch: Vec::new(),
@@ -198,6 +316,10 @@ struct Worker {
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     bridge: Bridge,
     gateway: Gateway,
+    gateway_mac: [u8; 6],
+    gateway_ips: Vec<IpAddr>,
+    dns: Option<DnsHook>,
+    injector: Injector,
     gateway_port: PortId,
     /// Indexed by `PortId::index()`; `None` for the gateway port and free slots.
     ports: Vec<Option<PortIo>>,
@@ -308,7 +430,9 @@ impl Worker {
 
     fn deliver(&mut self, now: Instant, port: PortId, frame: &[u8]) {
         if port == self.gateway_port {
-            self.gateway.handle_frame(now, frame);
+            if !self.dns_udp(now, frame) {
+                self.gateway.handle_frame(now, frame);
+            }
             return;
         }
         let Some(Some(io)) = self.ports.get(port.index()) else {
@@ -320,11 +444,117 @@ impl Worker {
         }
     }
 
-    /// Sends what the gateway emitted into the network, as frames from the gateway port.
+    /// Answers DNS-over-TCP queries the gateway collected, then sends what the gateway emitted
+    /// into the network, as frames from the gateway port.
     fn flush_gateway(&mut self, now: Instant) {
+        let messages = self.gateway.poll_stream_messages();
+        for m in messages {
+            let outcome = match &self.dns {
+                Some(hook) => hook.responder.answer(
+                    Asker::Network {
+                        network_id: &self.network_id,
+                        client: m.peer,
+                    },
+                    Transport::Tcp,
+                    &m.message,
+                ),
+                None => Outcome::Drop,
+            };
+            match outcome {
+                Outcome::Reply(answer) => self.gateway.stream_reply(now, m.conn, &answer),
+                Outcome::Forward => self.forward(now, m.message, ReplyTo::Tcp(m.conn)),
+                Outcome::Drop => {}
+            }
+        }
         while let Some(frame) = self.gateway.poll_transmit() {
             self.switch(now, self.gateway_port, &frame);
         }
+    }
+
+    /// Answers a UDP query to the gateway's port 53 in place. Returns false if the frame is not
+    /// one (it then goes to the gateway's stack as usual).
+    fn dns_udp(&mut self, now: Instant, frame: &[u8]) -> bool {
+        let Some(hook) = &self.dns else { return false };
+        if VnetHdr::parse(frame).is_none_or(|h| h.is_gso()) {
+            return false;
+        }
+        let Some(Ok(p)) = frame.get(VNET_HDR_LEN..).map(SlicedPacket::from_ethernet) else {
+            return false;
+        };
+        let Some(LinkSlice::Ethernet2(eth)) = &p.link else {
+            return false;
+        };
+        let (client_ip, dst_ip) = match &p.net {
+            Some(NetSlice::Ipv4(ip)) => (
+                IpAddr::V4(ip.header().source_addr()),
+                IpAddr::V4(ip.header().destination_addr()),
+            ),
+            Some(NetSlice::Ipv6(ip)) => (
+                IpAddr::V6(ip.header().source_addr()),
+                IpAddr::V6(ip.header().destination_addr()),
+            ),
+            _ => return false,
+        };
+        let Some(TransportSlice::Udp(udp)) = &p.transport else {
+            return false;
+        };
+        if udp.destination_port() != DNS_PORT || !self.gateway_ips.contains(&dst_ip) {
+            return false;
+        }
+        let peer = UdpPeer {
+            client_mac: eth.source(),
+            client_ip,
+            client_port: udp.source_port(),
+            gw_mac: self.gateway_mac,
+            gw_ip: dst_ip,
+        };
+        let query = udp.payload();
+        let outcome = hook.responder.answer(
+            Asker::Network {
+                network_id: &self.network_id,
+                client: client_ip,
+            },
+            Transport::Udp,
+            query,
+        );
+        match outcome {
+            Outcome::Reply(answer) => {
+                if let Some(f) = udp_frame(&peer, &answer) {
+                    self.switch(now, self.gateway_port, &f);
+                }
+            }
+            Outcome::Forward => {
+                let query = query.to_vec();
+                self.forward(now, query, ReplyTo::Udp(peer));
+            }
+            Outcome::Drop => {}
+        }
+        true
+    }
+
+    /// Hands a query to the forwarder task, or answers REFUSED if too many are in flight.
+    fn forward(&mut self, now: Instant, query: Vec<u8>, reply: ReplyTo) {
+        let Some(hook) = &self.dns else { return };
+        let Some(permit) = hook.forwarder.try_acquire() else {
+            tracing::debug!(network = %self.network_name, "too many DNS forwards in flight; REFUSED");
+            if let Some(answer) = hook.responder.refuse(&query) {
+                match reply {
+                    ReplyTo::Udp(peer) => {
+                        if let Some(f) = udp_frame(&peer, &answer) {
+                            self.switch(now, self.gateway_port, &f);
+                        }
+                    }
+                    ReplyTo::Tcp(conn) => self.gateway.stream_reply(now, conn, &answer),
+                }
+            }
+            return;
+        };
+        let _ = hook.jobs.send(ForwardJob {
+            query,
+            reply,
+            injector: self.injector.clone(),
+            permit,
+        });
     }
 
     fn port_gone(&mut self, port: PortId) {
@@ -428,6 +658,15 @@ impl Worker {
                         flooded: b.flooded,
                         fdb_entries: self.bridge.fdb().len(),
                     });
+                }
+                Command::InjectFrame(frame) => {
+                    let now = Instant::now();
+                    self.switch(now, self.gateway_port, &frame);
+                }
+                Command::StreamReply { conn, answer } => {
+                    let now = Instant::now();
+                    self.gateway.stream_reply(now, conn, &answer);
+                    self.flush_gateway(now);
                 }
                 Command::Shutdown => self.running = false,
             }

@@ -12,13 +12,14 @@ mod server;
 pub mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 use tokio::sync::Mutex;
-use vswitch_dns::Records;
+use vswitch_dns::upstream::{Forwarder, Upstreams};
+use vswitch_dns::{Catalog, EndpointRecords, Responder, Zone};
 use vswitch_nat::GatewayConfig;
 use vswitch_netdev::ns::{NetNs, NsId};
 use vswitch_switch::{MacAddr, PortId};
@@ -27,16 +28,13 @@ use crate::api::{
     AttachRequest, ContainerEntry, Created, EndpointInfo, FdbRow, Ipam, IpamConfig, NetworkCreate,
     NetworkInspect, NetworkStats, Target,
 };
-use datapath::{Datapath, Event};
+use datapath::{Datapath, DnsHook, Event, ForwardJob};
 use plumb::Plumbing;
 use state::{Endpoint, Network, StateDir, Store};
 
 pub use server::serve;
 
-/// Options of [`serve`].
-pub fn server_options(socket: PathBuf, state_dir: PathBuf) -> server::Options {
-    server::Options { socket, state_dir }
-}
+pub use server::Options;
 
 pub const DEFAULT_NETWORK: &str = "bridge";
 const DEFAULT_MTU: u32 = 1500;
@@ -89,11 +87,21 @@ impl From<anyhow::Error> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// A network that is up: its datapath thread, the endpoints plugged into it, its DNS names.
+/// A network that is up: its datapath thread and the endpoints plugged into it.
 struct LiveNetwork {
     datapath: Datapath,
     ports: HashMap<String, PortId>,
-    records: Records,
+}
+
+/// DNS settings of the daemon.
+#[derive(Debug, Clone)]
+pub struct DnsOptions {
+    /// `--dns-upstream`; empty means the nameservers of `resolv_conf`.
+    pub upstreams: Vec<SocketAddr>,
+    pub resolv_conf: PathBuf,
+    pub ttl: u32,
+    /// Most queries relayed upstream at once; beyond it clients get REFUSED.
+    pub max_forwards: usize,
 }
 
 struct Inner {
@@ -106,6 +114,8 @@ pub struct Daemon {
     state_dir: StateDir,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     own_netns: NsId,
+    catalog: Arc<RwLock<Catalog>>,
+    dns: DnsHook,
 }
 
 impl Daemon {
@@ -114,8 +124,23 @@ impl Daemon {
     /// events, which the caller feeds back through [`Daemon::handle_event`].
     pub async fn start(
         state_dir: &Path,
+        dns: &DnsOptions,
     ) -> anyhow::Result<(Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<Event>)> {
         let state_dir = StateDir::new(state_dir)?;
+        let catalog = Arc::new(RwLock::new(Catalog::default()));
+        let responder = Arc::new(Responder::new(catalog.clone(), dns.ttl));
+        let upstreams = Arc::new(Upstreams::new(
+            dns.upstreams.clone(),
+            dns.resolv_conf.clone(),
+        ));
+        let forwarder = Forwarder::new(upstreams, dns.max_forwards);
+        let (jobs, job_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(run_forwarder(forwarder.clone(), job_rx));
+        let dns = DnsHook {
+            responder,
+            forwarder,
+            jobs,
+        };
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let own_netns = NetNs::current()
             .context("cannot open the daemon's own network namespace")?
@@ -131,6 +156,8 @@ impl Daemon {
             state_dir,
             events,
             own_netns,
+            catalog,
+            dns,
         });
         {
             let mut inner = daemon.inner.lock().await;
@@ -178,13 +205,21 @@ impl Daemon {
             net.id.clone(),
             net.name.clone(),
             gateway,
+            Some(self.dns.clone()),
             self.events.clone(),
         )
         .with_context(|| format!("cannot start the datapath of network {}", net.name))?;
+        let mut subnets = vec![(IpAddr::V4(net.subnet.network()), net.subnet.prefix_len())];
+        if let Some(s6) = net.subnet6 {
+            subnets.push((IpAddr::V6(s6.network()), s6.prefix_len()));
+        }
+        self.catalog_mut().add_network(
+            &net.id,
+            Zone::new(&net.name, net.dns_names, net.internal, subnets),
+        );
         Ok(LiveNetwork {
             datapath,
             ports: HashMap::new(),
-            records: Records::default(),
         })
     }
 
@@ -250,17 +285,33 @@ impl Daemon {
             .await
             .map_err(|e| ApiError::internal(format!("cannot plug the endpoint in: {e}")))?;
         live.ports.insert(ep.id.clone(), port);
-        if net.dns_names {
-            let addrs: Vec<IpAddr> = std::iter::once(IpAddr::V4(ep.ipv4))
-                .chain(ep.ipv6.map(IpAddr::V6))
-                .collect();
-            for name in std::iter::once(&ep.name).chain(&ep.aliases) {
-                live.records.insert(name, &ep.id, &addrs);
-            }
-            live.records
-                .insert(&format!("{}.{}", ep.name, net.name), &ep.id, &addrs);
-        }
+        // Records go in for every network (the bridge's zone keeps them for PTR scoping but
+        // resolves no names); they resolve from here on, before attach returns.
+        let addrs: Vec<IpAddr> = std::iter::once(IpAddr::V4(ep.ipv4))
+            .chain(ep.ipv6.map(IpAddr::V6))
+            .collect();
+        self.catalog_mut().add_endpoint(
+            &net.id,
+            &EndpointRecords {
+                id: ep.id.clone(),
+                scope: format!("{}:{}", ep.ns_dev, ep.ns_ino),
+                name: ep.name.clone(),
+                aliases: ep.aliases.clone(),
+                addrs,
+            },
+        );
         Ok(())
+    }
+
+    fn catalog_mut(&self) -> std::sync::RwLockWriteGuard<'_, Catalog> {
+        match self.catalog.write() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    pub fn responder(&self) -> Arc<Responder> {
+        self.dns.responder.clone()
     }
 
     pub async fn handle_event(&self, event: Event) {
@@ -275,8 +326,9 @@ impl Daemon {
                 };
                 if let Some(live) = inner.live.get_mut(&network_id) {
                     live.ports.remove(&endpoint_id);
-                    live.records.remove_owner(&endpoint_id);
                 }
+                self.catalog_mut()
+                    .remove_endpoint(&network_id, &endpoint_id);
                 remove_resolv_conf(&ep);
                 tracing::info!(endpoint = %ep.name, ip = %ep.ipv4, "endpoint removed: its namespace or device is gone");
                 if let Err(e) = self.state_dir.save(&inner.store) {
@@ -336,6 +388,7 @@ impl Daemon {
             return Err(e.into());
         }
         inner.live.remove(&net.id);
+        self.catalog_mut().remove_network(&net.id);
         tracing::info!(name = %net.name, "network removed");
         Ok(())
     }
@@ -395,13 +448,12 @@ impl Daemon {
 
     /// Removes an endpoint's port, names and resolv.conf, and forgets it (not persisted here).
     async fn unplug(&self, inner: &mut Inner, ep: &Endpoint) {
-        if let Some(live) = inner.live.get_mut(&ep.network_id) {
-            if let Some(port) = live.ports.remove(&ep.id)
-                && let Err(e) = live.datapath.remove_port(port).await
-            {
-                tracing::warn!(endpoint = %ep.name, error = %e, "cannot unplug");
-            }
-            live.records.remove_owner(&ep.id);
+        self.catalog_mut().remove_endpoint(&ep.network_id, &ep.id);
+        if let Some(live) = inner.live.get_mut(&ep.network_id)
+            && let Some(port) = live.ports.remove(&ep.id)
+            && let Err(e) = live.datapath.remove_port(port).await
+        {
+            tracing::warn!(endpoint = %ep.name, error = %e, "cannot unplug");
         }
         remove_resolv_conf(ep);
         inner.store.endpoints.remove(&ep.id);
@@ -488,6 +540,21 @@ impl Daemon {
     pub async fn shutdown(&self) {
         let mut inner = self.inner.lock().await;
         inner.live.clear();
+    }
+}
+
+/// Relays queries upstream as the datapaths hand them over, one task per query.
+async fn run_forwarder(
+    forwarder: Forwarder,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<ForwardJob>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let f = forwarder.clone();
+        tokio::spawn(async move {
+            let answer = f.forward(&job.query, job.reply.is_tcp()).await;
+            job.injector.deliver(job.reply, answer);
+            drop(job.permit);
+        });
     }
 }
 

@@ -32,6 +32,9 @@ const MAX_CONNECTIONS: usize = 256;
 pub struct Options {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    pub dns: super::DnsOptions,
+    /// `--dns-listen`: serve `<name>.<network>` to the host on this address.
+    pub dns_listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -53,7 +56,19 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     })?;
 
     let listener = bind(&opts.socket).await?;
-    let (daemon, mut events) = Daemon::start(&opts.state_dir).await?;
+    let host_dns = match opts.dns_listen {
+        Some(addr) => Some(
+            vswitch_dns::server::HostListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for DNS on {addr}"))?,
+        ),
+        None => None,
+    };
+    let (daemon, mut events) = Daemon::start(&opts.state_dir, &opts.dns).await?;
+    if let Some(l) = host_dns {
+        tracing::info!(addr = %l.local_addr()?, "serving container names to the host");
+        tokio::spawn(l.run(daemon.responder()));
+    }
     tracing::info!(socket = %opts.socket.display(), state = %opts.state_dir.display(), "vswitch daemon ready");
 
     let event_daemon = daemon.clone();

@@ -122,3 +122,79 @@ fn ignores_frames_for_other_macs_and_garbage() {
     assert!(gw.poll_transmit().is_none());
     assert_eq!(gw.stats().ignored, 4);
 }
+
+fn tcp_frame(seq: u32, ack: Option<u32>, syn: bool, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let b = PacketBuilder::ethernet2(CTR_MAC, GW_MAC)
+        .ipv4(CTR, GW, 64)
+        .tcp(40000, 53, seq, 64240);
+    let b = if syn { b.syn() } else { b };
+    let b = match ack {
+        Some(a) => b.ack(a),
+        None => b,
+    };
+    b.write(&mut out, payload).expect("write");
+    with_vnet(out)
+}
+
+fn tcp_of(frame: &[u8]) -> Option<(bool, bool, bool, u32, u32, Vec<u8>)> {
+    let p = SlicedPacket::from_ethernet(&frame[VNET_HDR_LEN..]).ok()?;
+    let Some(TransportSlice::Tcp(t)) = p.transport else {
+        return None;
+    };
+    Some((
+        t.syn(),
+        t.ack(),
+        t.rst(),
+        t.sequence_number(),
+        t.acknowledgment_number(),
+        t.payload().to_vec(),
+    ))
+}
+
+#[test]
+fn stream_service_accepts_frames_messages_and_answers() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.enable_stream_service(t, 53, 2, Duration::from_secs(5));
+    // The gateway must know the client's MAC to answer: it learns it from ARP.
+    gw.handle_frame(t, &arp_request(GW));
+    let _ = gw.poll_transmit();
+    gw.handle_frame(t, &tcp_frame(1000, None, true, b""));
+    let synack = gw.poll_transmit().expect("SYN-ACK");
+    let (syn, ack, rst, srv_seq, ackno, _) = tcp_of(&synack).expect("tcp");
+    assert!(syn && ack && !rst, "got a SYN-ACK");
+    assert_eq!(ackno, 1001);
+    // One length-prefixed message in two pieces.
+    let msg = b"\x00\x05hello";
+    gw.handle_frame(t, &tcp_frame(1001, Some(srv_seq + 1), false, &msg[..3]));
+    assert!(
+        gw.poll_stream_messages().is_empty(),
+        "incomplete message held back"
+    );
+    gw.handle_frame(t, &tcp_frame(1004, Some(srv_seq + 1), false, &msg[3..]));
+    let got = gw.poll_stream_messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message, b"hello");
+    assert_eq!(got[0].peer, std::net::IpAddr::from(CTR));
+    while gw.poll_transmit().is_some() {}
+    gw.stream_reply(t, got[0].conn, b"world!");
+    let mut answered = Vec::new();
+    while let Some(f) = gw.poll_transmit() {
+        if let Some((_, _, _, _, _, payload)) = tcp_of(&f) {
+            answered.extend(payload);
+        }
+    }
+    assert_eq!(answered, b"\x00\x06world!");
+    assert_eq!(gw.stream_connections(), 1);
+    // Idle past the deadline: the connection is cut (RST) and forgotten.
+    let later = t + Duration::from_secs(6);
+    gw.handle_timeout(later);
+    let mut saw_rst = false;
+    while let Some(f) = gw.poll_transmit() {
+        saw_rst |= tcp_of(&f).is_some_and(|x| x.2);
+    }
+    gw.handle_timeout(later + Duration::from_millis(10));
+    assert!(saw_rst, "idle client cut");
+    assert_eq!(gw.stream_connections(), 0);
+}

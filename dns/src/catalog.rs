@@ -1,0 +1,209 @@
+//! What the DNS server knows: per network, the names of its endpoints, and per client, which
+//! networks it may see.
+//!
+//! Scoping follows Docker: an endpoint resolves the names of the networks its namespace is
+//! attached to and no others. The catalog therefore records, for every endpoint address, the
+//! namespace it belongs to (`scope` key), and for every namespace the networks it is on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+/// One endpoint's records on one network.
+#[derive(Debug, Clone)]
+pub struct EndpointRecords {
+    /// Unique id of the endpoint (owner of its records).
+    pub id: String,
+    /// Key of the namespace the endpoint lives in; endpoints of one namespace on several
+    /// networks share it.
+    pub scope: String,
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub addrs: Vec<IpAddr>,
+}
+
+/// The names of one network.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    /// The network's name, which is also its DNS domain (`tomcat81.you_network`).
+    pub name: String,
+    /// Whether container names resolve here (false on the default `bridge`, as in Docker).
+    pub names: bool,
+    /// Internal networks have no way out: nothing is forwarded upstream from them.
+    pub internal: bool,
+    /// The network's subnets (address, prefix length), to keep reverse lookups of its private
+    /// addresses from leaking upstream.
+    pub subnets: Vec<(IpAddr, u8)>,
+    records: BTreeMap<String, Vec<(String, IpAddr)>>,
+    reverse: HashMap<IpAddr, String>,
+}
+
+impl Zone {
+    pub fn new(name: &str, names: bool, internal: bool, subnets: Vec<(IpAddr, u8)>) -> Self {
+        Self {
+            name: name.to_ascii_lowercase(),
+            names,
+            internal,
+            subnets,
+            records: BTreeMap::new(),
+            reverse: HashMap::new(),
+        }
+    }
+
+    /// Addresses under `name` (lower-case, no trailing dot), with their owners.
+    pub fn lookup(&self, name: &str) -> Option<&[(String, IpAddr)]> {
+        self.records.get(name).map(Vec::as_slice)
+    }
+
+    /// The name an address points back to (`name.network.`).
+    pub fn reverse(&self, ip: IpAddr) -> Option<&str> {
+        self.reverse.get(&ip).map(String::as_str)
+    }
+
+    pub fn contains_addr(&self, ip: IpAddr) -> bool {
+        self.subnets
+            .iter()
+            .any(|(net, len)| in_subnet(*net, *len, ip))
+    }
+
+    fn insert(&mut self, ep: &EndpointRecords) {
+        let full = format!("{}.{}", ep.name.to_ascii_lowercase(), self.name);
+        let mut names: Vec<String> = vec![ep.name.to_ascii_lowercase(), full.clone()];
+        for alias in &ep.aliases {
+            let a = alias.to_ascii_lowercase();
+            names.push(format!("{a}.{}", self.name));
+            names.push(a);
+        }
+        names.sort();
+        names.dedup();
+        for n in names {
+            let entry = self.records.entry(n).or_default();
+            entry.retain(|(o, _)| o != &ep.id);
+            entry.extend(ep.addrs.iter().map(|a| (ep.id.clone(), *a)));
+        }
+        for a in &ep.addrs {
+            self.reverse.insert(*a, format!("{full}."));
+        }
+    }
+
+    fn remove(&mut self, owner: &str) -> Vec<IpAddr> {
+        let mut addrs = Vec::new();
+        self.records.retain(|_, v| {
+            v.retain(|(o, a)| {
+                if o == owner {
+                    addrs.push(*a);
+                    false
+                } else {
+                    true
+                }
+            });
+            !v.is_empty()
+        });
+        addrs.sort();
+        addrs.dedup();
+        for a in &addrs {
+            self.reverse.remove(a);
+        }
+        addrs
+    }
+}
+
+fn in_subnet(net: IpAddr, len: u8, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(i)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            u32::from(n) & mask == u32::from(i) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(i)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            u128::from(n) & mask == u128::from(i) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Every network's zone, and which client sees which networks.
+#[derive(Debug, Default, Clone)]
+pub struct Catalog {
+    zones: HashMap<String, Zone>,
+    /// (network id, endpoint address) -> scope key.
+    clients: HashMap<(String, IpAddr), String>,
+    /// scope key -> (network id, endpoint id) of each of its endpoints.
+    scopes: HashMap<String, Vec<(String, String)>>,
+}
+
+impl Catalog {
+    pub fn add_network(&mut self, id: &str, zone: Zone) {
+        self.zones.insert(id.to_owned(), zone);
+    }
+
+    pub fn remove_network(&mut self, id: &str) {
+        self.zones.remove(id);
+        self.clients.retain(|(net, _), _| net != id);
+        for eps in self.scopes.values_mut() {
+            eps.retain(|(net, _)| net != id);
+        }
+        self.scopes.retain(|_, v| !v.is_empty());
+    }
+
+    /// Registers an endpoint's names on network `net_id`. They resolve from this call on.
+    pub fn add_endpoint(&mut self, net_id: &str, ep: &EndpointRecords) {
+        let Some(zone) = self.zones.get_mut(net_id) else {
+            return;
+        };
+        zone.insert(ep);
+        for a in &ep.addrs {
+            self.clients
+                .insert((net_id.to_owned(), *a), ep.scope.clone());
+        }
+        let eps = self.scopes.entry(ep.scope.clone()).or_default();
+        if !eps.iter().any(|(n, e)| n == net_id && e == &ep.id) {
+            eps.push((net_id.to_owned(), ep.id.clone()));
+        }
+    }
+
+    /// Removes an endpoint's names. They stop resolving from this call on.
+    pub fn remove_endpoint(&mut self, net_id: &str, endpoint_id: &str) {
+        let Some(zone) = self.zones.get_mut(net_id) else {
+            return;
+        };
+        for a in zone.remove(endpoint_id) {
+            self.clients.remove(&(net_id.to_owned(), a));
+        }
+        for eps in self.scopes.values_mut() {
+            eps.retain(|(n, e)| !(n == net_id && e == endpoint_id));
+        }
+        self.scopes.retain(|_, v| !v.is_empty());
+    }
+
+    pub fn zone(&self, net_id: &str) -> Option<&Zone> {
+        self.zones.get(net_id)
+    }
+
+    pub fn zones(&self) -> impl Iterator<Item = &Zone> {
+        self.zones.values()
+    }
+
+    /// The networks a client at `client` on network `net_id` may resolve names of: every network
+    /// its namespace is attached to, the one asked first. An unknown client (not an endpoint)
+    /// sees only the network it asked on.
+    pub fn scope(&self, net_id: &str, client: IpAddr) -> Vec<&Zone> {
+        let mut out: Vec<&Zone> = self.zones.get(net_id).into_iter().collect();
+        if let Some(key) = self.clients.get(&(net_id.to_owned(), client))
+            && let Some(eps) = self.scopes.get(key)
+        {
+            for (n, _) in eps {
+                if n != net_id
+                    && let Some(z) = self.zones.get(n)
+                    && !out.iter().any(|o| std::ptr::eq(*o, z))
+                {
+                    out.push(z);
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,385 @@
+use super::*;
+use crate::catalog::{EndpointRecords, Zone};
+use hickory_proto::op::Message;
+
+const RED: &str = "net-red";
+const BLUE: &str = "net-blue";
+const BRIDGE: &str = "net-bridge";
+const SEALED: &str = "net-sealed";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn ep(id: &str, scope: &str, name: &str, aliases: &[&str], addrs: &[&str]) -> EndpointRecords {
+    EndpointRecords {
+        id: id.into(),
+        scope: scope.into(),
+        name: name.into(),
+        aliases: aliases.iter().map(|a| a.to_string()).collect(),
+        addrs: addrs.iter().map(|a| ip(a)).collect(),
+    }
+}
+
+fn responder() -> Responder {
+    let mut c = Catalog::default();
+    c.add_network(
+        RED,
+        Zone::new("red", true, false, vec![(ip("10.1.0.0"), 16)]),
+    );
+    c.add_network(
+        BLUE,
+        Zone::new("blue", true, false, vec![(ip("10.2.0.0"), 16)]),
+    );
+    c.add_network(
+        BRIDGE,
+        Zone::new("bridge", false, false, vec![(ip("172.17.0.0"), 16)]),
+    );
+    c.add_network(
+        SEALED,
+        Zone::new("sealed", true, true, vec![(ip("10.3.0.0"), 16)]),
+    );
+    c.add_endpoint(
+        RED,
+        &ep("e1", "ns1", "Tomcat81", &["web"], &["10.1.0.2", "fd00::2"]),
+    );
+    c.add_endpoint(RED, &ep("e2", "ns2", "tomcat82", &["web"], &["10.1.0.3"]));
+    c.add_endpoint(BLUE, &ep("e3", "ns3", "db", &[], &["10.2.0.2"]));
+    // ns1 is on blue as well.
+    c.add_endpoint(BLUE, &ep("e4", "ns1", "Tomcat81", &[], &["10.2.0.3"]));
+    c.add_endpoint(BRIDGE, &ep("e5", "ns5", "plain", &[], &["172.17.0.2"]));
+    c.add_endpoint(SEALED, &ep("e6", "ns6", "vault", &[], &["10.3.0.2"]));
+    Responder::new(Arc::new(RwLock::new(c)), DEFAULT_TTL)
+}
+
+fn query(name: &str, qtype: RecordType) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = 0x4242;
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+    m.to_vec().expect("encode")
+}
+
+fn from(net: &str, client: &str) -> Asker<'static> {
+    let net: &'static str = Box::leak(net.to_owned().into_boxed_str());
+    Asker::Network {
+        network_id: net,
+        client: ip(client),
+    }
+}
+
+fn ask(r: &Responder, asker: Asker<'_>, name: &str, qtype: RecordType) -> Message {
+    match r.answer(asker, Transport::Udp, &query(name, qtype)) {
+        Outcome::Reply(b) => Message::from_vec(&b).expect("valid reply"),
+        other => panic!("{name} {qtype}: expected a reply, got {other:?}"),
+    }
+}
+
+fn addrs(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::A(a) => a.0.to_string(),
+            RData::AAAA(a) => a.0.to_string(),
+            RData::PTR(p) => p.0.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_record_case_insensitive_with_ttl_and_flags() {
+    let r = responder();
+    let m = ask(&r, from(RED, "10.1.0.3"), "TOMCAT81", RecordType::A);
+    assert_eq!(m.metadata.id, 0x4242);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative && m.metadata.recursion_available);
+    assert_eq!(addrs(&m), vec!["10.1.0.2"]);
+    assert_eq!(m.answers[0].ttl, DEFAULT_TTL);
+    assert_eq!(
+        m.answers[0].name.to_ascii(),
+        "TOMCAT81.",
+        "owner name as asked"
+    );
+    let m = ask(&r, from(RED, "10.1.0.3"), "tomcat81.red.", RecordType::A);
+    assert_eq!(addrs(&m), vec!["10.1.0.2"], "name.network");
+}
+
+#[test]
+fn aaaa_and_nodata() {
+    let r = responder();
+    let m = ask(&r, from(RED, "10.1.0.3"), "tomcat81", RecordType::AAAA);
+    assert_eq!(addrs(&m), vec!["fd00::2"]);
+    let m = ask(&r, from(RED, "10.1.0.2"), "tomcat82", RecordType::AAAA);
+    assert_eq!(
+        m.metadata.response_code,
+        ResponseCode::NoError,
+        "NODATA, not NXDOMAIN"
+    );
+    assert!(m.answers.is_empty());
+    let m = ask(&r, from(RED, "10.1.0.2"), "tomcat82", RecordType::MX);
+    assert_eq!(
+        (m.metadata.response_code, m.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
+}
+
+#[test]
+fn shared_alias_returns_every_address_round_robin() {
+    let r = responder();
+    let first = addrs(&ask(&r, from(RED, "10.1.0.2"), "web", RecordType::A));
+    let second = addrs(&ask(&r, from(RED, "10.1.0.2"), "web", RecordType::A));
+    let mut a = first.clone();
+    a.sort();
+    assert_eq!(a, vec!["10.1.0.2", "10.1.0.3"]);
+    assert_ne!(first, second, "order rotates between answers");
+    let m = ask(&r, from(RED, "10.1.0.2"), "web.red", RecordType::A);
+    assert_eq!(m.answers.len(), 2);
+}
+
+#[test]
+fn ptr_points_to_name_dot_network_once() {
+    let r = responder();
+    let m = ask(
+        &r,
+        from(RED, "10.1.0.3"),
+        "2.0.1.10.in-addr.arpa",
+        RecordType::PTR,
+    );
+    assert_eq!(addrs(&m), vec!["tomcat81.red."]);
+    assert_eq!(m.answers[0].name.to_ascii(), "2.0.1.10.in-addr.arpa.");
+    // An unassigned address of one of our subnets: NXDOMAIN, not forwarded.
+    let m = ask(
+        &r,
+        from(RED, "10.1.0.3"),
+        "99.0.1.10.in-addr.arpa",
+        RecordType::PTR,
+    );
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    // Anybody else's address goes upstream.
+    let q = query("8.8.8.8.in-addr.arpa", RecordType::PTR);
+    assert_eq!(
+        r.answer(from(RED, "10.1.0.3"), Transport::Udp, &q),
+        Outcome::Forward
+    );
+    // IPv6 reverse.
+    let v6 = "2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa";
+    let m = ask(&r, from(RED, "10.1.0.3"), v6, RecordType::PTR);
+    assert_eq!(addrs(&m), vec!["tomcat81.red."]);
+}
+
+#[test]
+fn unknown_single_label_is_nxdomain_at_once_and_the_rest_is_forwarded() {
+    let r = responder();
+    let m = ask(&r, from(RED, "10.1.0.2"), "nosuch", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    let m = ask(&r, from(RED, "10.1.0.2"), "nosuch.red", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    let q = query("example.com", RecordType::A);
+    assert_eq!(
+        r.answer(from(RED, "10.1.0.2"), Transport::Udp, &q),
+        Outcome::Forward
+    );
+}
+
+#[test]
+fn scoping_hides_other_networks() {
+    let r = responder();
+    // tomcat82 is on red only: blue's db does not exist for it, in any form.
+    for name in ["db", "db.blue"] {
+        let m = ask(&r, from(RED, "10.1.0.3"), name, RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
+    }
+    // tomcat81's namespace is on red and blue: it sees both.
+    let m = ask(&r, from(RED, "10.1.0.2"), "db", RecordType::A);
+    assert_eq!(addrs(&m), vec!["10.2.0.2"]);
+    // db (blue only) cannot see red's tomcat82.
+    let m = ask(&r, from(BLUE, "10.2.0.2"), "tomcat82", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    // PTR is scoped too: db cannot map tomcat82's address to its name.
+    let m = ask(
+        &r,
+        from(BLUE, "10.2.0.2"),
+        "3.0.1.10.in-addr.arpa",
+        RecordType::PTR,
+    );
+    assert!(m.answers.is_empty());
+}
+
+#[test]
+fn default_bridge_has_no_names_but_forwards() {
+    let r = responder();
+    for name in ["plain", "plain.bridge", "example.com"] {
+        let q = query(name, RecordType::A);
+        assert_eq!(
+            r.answer(from(BRIDGE, "172.17.0.2"), Transport::Udp, &q),
+            Outcome::Forward,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn internal_networks_do_not_forward() {
+    let r = responder();
+    let m = ask(&r, from(SEALED, "10.3.0.2"), "example.com", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    let m = ask(&r, from(SEALED, "10.3.0.2"), "vault", RecordType::A);
+    assert_eq!(addrs(&m), vec!["10.3.0.2"]);
+}
+
+#[test]
+fn host_sees_every_network_as_name_dot_network_only() {
+    let r = responder();
+    let m = ask(&r, Asker::Host, "tomcat82.red", RecordType::A);
+    assert_eq!(addrs(&m), vec!["10.1.0.3"]);
+    let m = ask(&r, Asker::Host, "db.blue", RecordType::A);
+    assert_eq!(addrs(&m), vec!["10.2.0.2"]);
+    let m = ask(&r, Asker::Host, "tomcat82", RecordType::A);
+    assert_eq!(
+        m.metadata.response_code,
+        ResponseCode::Refused,
+        "bare names are not the host's"
+    );
+    let m = ask(&r, Asker::Host, "nope.red", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    let m = ask(&r, Asker::Host, "example.com", RecordType::A);
+    assert_eq!(
+        m.metadata.response_code,
+        ResponseCode::Refused,
+        "not a forwarder for the host"
+    );
+    let m = ask(&r, Asker::Host, "plain.bridge", RecordType::A);
+    assert_eq!(
+        m.metadata.response_code,
+        ResponseCode::Refused,
+        "bridge has no names"
+    );
+}
+
+#[test]
+fn names_follow_attach_and_detach() {
+    let r = responder();
+    r.catalog()
+        .write()
+        .expect("lock")
+        .add_endpoint(RED, &ep("e9", "ns9", "late", &[], &["10.1.0.9"]));
+    assert_eq!(
+        addrs(&ask(&r, from(RED, "10.1.0.2"), "late", RecordType::A)),
+        vec!["10.1.0.9"]
+    );
+    r.catalog()
+        .write()
+        .expect("lock")
+        .remove_endpoint(RED, "e9");
+    let m = ask(&r, from(RED, "10.1.0.2"), "late", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    r.catalog()
+        .write()
+        .expect("lock")
+        .remove_endpoint(RED, "e2");
+    assert_eq!(
+        addrs(&ask(&r, from(RED, "10.1.0.2"), "web", RecordType::A)),
+        vec!["10.1.0.2"]
+    );
+}
+
+#[test]
+fn malformed_and_odd_queries() {
+    let r = responder();
+    let asker = from(RED, "10.1.0.2");
+    assert_eq!(r.answer(asker, Transport::Udp, &[]), Outcome::Drop);
+    assert_eq!(r.answer(asker, Transport::Udp, &[1, 2, 3]), Outcome::Drop);
+    // A response (QR set) is never answered.
+    let mut resp = query("tomcat81", RecordType::A);
+    resp[2] |= 0x80;
+    assert_eq!(r.answer(asker, Transport::Udp, &resp), Outcome::Drop);
+    // Header fine, body garbage: FORMERR with the same id.
+    let mut junk = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    junk.extend_from_slice(&[0xff; 40]);
+    let Outcome::Reply(b) = r.answer(asker, Transport::Udp, &junk) else {
+        panic!("formerr")
+    };
+    let m = Message::from_vec(&b).expect("reply parses");
+    assert_eq!(
+        (m.metadata.id, m.metadata.response_code),
+        (0x1234, ResponseCode::FormErr)
+    );
+    // Two questions: FORMERR.
+    let mut two = Message::query();
+    two.add_query(Query::query(
+        Name::from_ascii("a").expect("n"),
+        RecordType::A,
+    ));
+    two.add_query(Query::query(
+        Name::from_ascii("b").expect("n"),
+        RecordType::A,
+    ));
+    let Outcome::Reply(b) = r.answer(asker, Transport::Udp, &two.to_vec().expect("enc")) else {
+        panic!("formerr")
+    };
+    assert_eq!(
+        Message::from_vec(&b).expect("parse").metadata.response_code,
+        ResponseCode::FormErr
+    );
+    // Not a query opcode: NOTIMP.
+    let mut notify = query("tomcat81", RecordType::A);
+    notify[2] = (notify[2] & 0x87) | (4 << 3);
+    let Outcome::Reply(b) = r.answer(asker, Transport::Udp, &notify) else {
+        panic!("notimp")
+    };
+    assert_eq!(
+        Message::from_vec(&b).expect("parse").metadata.response_code,
+        ResponseCode::NotImp
+    );
+    // Random bytes never panic.
+    let mut x: u32 = 12345;
+    for len in 0..600usize {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        let _ = r.answer(asker, Transport::Udp, &bytes);
+    }
+}
+
+#[test]
+fn big_answers_are_truncated_over_udp_only() {
+    let mut c = Catalog::default();
+    c.add_network(
+        RED,
+        Zone::new("red", true, false, vec![(ip("10.1.0.0"), 16)]),
+    );
+    for i in 0..60 {
+        c.add_endpoint(
+            RED,
+            &ep(
+                &format!("e{i}"),
+                &format!("s{i}"),
+                &format!("n{i}"),
+                &["farm"],
+                &[&format!("10.1.1.{i}")],
+            ),
+        );
+    }
+    let r = Responder::new(Arc::new(RwLock::new(c)), DEFAULT_TTL);
+    let q = query("farm-that-is-long-enough-to-matter", RecordType::A);
+    let _ = q;
+    let q = query("farm", RecordType::A);
+    let Outcome::Reply(udp) = r.answer(from(RED, "10.1.1.1"), Transport::Udp, &q) else {
+        panic!()
+    };
+    assert!(udp.len() <= 512);
+    let m = Message::from_vec(&udp).expect("parse");
+    assert!(m.metadata.truncation, "TC set");
+    let Outcome::Reply(tcp) = r.answer(from(RED, "10.1.1.1"), Transport::Tcp, &q) else {
+        panic!()
+    };
+    let m = Message::from_vec(&tcp).expect("parse");
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 60);
+}
