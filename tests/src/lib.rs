@@ -168,6 +168,13 @@ impl Netns {
         wait_until(timeout, || self.ping(ip))
     }
 
+    /// Runs `dig +short`-style queries: returns (stdout, exit success).
+    pub fn dig(&self, args: &[&str]) -> String {
+        let mut all = vec!["dig", "+time=3", "+tries=1"];
+        all.extend_from_slice(args);
+        text(&self.exec(&all, Duration::from_secs(15)).stdout)
+    }
+
     /// Names of the links in the namespace.
     pub fn links(&self) -> Vec<String> {
         let out = run(
@@ -267,10 +274,16 @@ pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
     starts: u32,
+    extra: Vec<String>,
 }
 
 impl Daemon {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a daemon with extra `vswitch daemon` flags.
+    pub fn start_with(extra: &[&str]) -> Self {
         let ns = Netns::new("d");
         let dir = std::env::temp_dir().join(format!("{}-dir", ns.name));
         let _ = std::fs::remove_dir_all(&dir);
@@ -283,6 +296,7 @@ impl Daemon {
             ns,
             child: None,
             starts: 0,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn();
         d
@@ -304,6 +318,7 @@ impl Daemon {
             .arg("--state-dir")
             .arg(&self.state)
             .args(["--log-level", "debug"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -447,4 +462,42 @@ impl Drop for Daemon {
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// A process started inside a namespace (`ip netns exec NS CMD...`), killed on drop.
+pub struct NsDaemon {
+    child: Child,
+}
+
+impl NsDaemon {
+    pub fn spawn(ns: &str, args: &[&str]) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {args:?}: {e}"));
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = run(
+            Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]),
+            Duration::from_secs(5),
+        );
+    }
+}
+
+impl Drop for NsDaemon {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
