@@ -307,6 +307,38 @@ fn ipv6_network() {
         "IPv6 between endpoints"
     );
     assert!(a.ping("fd00:77::1"), "IPv6 gateway answers");
+    // DNS on an IPv6 network: AAAA records, and queries over IPv6 to the gateway.
+    let aaaa = a.exec(
+        &["dig", "+short", "+time=3", "+tries=1", &b.name, "AAAA"],
+        secs(10),
+    );
+    assert_eq!(text(&aaaa.stdout).trim(), "fd00:77::3");
+    let over6 = a.exec(
+        &[
+            "dig",
+            "+short",
+            "+time=3",
+            "+tries=1",
+            "@fd00:77::1",
+            &b.name,
+        ],
+        secs(10),
+    );
+    assert_eq!(text(&over6.stdout).trim(), "10.79.0.3");
+    let tcp6 = a.exec(
+        &[
+            "dig",
+            "+tcp",
+            "+short",
+            "+time=3",
+            "+tries=1",
+            "@fd00:77::1",
+            &b.name,
+            "AAAA",
+        ],
+        secs(10),
+    );
+    assert_eq!(text(&tcp6.stdout).trim(), "fd00:77::3");
 }
 
 #[test]
