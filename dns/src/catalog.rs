@@ -129,8 +129,9 @@ fn in_subnet(net: IpAddr, len: u8, ip: IpAddr) -> bool {
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
     zones: HashMap<String, Zone>,
-    /// (network id, endpoint address) -> scope key.
-    clients: HashMap<(String, IpAddr), String>,
+    /// network id -> endpoint address -> scope key. Nested so that the per-query lookup in
+    /// [`Catalog::scope`] borrows the network id instead of building a key.
+    clients: HashMap<String, HashMap<IpAddr, String>>,
     /// scope key -> (network id, endpoint id) of each of its endpoints.
     scopes: HashMap<String, Vec<(String, String)>>,
 }
@@ -142,7 +143,7 @@ impl Catalog {
 
     pub fn remove_network(&mut self, id: &str) {
         self.zones.remove(id);
-        self.clients.retain(|(net, _), _| net != id);
+        self.clients.remove(id);
         for eps in self.scopes.values_mut() {
             eps.retain(|(net, _)| net != id);
         }
@@ -155,9 +156,9 @@ impl Catalog {
             return;
         };
         zone.insert(ep);
+        let clients = self.clients.entry(net_id.to_owned()).or_default();
         for a in &ep.addrs {
-            self.clients
-                .insert((net_id.to_owned(), *a), ep.scope.clone());
+            clients.insert(*a, ep.scope.clone());
         }
         let eps = self.scopes.entry(ep.scope.clone()).or_default();
         if !eps.iter().any(|(n, e)| n == net_id && e == &ep.id) {
@@ -170,8 +171,11 @@ impl Catalog {
         let Some(zone) = self.zones.get_mut(net_id) else {
             return;
         };
-        for a in zone.remove(endpoint_id) {
-            self.clients.remove(&(net_id.to_owned(), a));
+        let removed = zone.remove(endpoint_id);
+        if let Some(clients) = self.clients.get_mut(net_id) {
+            for a in removed {
+                clients.remove(&a);
+            }
         }
         for eps in self.scopes.values_mut() {
             eps.retain(|(n, e)| !(n == net_id && e == endpoint_id));
@@ -192,7 +196,7 @@ impl Catalog {
     /// sees only the network it asked on.
     pub fn scope(&self, net_id: &str, client: IpAddr) -> Vec<&Zone> {
         let mut out: Vec<&Zone> = self.zones.get(net_id).into_iter().collect();
-        if let Some(key) = self.clients.get(&(net_id.to_owned(), client))
+        if let Some(key) = self.clients.get(net_id).and_then(|c| c.get(&client))
             && let Some(eps) = self.scopes.get(key)
         {
             for (n, _) in eps {
