@@ -29,6 +29,7 @@ cleanup() {
     for n in $(ip netns list | awk '{print $1}' | grep "^$P" || true); do
         ip netns pids "$n" 2>/dev/null | xargs -r kill 2>/dev/null || true
         ip netns del "$n" 2>/dev/null || true
+        rm -rf "/etc/netns/$n"
     done
     rm -rf "$TMP"
 }
