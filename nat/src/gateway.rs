@@ -13,6 +13,10 @@ use smoltcp::wire::{
 use vswitch_netdev::vnet::VNET_HDR_LEN;
 
 use crate::stream::{StreamMessage, StreamService};
+use crate::tcp::{FlowId, FlowState, Flows, TcpEvent};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{IpEndpoint, IpListenEndpoint, Ipv4Packet, TcpPacket};
+use std::net::{IpAddr, SocketAddr};
 
 /// Frames waiting for the stack beyond this many are dropped (the stack is polled after every
 /// frame, so the queue only fills if something is badly wrong).
@@ -30,6 +34,9 @@ pub struct GatewayConfig {
     pub ipv6: Option<(Ipv6Addr, u8)>,
     /// Largest IP packet on the network.
     pub mtu: usize,
+    /// Terminate TCP for published ports and outbound NAT (any-IP mode). Off on internal
+    /// networks: their gateway answers only for its own addresses.
+    pub nat: bool,
 }
 
 /// What the gateway did with the frames it was offered.
@@ -56,6 +63,9 @@ pub struct Gateway {
     epoch: Instant,
     stats: GatewayStats,
     stream: Option<StreamService>,
+    nat: bool,
+    flows: Flows,
+    tcp_events: Vec<TcpEvent>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -91,6 +101,18 @@ impl Gateway {
                 let _ = addrs.push(IpCidr::new(ip.into(), len));
             }
         });
+        if config.nat {
+            // Any-IP: accept packets for addresses that are not ours (outbound NAT, and answers
+            // to published-port connections opened from the client's address). smoltcp requires
+            // a route via one of our own addresses for that.
+            if let Some((ip, _)) = config.ipv4 {
+                let _ = iface.routes_mut().add_default_ipv4_route(ip);
+            }
+            if let Some((ip, _)) = config.ipv6 {
+                let _ = iface.routes_mut().add_default_ipv6_route(ip);
+            }
+            iface.set_any_ip(true);
+        }
         Self {
             iface,
             device,
@@ -101,7 +123,193 @@ impl Gateway {
             epoch: now,
             stats: GatewayStats::default(),
             stream: None,
+            nat: config.nat,
+            flows: Flows::default(),
+            tcp_events: Vec::new(),
         }
+    }
+
+    /// Whether `ip` is one of the gateway's own addresses.
+    pub fn is_own(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => self.ipv4 == Some(v4),
+            IpAddr::V6(v6) => self.ipv6 == Some(v6),
+        }
+    }
+
+    /// Events of TCP flows since the last call.
+    pub fn poll_tcp_events(&mut self) -> Vec<TcpEvent> {
+        std::mem::take(&mut self.tcp_events)
+    }
+
+    /// Opens a connection to a container (`remote`) from `local` (the client's address, or the
+    /// gateway's). `None` if the flow table is full or the addresses do not fit.
+    pub fn tcp_connect(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Option<FlowId> {
+        if self.flows.is_full() {
+            return None;
+        }
+        let mut s = crate::tcp::new_socket();
+        s.connect(
+            self.iface.context(),
+            IpEndpoint::from(remote),
+            IpEndpoint::from(local),
+        )
+        .ok()?;
+        let state = s.state();
+        let h = self.sockets.add(s);
+        let id = self.flows.insert(h, state);
+        self.poll(now);
+        Some(id)
+    }
+
+    /// Lets an intercepted outbound connection complete its handshake (the dial succeeded).
+    pub fn tcp_established(&mut self, now: Instant, flow: FlowId) {
+        if let Some(f) = self.flows.flows.get(&flow) {
+            self.sockets
+                .get_mut::<tcp::Socket>(f.handle)
+                .pause_synack(false);
+        }
+        self.poll(now);
+    }
+
+    /// Moves up to `data.len()` bytes into the flow's send buffer; returns how many it took.
+    /// If it took less, the flow reports activity once there is room again.
+    pub fn tcp_send(&mut self, now: Instant, flow: FlowId, data: &[u8]) -> usize {
+        let Some(f) = self.flows.flows.get_mut(&flow) else {
+            return 0;
+        };
+        let s = self.sockets.get_mut::<tcp::Socket>(f.handle);
+        let n = if s.may_send() {
+            s.send_slice(data).unwrap_or(0)
+        } else {
+            0
+        };
+        if n < data.len() {
+            f.want_write = true;
+        }
+        if n > 0 {
+            self.poll(now);
+        }
+        n
+    }
+
+    /// Reads what the container sent, up to `buf.len()` bytes.
+    pub fn tcp_recv(&mut self, now: Instant, flow: FlowId, buf: &mut [u8]) -> usize {
+        let Some(f) = self.flows.flows.get(&flow) else {
+            return 0;
+        };
+        let s = self.sockets.get_mut::<tcp::Socket>(f.handle);
+        let n = if s.can_recv() {
+            s.recv_slice(buf).unwrap_or(0)
+        } else {
+            0
+        };
+        if n > 0 {
+            // Window updates go out with the next poll; do it now so the sender is not stalled.
+            self.poll(now);
+        }
+        n
+    }
+
+    /// Half-closes the flow towards the container (FIN after the queued data).
+    pub fn tcp_close(&mut self, now: Instant, flow: FlowId) {
+        if let Some(f) = self.flows.flows.get(&flow) {
+            self.sockets.get_mut::<tcp::Socket>(f.handle).close();
+        }
+        self.poll(now);
+    }
+
+    /// Resets the flow (RST to the container) and forgets it.
+    pub fn tcp_abort(&mut self, now: Instant, flow: FlowId) {
+        if let Some(f) = self.flows.flows.get(&flow) {
+            self.sockets.get_mut::<tcp::Socket>(f.handle).abort();
+        }
+        self.poll(now);
+    }
+
+    pub fn tcp_state(&self, flow: FlowId) -> FlowState {
+        match self.flows.flows.get(&flow) {
+            Some(f) => crate::tcp::flow_state(self.sockets.get::<tcp::Socket>(f.handle)),
+            None => FlowState::Closed,
+        }
+    }
+
+    /// Number of open TCP flows.
+    pub fn tcp_flows(&self) -> usize {
+        self.flows.flows.len()
+    }
+
+    /// An outbound SYN (to an address that is not the gateway's, or to a gateway port other
+    /// than DNS): set up a paused listener for exactly that destination and tell the caller.
+    fn intercept_syn(&mut self, eth_payload: &[u8], ethertype: EthernetProtocol) {
+        if !self.nat || self.flows.is_full() {
+            return;
+        }
+        let (src_ip, dst_ip, tcp_bytes): (IpAddr, IpAddr, &[u8]) = match ethertype {
+            EthernetProtocol::Ipv4 => {
+                let Ok(ip) = Ipv4Packet::new_checked(eth_payload) else {
+                    return;
+                };
+                if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+                    return;
+                }
+                (
+                    IpAddr::V4(ip.src_addr()),
+                    IpAddr::V4(ip.dst_addr()),
+                    ip.payload(),
+                )
+            }
+            EthernetProtocol::Ipv6 => {
+                let Ok(ip) = Ipv6Packet::new_checked(eth_payload) else {
+                    return;
+                };
+                if ip.next_header() != IpProtocol::Tcp {
+                    return;
+                }
+                (
+                    IpAddr::V6(ip.src_addr()),
+                    IpAddr::V6(ip.dst_addr()),
+                    ip.payload(),
+                )
+            }
+            _ => return,
+        };
+        let Ok(tcp) = TcpPacket::new_checked(tcp_bytes) else {
+            return;
+        };
+        if !tcp.syn() || tcp.ack() || tcp.rst() {
+            return;
+        }
+        let dst = SocketAddr::new(dst_ip, tcp.dst_port());
+        let src = SocketAddr::new(src_ip, tcp.src_port());
+        if self.is_own(dst_ip) && self.stream.as_ref().is_some_and(|s| s.port() == dst.port()) {
+            return;
+        }
+        if self
+            .flows
+            .has_listener_for(&self.sockets, IpEndpoint::from(src), IpEndpoint::from(dst))
+        {
+            return;
+        }
+        let mut s = crate::tcp::new_socket();
+        s.pause_synack(true);
+        if s.listen(IpListenEndpoint {
+            addr: Some(dst_ip.into()),
+            port: dst.port(),
+        })
+        .is_err()
+        {
+            return;
+        }
+        let state = s.state();
+        let h = self.sockets.add(s);
+        let flow = self.flows.insert(h, state);
+        self.tcp_events.push(TcpEvent::Syn { flow, src, dst });
     }
 
     /// Accepts length-prefixed messages (DNS over TCP) on `port` of the gateway's addresses, at
@@ -160,6 +368,26 @@ impl Gateway {
         };
         let dst = eth.dst_addr();
         if dst == self.mac {
+            // In any-IP mode smoltcp would answer echo requests for *every* address itself,
+            // faking reachability of the outside; only pings to the gateway's own addresses
+            // are its to answer.
+            if self.nat && eth.ethertype() == EthernetProtocol::Ipv4 {
+                if let Ok(ip) = Ipv4Packet::new_checked(eth.payload())
+                    && ip.next_header() == IpProtocol::Icmp
+                    && !self.is_own(IpAddr::V4(ip.dst_addr()))
+                {
+                    return false;
+                }
+            } else if self.nat
+                && eth.ethertype() == EthernetProtocol::Ipv6
+                && let Ok(ip) = Ipv6Packet::new_checked(eth.payload())
+                && ip.next_header() == IpProtocol::Icmpv6
+                && !ip.dst_addr().is_multicast()
+                && !self.is_own(IpAddr::V6(ip.dst_addr()))
+                && !ip.dst_addr().is_unicast_link_local()
+            {
+                return false;
+            }
             return true;
         }
         match eth.ethertype() {
@@ -190,6 +418,9 @@ impl Gateway {
         if self.device.rx.len() >= RX_QUEUE_LIMIT {
             self.stats.ignored += 1;
             return;
+        }
+        if let Ok(e) = EthernetFrame::new_checked(eth) {
+            self.intercept_syn(e.payload(), e.ethertype());
         }
         self.stats.accepted += 1;
         self.device.rx.push_back(eth.to_vec());
@@ -228,6 +459,9 @@ impl Gateway {
             // What the service queued (answers, RSTs, a new listener) goes out now.
             self.iface.poll(t, &mut self.device, &mut self.sockets);
             svc.reap(&mut self.sockets);
+        }
+        if !self.flows.flows.is_empty() {
+            self.flows.activity(&mut self.sockets, &mut self.tcp_events);
         }
     }
 }

@@ -11,6 +11,8 @@
 
 mod gateway;
 mod stream;
+pub mod tcp;
 
 pub use gateway::{Gateway, GatewayConfig, GatewayStats};
 pub use stream::StreamMessage;
+pub use tcp::{FlowId, FlowState, TcpEvent};

@@ -218,6 +218,10 @@ impl StreamService {
             .min()
     }
 
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
     pub(crate) fn connections(&self) -> usize {
         self.conns.len()
     }

@@ -200,6 +200,7 @@ impl Daemon {
                 .zip(net.gateway6)
                 .map(|(s, g)| (g, s.prefix_len())),
             mtu: net.mtu as usize,
+            nat: !net.internal,
         };
         let datapath = Datapath::start(
             net.id.clone(),

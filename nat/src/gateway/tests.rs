@@ -14,6 +14,7 @@ fn gateway(now: Instant) -> Gateway {
             ipv4: Some((Ipv4Addr::from(GW), 16)),
             ipv6: None,
             mtu: 1500,
+            nat: true,
         },
         now,
     )
@@ -197,4 +198,176 @@ fn stream_service_accepts_frames_messages_and_answers() {
     gw.handle_timeout(later + Duration::from_millis(10));
     assert!(saw_rst, "idle client cut");
     assert_eq!(gw.stream_connections(), 0);
+}
+
+fn tcp_between(
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    seq: u32,
+    ack: Option<u32>,
+    syn: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let b = PacketBuilder::ethernet2(CTR_MAC, GW_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, seq, 64240);
+    let b = if syn { b.syn() } else { b };
+    let b = match ack {
+        Some(a) => b.ack(a),
+        None => b,
+    };
+    b.write(&mut out, payload).expect("write");
+    with_vnet(out)
+}
+
+fn ip_pair(frame: &[u8]) -> Option<([u8; 4], [u8; 4])> {
+    let p = SlicedPacket::from_ethernet(&frame[VNET_HDR_LEN..]).ok()?;
+    let Some(NetSlice::Ipv4(ip)) = p.net else {
+        return None;
+    };
+    Some((ip.header().source(), ip.header().destination()))
+}
+
+fn drain(gw: &mut Gateway) -> Vec<Vec<u8>> {
+    std::iter::from_fn(|| gw.poll_transmit()).collect()
+}
+
+#[test]
+fn outbound_syn_is_held_until_the_dial_succeeds() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.handle_frame(t, &arp_request(GW));
+    drain(&mut gw);
+    let far = [198, 51, 100, 7];
+    gw.handle_frame(
+        t,
+        &tcp_between((CTR, 40001), (far, 443), 500, None, true, b""),
+    );
+    assert!(drain(&mut gw).is_empty(), "no SYN-ACK before the dial");
+    let events = gw.poll_tcp_events();
+    let Some(crate::TcpEvent::Syn { flow, src, dst }) = events.first().cloned() else {
+        panic!("expected a Syn event, got {events:?}")
+    };
+    assert_eq!(src, "10.88.0.2:40001".parse().expect("sa"));
+    assert_eq!(dst, "198.51.100.7:443".parse().expect("sa"));
+    // A retransmitted SYN does not make a second flow.
+    gw.handle_frame(
+        t,
+        &tcp_between((CTR, 40001), (far, 443), 500, None, true, b""),
+    );
+    assert!(
+        gw.poll_tcp_events()
+            .iter()
+            .all(|e| !matches!(e, crate::TcpEvent::Syn { .. }))
+    );
+    assert_eq!(gw.tcp_flows(), 1);
+    gw.tcp_established(t, flow);
+    let out = drain(&mut gw);
+    let synack = out.iter().find_map(|f| tcp_of(f)).expect("SYN-ACK");
+    assert!(synack.0 && synack.1, "SYN-ACK from the far side");
+    assert_eq!(
+        ip_pair(&out[0]),
+        Some((far, CTR)),
+        "answers as the destination"
+    );
+    // The container completes the handshake and sends data; the caller reads it.
+    gw.handle_frame(
+        t,
+        &tcp_between(
+            (CTR, 40001),
+            (far, 443),
+            501,
+            Some(synack.3 + 1),
+            false,
+            b"GET /",
+        ),
+    );
+    assert_eq!(gw.tcp_state(flow), crate::FlowState::Open);
+    let mut buf = [0u8; 64];
+    let n = gw.tcp_recv(t, flow, &mut buf);
+    assert_eq!(&buf[..n], b"GET /");
+    assert_eq!(gw.tcp_send(t, flow, b"200 OK"), 6);
+    let data: Vec<u8> = drain(&mut gw)
+        .iter()
+        .filter_map(|f| tcp_of(f))
+        .flat_map(|x| x.5)
+        .collect();
+    assert_eq!(data, b"200 OK");
+}
+
+#[test]
+fn refused_dial_resets_the_container() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.handle_frame(t, &arp_request(GW));
+    drain(&mut gw);
+    gw.handle_frame(
+        t,
+        &tcp_between((CTR, 40002), ([198, 51, 100, 8], 81), 900, None, true, b""),
+    );
+    let Some(crate::TcpEvent::Syn { flow, .. }) = gw.poll_tcp_events().first().cloned() else {
+        panic!("syn")
+    };
+    gw.tcp_abort(t, flow);
+    let _ = gw.poll_tcp_events();
+    // The held SYN is answered with a RST once the listener is gone.
+    gw.handle_frame(
+        t,
+        &tcp_between((CTR, 40002), ([198, 51, 100, 8], 81), 900, None, true, b""),
+    );
+    let _ = gw.poll_tcp_events();
+    let rst = drain(&mut gw).iter().filter_map(|f| tcp_of(f)).any(|x| x.2);
+    assert!(rst, "refusal seen as RST");
+}
+
+#[test]
+fn inbound_connection_uses_the_clients_address() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.handle_frame(t, &arp_request(GW));
+    drain(&mut gw);
+    let client = [203, 0, 113, 5];
+    let flow = gw
+        .tcp_connect(
+            t,
+            "203.0.113.5:50000".parse().expect("sa"),
+            "10.88.0.2:8080".parse().expect("sa"),
+        )
+        .expect("flow");
+    let out = drain(&mut gw);
+    let syn = out.iter().find_map(|f| tcp_of(f)).expect("SYN");
+    assert!(syn.0 && !syn.1);
+    assert_eq!(
+        ip_pair(&out[0]),
+        Some((client, CTR)),
+        "the container sees the client"
+    );
+    // The container answers the client's address; the any-IP gateway takes it.
+    let mut synack = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, GW_MAC)
+        .ipv4(CTR, client, 64)
+        .tcp(8080, 50000, 7000, 64240)
+        .syn()
+        .ack(syn.3 + 1)
+        .write(&mut synack, b"")
+        .expect("write");
+    gw.handle_frame(t, &with_vnet(synack));
+    assert_eq!(gw.tcp_state(flow), crate::FlowState::Open);
+}
+
+#[test]
+fn pings_to_the_outside_are_not_faked() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.handle_frame(t, &arp_request(GW));
+    drain(&mut gw);
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, GW_MAC)
+        .ipv4(CTR, [198, 51, 100, 9], 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut out, b"x")
+        .expect("write");
+    gw.handle_frame(t, &with_vnet(out));
+    assert!(drain(&mut gw).is_empty());
 }

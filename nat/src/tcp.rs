@@ -1,0 +1,172 @@
+//! TCP flows terminated on the gateway: the container side of published ports and outbound NAT.
+//!
+//! Each flow is one smoltcp socket. The gateway only moves bytes between that socket and its
+//! caller; the caller (the datapath) moves them on to a host socket on another thread, with
+//! backpressure in both directions: [`Gateway::tcp_send`] takes only what fits the socket's
+//! send buffer, and [`Gateway::tcp_recv`] is only called while the host side can take more.
+//!
+//! - **Inbound** (published port): [`Gateway::tcp_connect`] opens a connection to the container
+//!   from the client's own address (the gateway runs in any-IP mode, so the container's answers to
+//!   that address come back to it), or from the gateway's address for loopback clients.
+//! - **Outbound**: a SYN from a container to an outside address is reported as
+//!   [`TcpEvent::Syn`] before smoltcp sees it; the caller creates a paused listener for exactly
+//!   that address with [`Gateway::tcp_intercept`] (no SYN-ACK yet), dials the destination, and
+//!   then either releases the SYN-ACK ([`Gateway::tcp_established`]) or refuses with a RST
+//!   ([`Gateway::tcp_abort`]), so a refused destination looks refused to the container.
+//!
+//! Sockets are removed as soon as they are closed, so the per-frame socket scan of smoltcp stays
+//! proportional to the flows that are really open; the number of flows is bounded.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+use smoltcp::wire::{IpEndpoint, IpListenEndpoint};
+
+/// Identifies a flow for the life of the gateway (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId(pub u64);
+
+/// What happened to flows since the last [`Gateway::poll_tcp_events`](crate::Gateway::poll_tcp_events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpEvent {
+    /// A container sent a SYN to `dst` from `src`, and no flow existed for it yet.
+    /// The gateway holds the SYN-ACK (a paused listener, flow `flow`) until the caller calls
+    /// `tcp_established` (dial succeeded) or `tcp_abort` (refused: RST).
+    Syn {
+        flow: FlowId,
+        src: SocketAddr,
+        dst: SocketAddr,
+    },
+    /// The flow has something for the caller: data to read, room to write, a state change.
+    Activity(FlowId),
+}
+
+/// Where a flow stands, as the caller needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    /// Handshake in progress (or held for an outbound dial).
+    Connecting,
+    /// Data can flow both ways.
+    Open,
+    /// The container sent FIN and everything before it has been read.
+    PeerClosed,
+    /// Gone (closed or reset); the flow has been forgotten.
+    Closed,
+}
+
+pub(crate) struct Flow {
+    pub(crate) handle: SocketHandle,
+    last_state: tcp::State,
+    /// The caller had more to send than fitted: tell it when there is room again.
+    pub(crate) want_write: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct Flows {
+    pub(crate) flows: HashMap<FlowId, Flow>,
+    next: u64,
+}
+
+/// Most TCP flows per network; beyond it new ones are refused.
+pub const MAX_FLOWS: usize = 4096;
+/// Per-socket buffers: enough for window scaling on a virtual link without holding MiBs per flow.
+pub(crate) const RX_BUF: usize = 256 * 1024;
+pub(crate) const TX_BUF: usize = 256 * 1024;
+
+impl Flows {
+    pub(crate) fn insert(&mut self, handle: SocketHandle, state: tcp::State) -> FlowId {
+        self.next += 1;
+        let id = FlowId(self.next);
+        self.flows.insert(
+            id,
+            Flow {
+                handle,
+                last_state: state,
+                want_write: false,
+            },
+        );
+        id
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.flows.len() >= MAX_FLOWS
+    }
+
+    /// Whether an outbound flow for this exact pair exists already (a retransmitted SYN).
+    pub(crate) fn has_listener_for(
+        &self,
+        sockets: &smoltcp::iface::SocketSet<'static>,
+        src: IpEndpoint,
+        dst: IpEndpoint,
+    ) -> bool {
+        self.flows.values().any(|f| {
+            let s = sockets.get::<tcp::Socket>(f.handle);
+            let local_matches = s.local_endpoint() == Some(dst)
+                || (s.is_listening()
+                    && s.listen_endpoint()
+                        == IpListenEndpoint {
+                            addr: Some(dst.addr),
+                            port: dst.port,
+                        });
+            local_matches && s.remote_endpoint().is_none_or(|r| r == src)
+        })
+    }
+
+    /// Flows whose socket changed state, has data to read, or has room the caller was waiting
+    /// for. Closed flows are reported once more and then forgotten (their socket removed).
+    pub(crate) fn activity(
+        &mut self,
+        sockets: &mut smoltcp::iface::SocketSet<'static>,
+        out: &mut Vec<TcpEvent>,
+    ) {
+        let mut closed = Vec::new();
+        for (id, f) in &mut self.flows {
+            let s = sockets.get_mut::<tcp::Socket>(f.handle);
+            let state = s.state();
+            let room = f.want_write && s.send_capacity() > s.send_queue();
+            if state != f.last_state || s.can_recv() || room {
+                f.last_state = state;
+                if room {
+                    f.want_write = false;
+                }
+                out.push(TcpEvent::Activity(*id));
+            }
+            if state == tcp::State::Closed {
+                closed.push(*id);
+            }
+        }
+        for id in closed {
+            if let Some(f) = self.flows.remove(&id) {
+                sockets.remove(f.handle);
+            }
+        }
+    }
+}
+
+pub(crate) fn new_socket() -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; RX_BUF]),
+        tcp::SocketBuffer::new(vec![0; TX_BUF]),
+    );
+    s.set_nagle_enabled(false);
+    s.set_ack_delay(None);
+    s
+}
+
+pub(crate) fn flow_state(s: &tcp::Socket<'_>) -> FlowState {
+    use tcp::State::*;
+    match s.state() {
+        Listen | SynSent | SynReceived => FlowState::Connecting,
+        Established | FinWait1 | FinWait2 => FlowState::Open,
+        CloseWait | LastAck | Closing | TimeWait => {
+            if s.can_recv() {
+                FlowState::Open
+            } else {
+                FlowState::PeerClosed
+            }
+        }
+        Closed => FlowState::Closed,
+    }
+}
