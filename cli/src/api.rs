@@ -161,6 +161,9 @@ pub struct AttachRequest {
     pub mac_address: Option<String>,
     #[serde(default)]
     pub ifname: Option<String>,
+    /// `-p` specs, as typed.
+    #[serde(default)]
+    pub ports: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,6 +190,9 @@ pub struct EndpointInfo {
     pub ipv6_address: String,
     pub gateway: String,
     pub aliases: Vec<String>,
+    /// Published ports, with the host ports actually bound.
+    #[serde(default)]
+    pub ports: Vec<vswitch_nat::PortMapping>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

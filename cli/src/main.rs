@@ -55,6 +55,8 @@ enum Command {
     Fdb { network: String },
     /// Show per-port counters
     Stats { network: Option<String> },
+    /// List an endpoint's published ports (CTR_PORT/PROTO -> HOST_IP:HOST_PORT)
+    Port { name: String },
 }
 
 #[derive(Args)]
@@ -97,6 +99,10 @@ struct AttachOpts {
     /// Interface name inside the namespace [default: eth0, or the next free ethN]
     #[arg(long)]
     ifname: Option<String>,
+    /// Publish a port: [HOST_IP:]HOST_PORT[-END]:CTR_PORT[-END][/tcp|/udp], or CTR_PORT for a
+    /// random host port (repeatable)
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    publish: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -242,6 +248,7 @@ fn attach_request(target: &str, opts: AttachOpts) -> anyhow::Result<AttachReques
         aliases: opts.aliases,
         mac_address: opts.mac,
         ifname: opts.ifname,
+        ports: opts.publish,
     })
 }
 
@@ -314,6 +321,23 @@ fn run_client(command: Command, socket: &std::path::Path) -> anyhow::Result<Exit
                 }
             }
             print_table(&table);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Port { name } => {
+            let eps: Vec<EndpointInfo> = client.get("/endpoints")?;
+            let mine: Vec<&EndpointInfo> = eps.iter().filter(|e| e.name == name).collect();
+            if mine.is_empty() {
+                anyhow::bail!("endpoint {name} not found");
+            }
+            let mut lines: Vec<String> = mine
+                .iter()
+                .flat_map(|e| e.ports.iter().map(ToString::to_string))
+                .collect();
+            lines.sort();
+            lines.dedup();
+            for l in lines {
+                println!("{l}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Network(cmd) => network(&client, cmd),

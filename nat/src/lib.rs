@@ -10,9 +10,11 @@
 //! [`Gateway::poll_transmit`]; it owns no file descriptor and reads no clock.
 
 mod gateway;
+pub mod mapping;
 mod stream;
 pub mod tcp;
 
 pub use gateway::{Gateway, GatewayConfig, GatewayStats};
+pub use mapping::{PortMapping, Proto, parse_publish};
 pub use stream::StreamMessage;
 pub use tcp::{FlowId, FlowState, TcpEvent};

@@ -27,7 +27,9 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use vswitch_dns::upstream::Forwarder;
 use vswitch_dns::{Asker, Outcome, Responder, Transport};
-use vswitch_nat::{Gateway, GatewayConfig};
+use vswitch_nat::{FlowId, FlowState, Gateway, GatewayConfig, TcpEvent};
+
+use super::nat::{FlowChannel, NatJob};
 use vswitch_netdev::vnet::{VNET_HDR_LEN, VnetHdr};
 use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, PortId};
 
@@ -95,6 +97,53 @@ pub struct Injector {
 }
 
 impl Injector {
+    fn send(&self, cmd: Command) -> bool {
+        if self.commands.send(cmd).is_err() {
+            return false;
+        }
+        let _ = self.wake.write(1);
+        true
+    }
+
+    /// Asks the datapath to open a flow to a container; `None` if it cannot (table full, gone).
+    pub async fn nat_open(
+        &self,
+        local: std::net::SocketAddr,
+        remote: std::net::SocketAddr,
+        channel: FlowChannel,
+    ) -> Option<FlowId> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Command::NatOpen {
+            local,
+            remote,
+            channel,
+            reply,
+        }) {
+            return None;
+        }
+        rx.await.ok().flatten()
+    }
+
+    pub fn nat_dialed(&self, flow: FlowId, channel: Option<FlowChannel>) {
+        self.send(Command::NatDialed { flow, channel });
+    }
+
+    pub fn host_data(&self, flow: FlowId, data: Vec<u8>) -> bool {
+        self.send(Command::NatHostData { flow, data })
+    }
+
+    pub fn host_eof(&self, flow: FlowId) {
+        self.send(Command::NatHostEof { flow });
+    }
+
+    pub fn host_reset(&self, flow: FlowId) {
+        self.send(Command::NatHostReset { flow });
+    }
+
+    pub fn resume(&self, flow: FlowId) {
+        self.send(Command::NatResume { flow });
+    }
+
     /// Delivers a forwarded answer to whoever asked.
     pub fn deliver(&self, to: ReplyTo, answer: Vec<u8>) {
         let cmd = match to {
@@ -159,6 +208,35 @@ enum Command {
         conn: u64,
         answer: Vec<u8>,
     },
+    /// Open a TCP connection to a container for a published port.
+    NatOpen {
+        local: std::net::SocketAddr,
+        remote: std::net::SocketAddr,
+        channel: FlowChannel,
+        reply: oneshot::Sender<Option<FlowId>>,
+    },
+    /// The outcome of dialling an outbound destination: a channel to splice, or refusal.
+    NatDialed {
+        flow: FlowId,
+        channel: Option<FlowChannel>,
+    },
+    /// Bytes from the host side of a flow (credits for them were taken).
+    NatHostData {
+        flow: FlowId,
+        data: Vec<u8>,
+    },
+    /// The host side closed its sending half.
+    NatHostEof {
+        flow: FlowId,
+    },
+    /// The host side failed or reset: reset the container side.
+    NatHostReset {
+        flow: FlowId,
+    },
+    /// The host side drained its queue: reading from the container may resume.
+    NatResume {
+        flow: FlowId,
+    },
     Shutdown,
 }
 
@@ -167,6 +245,7 @@ pub struct Datapath {
     commands: mpsc::Sender<Command>,
     wake: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
+    injector: Injector,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -182,6 +261,7 @@ impl Datapath {
         network_name: String,
         gateway: GatewayConfig,
         dns: Option<DnsHook>,
+        nat_jobs: tokio::sync::mpsc::UnboundedSender<NatJob>,
         events: tokio::sync::mpsc::UnboundedSender<Event>,
     ) -> io::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -227,7 +307,9 @@ impl Datapath {
             gateway_mac: gateway.mac,
             gateway_ips,
             dns,
-            injector,
+            injector: injector.clone(),
+            nat_jobs,
+            flows: std::collections::HashMap::new(),
             gateway_port,
             ports,
             scratch: Vec::new(),
@@ -240,7 +322,13 @@ impl Datapath {
             commands: tx,
             wake,
             thread: Some(thread),
+            injector,
         })
+    }
+
+    /// A handle for tokio tasks to feed this datapath (published ports, NAT, DNS answers).
+    pub fn injector(&self) -> Injector {
+        self.injector.clone()
     }
 
     fn send(&self, cmd: Command) -> io::Result<()> {
@@ -301,6 +389,34 @@ impl Drop for Datapath {
     }
 }
 
+/// The datapath's half of a TCP flow's splice.
+struct FlowIo {
+    /// Chunks for the host side; `None` once the container closed its sending half.
+    to_host: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    /// A chunk read from the container that the host side had no room for yet.
+    stash: Option<Vec<u8>>,
+    /// Host bytes waiting for room in the socket, and how much of the first is sent.
+    from_host: std::collections::VecDeque<Vec<u8>>,
+    offset: usize,
+    host_eof: bool,
+    fin_sent: bool,
+    shared: Arc<super::nat::FlowShared>,
+}
+
+impl FlowIo {
+    fn new(ch: FlowChannel) -> Self {
+        Self {
+            to_host: Some(ch.to_host),
+            stash: None,
+            from_host: std::collections::VecDeque::new(),
+            offset: 0,
+            host_eof: false,
+            fin_sent: false,
+            shared: ch.shared,
+        }
+    }
+}
+
 struct PortIo {
     fd: OwnedFd,
     endpoint_id: String,
@@ -320,6 +436,9 @@ struct Worker {
     gateway_ips: Vec<IpAddr>,
     dns: Option<DnsHook>,
     injector: Injector,
+    nat_jobs: tokio::sync::mpsc::UnboundedSender<NatJob>,
+    /// The host side of each TCP flow terminated on the gateway.
+    flows: std::collections::HashMap<FlowId, FlowIo>,
     gateway_port: PortId,
     /// Indexed by `PortId::index()`; `None` for the gateway port and free slots.
     ports: Vec<Option<PortIo>>,
@@ -466,8 +585,86 @@ impl Worker {
                 Outcome::Drop => {}
             }
         }
+        for ev in self.gateway.poll_tcp_events() {
+            match ev {
+                TcpEvent::Syn { flow, src, dst } => {
+                    let _ = self.nat_jobs.send(NatJob::Dial {
+                        flow,
+                        src,
+                        dst,
+                        gateway: self.gateway_ips.clone(),
+                        injector: self.injector.clone(),
+                    });
+                }
+                TcpEvent::Activity(flow) => self.service_flow(now, flow),
+            }
+        }
         while let Some(frame) = self.gateway.poll_transmit() {
             self.switch(now, self.gateway_port, &frame);
+        }
+    }
+
+    /// Moves bytes between a flow's smoltcp socket and its host side, both ways, as far as
+    /// the other side can take them, and propagates closes.
+    fn service_flow(&mut self, now: Instant, flow: FlowId) {
+        let Some(io) = self.flows.get_mut(&flow) else {
+            return;
+        };
+        // Container -> host, while the host side's queue has room.
+        loop {
+            if let Some(chunk) = io.stash.take() {
+                match io.to_host.as_ref().map(|t| t.try_send(chunk)) {
+                    Some(Ok(())) => {}
+                    Some(Err(tokio::sync::mpsc::error::TrySendError::Full(c))) => {
+                        io.stash = Some(c);
+                        io.shared
+                            .blocked
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = self.gateway.tcp_recv(now, flow, &mut buf);
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            io.stash = Some(buf);
+        }
+        // Host -> container, as far as the socket's send buffer allows.
+        while let Some(front) = io.from_host.front() {
+            let n = self.gateway.tcp_send(now, flow, &front[io.offset..]);
+            io.shared.credits.add_permits(n);
+            io.offset += n;
+            if io.offset < front.len() {
+                break;
+            }
+            io.from_host.pop_front();
+            io.offset = 0;
+        }
+        if io.host_eof && io.from_host.is_empty() && !io.fin_sent {
+            io.fin_sent = true;
+            self.gateway.tcp_close(now, flow);
+        }
+        match self.gateway.tcp_state(flow) {
+            FlowState::PeerClosed if io.stash.is_none() => {
+                // The container is done sending: closing our end of the queue lets the host
+                // side shut down its write half after the last byte.
+                io.to_host = None;
+            }
+            FlowState::Closed => {
+                if let Some(io) = self.flows.remove(&flow) {
+                    if !io.fin_sent || io.stash.is_some() {
+                        io.shared
+                            .reset
+                            .store(true, std::sync::atomic::Ordering::Release);
+                    }
+                    io.shared.credits.close();
+                }
+            }
+            _ => {}
         }
     }
 
@@ -666,6 +863,60 @@ impl Worker {
                 Command::StreamReply { conn, answer } => {
                     let now = Instant::now();
                     self.gateway.stream_reply(now, conn, &answer);
+                    self.flush_gateway(now);
+                }
+                Command::NatOpen {
+                    local,
+                    remote,
+                    channel,
+                    reply,
+                } => {
+                    let now = Instant::now();
+                    let flow = self.gateway.tcp_connect(now, local, remote);
+                    if let Some(f) = flow {
+                        self.flows.insert(f, FlowIo::new(channel));
+                    }
+                    let _ = reply.send(flow);
+                    self.flush_gateway(now);
+                }
+                Command::NatDialed { flow, channel } => {
+                    let now = Instant::now();
+                    match channel {
+                        Some(ch) => {
+                            self.flows.insert(flow, FlowIo::new(ch));
+                            self.gateway.tcp_established(now, flow);
+                        }
+                        None => self.gateway.tcp_abort(now, flow),
+                    }
+                    self.flush_gateway(now);
+                }
+                Command::NatHostData { flow, data } => {
+                    let now = Instant::now();
+                    if let Some(io) = self.flows.get_mut(&flow) {
+                        io.from_host.push_back(data);
+                        self.service_flow(now, flow);
+                    }
+                    self.flush_gateway(now);
+                }
+                Command::NatHostEof { flow } => {
+                    let now = Instant::now();
+                    if let Some(io) = self.flows.get_mut(&flow) {
+                        io.host_eof = true;
+                        self.service_flow(now, flow);
+                    }
+                    self.flush_gateway(now);
+                }
+                Command::NatHostReset { flow } => {
+                    let now = Instant::now();
+                    if let Some(io) = self.flows.remove(&flow) {
+                        io.shared.credits.close();
+                    }
+                    self.gateway.tcp_abort(now, flow);
+                    self.flush_gateway(now);
+                }
+                Command::NatResume { flow } => {
+                    let now = Instant::now();
+                    self.service_flow(now, flow);
                     self.flush_gateway(now);
                 }
                 Command::Shutdown => self.running = false,

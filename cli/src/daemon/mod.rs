@@ -7,6 +7,7 @@
 
 pub mod datapath;
 pub mod ipam;
+pub mod nat;
 pub mod plumb;
 mod server;
 pub mod state;
@@ -91,6 +92,16 @@ type ApiResult<T> = Result<T, ApiError>;
 struct LiveNetwork {
     datapath: Datapath,
     ports: HashMap<String, PortId>,
+    /// Accept loops of published ports, per endpoint.
+    published: HashMap<String, Vec<tokio::task::AbortHandle>>,
+}
+
+impl Drop for LiveNetwork {
+    fn drop(&mut self) {
+        for h in self.published.values().flatten() {
+            h.abort();
+        }
+    }
 }
 
 /// DNS settings of the daemon.
@@ -116,6 +127,7 @@ pub struct Daemon {
     own_netns: NsId,
     catalog: Arc<RwLock<Catalog>>,
     dns: DnsHook,
+    nat_jobs: tokio::sync::mpsc::UnboundedSender<nat::NatJob>,
 }
 
 impl Daemon {
@@ -141,6 +153,8 @@ impl Daemon {
             forwarder,
             jobs,
         };
+        let (nat_jobs, nat_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(nat::run_jobs(nat_rx));
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let own_netns = NetNs::current()
             .context("cannot open the daemon's own network namespace")?
@@ -158,6 +172,7 @@ impl Daemon {
             own_netns,
             catalog,
             dns,
+            nat_jobs,
         });
         {
             let mut inner = daemon.inner.lock().await;
@@ -207,6 +222,7 @@ impl Daemon {
             net.name.clone(),
             gateway,
             Some(self.dns.clone()),
+            self.nat_jobs.clone(),
             self.events.clone(),
         )
         .with_context(|| format!("cannot start the datapath of network {}", net.name))?;
@@ -221,6 +237,7 @@ impl Daemon {
         Ok(LiveNetwork {
             datapath,
             ports: HashMap::new(),
+            published: HashMap::new(),
         })
     }
 
@@ -263,10 +280,39 @@ impl Daemon {
             .parse()
             .map_err(|_| ApiError::internal("bad stored MAC"))?;
         let plumbing = plumbing_for(net, &ep.ifname, mac, ep.ipv4, ep.ipv6);
+        let listeners = bind_published(&ep.ports).await?;
         let fd = tokio::task::spawn_blocking(move || plumb::plumb(&ns, &plumbing))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))??;
-        self.plug(inner, net, ep, fd).await
+        self.plug(inner, net, ep, fd).await?;
+        self.publish(inner, net, ep, listeners);
+        Ok(())
+    }
+
+    /// Starts the accept loops of an endpoint's published ports.
+    fn publish(&self, inner: &mut Inner, net: &Network, ep: &Endpoint, listeners: Vec<Bound>) {
+        let Some(live) = inner.live.get_mut(&net.id) else {
+            return;
+        };
+        let injector = live.datapath.injector();
+        let subnet = ipnet::IpNet::V4(net.subnet);
+        let mut handles = Vec::new();
+        for b in listeners {
+            match b {
+                Bound::Tcp(listener, m) => {
+                    let container = SocketAddr::new(IpAddr::V4(ep.ipv4), m.container_port);
+                    let task = tokio::spawn(nat::serve_published_tcp(
+                        listener,
+                        container,
+                        IpAddr::V4(net.gateway),
+                        subnet,
+                        injector.clone(),
+                    ));
+                    handles.push(task.abort_handle());
+                }
+            }
+        }
+        live.published.insert(ep.id.clone(), handles);
     }
 
     async fn plug(
@@ -327,6 +373,9 @@ impl Daemon {
                 };
                 if let Some(live) = inner.live.get_mut(&network_id) {
                     live.ports.remove(&endpoint_id);
+                    for h in live.published.remove(&endpoint_id).into_iter().flatten() {
+                        h.abort();
+                    }
                 }
                 self.catalog_mut()
                     .remove_endpoint(&network_id, &endpoint_id);
@@ -404,7 +453,13 @@ impl Daemon {
                 req.target
             )));
         }
-        let ep = plan_endpoint(&inner.store, &net, &req, ns.id())?;
+        let mut ep = plan_endpoint(&inner.store, &net, &req, ns.id())?;
+        ep.ports = plan_ports(&net, &req.ports)?;
+        // Bind before plumbing: a host port in use fails the attach with nothing to undo.
+        let listeners = bind_published(&ep.ports).await?;
+        for (m, b) in ep.ports.iter_mut().zip(&listeners) {
+            m.host_port = b.port();
+        }
         let mac: MacAddr = ep
             .mac
             .parse()
@@ -417,7 +472,7 @@ impl Daemon {
             .map_err(|e| ApiError::bad_request(format!("cannot attach {}: {e:#}", req.target)))?;
         let plumbed = started.elapsed();
         self.plug(&mut inner, &net, &ep, fd).await?;
-        let mut ep = ep;
+        self.publish(&mut inner, &net, &ep, listeners);
         ep.wrote_resolv_conf = match &ep.target {
             Target::Name(name)
                 if !inner.store.endpoints.values().any(|o| {
@@ -450,6 +505,11 @@ impl Daemon {
     /// Removes an endpoint's port, names and resolv.conf, and forgets it (not persisted here).
     async fn unplug(&self, inner: &mut Inner, ep: &Endpoint) {
         self.catalog_mut().remove_endpoint(&ep.network_id, &ep.id);
+        if let Some(live) = inner.live.get_mut(&ep.network_id) {
+            for h in live.published.remove(&ep.id).into_iter().flatten() {
+                h.abort();
+            }
+        }
         if let Some(live) = inner.live.get_mut(&ep.network_id)
             && let Some(port) = live.ports.remove(&ep.id)
             && let Err(e) = live.datapath.remove_port(port).await
@@ -917,7 +977,73 @@ fn plan_endpoint(
         ipv6,
         aliases: req.aliases.clone(),
         wrote_resolv_conf: false,
+        ports: Vec::new(),
     })
+}
+
+/// A bound host socket of a published port.
+enum Bound {
+    Tcp(tokio::net::TcpListener, vswitch_nat::PortMapping),
+}
+
+impl Bound {
+    fn port(&self) -> u16 {
+        match self {
+            Bound::Tcp(l, m) => l.local_addr().map(|a| a.port()).unwrap_or(m.host_port),
+        }
+    }
+}
+
+/// Parses and checks `-p` specs against the network.
+fn plan_ports(net: &Network, specs: &[String]) -> ApiResult<Vec<vswitch_nat::PortMapping>> {
+    let mut out = Vec::new();
+    for spec in specs {
+        out.extend(vswitch_nat::parse_publish(spec).map_err(ApiError::bad_request)?);
+    }
+    if !out.is_empty() && net.internal {
+        return Err(ApiError::bad_request(format!(
+            "network {} is internal: it cannot publish ports",
+            net.name
+        )));
+    }
+    for m in &out {
+        if m.proto == vswitch_nat::Proto::Udp {
+            return Err(ApiError::bad_request(format!(
+                "publishing UDP ports ({m}) is not supported yet"
+            )));
+        }
+    }
+    let mut seen = HashSet::new();
+    for m in out.iter().filter(|m| m.host_port != 0) {
+        if !seen.insert((m.host_ip, m.host_port, m.proto)) {
+            return Err(ApiError::bad_request(format!(
+                "host port {}/{} is given twice",
+                m.host_port, m.proto
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Binds every published port's host socket, or none: the first failure is the error.
+async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bound>> {
+    let mut out = Vec::new();
+    for m in ports {
+        let ip = m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let addr = SocketAddr::new(ip, m.host_port);
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            let why = match e.kind() {
+                std::io::ErrorKind::AddrInUse => "is already in use".to_owned(),
+                std::io::ErrorKind::PermissionDenied => format!(
+                    "needs privileges (ports below net.ipv4.ip_unprivileged_port_start): {e}"
+                ),
+                _ => format!("cannot be bound: {e}"),
+            };
+            ApiError::conflict(format!("host port {addr} ({}) {why}", m.proto))
+        })?;
+        out.push(Bound::Tcp(listener, *m));
+    }
+    Ok(out)
 }
 
 fn plumbing_for(
@@ -1082,6 +1208,7 @@ fn endpoint_info(net: &Network, e: &Endpoint) -> EndpointInfo {
             .unwrap_or_default(),
         gateway: net.gateway.to_string(),
         aliases: e.aliases.clone(),
+        ports: e.ports.clone(),
     }
 }
 

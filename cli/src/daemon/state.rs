@@ -56,6 +56,9 @@ pub struct Endpoint {
     pub aliases: Vec<String>,
     /// Whether this endpoint wrote /etc/netns/NAME/resolv.conf (and so removes it at detach).
     pub wrote_resolv_conf: bool,
+    /// Published ports (host ports as bound).
+    #[serde(default)]
+    pub ports: Vec<vswitch_nat::PortMapping>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

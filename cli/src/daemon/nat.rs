@@ -1,0 +1,252 @@
+//! The host side of published ports and outbound NAT: tokio sockets spliced to TCP flows that
+//! the gateway terminates in the datapath thread.
+//!
+//! Backpressure both ways, with no unbounded buffer:
+//! - host -> container: the reader takes byte credits from [`FlowShared::credits`] before each
+//!   read; the datapath returns them as bytes enter the smoltcp socket. At most [`WINDOW`] bytes
+//!   of a flow are ever queued between the two.
+//! - container -> host: the datapath hands chunks through a bounded channel
+//!   ([`CHANNEL_CHUNKS`]); when it is full it stops reading from the socket (the container's
+//!   window closes) and sets `blocked`; the writer, after writing a chunk, wakes it up again.
+//!
+//! A FIN on either side becomes a half-close on the other; a reset or error becomes a reset.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use vswitch_nat::FlowId;
+
+use super::datapath::Injector;
+
+/// Bytes of one flow in flight from the host to the datapath.
+const WINDOW: usize = 512 * 1024;
+const CHUNK: usize = 64 * 1024;
+/// Chunks of one flow queued from the datapath to the host.
+const CHANNEL_CHUNKS: usize = 8;
+/// How long an outbound dial may take before the container is refused.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// State shared by the two halves of a flow's splice.
+#[derive(Debug)]
+pub struct FlowShared {
+    pub credits: Semaphore,
+    pub blocked: AtomicBool,
+    pub reset: AtomicBool,
+}
+
+/// What the datapath keeps of a flow's host side.
+#[derive(Debug)]
+pub struct FlowChannel {
+    pub to_host: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pub shared: Arc<FlowShared>,
+}
+
+fn channel() -> (
+    FlowChannel,
+    tokio::sync::mpsc::Receiver<Vec<u8>>,
+    Arc<FlowShared>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CHUNKS);
+    let shared = Arc::new(FlowShared {
+        credits: Semaphore::new(WINDOW),
+        blocked: AtomicBool::new(false),
+        reset: AtomicBool::new(false),
+    });
+    (
+        FlowChannel {
+            to_host: tx,
+            shared: shared.clone(),
+        },
+        rx,
+        shared,
+    )
+}
+
+/// Work the datapath hands to tokio.
+pub enum NatJob {
+    /// A container's SYN to `dst` is held; dial it and report back.
+    Dial {
+        flow: FlowId,
+        src: SocketAddr,
+        dst: SocketAddr,
+        /// The network's gateway addresses: a dial to one of them means the daemon's host side.
+        gateway: Vec<IpAddr>,
+        injector: Injector,
+    },
+}
+
+/// Runs NAT jobs as they come, one task each.
+pub async fn run_jobs(mut jobs: tokio::sync::mpsc::UnboundedReceiver<NatJob>) {
+    while let Some(job) = jobs.recv().await {
+        match job {
+            NatJob::Dial {
+                flow,
+                src,
+                dst,
+                gateway,
+                injector,
+            } => {
+                tokio::spawn(dial(flow, src, dst, gateway, injector));
+            }
+        }
+    }
+}
+
+async fn dial(
+    flow: FlowId,
+    src: SocketAddr,
+    dst: SocketAddr,
+    gateway: Vec<IpAddr>,
+    injector: Injector,
+) {
+    // A connection to the gateway's own address is a connection to the host: the daemon's
+    // namespace, through loopback (this is also how a container reaches a published port of
+    // another container: hairpin through the host side).
+    let target = if gateway.contains(&dst.ip()) {
+        let lo: IpAddr = match dst.ip() {
+            IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        };
+        SocketAddr::new(lo, dst.port())
+    } else {
+        dst
+    };
+    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(stream)) => {
+            let (ch, rx, shared) = channel();
+            injector.nat_dialed(flow, Some(ch));
+            splice(stream, flow, injector, rx, shared).await;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%src, %dst, error = %e, "outbound connection refused");
+            injector.nat_dialed(flow, None);
+        }
+        Err(_) => {
+            tracing::debug!(%src, %dst, "outbound connection timed out");
+            injector.nat_dialed(flow, None);
+        }
+    }
+}
+
+/// Copies bytes between a host TCP stream and a gateway flow until both directions are done.
+pub async fn splice(
+    mut stream: TcpStream,
+    flow: FlowId,
+    injector: Injector,
+    mut to_host: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    shared: Arc<FlowShared>,
+) {
+    let _ = stream.set_nodelay(true);
+    let reset = {
+        let (mut rd, mut wr) = stream.split();
+        let up = async {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                // Credits first: never read more than the datapath can queue.
+                let Ok(permit) = shared.credits.acquire_many(CHUNK as u32).await else {
+                    return; // the flow is gone
+                };
+                permit.forget();
+                match rd.read(&mut buf).await {
+                    Ok(0) => {
+                        shared.credits.add_permits(CHUNK);
+                        injector.host_eof(flow);
+                        return;
+                    }
+                    Ok(n) => {
+                        shared.credits.add_permits(CHUNK - n);
+                        if !injector.host_data(flow, buf[..n].to_vec()) {
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        injector.host_reset(flow);
+                        return;
+                    }
+                }
+            }
+        };
+        let down = async {
+            while let Some(chunk) = to_host.recv().await {
+                if wr.write_all(&chunk).await.is_err() {
+                    injector.host_reset(flow);
+                    shared.credits.close();
+                    return false;
+                }
+                if shared.blocked.swap(false, Ordering::AcqRel) {
+                    injector.resume(flow);
+                }
+            }
+            if shared.reset.load(Ordering::Acquire) {
+                shared.credits.close();
+                return true;
+            }
+            let _ = wr.shutdown().await;
+            false
+        };
+        tokio::pin!(up);
+        tokio::pin!(down);
+        // A reset from the container ends everything at once; a FIN from it leaves the host's
+        // sending half running until the host closes too.
+        tokio::select! {
+            reset = &mut down => {
+                if !reset {
+                    (&mut up).await;
+                }
+                reset
+            }
+            () = &mut up => down.await,
+        }
+    };
+    if reset {
+        // The container reset the connection: reset the host side too.
+        let _ = stream.set_zero_linger();
+    }
+}
+
+/// Accepts connections on a published TCP port and carries each to the container.
+pub async fn serve_published_tcp(
+    listener: TcpListener,
+    container: SocketAddr,
+    gateway: IpAddr,
+    subnet: ipnet::IpNet,
+    injector: Injector,
+) {
+    static EPHEMERAL: AtomicU16 = AtomicU16::new(0);
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept on a published port failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // The container sees the real client address, except for clients it could not answer
+        // directly: loopback, the other address family, or an address of its own network.
+        let ip = client.ip().to_canonical();
+        let local = if ip.is_loopback()
+            || ip.is_unspecified()
+            || ip.is_ipv4() != container.is_ipv4()
+            || subnet.contains(&ip)
+        {
+            let port = 32768 + EPHEMERAL.fetch_add(1, Ordering::Relaxed) % 28000;
+            SocketAddr::new(gateway, port)
+        } else {
+            SocketAddr::new(ip, client.port())
+        };
+        let injector = injector.clone();
+        tokio::spawn(async move {
+            let (ch, rx, shared) = channel();
+            match injector.nat_open(local, container, ch).await {
+                Some(flow) => splice(stream, flow, injector, rx, shared).await,
+                None => drop(stream),
+            }
+        });
+    }
+}
