@@ -285,6 +285,13 @@ impl Daemon {
     /// Starts a daemon with extra `vswitch daemon` flags.
     pub fn start_with(extra: &[&str]) -> Self {
         let ns = Netns::new("d");
+        // The daemon's namespace stands in for a host, and hosts have loopback up (published
+        // ports reached from the host side and hairpin go through it).
+        let lo = run(
+            Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]),
+            Duration::from_secs(5),
+        );
+        assert!(lo.status.success());
         let dir = std::env::temp_dir().join(format!("{}-dir", ns.name));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -500,4 +507,104 @@ impl Drop for NsDaemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An "outside" for NAT tests: a namespace linked to the daemon's namespace by a veth pair,
+/// 192.0.2.1/24 on the daemon side and 192.0.2.2/24 outside (TEST-NET-1, only ever inside
+/// these namespaces).
+pub struct Outside {
+    pub ns: Netns,
+}
+
+impl Outside {
+    pub const DAEMON_IP: &'static str = "192.0.2.1";
+    pub const IP: &'static str = "192.0.2.2";
+
+    pub fn new(daemon: &Daemon) -> Self {
+        let ns = Netns::new("o");
+        let sh = |args: &[&str]| {
+            let out = run(Command::new("ip").args(args), Duration::from_secs(10));
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+        };
+        sh(&[
+            "-n",
+            &daemon.ns.name,
+            "link",
+            "add",
+            "vout",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vin",
+            "netns",
+            &ns.name,
+        ]);
+        sh(&[
+            "-n",
+            &daemon.ns.name,
+            "addr",
+            "add",
+            "192.0.2.1/24",
+            "dev",
+            "vout",
+        ]);
+        sh(&["-n", &daemon.ns.name, "link", "set", "vout", "up"]);
+        sh(&["-n", &daemon.ns.name, "link", "set", "lo", "up"]);
+        sh(&["-n", &ns.name, "addr", "add", "192.0.2.2/24", "dev", "vin"]);
+        sh(&["-n", &ns.name, "link", "set", "vin", "up"]);
+        sh(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        Self { ns }
+    }
+}
+
+/// `python3 -m http.server PORT` serving `dir` inside a namespace, with its log (which shows
+/// each client's address) in `dir/../http-PORT.log`.
+pub struct HttpServer {
+    _proc: NsDaemon,
+    pub log: PathBuf,
+}
+
+impl HttpServer {
+    pub fn start(ns: &str, port: u16, dir: &Path) -> Self {
+        let log = dir.with_file_name(format!("http-{ns}-{port}.log"));
+        let script = format!(
+            "exec python3 -m http.server {port} --bind 0.0.0.0 --directory {} 2>{}",
+            dir.display(),
+            log.display()
+        );
+        let proc_ = NsDaemon::spawn(ns, &["sh", "-c", &script]);
+        let ok = wait_until(Duration::from_secs(10), || {
+            run(
+                Command::new("ip").args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "bash",
+                    "-c",
+                    &format!("exec 3<>/dev/tcp/127.0.0.1/{port}"),
+                ]),
+                Duration::from_secs(2),
+            )
+            .status
+            .success()
+        });
+        assert!(ok, "http.server on {ns}:{port} did not start");
+        Self { _proc: proc_, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Runs curl inside a namespace; returns (exit code, stdout).
+pub fn curl(ns: &str, args: &[&str]) -> (i32, String) {
+    let out = run(
+        Command::new("ip")
+            .args(["netns", "exec", ns, "curl", "-s", "--max-time", "10"])
+            .args(args),
+        Duration::from_secs(20),
+    );
+    (out.status.code().unwrap_or(-1), text(&out.stdout))
 }

@@ -1,0 +1,249 @@
+//! Published ports and outbound NAT with real clients and servers.
+
+use std::time::{Duration, Instant};
+
+use vswitch_tests::{Daemon, HttpServer, Netns, Outside, curl, require_root, text};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// A directory with an index and a 5 MB file of random bytes; returns it and the file's sha256.
+fn webroot(d: &Daemon) -> (std::path::PathBuf, String) {
+    let dir = d.dir.join("www");
+    std::fs::create_dir_all(&dir).expect("www");
+    std::fs::write(dir.join("index.html"), "hello from the container\n").expect("index");
+    let out = vswitch_tests::run(
+        std::process::Command::new("sh").args([
+            "-c",
+            &format!(
+                "head -c 5000000 /dev/urandom > {0}/big.bin && sha256sum {0}/big.bin",
+                dir.display()
+            ),
+        ]),
+        secs(20),
+    );
+    let sum = text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(sum.len(), 64);
+    (dir, sum)
+}
+
+fn sha_of(ns: &str, url: &str) -> String {
+    let out = vswitch_tests::run(
+        std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            ns,
+            "sh",
+            "-c",
+            &format!("curl -s --max-time 20 {url} | sha256sum"),
+        ]),
+        secs(30),
+    );
+    text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn published_ports_reach_the_container_with_the_clients_address() {
+    require_root();
+    let d = Daemon::start();
+    let outside = Outside::new(&d);
+    let (www, sum) = webroot(&d);
+    d.ok(&["network", "create", "web", "--subnet", "10.96.0.0/24"]);
+    let a = Netns::new("a");
+    d.ok(&[
+        "attach",
+        "--network",
+        "web",
+        "--name",
+        "tomcat81",
+        "-p",
+        "8081:8080",
+        "-p",
+        "127.0.0.1:8082:8080",
+        "-p",
+        "8080",
+        &a.name,
+    ]);
+    let server = HttpServer::start(&a.name, 8080, &www);
+
+    // From the host side over loopback: the container sees the gateway.
+    let (rc, body) = curl(&d.ns.name, &["http://127.0.0.1:8081/"]);
+    assert_eq!((rc, body.as_str()), (0, "hello from the container\n"));
+    // From a real outside client: the container sees the client's own address.
+    let (rc, _) = curl(
+        &outside.ns.name,
+        &[&format!("http://{}:8081/", Outside::DAEMON_IP)],
+    );
+    assert_eq!(rc, 0);
+    let log = server.log();
+    assert!(
+        log.contains("10.96.0.1 - -"),
+        "loopback client appears as the gateway: {log}"
+    );
+    assert!(
+        log.contains("192.0.2.2 - -"),
+        "outside client keeps its address: {log}"
+    );
+    // Host-IP binding: 8082 only on 127.0.0.1.
+    assert_eq!(curl(&d.ns.name, &["http://127.0.0.1:8082/"]).0, 0);
+    let (rc, _) = curl(
+        &outside.ns.name,
+        &[&format!("http://{}:8082/", Outside::DAEMON_IP)],
+    );
+    assert_ne!(rc, 0, "8082 is bound to loopback only");
+    // Random host port, shown by `vswitch port`.
+    let ports = d.ok(&["port", "tomcat81"]);
+    assert!(ports.contains("8080/tcp -> 0.0.0.0:8081"), "{ports}");
+    assert!(ports.contains("8080/tcp -> 127.0.0.1:8082"), "{ports}");
+    let random: u16 = ports
+        .lines()
+        .filter(|l| !l.ends_with(":8081") && !l.ends_with(":8082"))
+        .find_map(|l| l.rsplit(':').next()?.parse().ok())
+        .expect("a random host port");
+    assert!(random > 1024);
+    assert_eq!(
+        curl(&d.ns.name, &[&format!("http://127.0.0.1:{random}/")]).0,
+        0
+    );
+    // A multi-megabyte body arrives intact.
+    assert_eq!(sha_of(&d.ns.name, "http://127.0.0.1:8081/big.bin"), sum);
+
+    // 2000 sequential connections all succeed.
+    let loop_ = d.ns.exec(
+        &[
+            "python3", "-c",
+            "import socket\nok=0\nfor i in range(2000):\n  s=socket.create_connection(('127.0.0.1',8081),timeout=5)\n  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n  d=b''\n  while True:\n    c=s.recv(65536)\n    if not c: break\n    d+=c\n  s.close()\n  ok+= b'200' in d\nprint(ok)",
+        ],
+        secs(240),
+    );
+    assert_eq!(
+        text(&loop_.stdout).trim(),
+        "2000",
+        "{}",
+        text(&loop_.stderr)
+    );
+
+    // Detach closes the listeners.
+    d.ok(&["detach", "tomcat81"]);
+    assert_ne!(
+        curl(&d.ns.name, &["http://127.0.0.1:8081/"]).0,
+        0,
+        "listener closed"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn port_conflicts_are_clear_errors_that_leave_nothing_behind() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "web", "--subnet", "10.97.0.0/24"]);
+    d.ok(&[
+        "network",
+        "create",
+        "sealed",
+        "--subnet",
+        "10.98.0.0/24",
+        "--internal",
+    ]);
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    d.ok(&["attach", "--network", "web", "-p", "8081:80", &a.name]);
+    let before = d.ok(&["network", "inspect", "web"]);
+    let err = d.fails(&["attach", "--network", "web", "-p", "8081:80", &b.name]);
+    assert!(
+        err.contains("8081") && err.contains("already in use"),
+        "{err}"
+    );
+    let err = d.fails(&[
+        "attach",
+        "--network",
+        "web",
+        "-p",
+        "9001:80",
+        "-p",
+        "9001:81",
+        &b.name,
+    ]);
+    assert!(err.contains("given twice"), "{err}");
+    let err = d.fails(&["attach", "--network", "web", "-p", "80:80:80:80", &b.name]);
+    assert!(err.contains("invalid"), "{err}");
+    let err = d.fails(&["attach", "--network", "sealed", "-p", "9002:80", &b.name]);
+    assert!(err.contains("internal"), "{err}");
+    assert_eq!(
+        d.ok(&["network", "inspect", "web"]),
+        before,
+        "nothing changed"
+    );
+    assert_eq!(b.links(), vec!["lo"], "no device left behind");
+    // The port that failed on b is still a's.
+    assert!(d.ok(&["port", a.name.as_str()]).contains(":8081"));
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn containers_reach_the_outside_and_refusals_look_refused() {
+    require_root();
+    let d = Daemon::start();
+    let outside = Outside::new(&d);
+    let (www, sum) = webroot(&d);
+    let _far = HttpServer::start(&outside.ns.name, 80, &www);
+    d.ok(&["network", "create", "out", "--subnet", "10.99.0.0/24"]);
+    let a = Netns::new("a");
+    d.ok(&["attach", "--network", "out", &a.name]);
+    let url = format!("http://{}/", Outside::IP);
+    assert_eq!(
+        curl(&a.name, &[&url]),
+        (0, "hello from the container\n".to_owned())
+    );
+    assert_eq!(
+        sha_of(&a.name, &format!("http://{}/big.bin", Outside::IP)),
+        sum,
+        "download intact"
+    );
+    // A closed port: refused at once (RST), not a connection that opens and dies.
+    let started = Instant::now();
+    let (rc, _) = curl(&a.name, &[&format!("http://{}:81/", Outside::IP)]);
+    assert_eq!(rc, 7, "curl: couldn't connect");
+    assert!(started.elapsed() < secs(3), "refusal was quick");
+
+    // An internal network has no way out.
+    d.ok(&[
+        "network",
+        "create",
+        "sealed",
+        "--subnet",
+        "10.100.0.0/24",
+        "--internal",
+    ]);
+    let s = Netns::new("s");
+    d.ok(&["attach", "--network", "sealed", &s.name]);
+    let (rc, _) = curl(&s.name, &["--connect-timeout", "2", &url]);
+    assert_ne!(rc, 0, "internal network blocked");
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn hairpin_to_a_published_port_from_another_container() {
+    require_root();
+    let d = Daemon::start();
+    let (www, _) = webroot(&d);
+    d.ok(&["network", "create", "hp", "--subnet", "10.101.0.0/24"]);
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    d.ok(&["attach", "--network", "hp", "-p", "8085:8080", &a.name]);
+    d.ok(&["attach", "--network", "hp", &b.name]);
+    let _srv = HttpServer::start(&a.name, 8080, &www);
+    let (rc, body) = curl(&b.name, &["http://10.101.0.1:8085/"]);
+    assert_eq!((rc, body.as_str()), (0, "hello from the container\n"));
+}
