@@ -247,3 +247,41 @@ fn hairpin_to_a_published_port_from_another_container() {
     let (rc, body) = curl(&b.name, &["http://10.101.0.1:8085/"]);
     assert_eq!((rc, body.as_str()), (0, "hello from the container\n"));
 }
+
+const UDP_ECHO: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',7000))\nwhile True:\n  d,a=s.recvfrom(65535)\n  s.sendto(d+(' from %s:%d'%a).encode(),a)";
+const UDP_ASK: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.sendto(b'hello',(sys.argv[1],int(sys.argv[2])))\nprint(s.recvfrom(200)[0].decode())";
+
+fn udp_ask(ns: &str, ip: &str, port: &str) -> String {
+    let out = vswitch_tests::run(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", UDP_ASK, ip, port]),
+        secs(10),
+    );
+    text(&out.stdout).trim().to_owned()
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn udp_published_and_outbound() {
+    require_root();
+    let d = Daemon::start();
+    let outside = Outside::new(&d);
+    d.ok(&["network", "create", "u", "--subnet", "10.102.0.0/24"]);
+    let a = Netns::new("a");
+    d.ok(&["attach", "--network", "u", "-p", "7001:7000/udp", &a.name]);
+    let _echo = vswitch_tests::NsDaemon::spawn(&a.name, &["python3", "-c", UDP_ECHO]);
+    let _far = vswitch_tests::NsDaemon::spawn(&outside.ns.name, &["python3", "-c", UDP_ECHO]);
+    std::thread::sleep(Duration::from_millis(500));
+    // Published: from loopback (seen as the gateway) and from outside (seen as itself).
+    let r = udp_ask(&d.ns.name, "127.0.0.1", "7001");
+    assert!(r.starts_with("hello from 10.102.0.1:"), "{r}");
+    let r = udp_ask(&outside.ns.name, Outside::DAEMON_IP, "7001");
+    assert!(r.starts_with("hello from 192.0.2.2:"), "{r}");
+    assert!(
+        d.ok(&["port", &a.name])
+            .contains("7000/udp -> 0.0.0.0:7001")
+    );
+    // Outbound: the outside sees the daemon's address.
+    let r = udp_ask(&a.name, Outside::IP, "7000");
+    assert!(r.starts_with("hello from 192.0.2.1:"), "{r}");
+}

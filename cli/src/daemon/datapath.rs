@@ -14,7 +14,7 @@
 //! namespace is gone").
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -144,6 +144,21 @@ impl Injector {
         self.send(Command::NatResume { flow });
     }
 
+    /// Hands a datagram for a container to the datapath. `key` is (container, peer as the
+    /// container sees it); `published` registers the flow of a published port.
+    pub fn udp_in(
+        &self,
+        key: (SocketAddr, SocketAddr),
+        frame: Vec<u8>,
+        published: Option<(Arc<std::net::UdpSocket>, SocketAddr)>,
+    ) -> bool {
+        self.send(Command::UdpIn {
+            key,
+            frame,
+            published,
+        })
+    }
+
     /// Delivers a forwarded answer to whoever asked.
     pub fn deliver(&self, to: ReplyTo, answer: Vec<u8>) {
         let cmd = match to {
@@ -161,20 +176,60 @@ impl Injector {
 
 /// A UDP datagram from the gateway's port 53 to the client, as a frame with a zero vnet header.
 fn udp_frame(p: &UdpPeer, payload: &[u8]) -> Option<Vec<u8>> {
-    let eth = PacketBuilder::ethernet2(p.gw_mac, p.client_mac);
-    let mut out = vec![0u8; VNET_HDR_LEN];
-    let r = match (p.gw_ip, p.client_ip) {
-        (IpAddr::V4(g), IpAddr::V4(c)) => eth
-            .ipv4(g.octets(), c.octets(), 64)
-            .udp(DNS_PORT, p.client_port)
+    build_udp_frame(
+        p.gw_mac,
+        p.client_mac,
+        SocketAddr::new(p.gw_ip, DNS_PORT),
+        SocketAddr::new(p.client_ip, p.client_port),
+        payload,
+    )
+}
+
+/// A UDP datagram as a frame with a zero vnet header (complete checksums).
+pub fn build_udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    let eth = PacketBuilder::ethernet2(src_mac, dst_mac);
+    let mut out = Vec::with_capacity(VNET_HDR_LEN + 62 + payload.len());
+    out.resize(VNET_HDR_LEN, 0);
+    let r = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => eth
+            .ipv4(a.octets(), b.octets(), 64)
+            .udp(src.port(), dst.port())
             .write(&mut out, payload),
-        (IpAddr::V6(g), IpAddr::V6(c)) => eth
-            .ipv6(g.octets(), c.octets(), 64)
-            .udp(DNS_PORT, p.client_port)
+        (IpAddr::V6(a), IpAddr::V6(b)) => eth
+            .ipv6(a.octets(), b.octets(), 64)
+            .udp(src.port(), dst.port())
             .write(&mut out, payload),
         _ => return None,
     };
     r.ok().map(|()| out)
+}
+
+/// Most UDP flows per network, and how long an idle one lives (Docker's conntrack keeps
+/// unreplied UDP 30 s and replied 120 s; one minute for both is between).
+const MAX_UDP_FLOWS: usize = 4096;
+const UDP_IDLE: Duration = Duration::from_secs(60);
+
+/// A UDP conversation between a container address and a peer, carried by a host socket.
+struct UdpFlow {
+    socket: Arc<std::net::UdpSocket>,
+    /// For published ports: the real client (the socket is the shared listener). `None` for
+    /// outbound flows, whose socket is connected to the destination.
+    reply_to: Option<SocketAddr>,
+    last: Instant,
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        self.alive
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// Something the datapath tells the control plane.
@@ -236,6 +291,13 @@ enum Command {
     /// The host side drained its queue: reading from the container may resume.
     NatResume {
         flow: FlowId,
+    },
+    /// A datagram from the host side of a UDP flow, as a frame ready for the container.
+    UdpIn {
+        key: (SocketAddr, SocketAddr),
+        frame: Vec<u8>,
+        /// For published ports, the flow to create if it is new (listener socket, client).
+        published: Option<(Arc<std::net::UdpSocket>, SocketAddr)>,
     },
     Shutdown,
 }
@@ -310,6 +372,9 @@ impl Datapath {
             injector: injector.clone(),
             nat_jobs,
             flows: std::collections::HashMap::new(),
+            udp: std::collections::HashMap::new(),
+            next_udp_sweep: None,
+            nat_enabled: gateway.nat,
             gateway_port,
             ports,
             scratch: Vec::new(),
@@ -439,6 +504,10 @@ struct Worker {
     nat_jobs: tokio::sync::mpsc::UnboundedSender<NatJob>,
     /// The host side of each TCP flow terminated on the gateway.
     flows: std::collections::HashMap<FlowId, FlowIo>,
+    /// UDP flows: (container address, peer as the container sees it) -> host socket.
+    udp: std::collections::HashMap<(SocketAddr, SocketAddr), UdpFlow>,
+    next_udp_sweep: Option<Instant>,
+    nat_enabled: bool,
     gateway_port: PortId,
     /// Indexed by `PortId::index()`; `None` for the gateway port and free slots.
     ports: Vec<Option<PortIo>>,
@@ -485,16 +554,21 @@ impl Worker {
             let now = Instant::now();
             self.bridge.handle_timeout(now);
             self.gateway.handle_timeout(now);
+            self.sweep_udp(now);
             self.flush_gateway(now);
         }
         tracing::debug!(network = %self.network_name, "datapath stopped");
     }
 
     fn next_timeout(&mut self, now: Instant) -> EpollTimeout {
-        let due = [self.bridge.poll_timeout(), self.gateway.poll_timeout(now)]
-            .into_iter()
-            .flatten()
-            .min();
+        let due = [
+            self.bridge.poll_timeout(),
+            self.gateway.poll_timeout(now),
+            self.next_udp_sweep,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         match due {
             None => EpollTimeout::NONE,
             Some(t) => {
@@ -549,7 +623,7 @@ impl Worker {
 
     fn deliver(&mut self, now: Instant, port: PortId, frame: &[u8]) {
         if port == self.gateway_port {
-            if !self.dns_udp(now, frame) {
+            if !self.dns_udp(now, frame) && !self.nat_udp(now, frame) {
                 self.gateway.handle_frame(now, frame);
             }
             return;
@@ -727,6 +801,107 @@ impl Worker {
             Outcome::Drop => {}
         }
         true
+    }
+
+    /// Carries a container's UDP datagram to its peer through the flow's host socket,
+    /// creating an outbound flow for a new destination. Returns false if the frame is not UDP
+    /// for NAT (it then goes to the gateway's stack).
+    fn nat_udp(&mut self, now: Instant, frame: &[u8]) -> bool {
+        if !self.nat_enabled || VnetHdr::parse(frame).is_none_or(|h| h.is_gso()) {
+            return false;
+        }
+        let Some(Ok(p)) = frame.get(VNET_HDR_LEN..).map(SlicedPacket::from_ethernet) else {
+            return false;
+        };
+        let Some(LinkSlice::Ethernet2(eth)) = &p.link else {
+            return false;
+        };
+        let (src_ip, dst_ip) = match &p.net {
+            Some(NetSlice::Ipv4(ip)) => (
+                IpAddr::V4(ip.header().source_addr()),
+                IpAddr::V4(ip.header().destination_addr()),
+            ),
+            Some(NetSlice::Ipv6(ip)) => (
+                IpAddr::V6(ip.header().source_addr()),
+                IpAddr::V6(ip.header().destination_addr()),
+            ),
+            _ => return false,
+        };
+        let Some(TransportSlice::Udp(udp)) = &p.transport else {
+            return false;
+        };
+        if dst_ip.is_multicast() || matches!(dst_ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+            return false;
+        }
+        let src = SocketAddr::new(src_ip, udp.source_port());
+        let dst = SocketAddr::new(dst_ip, udp.destination_port());
+        let key = (src, dst);
+        let payload = udp.payload();
+        if let Some(flow) = self.udp.get_mut(&key) {
+            flow.last = now;
+            let _ = match flow.reply_to {
+                Some(client) => flow.socket.send_to(payload, client),
+                None => flow.socket.send(payload),
+            };
+            return true;
+        }
+        if self.udp.len() >= MAX_UDP_FLOWS {
+            return true; // dropped: the table is full
+        }
+        // A datagram to the gateway's own address goes to the host side (loopback).
+        let target = if self.gateway_ips.contains(&dst_ip) {
+            let lo: IpAddr = match dst_ip {
+                IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            SocketAddr::new(lo, dst.port())
+        } else {
+            dst
+        };
+        let bind: SocketAddr = match dst_ip {
+            IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = match std::net::UdpSocket::bind(bind)
+            .and_then(|s| s.connect(target).map(|()| s))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::debug!(%dst, error = %e, "cannot open an outbound UDP socket");
+                return true;
+            }
+        };
+        let _ = socket.send(payload);
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let _ = self.nat_jobs.send(NatJob::UdpReceive {
+            socket: socket.clone(),
+            key,
+            container_mac: eth.source(),
+            gateway_mac: self.gateway_mac,
+            alive: alive.clone(),
+            injector: self.injector.clone(),
+        });
+        self.udp.insert(
+            key,
+            UdpFlow {
+                socket,
+                reply_to: None,
+                last: now,
+                alive,
+            },
+        );
+        self.next_udp_sweep.get_or_insert(now + UDP_IDLE);
+        true
+    }
+
+    fn sweep_udp(&mut self, now: Instant) {
+        if self.next_udp_sweep.is_none_or(|t| now < t) {
+            return;
+        }
+        self.udp
+            .retain(|_, f| now.saturating_duration_since(f.last) < UDP_IDLE);
+        self.next_udp_sweep = (!self.udp.is_empty()).then(|| now + Duration::from_secs(5));
     }
 
     /// Hands a query to the forwarder task, or answers REFUSED if too many are in flight.
@@ -918,6 +1093,35 @@ impl Worker {
                     let now = Instant::now();
                     self.service_flow(now, flow);
                     self.flush_gateway(now);
+                }
+                Command::UdpIn {
+                    key,
+                    frame,
+                    published,
+                } => {
+                    let now = Instant::now();
+                    match self.udp.get_mut(&key) {
+                        Some(flow) => flow.last = now,
+                        None => {
+                            if let Some((socket, client)) = published
+                                && self.udp.len() < MAX_UDP_FLOWS
+                            {
+                                self.udp.insert(
+                                    key,
+                                    UdpFlow {
+                                        socket,
+                                        reply_to: Some(client),
+                                        last: now,
+                                        alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                                    },
+                                );
+                                self.next_udp_sweep.get_or_insert(now + UDP_IDLE);
+                            } else {
+                                continue; // the flow expired: drop the late datagram
+                            }
+                        }
+                    }
+                    self.switch(now, self.gateway_port, &frame);
                 }
                 Command::Shutdown => self.running = false,
             }

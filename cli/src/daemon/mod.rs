@@ -310,6 +310,22 @@ impl Daemon {
                     ));
                     handles.push(task.abort_handle());
                 }
+                Bound::Udp(socket, m) => {
+                    let Ok(mac) = ep.mac.parse::<MacAddr>() else {
+                        continue;
+                    };
+                    let container = SocketAddr::new(IpAddr::V4(ep.ipv4), m.container_port);
+                    let task = tokio::spawn(nat::serve_published_udp(
+                        socket,
+                        container,
+                        mac.0,
+                        IpAddr::V4(net.gateway),
+                        gateway_mac(net).0,
+                        subnet,
+                        injector.clone(),
+                    ));
+                    handles.push(task.abort_handle());
+                }
             }
         }
         live.published.insert(ep.id.clone(), handles);
@@ -984,12 +1000,14 @@ fn plan_endpoint(
 /// A bound host socket of a published port.
 enum Bound {
     Tcp(tokio::net::TcpListener, vswitch_nat::PortMapping),
+    Udp(std::net::UdpSocket, vswitch_nat::PortMapping),
 }
 
 impl Bound {
     fn port(&self) -> u16 {
         match self {
             Bound::Tcp(l, m) => l.local_addr().map(|a| a.port()).unwrap_or(m.host_port),
+            Bound::Udp(s, m) => s.local_addr().map(|a| a.port()).unwrap_or(m.host_port),
         }
     }
 }
@@ -1005,13 +1023,6 @@ fn plan_ports(net: &Network, specs: &[String]) -> ApiResult<Vec<vswitch_nat::Por
             "network {} is internal: it cannot publish ports",
             net.name
         )));
-    }
-    for m in &out {
-        if m.proto == vswitch_nat::Proto::Udp {
-            return Err(ApiError::bad_request(format!(
-                "publishing UDP ports ({m}) is not supported yet"
-            )));
-        }
     }
     let mut seen = HashSet::new();
     for m in out.iter().filter(|m| m.host_port != 0) {
@@ -1031,7 +1042,7 @@ async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bou
     for m in ports {
         let ip = m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let addr = SocketAddr::new(ip, m.host_port);
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let fail = |e: std::io::Error| {
             let why = match e.kind() {
                 std::io::ErrorKind::AddrInUse => "is already in use".to_owned(),
                 std::io::ErrorKind::PermissionDenied => format!(
@@ -1040,8 +1051,19 @@ async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bou
                 _ => format!("cannot be bound: {e}"),
             };
             ApiError::conflict(format!("host port {addr} ({}) {why}", m.proto))
-        })?;
-        out.push(Bound::Tcp(listener, *m));
+        };
+        match m.proto {
+            vswitch_nat::Proto::Tcp => {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(fail)?;
+                out.push(Bound::Tcp(listener, *m));
+            }
+            vswitch_nat::Proto::Udp => {
+                let socket = std::net::UdpSocket::bind(addr)
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .map_err(fail)?;
+                out.push(Bound::Udp(socket, *m));
+            }
+        }
     }
     Ok(out)
 }

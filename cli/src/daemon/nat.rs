@@ -69,6 +69,17 @@ fn channel() -> (
 
 /// Work the datapath hands to tokio.
 pub enum NatJob {
+    /// Receive the answers of an outbound UDP flow and hand them back as frames, until the
+    /// datapath lets the flow expire (`alive` false).
+    UdpReceive {
+        socket: Arc<std::net::UdpSocket>,
+        /// (container, peer as the container sees it).
+        key: (SocketAddr, SocketAddr),
+        container_mac: [u8; 6],
+        gateway_mac: [u8; 6],
+        alive: Arc<AtomicBool>,
+        injector: Injector,
+    },
     /// A container's SYN to `dst` is held; dial it and report back.
     Dial {
         flow: FlowId,
@@ -84,6 +95,23 @@ pub enum NatJob {
 pub async fn run_jobs(mut jobs: tokio::sync::mpsc::UnboundedReceiver<NatJob>) {
     while let Some(job) = jobs.recv().await {
         match job {
+            NatJob::UdpReceive {
+                socket,
+                key,
+                container_mac,
+                gateway_mac,
+                alive,
+                injector,
+            } => {
+                tokio::spawn(udp_receive(
+                    socket,
+                    key,
+                    container_mac,
+                    gateway_mac,
+                    alive,
+                    injector,
+                ));
+            }
             NatJob::Dial {
                 flow,
                 src,
@@ -248,5 +276,99 @@ pub async fn serve_published_tcp(
                 None => drop(stream),
             }
         });
+    }
+}
+
+async fn udp_receive(
+    socket: Arc<std::net::UdpSocket>,
+    key: (SocketAddr, SocketAddr),
+    container_mac: [u8; 6],
+    gateway_mac: [u8; 6],
+    alive: Arc<AtomicBool>,
+    injector: Injector,
+) {
+    let Ok(clone) = socket.try_clone() else {
+        return;
+    };
+    let Ok(sock) = tokio::net::UdpSocket::from_std(clone) else {
+        return;
+    };
+    let (container, peer) = key;
+    let mut buf = vec![0u8; 65_535];
+    while alive.load(Ordering::Acquire) {
+        match tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                let Some(frame) = super::datapath::build_udp_frame(
+                    gateway_mac,
+                    container_mac,
+                    peer,
+                    container,
+                    &buf[..n],
+                ) else {
+                    continue;
+                };
+                if !injector.udp_in(key, frame, None) {
+                    return;
+                }
+            }
+            Ok(Err(_)) | Err(_) => {}
+        }
+    }
+}
+
+/// Receives datagrams on a published UDP port and carries them to the container, each client
+/// as its own flow (its replies go back to it through the same socket).
+pub async fn serve_published_udp(
+    socket: std::net::UdpSocket,
+    container: SocketAddr,
+    container_mac: [u8; 6],
+    gateway: IpAddr,
+    gateway_mac: [u8; 6],
+    subnet: ipnet::IpNet,
+    injector: Injector,
+) {
+    let Ok(send) = socket.try_clone().map(Arc::new) else {
+        return;
+    };
+    let Ok(sock) = tokio::net::UdpSocket::from_std(socket) else {
+        return;
+    };
+    let mut buf = vec![0u8; 65_535];
+    // Clients that cannot be shown as themselves get a gateway port each, remembered so that
+    // their replies find them (bounded; the oldest half is forgotten when full).
+    let mut masq: std::collections::HashMap<SocketAddr, SocketAddr> = Default::default();
+    let mut next_port: u16 = 0;
+    loop {
+        let Ok((n, client)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let ip = client.ip().to_canonical();
+        let seen_as = if ip.is_loopback()
+            || ip.is_unspecified()
+            || ip.is_ipv4() != container.is_ipv4()
+            || subnet.contains(&ip)
+        {
+            if masq.len() >= 4096 {
+                masq.clear();
+            }
+            *masq.entry(client).or_insert_with(|| {
+                next_port = next_port.wrapping_add(1);
+                SocketAddr::new(gateway, 32768 + next_port % 28000)
+            })
+        } else {
+            SocketAddr::new(ip, client.port())
+        };
+        let Some(frame) = super::datapath::build_udp_frame(
+            gateway_mac,
+            container_mac,
+            seen_as,
+            container,
+            &buf[..n],
+        ) else {
+            continue;
+        };
+        if !injector.udp_in((container, seen_as), frame, Some((send.clone(), client))) {
+            return;
+        }
     }
 }
