@@ -296,22 +296,21 @@ async fn udp_receive(
     let (container, peer) = key;
     let mut buf = vec![0u8; 65_535];
     while alive.load(Ordering::Acquire) {
-        match tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await {
-            Ok(Ok(n)) => {
-                let Some(frame) = super::datapath::build_udp_frame(
-                    gateway_mac,
-                    container_mac,
-                    peer,
-                    container,
-                    &buf[..n],
-                ) else {
-                    continue;
-                };
-                if !injector.udp_in(key, frame, None) {
-                    return;
-                }
-            }
-            Ok(Err(_)) | Err(_) => {}
+        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await
+        else {
+            continue;
+        };
+        let Some(frame) = super::datapath::build_udp_frame(
+            gateway_mac,
+            container_mac,
+            peer,
+            container,
+            &buf[..n],
+        ) else {
+            continue;
+        };
+        if !injector.udp_in(key, frame, None) {
+            return;
         }
     }
 }
