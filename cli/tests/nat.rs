@@ -211,6 +211,10 @@ fn containers_reach_the_outside_and_refusals_look_refused() {
         sum,
         "download intact"
     );
+    // Ping reaches the outside (ping socket, or raw socket as root); an address nobody has
+    // stays silent instead of being answered by the gateway.
+    assert!(a.ping(Outside::IP), "outbound ping");
+    assert!(!a.ping("192.0.2.99"), "no fake echo replies");
     // A closed port: refused at once (RST), not a connection that opens and dies.
     let started = Instant::now();
     let (rc, _) = curl(&a.name, &[&format!("http://{}:81/", Outside::IP)]);

@@ -41,6 +41,8 @@ const BATCH: usize = 64;
 const FRAME_BUF: usize = VNET_HDR_LEN + 14 + 65_535 + 64;
 const WAKE_TOKEN: u64 = u64::MAX;
 const GATEWAY_NAME: &str = "(gateway)";
+/// Size of the virtio-net header in front of every frame this datapath moves.
+pub const VNET_HDR: usize = VNET_HDR_LEN;
 const DNS_PORT: u16 = 53;
 /// DNS over TCP on the virtual network: connections per network, and how long a client may take
 /// to send a complete query.
@@ -144,6 +146,11 @@ impl Injector {
         self.send(Command::NatResume { flow });
     }
 
+    /// Hands an echo reply (as a frame) for the ping flow `key` to the datapath.
+    pub fn icmp_in(&self, key: (IpAddr, u16, IpAddr), frame: Vec<u8>) -> bool {
+        self.send(Command::IcmpIn { key, frame })
+    }
+
     /// Hands a datagram for a container to the datapath. `key` is (container, peer as the
     /// container sees it); `published` registers the flow of a published port.
     pub fn udp_in(
@@ -214,6 +221,24 @@ pub fn build_udp_frame(
 /// unreplied UDP 30 s and replied 120 s; one minute for both is between).
 const MAX_UDP_FLOWS: usize = 4096;
 const UDP_IDLE: Duration = Duration::from_secs(60);
+const ICMP_IDLE: Duration = Duration::from_secs(30);
+
+/// An outbound ping conversation: (container address, echo id, destination).
+type IcmpKey = (IpAddr, u16, IpAddr);
+
+/// Echo requests of one container ping to one destination, carried by a host ICMP socket.
+struct IcmpFlow {
+    socket: Arc<std::net::UdpSocket>,
+    last: Instant,
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for IcmpFlow {
+    fn drop(&mut self) {
+        self.alive
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
 
 /// A UDP conversation between a container address and a peer, carried by a host socket.
 struct UdpFlow {
@@ -299,6 +324,11 @@ enum Command {
         /// For published ports, the flow to create if it is new (listener socket, client).
         published: Option<(Arc<std::net::UdpSocket>, SocketAddr)>,
     },
+    /// An echo reply for a container's ping, as a frame.
+    IcmpIn {
+        key: IcmpKey,
+        frame: Vec<u8>,
+    },
     Shutdown,
 }
 
@@ -373,6 +403,7 @@ impl Datapath {
             nat_jobs,
             flows: std::collections::HashMap::new(),
             udp: std::collections::HashMap::new(),
+            icmp: std::collections::HashMap::new(),
             next_udp_sweep: None,
             nat_enabled: gateway.nat,
             gateway_port,
@@ -506,6 +537,7 @@ struct Worker {
     flows: std::collections::HashMap<FlowId, FlowIo>,
     /// UDP flows: (container address, peer as the container sees it) -> host socket.
     udp: std::collections::HashMap<(SocketAddr, SocketAddr), UdpFlow>,
+    icmp: std::collections::HashMap<IcmpKey, IcmpFlow>,
     next_udp_sweep: Option<Instant>,
     nat_enabled: bool,
     gateway_port: PortId,
@@ -623,7 +655,8 @@ impl Worker {
 
     fn deliver(&mut self, now: Instant, port: PortId, frame: &[u8]) {
         if port == self.gateway_port {
-            if !self.dns_udp(now, frame) && !self.nat_udp(now, frame) {
+            if !self.dns_udp(now, frame) && !self.nat_udp(now, frame) && !self.nat_icmp(now, frame)
+            {
                 self.gateway.handle_frame(now, frame);
             }
             return;
@@ -901,7 +934,78 @@ impl Worker {
         }
         self.udp
             .retain(|_, f| now.saturating_duration_since(f.last) < UDP_IDLE);
-        self.next_udp_sweep = (!self.udp.is_empty()).then(|| now + Duration::from_secs(5));
+        self.icmp
+            .retain(|_, f| now.saturating_duration_since(f.last) < ICMP_IDLE);
+        self.next_udp_sweep =
+            (!self.udp.is_empty() || !self.icmp.is_empty()).then(|| now + Duration::from_secs(5));
+    }
+
+    /// Sends a container's echo request to the outside through a host ICMP socket (an
+    /// unprivileged ping socket, or a raw socket when those are not allowed and we are root).
+    /// Returns false if the frame is not an outbound IPv4 echo request.
+    fn nat_icmp(&mut self, now: Instant, frame: &[u8]) -> bool {
+        if !self.nat_enabled {
+            return false;
+        }
+        let Some(Ok(p)) = frame.get(VNET_HDR_LEN..).map(SlicedPacket::from_ethernet) else {
+            return false;
+        };
+        let Some(LinkSlice::Ethernet2(eth)) = &p.link else {
+            return false;
+        };
+        let Some(NetSlice::Ipv4(ip)) = &p.net else {
+            return false;
+        };
+        let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+            return false;
+        };
+        let etherparse::Icmpv4Type::EchoRequest(echo) = icmp.icmp_type() else {
+            return false;
+        };
+        let src = IpAddr::V4(ip.header().source_addr());
+        let dst = IpAddr::V4(ip.header().destination_addr());
+        if self.gateway_ips.contains(&dst) || dst.is_multicast() {
+            return false;
+        }
+        let key = (src, echo.id, dst);
+        if !self.icmp.contains_key(&key) {
+            if self.icmp.len() >= MAX_UDP_FLOWS {
+                return true;
+            }
+            let Some((socket, raw)) = super::nat::icmp_socket(dst) else {
+                return true;
+            };
+            let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let _ = self.nat_jobs.send(NatJob::IcmpReceive {
+                socket: socket.clone(),
+                raw,
+                key,
+                container_mac: eth.source(),
+                gateway_mac: self.gateway_mac,
+                alive: alive.clone(),
+                injector: self.injector.clone(),
+            });
+            self.icmp.insert(
+                key,
+                IcmpFlow {
+                    socket,
+                    last: now,
+                    alive,
+                },
+            );
+            self.next_udp_sweep.get_or_insert(now + ICMP_IDLE);
+        }
+        if let Some(flow) = self.icmp.get_mut(&key) {
+            flow.last = now;
+            let header = etherparse::Icmpv4Header::with_checksum(
+                etherparse::Icmpv4Type::EchoRequest(echo),
+                icmp.payload(),
+            );
+            let mut msg = header.to_bytes().to_vec();
+            msg.extend_from_slice(icmp.payload());
+            let _ = flow.socket.send(&msg);
+        }
+        true
     }
 
     /// Hands a query to the forwarder task, or answers REFUSED if too many are in flight.
@@ -1093,6 +1197,13 @@ impl Worker {
                     let now = Instant::now();
                     self.service_flow(now, flow);
                     self.flush_gateway(now);
+                }
+                Command::IcmpIn { key, frame } => {
+                    let now = Instant::now();
+                    if let Some(flow) = self.icmp.get_mut(&key) {
+                        flow.last = now;
+                        self.switch(now, self.gateway_port, &frame);
+                    }
                 }
                 Command::UdpIn {
                     key,

@@ -69,6 +69,17 @@ fn channel() -> (
 
 /// Work the datapath hands to tokio.
 pub enum NatJob {
+    /// Receive echo replies for a container's pings and hand them back as frames.
+    IcmpReceive {
+        socket: Arc<std::net::UdpSocket>,
+        raw: bool,
+        /// (container, echo id, destination).
+        key: (IpAddr, u16, IpAddr),
+        container_mac: [u8; 6],
+        gateway_mac: [u8; 6],
+        alive: Arc<AtomicBool>,
+        injector: Injector,
+    },
     /// Receive the answers of an outbound UDP flow and hand them back as frames, until the
     /// datapath lets the flow expire (`alive` false).
     UdpReceive {
@@ -95,6 +106,25 @@ pub enum NatJob {
 pub async fn run_jobs(mut jobs: tokio::sync::mpsc::UnboundedReceiver<NatJob>) {
     while let Some(job) = jobs.recv().await {
         match job {
+            NatJob::IcmpReceive {
+                socket,
+                raw,
+                key,
+                container_mac,
+                gateway_mac,
+                alive,
+                injector,
+            } => {
+                tokio::spawn(icmp_receive(
+                    socket,
+                    raw,
+                    key,
+                    container_mac,
+                    gateway_mac,
+                    alive,
+                    injector,
+                ));
+            }
             NatJob::UdpReceive {
                 socket,
                 key,
@@ -367,6 +397,94 @@ pub async fn serve_published_udp(
             continue;
         };
         if !injector.udp_in((container, seen_as), frame, Some((send.clone(), client))) {
+            return;
+        }
+    }
+}
+
+/// An ICMP socket connected to `dst`: an unprivileged ping socket if the namespace allows it
+/// (`net.ipv4.ping_group_range`), else a raw socket (needs CAP_NET_RAW). The bool says raw.
+pub fn icmp_socket(dst: IpAddr) -> Option<(Arc<std::net::UdpSocket>, bool)> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn, connect, socket,
+    };
+    let IpAddr::V4(v4) = dst else { return None };
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    let (fd, raw) = match socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        flags,
+        SockProtocol::Icmp,
+    ) {
+        Ok(fd) => (fd, false),
+        Err(e) => match socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            flags,
+            SockProtocol::Icmp,
+        ) {
+            Ok(fd) => (fd, true),
+            Err(_) => {
+                tracing::warn!(error = %e, "cannot open an ICMP socket: outbound ping needs net.ipv4.ping_group_range to include the daemon's group, or CAP_NET_RAW");
+                return None;
+            }
+        },
+    };
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(v4, 0)),
+    )
+    .ok()?;
+    // A datagram socket of another protocol: std's UdpSocket is only a wrapper over send/recv.
+    Some((Arc::new(std::net::UdpSocket::from(fd)), raw))
+}
+
+async fn icmp_receive(
+    socket: Arc<std::net::UdpSocket>,
+    raw: bool,
+    key: (IpAddr, u16, IpAddr),
+    container_mac: [u8; 6],
+    gateway_mac: [u8; 6],
+    alive: Arc<AtomicBool>,
+    injector: Injector,
+) {
+    let (IpAddr::V4(container), id, IpAddr::V4(dst)) = key else {
+        return;
+    };
+    let Ok(clone) = socket.try_clone() else {
+        return;
+    };
+    let Ok(sock) = tokio::net::UdpSocket::from_std(clone) else {
+        return;
+    };
+    let mut buf = vec![0u8; 65_535];
+    while alive.load(Ordering::Acquire) {
+        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await
+        else {
+            continue;
+        };
+        // Raw sockets deliver the IP header too.
+        let icmp_bytes = if raw {
+            let ihl = usize::from(buf[0] & 0x0f) * 4;
+            buf.get(ihl..n).unwrap_or(&[])
+        } else {
+            &buf[..n]
+        };
+        let Ok((header, payload)) = etherparse::Icmpv4Header::from_slice(icmp_bytes) else {
+            continue;
+        };
+        let etherparse::Icmpv4Type::EchoReply(echo) = header.icmp_type else {
+            continue;
+        };
+        if raw && echo.id != id {
+            continue; // a raw socket sees every reply from dst, not just ours
+        }
+        let mut frame = vec![0u8; super::datapath::VNET_HDR];
+        let built = etherparse::PacketBuilder::ethernet2(gateway_mac, container_mac)
+            .ipv4(dst.octets(), container.octets(), 64)
+            .icmpv4_echo_reply(id, echo.seq)
+            .write(&mut frame, payload);
+        if built.is_ok() && !injector.icmp_in(key, frame) {
             return;
         }
     }
