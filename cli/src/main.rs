@@ -77,6 +77,10 @@ struct DaemonArgs {
     /// Also serve <name>.<network> for every network to the host on ADDR:PORT (UDP and TCP)
     #[arg(long, value_name = "ADDR:PORT")]
     dns_listen: Option<std::net::SocketAddr>,
+    /// Let containers reach every service on the host's loopback through their gateway's
+    /// address (by default only published ports are reachable there)
+    #[arg(long)]
+    allow_host_loopback: bool,
 }
 
 #[derive(Args)]
@@ -227,11 +231,12 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Resul
     let opts = daemon::Options {
         socket,
         state_dir,
-        dns: daemon::DnsOptions {
+        dns: daemon::RuntimeOptions {
             upstreams: args.dns_upstream,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             ttl: args.dns_ttl,
             max_forwards: 1024,
+            host_loopback: args.allow_host_loopback,
         },
         dns_listen: args.dns_listen,
     };

@@ -250,6 +250,32 @@ fn hairpin_to_a_published_port_from_another_container() {
     let _srv = HttpServer::start(&a.name, 8080, &www);
     let (rc, body) = curl(&b.name, &["http://10.101.0.1:8085/"]);
     assert_eq!((rc, body.as_str()), (0, "hello from the container\n"));
+
+    // The host's loopback services are not reachable through the gateway by default: only
+    // published ports are.
+    let _host_only = HttpServer::start(&d.ns.name, 8099, &www);
+    assert_eq!(
+        curl(&d.ns.name, &["http://127.0.0.1:8099/"]).0,
+        0,
+        "it does listen"
+    );
+    let (rc, _) = curl(
+        &b.name,
+        &["--connect-timeout", "3", "http://10.101.0.1:8099/"],
+    );
+    assert_eq!(rc, 7, "host loopback closed to containers");
+
+    // Networks stay isolated through NAT: a container on another network is not reachable by
+    // its address.
+    d.ok(&["network", "create", "other", "--subnet", "10.103.0.0/24"]);
+    let c = Netns::new("c");
+    d.ok(&["attach", "--network", "other", &c.name]);
+    let _srv_c = HttpServer::start(&c.name, 8080, &www);
+    let (rc, _) = curl(
+        &b.name,
+        &["--connect-timeout", "3", "http://10.103.0.2:8080/"],
+    );
+    assert_ne!(rc, 0, "no path between networks");
 }
 
 const UDP_ECHO: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',7000))\nwhile True:\n  d,a=s.recvfrom(65535)\n  s.sendto(d+(' from %s:%d'%a).encode(),a)";

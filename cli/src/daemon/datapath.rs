@@ -354,6 +354,7 @@ impl Datapath {
         gateway: GatewayConfig,
         dns: Option<DnsHook>,
         nat_jobs: tokio::sync::mpsc::UnboundedSender<NatJob>,
+        policy: super::nat::SharedPolicy,
         events: tokio::sync::mpsc::UnboundedSender<Event>,
     ) -> io::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -401,6 +402,7 @@ impl Datapath {
             dns,
             injector: injector.clone(),
             nat_jobs,
+            policy,
             flows: std::collections::HashMap::new(),
             udp: std::collections::HashMap::new(),
             icmp: std::collections::HashMap::new(),
@@ -533,6 +535,7 @@ struct Worker {
     dns: Option<DnsHook>,
     injector: Injector,
     nat_jobs: tokio::sync::mpsc::UnboundedSender<NatJob>,
+    policy: super::nat::SharedPolicy,
     /// The host side of each TCP flow terminated on the gateway.
     flows: std::collections::HashMap<FlowId, FlowIo>,
     /// UDP flows: (container address, peer as the container sees it) -> host socket.
@@ -700,6 +703,7 @@ impl Worker {
                         src,
                         dst,
                         gateway: self.gateway_ips.clone(),
+                        policy: self.policy.clone(),
                         injector: self.injector.clone(),
                     });
                 }
@@ -881,15 +885,12 @@ impl Worker {
         if self.udp.len() >= MAX_UDP_FLOWS {
             return true; // dropped: the table is full
         }
-        // A datagram to the gateway's own address goes to the host side (loopback).
-        let target = if self.gateway_ips.contains(&dst_ip) {
-            let lo: IpAddr = match dst_ip {
-                IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            };
-            SocketAddr::new(lo, dst.port())
-        } else {
-            dst
+        let Some(target) = super::nat::read_policy(&self.policy).outbound_target(
+            vswitch_nat::Proto::Udp,
+            dst,
+            &self.gateway_ips,
+        ) else {
+            return true; // not allowed: dropped
         };
         let bind: SocketAddr = match dst_ip {
             IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -966,6 +967,13 @@ impl Worker {
         let dst = IpAddr::V4(ip.header().destination_addr());
         if self.gateway_ips.contains(&dst) || dst.is_multicast() {
             return false;
+        }
+        if super::nat::read_policy(&self.policy)
+            .subnets
+            .iter()
+            .any(|n| n.contains(&dst))
+        {
+            return true; // another vswitch network: isolated, dropped
         }
         let key = (src, echo.id, dst);
         if !self.icmp.contains_key(&key) {

@@ -104,15 +104,18 @@ impl Drop for LiveNetwork {
     }
 }
 
-/// DNS settings of the daemon.
+/// DNS and NAT settings of the daemon.
 #[derive(Debug, Clone)]
-pub struct DnsOptions {
+pub struct RuntimeOptions {
     /// `--dns-upstream`; empty means the nameservers of `resolv_conf`.
     pub upstreams: Vec<SocketAddr>,
     pub resolv_conf: PathBuf,
     pub ttl: u32,
     /// Most queries relayed upstream at once; beyond it clients get REFUSED.
     pub max_forwards: usize,
+    /// `--allow-host-loopback`: containers reach every service on the host's loopback through
+    /// the gateway address, not only published ports.
+    pub host_loopback: bool,
 }
 
 struct Inner {
@@ -128,6 +131,7 @@ pub struct Daemon {
     catalog: Arc<RwLock<Catalog>>,
     dns: DnsHook,
     nat_jobs: tokio::sync::mpsc::UnboundedSender<nat::NatJob>,
+    policy: nat::SharedPolicy,
 }
 
 impl Daemon {
@@ -136,9 +140,10 @@ impl Daemon {
     /// events, which the caller feeds back through [`Daemon::handle_event`].
     pub async fn start(
         state_dir: &Path,
-        dns: &DnsOptions,
+        dns: &RuntimeOptions,
     ) -> anyhow::Result<(Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<Event>)> {
         let state_dir = StateDir::new(state_dir)?;
+        let host_loopback = dns.host_loopback;
         let catalog = Arc::new(RwLock::new(Catalog::default()));
         let responder = Arc::new(Responder::new(catalog.clone(), dns.ttl));
         let upstreams = Arc::new(Upstreams::new(
@@ -155,6 +160,10 @@ impl Daemon {
         };
         let (nat_jobs, nat_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(nat::run_jobs(nat_rx));
+        let policy = Arc::new(RwLock::new(nat::Policy {
+            host_loopback,
+            ..Default::default()
+        }));
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let own_netns = NetNs::current()
             .context("cannot open the daemon's own network namespace")?
@@ -173,6 +182,7 @@ impl Daemon {
             catalog,
             dns,
             nat_jobs,
+            policy,
         });
         {
             let mut inner = daemon.inner.lock().await;
@@ -201,6 +211,7 @@ impl Daemon {
             if !fresh {
                 daemon.restore_endpoints(&mut inner).await;
             }
+            daemon.refresh_policy_ports(&inner.store);
             daemon.state_dir.save(&inner.store)?;
         }
         Ok((daemon, rx))
@@ -223,9 +234,11 @@ impl Daemon {
             gateway,
             Some(self.dns.clone()),
             self.nat_jobs.clone(),
+            self.policy.clone(),
             self.events.clone(),
         )
         .with_context(|| format!("cannot start the datapath of network {}", net.name))?;
+        self.refresh_policy_subnets_with(net);
         let mut subnets = vec![(IpAddr::V4(net.subnet.network()), net.subnet.prefix_len())];
         if let Some(s6) = net.subnet6 {
             subnets.push((IpAddr::V6(s6.network()), s6.prefix_len()));
@@ -366,6 +379,32 @@ impl Daemon {
         Ok(())
     }
 
+    fn policy_mut(&self) -> std::sync::RwLockWriteGuard<'_, nat::Policy> {
+        match self.policy.write() {
+            Ok(p) => p,
+            Err(e) => e.into_inner(),
+        }
+    }
+
+    /// Adds a network's subnets to the NAT policy's isolation list.
+    fn refresh_policy_subnets_with(&self, net: &Network) {
+        let mut p = self.policy_mut();
+        p.subnets.push(ipnet::IpNet::V4(net.subnet));
+        if let Some(s6) = net.subnet6 {
+            p.subnets.push(ipnet::IpNet::V6(s6));
+        }
+    }
+
+    /// Recomputes the published ports of the NAT policy from the store.
+    fn refresh_policy_ports(&self, store: &Store) {
+        let ports = store
+            .endpoints
+            .values()
+            .flat_map(|e| e.ports.iter().map(|m| (m.proto, m.host_port)))
+            .collect();
+        self.policy_mut().published = ports;
+    }
+
     fn catalog_mut(&self) -> std::sync::RwLockWriteGuard<'_, Catalog> {
         match self.catalog.write() {
             Ok(c) => c,
@@ -396,6 +435,7 @@ impl Daemon {
                 self.catalog_mut()
                     .remove_endpoint(&network_id, &endpoint_id);
                 remove_resolv_conf(&ep);
+                self.refresh_policy_ports(&inner.store);
                 tracing::info!(endpoint = %ep.name, ip = %ep.ipv4, "endpoint removed: its namespace or device is gone");
                 if let Err(e) = self.state_dir.save(&inner.store) {
                     tracing::error!(error = %e, "cannot save state");
@@ -455,6 +495,13 @@ impl Daemon {
         }
         inner.live.remove(&net.id);
         self.catalog_mut().remove_network(&net.id);
+        {
+            let mut p = self.policy_mut();
+            p.subnets.retain(|s| {
+                *s != ipnet::IpNet::V4(net.subnet)
+                    && net.subnet6.is_none_or(|s6| *s != ipnet::IpNet::V6(s6))
+            });
+        }
         tracing::info!(name = %net.name, "network removed");
         Ok(())
     }
@@ -506,6 +553,7 @@ impl Daemon {
             _ => false,
         };
         inner.store.endpoints.insert(ep.id.clone(), ep.clone());
+        self.refresh_policy_ports(&inner.store);
         if let Err(e) = self.state_dir.save(&inner.store) {
             self.unplug(&mut inner, &ep).await;
             return Err(e.into());
@@ -534,6 +582,7 @@ impl Daemon {
         }
         remove_resolv_conf(ep);
         inner.store.endpoints.remove(&ep.id);
+        self.refresh_policy_ports(&inner.store);
     }
 
     /// Detaches endpoints: all endpoints called `name`, or only the one on `network`.

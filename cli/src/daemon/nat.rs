@@ -31,6 +31,59 @@ const CHANNEL_CHUNKS: usize = 8;
 /// How long an outbound dial may take before the container is refused.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where containers may go through NAT. Shared by the daemon (which keeps it current) and the
+/// datapaths and dial tasks (which consult it for every new flow).
+///
+/// - The gateway's own address means "the host": only the published ports are reachable there
+///   (that is hairpin), unless the daemon runs with `--allow-host-loopback`, which opens every
+///   service listening on the host's loopback. Safe by default: a container cannot reach a
+///   database or admin socket bound to 127.0.0.1 on the host.
+/// - Addresses inside any vswitch network are refused: networks stay isolated even through
+///   NAT, and such traffic never leaks to a LAN that happens to use the same range.
+/// - Everything else is dialled from the daemon's namespace.
+#[derive(Debug, Default)]
+pub struct Policy {
+    pub subnets: Vec<ipnet::IpNet>,
+    pub published: std::collections::HashSet<(vswitch_nat::Proto, u16)>,
+    pub host_loopback: bool,
+}
+
+pub type SharedPolicy = Arc<std::sync::RwLock<Policy>>;
+
+impl Policy {
+    /// The host address to dial for a container's connection to `dst`, or `None` if refused.
+    pub fn outbound_target(
+        &self,
+        proto: vswitch_nat::Proto,
+        dst: SocketAddr,
+        gateway: &[IpAddr],
+    ) -> Option<SocketAddr> {
+        let ip = dst.ip();
+        if gateway.contains(&ip) {
+            if !self.host_loopback && !self.published.contains(&(proto, dst.port())) {
+                return None;
+            }
+            let lo: IpAddr = match ip {
+                IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            return Some(SocketAddr::new(lo, dst.port()));
+        }
+        if self.subnets.iter().any(|n| n.contains(&ip)) || ip.is_loopback() || ip.is_unspecified() {
+            return None;
+        }
+        Some(dst)
+    }
+}
+
+/// Reads a shared policy, tolerating poisoning (the data is plain sets).
+pub fn read_policy(p: &SharedPolicy) -> std::sync::RwLockReadGuard<'_, Policy> {
+    match p.read() {
+        Ok(g) => g,
+        Err(e) => e.into_inner(),
+    }
+}
+
 /// State shared by the two halves of a flow's splice.
 #[derive(Debug)]
 pub struct FlowShared {
@@ -98,6 +151,7 @@ pub enum NatJob {
         dst: SocketAddr,
         /// The network's gateway addresses: a dial to one of them means the daemon's host side.
         gateway: Vec<IpAddr>,
+        policy: SharedPolicy,
         injector: Injector,
     },
 }
@@ -147,9 +201,20 @@ pub async fn run_jobs(mut jobs: tokio::sync::mpsc::UnboundedReceiver<NatJob>) {
                 src,
                 dst,
                 gateway,
+                policy,
                 injector,
             } => {
-                tokio::spawn(dial(flow, src, dst, gateway, injector));
+                let target =
+                    read_policy(&policy).outbound_target(vswitch_nat::Proto::Tcp, dst, &gateway);
+                match target {
+                    Some(target) => {
+                        tokio::spawn(dial(flow, src, dst, target, injector));
+                    }
+                    None => {
+                        tracing::debug!(%src, %dst, "outbound connection not allowed");
+                        injector.nat_dialed(flow, None);
+                    }
+                }
             }
         }
     }
@@ -159,21 +224,9 @@ async fn dial(
     flow: FlowId,
     src: SocketAddr,
     dst: SocketAddr,
-    gateway: Vec<IpAddr>,
+    target: SocketAddr,
     injector: Injector,
 ) {
-    // A connection to the gateway's own address is a connection to the host: the daemon's
-    // namespace, through loopback (this is also how a container reaches a published port of
-    // another container: hairpin through the host side).
-    let target = if gateway.contains(&dst.ip()) {
-        let lo: IpAddr = match dst.ip() {
-            IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-            IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        };
-        SocketAddr::new(lo, dst.port())
-    } else {
-        dst
-    };
     match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(stream)) => {
             let (ch, rx, shared) = channel();
@@ -487,5 +540,54 @@ async fn icmp_receive(
         if built.is_ok() && !injector.icmp_in(key, frame) {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vswitch_nat::Proto;
+
+    #[test]
+    fn policy() {
+        let gw: Vec<IpAddr> = vec!["10.1.0.1".parse().expect("ip")];
+        let mut p = Policy {
+            subnets: vec![
+                "10.1.0.0/24".parse().expect("net"),
+                "10.2.0.0/24".parse().expect("net"),
+            ],
+            ..Default::default()
+        };
+        p.published.insert((Proto::Tcp, 8081));
+        let sa = |s: &str| s.parse::<SocketAddr>().expect("sa");
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("10.1.0.1:8081"), &gw),
+            Some(sa("127.0.0.1:8081"))
+        );
+        assert_eq!(
+            p.outbound_target(Proto::Udp, sa("10.1.0.1:8081"), &gw),
+            None,
+            "UDP 8081 not published"
+        );
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("10.1.0.1:22"), &gw),
+            None,
+            "host loopback closed"
+        );
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("10.2.0.5:80"), &gw),
+            None,
+            "other network"
+        );
+        assert_eq!(p.outbound_target(Proto::Tcp, sa("127.0.0.1:80"), &gw), None);
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("192.0.2.2:80"), &gw),
+            Some(sa("192.0.2.2:80"))
+        );
+        p.host_loopback = true;
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("10.1.0.1:22"), &gw),
+            Some(sa("127.0.0.1:22"))
+        );
     }
 }

@@ -32,7 +32,7 @@ const MAX_CONNECTIONS: usize = 256;
 pub struct Options {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
-    pub dns: super::DnsOptions,
+    pub dns: super::RuntimeOptions,
     /// `--dns-listen`: serve `<name>.<network>` to the host on this address.
     pub dns_listen: Option<std::net::SocketAddr>,
 }
