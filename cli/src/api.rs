@@ -102,6 +102,9 @@ pub struct ContainerEntry {
     pub ipv4_address: String,
     #[serde(rename = "IPv6Address")]
     pub ipv6_address: String,
+    /// Published ports, `CTR_PORT/PROTO -> HOST_IP:HOST_PORT` (a vswitch extension).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
 }
 
 /// How the target namespace of an attach was named.

@@ -111,6 +111,16 @@ fn published_ports_reach_the_container_with_the_clients_address() {
         .find_map(|l| l.rsplit(':').next()?.parse().ok())
         .expect("a random host port");
     assert!(random > 1024);
+    let inspect = d.inspect("web");
+    let entry = inspect["Containers"]
+        .as_object()
+        .and_then(|c| c.values().next())
+        .cloned();
+    let listed = entry.map(|e| e["Ports"].to_string()).unwrap_or_default();
+    assert!(
+        listed.contains("8080/tcp -> 0.0.0.0:8081"),
+        "inspect shows ports: {listed}"
+    );
     assert_eq!(
         curl(&d.ns.name, &[&format!("http://127.0.0.1:{random}/")]).0,
         0
@@ -188,6 +198,22 @@ fn port_conflicts_are_clear_errors_that_leave_nothing_behind() {
     assert_eq!(b.links(), vec!["lo"], "no device left behind");
     // The port that failed on b is still a's.
     assert!(d.ok(&["port", a.name.as_str()]).contains(":8081"));
+    let c = Netns::new("c");
+    d.ok(&[
+        "attach",
+        "--network",
+        "web",
+        "-p",
+        "9100-9102:8000-8002/udp",
+        &c.name,
+    ]);
+    let ports = d.ok(&["port", c.name.as_str()]);
+    assert_eq!(
+        ports.lines().count(),
+        3,
+        "a range is three mappings: {ports}"
+    );
+    assert!(ports.contains("8002/udp -> 0.0.0.0:9102"), "{ports}");
 }
 
 #[test]

@@ -133,7 +133,12 @@ impl Flows {
                 }
                 out.push(TcpEvent::Activity(*id));
             }
-            if state == tcp::State::Closed {
+            // TIME-WAIT would keep a socket (and its place in smoltcp's per-frame scan) for
+            // seconds after the flow is over; the host side is gone by then, so it goes now.
+            if matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
+                if state == tcp::State::TimeWait {
+                    out.push(TcpEvent::Activity(*id));
+                }
                 closed.push(*id);
             }
         }
@@ -160,13 +165,13 @@ pub(crate) fn flow_state(s: &tcp::Socket<'_>) -> FlowState {
     match s.state() {
         Listen | SynSent | SynReceived => FlowState::Connecting,
         Established | FinWait1 | FinWait2 => FlowState::Open,
-        CloseWait | LastAck | Closing | TimeWait => {
+        CloseWait | LastAck | Closing => {
             if s.can_recv() {
                 FlowState::Open
             } else {
                 FlowState::PeerClosed
             }
         }
-        Closed => FlowState::Closed,
+        Closed | TimeWait => FlowState::Closed,
     }
 }

@@ -1227,6 +1227,7 @@ fn inspect(store: &Store, net: &Network) -> NetworkInspect {
                         .zip(net.subnet6)
                         .map(|(ip, s)| format!("{ip}/{}", s.prefix_len()))
                         .unwrap_or_default(),
+                    ports: e.ports.iter().map(ToString::to_string).collect(),
                 },
             )
         })
