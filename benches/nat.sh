@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Port-forwarding and outbound NAT benchmark: vswitch next to kernel DNAT, socat (the
+# docker-proxy model) and pasta, set up as ../shared/tools/baseline.sh does, in one run.
+#
+#   sudo benches/nat.sh [-r REPEATS] [-t SECONDS]
+#
+# Cases (iperf3 TCP, 1 stream; the server always runs in a "container" namespace):
+#   dnat      iptables DNAT from 127.0.0.1 in a host netns, veth to the container
+#   socat     socat fork proxy on 127.0.0.1 in the host netns, veth to the container
+#   pasta     pasta -t from the host netns' loopback into the container (spliced)
+#   vswitch   vswitch daemon in the host netns, -p 15201:5201, client on 127.0.0.1
+#   vswitch-remote  same, client in another netns reaching the host netns over a veth (the
+#             path that shows the container the client's own address)
+#   vswitch-out     container -> outside: iperf3 client in a vswitch container, server in a
+#             namespace behind the daemon's veth (outbound NAT)
+# Repeats are interleaved. Prints medians and ratios to dnat and pasta. Everything stays in
+# namespaces named vsnat-<pid>-*, removed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/common.sh
+install_packages iptables socat passt
+find_cargo
+[ "$(id -u)" -eq 0 ] || { echo "needs root" >&2; exit 1; }
+REPS=3 DUR=5
+while getopts "r:t:" o; do case $o in r) REPS=$OPTARG ;; t) DUR=$OPTARG ;; *) exit 2 ;; esac; done
+
+cargo build --release --locked -p vswitch >&2
+BIN=$PWD/target/release/vswitch
+P=vsnat-$$-
+TMP=$(mktemp -d /tmp/vsnat.XXXXXX)
+export VSWITCH_SOCKET=$TMP/vswitch.sock
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$TMP/pasta.pid" ] && kill "$(cat "$TMP/pasta.pid")" 2>/dev/null
+    for n in $(ip netns list | awk '{print $1}' | grep "^$P" || true); do
+        ip netns pids "$n" 2>/dev/null | xargs -r kill 2>/dev/null || true
+        ip netns del "$n" 2>/dev/null || true
+        rm -rf "/etc/netns/$n"
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+nsx() { local n=$1; shift; ip netns exec "$n" "$@"; }
+veth() { # NS1 IP1 NS2 IP2 NAME
+    ip -n "$1" link add "$5" type veth peer name "$5" netns "$3"
+    ip -n "$1" addr add "$2/24" dev "$5"; ip -n "$1" link set "$5" up
+    ip -n "$3" addr add "$4/24" dev "$5"; ip -n "$3" link set "$5" up
+}
+for n in dh dc sh sc ph pc pk vh vc vr vo; do ip netns add $P$n; ip -n $P$n link set lo up; done
+
+# dnat
+veth ${P}dh 10.231.4.1 ${P}dc 10.231.4.2 v0
+nsx ${P}dh sysctl -qw net.ipv4.conf.all.route_localnet=1
+nsx ${P}dh iptables -t nat -A OUTPUT -d 127.0.0.1/32 -p tcp --dport 15201 -j DNAT --to-destination 10.231.4.2:5201
+nsx ${P}dh iptables -t nat -A POSTROUTING -s 127.0.0.0/8 -o v0 -j MASQUERADE
+# socat
+veth ${P}sh 10.231.4.1 ${P}sc 10.231.4.2 v0
+nsx ${P}sh socat -b 65536 TCP-LISTEN:15201,bind=127.0.0.1,reuseaddr,fork,backlog=1024 TCP:10.231.4.2:5201 >/dev/null 2>&1 &
+PIDS+=($!)
+# pasta (needs a routable uplink in its own netns)
+veth ${P}ph 10.231.9.1 ${P}pk 10.231.9.254 up0
+ip -n ${P}ph route add default via 10.231.9.254 dev up0
+nsx ${P}ph pasta --runas 0 -4 -q --config-net -t 127.0.0.1/15201:5201 -u none -T none -U none \
+    -P "$TMP/pasta.pid" --netns /run/netns/${P}pc >"$TMP/pasta.log" 2>&1 || echo "pasta failed: $(cat "$TMP/pasta.log")" >&2
+# vswitch: daemon in vh; container vc; a remote client vr and an outside vo on veths
+veth ${P}vh 10.231.5.1 ${P}vr 10.231.5.2 r0
+veth ${P}vh 10.231.6.1 ${P}vo 10.231.6.2 o0
+nsx ${P}vh "$BIN" daemon --state-dir "$TMP/state" --log-level warn >"$TMP/daemon.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 200); do [ -S "$VSWITCH_SOCKET" ] && break; sleep 0.05; done
+"$BIN" network create natbench --subnet 10.231.7.0/24 >/dev/null
+"$BIN" attach --network natbench -p 15201:5201 ${P}vc >/dev/null
+
+for n in dc sc pc vc vo; do nsx $P$n iperf3 -s -D -p 5201 >/dev/null 2>&1; done
+sleep 0.5
+
+RES=$TMP/results.tsv; : >"$RES"
+run() { # case client-ns target port
+    local g
+    g=$(nsx "$2" timeout $((DUR + 20)) iperf3 -c "$3" -p "$4" -t "$DUR" -J 2>/dev/null \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)' 2>/dev/null) || g=""
+    [ -n "$g" ] && echo -e "$1\ttcp1_gbps\t$g" >>"$RES"
+}
+for rep in $(seq "$REPS"); do
+    run dnat ${P}dh 127.0.0.1 15201
+    run socat ${P}sh 127.0.0.1 15201
+    run pasta ${P}ph 127.0.0.1 15201
+    run vswitch ${P}vh 127.0.0.1 15201
+    run vswitch-remote ${P}vr 10.231.5.1 15201
+    run vswitch-out ${P}vc 10.231.6.2 5201
+    echo "rep $rep done" >&2
+done
+python3 - "$RES" <<'PY'
+import sys, statistics as st
+d = {}
+for l in open(sys.argv[1]):
+    c, m, v = l.rstrip('\n').split('\t'); d.setdefault(c, []).append(float(v))
+med = {c: st.median(v) for c, v in d.items()}
+print('| case | TCP 1 stream Gbit/s (median) | / dnat | / pasta |')
+print('|---|---|---|---|')
+for c in ['dnat', 'socat', 'pasta', 'vswitch', 'vswitch-remote', 'vswitch-out']:
+    v = med.get(c)
+    r = lambda b: f'{v / med[b]:.2f}x' if v and med.get(b) else '-'
+    print(f"| {c} | {'-' if v is None else f'{v:.2f}'} | {r('dnat')} | {r('pasta')} |")
+PY
