@@ -55,7 +55,7 @@ fn sha_of(ns: &str, url: &str) -> String {
 #[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
 fn published_ports_reach_the_container_with_the_clients_address() {
     require_root();
-    let d = Daemon::start();
+    let mut d = Daemon::start();
     let outside = Outside::new(&d);
     let (www, sum) = webroot(&d);
     d.ok(&["network", "create", "web", "--subnet", "10.96.0.0/24"]);
@@ -141,6 +141,17 @@ fn published_ports_reach_the_container_with_the_clients_address() {
         "2000",
         "{}",
         text(&loop_.stderr)
+    );
+
+    // After a crash and restart the published ports are bound again.
+    d.kill9_and_restart();
+    let back = vswitch_tests::wait_until(secs(10), || {
+        curl(&d.ns.name, &["http://127.0.0.1:8081/"]).0 == 0
+    });
+    assert!(back, "published port serves again after restart");
+    assert!(
+        d.ok(&["port", "tomcat81"]).contains(&format!(":{random}")),
+        "same random port"
     );
 
     // Detach closes the listeners.
