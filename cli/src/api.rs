@@ -249,3 +249,48 @@ mod tests {
         assert!(Target::parse("99999999999999999999").is_err());
     }
 }
+
+/// `vswitch run`: POST /containers/run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct RunRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `bridge` (default), a network name, `host`, `none` or `container:NAME`.
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default, rename = "IPv4Address")]
+    pub ipv4_address: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    pub cmd: Vec<String>,
+}
+
+/// A container as `ps` and `inspect` show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub network: String,
+    pub ips: Vec<String>,
+    pub ports: Vec<String>,
+    /// `running`, `exited` or `created`.
+    pub status: String,
+    pub pid: Option<u32>,
+    pub exit_code: Option<i32>,
+    pub cmd: Vec<String>,
+    pub created: String,
+}
+
+/// A slice of a container's log, from byte `offset` on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LogChunk {
+    pub data: String,
+    pub next_offset: u64,
+}

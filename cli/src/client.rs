@@ -40,6 +40,11 @@ impl Client {
         })
     }
 
+    /// The client's (current-thread) runtime, for callers that also wait on signals.
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call(Method::GET, path, None::<&()>)
     }

@@ -4,7 +4,9 @@
 
 mod api;
 mod client;
+mod containers;
 mod daemon;
+mod init;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +59,73 @@ enum Command {
     Stats { network: Option<String> },
     /// List an endpoint's published ports (CTR_PORT/PROTO -> HOST_IP:HOST_PORT)
     Port { name: String },
+    /// Run a command in a new container (network, mount and UTS namespaces, host filesystem)
+    Run(RunArgs),
+    /// Run a command inside a running container's namespaces
+    Exec {
+        name: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// List containers
+    Ps {
+        /// Show all containers (default: running only)
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Stop containers (SIGTERM, then SIGKILL after the timeout)
+    Stop {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Seconds to wait before SIGKILL
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+    },
+    /// Start stopped containers again
+    Start {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove containers
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Kill running containers first
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Print a container's output
+    Logs { name: String },
+    /// The first process of a container (started by the daemon)
+    #[command(name = "__init", hide = true)]
+    Init {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Run in the background and print the container id
+    #[arg(short, long)]
+    detach: bool,
+    #[arg(long)]
+    name: Option<String>,
+    /// bridge (default), a network name, host, none, or container:NAME
+    #[arg(long, default_value = "bridge")]
+    network: String,
+    #[arg(long)]
+    ip: Option<String>,
+    #[arg(long = "alias")]
+    aliases: Vec<String>,
+    /// Publish a port: [HOST_IP:]HOST_PORT[-END]:CTR_PORT[-END][/tcp|/udp] or CTR_PORT
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    publish: Vec<String>,
+    #[arg(long)]
+    hostname: Option<String>,
+    /// The command and its arguments, after --
+    #[arg(last = true, required = true)]
+    cmd: Vec<String>,
 }
 
 #[derive(Args)]
@@ -167,6 +236,11 @@ enum NetworkCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Init { config } = &cli.command {
+        // Before anything else: entering namespaces needs a single-threaded process.
+        let code = init::run(config);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let is_root = nix::unistd::geteuid().is_root();
     let socket = cli
         .socket
@@ -260,7 +334,20 @@ fn attach_request(target: &str, opts: AttachOpts) -> anyhow::Result<AttachReques
 fn run_client(command: Command, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
     let client = Client::new(socket)?;
     match command {
-        Command::Daemon(_) => unreachable!("handled by main"),
+        Command::Daemon(_) | Command::Init { .. } => unreachable!("handled by main"),
+        Command::Run(args) => containers::run(&client, args),
+        Command::Exec { name, cmd } => containers::exec(client, &name, &cmd),
+        Command::Ps { all } => containers::ps(&client, all),
+        Command::Stop { names, time } => containers::each(&names, |n| {
+            client.post_empty_reply(&format!("/containers/{}/stop?t={time}", seg(n)), &())
+        }),
+        Command::Start { names } => containers::each(&names, |n| {
+            client.post_empty_reply(&format!("/containers/{}/start", seg(n)), &())
+        }),
+        Command::Rm { names, force } => containers::each(&names, |n| {
+            client.delete(&format!("/containers/{}?force={}", seg(n), u8::from(force)))
+        }),
+        Command::Logs { name } => containers::logs(&client, &name),
         Command::Attach {
             network,
             opts,

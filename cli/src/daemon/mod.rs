@@ -5,6 +5,7 @@
 //! mutex: a request either completes every step (namespace plumbing, datapath port, DNS names,
 //! persisted state) or undoes the ones it did, and no other request sees the half-way state.
 
+mod containers;
 pub mod datapath;
 pub mod ipam;
 pub mod nat;
@@ -120,6 +121,8 @@ pub struct RuntimeOptions {
 
 struct Inner {
     store: Store,
+    /// Exit watchers of running containers, by container id.
+    watchers: HashMap<String, tokio::task::AbortHandle>,
     live: HashMap<String, LiveNetwork>,
 }
 
@@ -175,6 +178,7 @@ impl Daemon {
             inner: Mutex::new(Inner {
                 store,
                 live: HashMap::new(),
+                watchers: HashMap::new(),
             }),
             state_dir,
             events,
@@ -212,6 +216,7 @@ impl Daemon {
                 daemon.restore_endpoints(&mut inner).await;
             }
             daemon.refresh_policy_ports(&inner.store);
+            daemon.adopt_containers(&mut inner);
             daemon.state_dir.save(&inner.store)?;
         }
         Ok((daemon, rx))
@@ -508,6 +513,15 @@ impl Daemon {
 
     pub async fn attach(&self, network: &str, req: AttachRequest) -> ApiResult<EndpointInfo> {
         let mut inner = self.inner.lock().await;
+        self.attach_locked(&mut inner, network, req).await
+    }
+
+    async fn attach_locked(
+        &self,
+        inner: &mut Inner,
+        network: &str,
+        req: AttachRequest,
+    ) -> ApiResult<EndpointInfo> {
         let net = find_network(&inner.store, network)?.clone();
         let ns = open_target(&req.target)?;
         if ns.id() == self.own_netns {
@@ -534,8 +548,8 @@ impl Daemon {
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::bad_request(format!("cannot attach {}: {e:#}", req.target)))?;
         let plumbed = started.elapsed();
-        self.plug(&mut inner, &net, &ep, fd).await?;
-        self.publish(&mut inner, &net, &ep, listeners);
+        self.plug(inner, &net, &ep, fd).await?;
+        self.publish(inner, &net, &ep, listeners);
         ep.wrote_resolv_conf = match &ep.target {
             Target::Name(name)
                 if !inner.store.endpoints.values().any(|o| {
@@ -555,7 +569,7 @@ impl Daemon {
         inner.store.endpoints.insert(ep.id.clone(), ep.clone());
         self.refresh_policy_ports(&inner.store);
         if let Err(e) = self.state_dir.save(&inner.store) {
-            self.unplug(&mut inner, &ep).await;
+            self.unplug(inner, &ep).await;
             return Err(e.into());
         }
         tracing::info!(

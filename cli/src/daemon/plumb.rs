@@ -208,3 +208,15 @@ fn temp_ifname() -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
     format!("vs{:x}t{:x}", std::process::id() & 0xff_ffff, n)
 }
+
+/// Brings the link `name` up, if it exists.
+pub async fn set_up(handle: &Handle, name: &str) -> anyhow::Result<()> {
+    if let Some(index) = link_index(handle, name).await? {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await?;
+    }
+    Ok(())
+}

@@ -23,7 +23,7 @@ use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
 use super::{ApiError, Daemon};
-use crate::api::{AttachRequest, DisconnectRequest, ErrorBody, NetworkCreate};
+use crate::api::{AttachRequest, DisconnectRequest, ErrorBody, NetworkCreate, RunRequest};
 
 const MAX_BODY: usize = 1 << 20;
 const MAX_HEADERS: usize = 64 << 10;
@@ -156,14 +156,14 @@ async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 
 type Reply = Response<Full<Bytes>>;
 
-async fn route(daemon: &Daemon, req: Request<Incoming>) -> Reply {
+async fn route(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Reply {
     match dispatch(daemon, req).await {
         Ok(r) => r,
         Err(e) => error_reply(e),
     }
 }
 
-async fn dispatch(daemon: &Daemon, req: Request<Incoming>) -> Result<Reply, ApiError> {
+async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply, ApiError> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
@@ -206,6 +206,48 @@ async fn dispatch(daemon: &Daemon, req: Request<Incoming>) -> Result<Reply, ApiE
         (&Method::DELETE, ["endpoints", name]) => {
             daemon.detach(name, None).await?;
             Ok(text(StatusCode::NO_CONTENT, ""))
+        }
+        (&Method::POST, ["containers", "run"]) => {
+            let body: RunRequest = read_json(req).await?;
+            json(StatusCode::CREATED, &daemon.run_container(body).await?)
+        }
+        (&Method::GET, ["containers"]) => json(StatusCode::OK, &daemon.containers().await),
+        (&Method::GET, ["containers", key]) => json(StatusCode::OK, &daemon.container(key).await?),
+        (&Method::POST, ["containers", key, "start"]) => {
+            let key = key.to_string();
+            json(StatusCode::OK, &daemon.start_container(&key).await?)
+        }
+        (&Method::POST, ["containers", key, "stop"]) => {
+            let t = match query_param(&query, "t")? {
+                Some(t) => t
+                    .parse::<u64>()
+                    .map_err(|_| ApiError::bad_request(format!("invalid timeout {t:?}")))?,
+                None => super::containers::STOP_TIMEOUT.as_secs(),
+            };
+            json(
+                StatusCode::OK,
+                &daemon.stop_container(key, Duration::from_secs(t)).await?,
+            )
+        }
+        (&Method::POST, ["containers", key, "kill"]) => {
+            let sig = query_param(&query, "signal")?.unwrap_or_else(|| "SIGKILL".into());
+            daemon.kill_container(key, &sig).await?;
+            Ok(text(StatusCode::NO_CONTENT, ""))
+        }
+        (&Method::DELETE, ["containers", key]) => {
+            let force = query_param(&query, "force")?.is_some_and(|v| v == "1" || v == "true");
+            daemon.remove_container(key, force).await?;
+            Ok(text(StatusCode::NO_CONTENT, ""))
+        }
+        (&Method::GET, ["containers", key, "logs"]) => {
+            let offset = query_param(&query, "offset")?
+                .map(|o| {
+                    o.parse::<u64>()
+                        .map_err(|_| ApiError::bad_request("invalid offset"))
+                })
+                .transpose()?
+                .unwrap_or(0);
+            json(StatusCode::OK, &daemon.container_logs(key, offset).await?)
         }
         (&Method::GET, ["stats"]) => {
             let network = query_param(&query, "network")?;

@@ -61,11 +61,33 @@ pub struct Endpoint {
     pub ports: Vec<vswitch_nat::PortMapping>,
 }
 
+/// A container started with `vswitch run`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Container {
+    pub id: String,
+    pub name: String,
+    pub cmd: Vec<String>,
+    /// The network mode as given: `bridge`, a network, `host`, `none` or `container:NAME`.
+    pub network: String,
+    pub ip: Option<String>,
+    pub aliases: Vec<String>,
+    pub ports: Vec<String>,
+    pub hostname: Option<String>,
+    pub created: String,
+    /// While running: the init process and its start time (clock ticks since boot), which
+    /// together identify it across a daemon restart.
+    pub pid: Option<u32>,
+    pub start_ticks: Option<u64>,
+    pub exit_code: Option<i32>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Store {
     pub version: u32,
     pub networks: BTreeMap<String, Network>,
     pub endpoints: BTreeMap<String, Endpoint>,
+    #[serde(default)]
+    pub containers: BTreeMap<String, Container>,
 }
 
 impl Store {
@@ -104,6 +126,10 @@ impl StateDir {
         Ok(Self {
             dir: dir.to_owned(),
         })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
     }
 
     pub fn load(&self) -> anyhow::Result<Option<Store>> {
