@@ -1,0 +1,399 @@
+//! `vswitch run` and friends: every network mode, exit codes, exec, stop/start/rm, logs,
+//! container:X semantics, and containers surviving a daemon restart.
+
+use std::time::Duration;
+
+use vswitch_tests::{Daemon, curl, require_root, text, wait_until};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// Runs the client and returns (exit code, stdout, stderr).
+fn vs(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let out = d.vs(args);
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn run_modes_exit_codes_and_exec() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&[
+        "network",
+        "create",
+        "you_network",
+        "--subnet",
+        "10.110.0.0/24",
+    ]);
+    // Foreground: output streamed, exit code returned.
+    let (code, out, _) = vs(
+        &d,
+        &["run", "--", "sh", "-c", "echo hello from run; exit 3"],
+    );
+    assert_eq!((code, out.as_str()), (3, "hello from run\n"));
+    // A command that does not exist: 127, like a shell, with one line saying so.
+    let (code, out, _) = vs(&d, &["run", "--", "no-such-command-here"]);
+    assert_eq!(code, 127, "{out}");
+    assert!(out.contains("no-such-command-here"), "{out}");
+    // none: only lo.
+    let (code, out, _) = vs(&d, &["run", "--network", "none", "--", "ip", "-o", "link"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("lo:"), "{out}");
+    // host: the daemon's own namespace.
+    let (code, out, _) = vs(
+        &d,
+        &[
+            "run",
+            "--network",
+            "host",
+            "--",
+            "readlink",
+            "/proc/self/ns/net",
+        ],
+    );
+    let daemon_ns = std::fs::read_link(format!("/proc/{}/ns/net", d.pid())).expect("ns");
+    assert_eq!(
+        (code, out.trim()),
+        (0, daemon_ns.to_string_lossy().as_ref())
+    );
+
+    // User network: names, hostname, hosts, resolv.conf, exec exit codes.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "tomcat81",
+        "--network",
+        "you_network",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "tomcat82",
+        "--network",
+        "you_network",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    let (code, out, _) = vs(
+        &d,
+        &[
+            "exec", "tomcat81", "--", "ping", "-c", "1", "-W", "2", "tomcat82",
+        ],
+    );
+    assert_eq!(code, 0, "ping by name from a container: {out}");
+    assert_eq!(
+        vs(&d, &["exec", "tomcat81", "--", "hostname"]).1.trim(),
+        "tomcat81"
+    );
+    let hosts = vs(&d, &["exec", "tomcat81", "--", "cat", "/etc/hosts"]).1;
+    assert!(hosts.contains("10.110.0.2\ttomcat81"), "{hosts}");
+    let resolv = vs(&d, &["exec", "tomcat81", "--", "cat", "/etc/resolv.conf"]).1;
+    assert!(
+        resolv.contains("nameserver 10.110.0.1") && resolv.contains("search you_network"),
+        "{resolv}"
+    );
+    assert_eq!(
+        vs(&d, &["exec", "tomcat81", "--", "sh", "-c", "exit 7"]).0,
+        7
+    );
+    assert_eq!(
+        vs(&d, &["exec", "tomcat81", "--", "no-such-command-here"]).0,
+        127
+    );
+    // The host's own /etc/resolv.conf is untouched by all this.
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    assert!(!host_resolv.contains("10.110.0.1"));
+
+    let ps = d.ok(&["ps"]);
+    let row = ps.lines().find(|l| l.contains("tomcat81")).expect("ps row");
+    assert!(
+        row.contains("you_network") && row.contains("10.110.0.2") && row.contains("running"),
+        "{ps}"
+    );
+    // Default bridge: no names.
+    d.ok(&["run", "-d", "--name", "plain", "--", "sleep", "300"]);
+    let (code, _, _) = vs(&d, &["exec", "plain", "--", "getent", "hosts", "tomcat81"]);
+    assert_ne!(code, 0, "bridge resolves no container names");
+
+    // stop: SIGTERM -> exited (143); rm; logs.
+    d.ok(&["stop", "-t", "5", "tomcat82"]);
+    let ps = d.ok(&["ps", "-a"]);
+    assert!(
+        ps.lines()
+            .any(|l| l.contains("tomcat82") && l.contains("exited (143)")),
+        "{ps}"
+    );
+    assert!(
+        !d.ok(&["ps"]).contains("tomcat82"),
+        "ps shows running ones only"
+    );
+    let ip_free = wait_until(secs(3), || {
+        !d.ok(&["network", "inspect", "you_network"])
+            .contains("tomcat82")
+    });
+    assert!(ip_free, "stopped container's endpoint removed");
+    d.ok(&["rm", "tomcat82"]);
+    assert!(!d.ok(&["ps", "-a"]).contains("tomcat82"));
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "talker",
+        "--",
+        "sh",
+        "-c",
+        "echo logged line; sleep 300",
+    ]);
+    assert!(wait_until(secs(5), || d
+        .ok(&["logs", "talker"])
+        .contains("logged line")));
+    d.fails(&["rm", "talker"]); // running: needs -f
+    d.ok(&["rm", "-f", "talker", "plain", "tomcat81"]);
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn published_ports_and_a_sidecar_sharing_the_network() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "web", "--subnet", "10.111.0.0/24"]);
+    let www = d.dir.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::write(www.join("index.html"), "tomcat81 says hi\n").expect("index");
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "tomcat81",
+        "--network",
+        "web",
+        "-p",
+        "8081:8080",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "8080",
+        "--directory",
+        &www.display().to_string(),
+    ]);
+    let up = wait_until(secs(10), || {
+        curl(&d.ns.name, &["http://127.0.0.1:8081/"]).0 == 0
+    });
+    assert!(up, "published port of a container");
+    assert_eq!(
+        curl(&d.ns.name, &["http://127.0.0.1:8081/"]).1,
+        "tomcat81 says hi\n"
+    );
+    assert!(
+        d.ok(&["port", "tomcat81"])
+            .contains("8080/tcp -> 0.0.0.0:8081")
+    );
+    let (code, out, _) = vs(
+        &d,
+        &[
+            "run",
+            "--name",
+            "sidecar",
+            "--network",
+            "container:tomcat81",
+            "--",
+            "curl",
+            "-s",
+            "http://localhost:8080/",
+        ],
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "tomcat81 says hi\n"),
+        "sidecar shares localhost"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn container_mode_follows_its_parent() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "fam", "--subnet", "10.112.0.0/24"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "parent",
+        "--network",
+        "fam",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "child",
+        "--network",
+        "container:parent",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    let links = vs(
+        &d,
+        &["exec", "child", "--", "ip", "-o", "addr", "show", "eth0"],
+    )
+    .1;
+    assert!(
+        links.contains("10.112.0.2"),
+        "child shares the parent's eth0: {links}"
+    );
+    d.ok(&["stop", "-t", "2", "parent"]);
+    let only_lo = wait_until(secs(3), || {
+        vs(&d, &["exec", "child", "--", "ip", "-o", "link"])
+            .1
+            .lines()
+            .count()
+            == 1
+    });
+    assert!(only_lo, "dependant keeps only lo when its parent stops");
+    d.ok(&["stop", "-t", "2", "child"]);
+    let err = d.fails(&["start", "child"]);
+    assert!(
+        err.contains("parent") && err.contains("not running"),
+        "{err}"
+    );
+    d.ok(&["start", "parent"]);
+    d.ok(&["start", "child"]);
+    let links = vs(
+        &d,
+        &["exec", "child", "--", "ip", "-o", "addr", "show", "eth0"],
+    )
+    .1;
+    assert!(
+        links.contains("10.112.0."),
+        "restarted child rejoined: {links}"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn container_bad_input() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["run", "-d", "--name", "one", "--", "sleep", "300"]);
+    for (args, needle) in [
+        (vec!["exec", "nobody", "--", "true"], "no such container"),
+        (vec!["stop", "nobody"], "no such container"),
+        (vec!["rm", "nobody"], "no such container"),
+        (vec!["logs", "nobody"], "no such container"),
+        (vec!["run", "--name", "one", "--", "true"], "already in use"),
+        (
+            vec!["run", "--network", "container:ghost", "--", "true"],
+            "no such container",
+        ),
+        (
+            vec!["run", "--network", "host", "-p", "8080:80", "--", "true"],
+            "conflicting options",
+        ),
+        (
+            vec!["run", "--network", "none", "-p", "8080:80", "--", "true"],
+            "conflicting options",
+        ),
+        (
+            vec![
+                "run",
+                "--network",
+                "container:one",
+                "-p",
+                "8080:80",
+                "--",
+                "true",
+            ],
+            "conflicting options",
+        ),
+        (
+            vec!["run", "--network", "nonet", "--", "true"],
+            "network nonet not found",
+        ),
+        (
+            vec!["run", "--name", "bad name", "--", "true"],
+            "invalid container name",
+        ),
+    ] {
+        let err = d.fails(&args);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    d.ok(&["stop", "-t", "2", "one"]);
+    let err = d.fails(&["run", "--network", "container:one", "--", "true"]);
+    assert!(err.contains("not running"), "{err}");
+    let ps = d.ok(&["ps", "-a"]);
+    assert_eq!(
+        ps.lines().count(),
+        2,
+        "nothing left behind by the failures: {ps}"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn running_containers_survive_a_daemon_restart() {
+    require_root();
+    let mut d = Daemon::start();
+    d.ok(&["network", "create", "keep", "--subnet", "10.113.0.0/24"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "a1",
+        "--network",
+        "keep",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "a2",
+        "--network",
+        "keep",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    d.kill9_and_restart();
+    let ps = d.ok(&["ps"]);
+    assert!(
+        ps.contains("a1") && ps.contains("a2"),
+        "still running: {ps}"
+    );
+    let ok = wait_until(secs(10), || {
+        vs(
+            &d,
+            &["exec", "a1", "--", "ping", "-c", "1", "-W", "1", "a2"],
+        )
+        .0 == 0
+    });
+    assert!(ok, "attached and resolving again after the restart");
+    // An exit noticed by the restarted daemon (not its child any more).
+    d.ok(&["stop", "-t", "2", "a2"]);
+    assert!(
+        d.ok(&["ps", "-a"])
+            .lines()
+            .any(|l| l.contains("a2") && l.contains("exited"))
+    );
+}
