@@ -6,6 +6,7 @@ mod api;
 mod client;
 mod containers;
 mod daemon;
+mod demo;
 mod init;
 
 use std::path::PathBuf;
@@ -96,6 +97,13 @@ enum Command {
     },
     /// Print a container's output
     Logs { name: String },
+    /// Show Docker's networking story with vswitch alone: a network, two web containers with
+    /// published ports, ping by name, a sidecar; then clean up
+    Demo {
+        /// Use the daemon on --socket instead of starting a temporary one
+        #[arg(long)]
+        use_running: bool,
+    },
     /// The first process of a container (started by the daemon)
     #[command(name = "__init", hide = true)]
     Init {
@@ -248,6 +256,9 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| default_socket(is_root));
     let result = match cli.command {
         Command::Daemon(args) => run_daemon(args, socket, is_root),
+        Command::Demo { use_running } => demo::run(demo::DemoOptions {
+            use_running: use_running.then(|| socket.clone()),
+        }),
         other => run_client(other, &socket),
     };
     match result {
@@ -334,7 +345,9 @@ fn attach_request(target: &str, opts: AttachOpts) -> anyhow::Result<AttachReques
 fn run_client(command: Command, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
     let client = Client::new(socket)?;
     match command {
-        Command::Daemon(_) | Command::Init { .. } => unreachable!("handled by main"),
+        Command::Daemon(_) | Command::Init { .. } | Command::Demo { .. } => {
+            unreachable!("handled by main")
+        }
         Command::Run(args) => containers::run(&client, args),
         Command::Exec { name, cmd } => containers::exec(client, &name, &cmd),
         Command::Ps { all } => containers::ps(&client, all),

@@ -439,6 +439,24 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Containers outlive their daemon by design; a test's must not outlive the test.
+        if self.child.is_some() {
+            let _ = run(
+                Command::new("kill").args(["-CONT", &self.pid().to_string()]),
+                Duration::from_secs(5),
+            );
+            let ps = self.vs(&["ps", "-a"]);
+            let ids: Vec<String> = text(&ps.stdout)
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+                .collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f"];
+                args.extend(ids.iter().map(String::as_str));
+                let _ = self.vs(&args);
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = run(
                 Command::new("kill").args(["-CONT", &c.id().to_string()]),
