@@ -397,3 +397,34 @@ fn running_containers_survive_a_daemon_restart() {
             .any(|l| l.contains("a2") && l.contains("exited"))
     );
 }
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn foreground_run_passes_signals_on() {
+    require_root();
+    let d = Daemon::start();
+    let child = std::process::Command::new(vswitch_tests::vswitch_bin())
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["run", "--name", "fg", "--", "sleep", "60"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let running = wait_until(secs(10), || d.ok(&["ps"]).contains("fg"));
+    assert!(running);
+    let _ = vswitch_tests::run(
+        std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]),
+        secs(5),
+    );
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "SIGTERM reached the container"
+    );
+    assert!(
+        d.ok(&["ps", "-a"])
+            .lines()
+            .any(|l| l.contains("fg") && l.contains("exited (143)"))
+    );
+}
