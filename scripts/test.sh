@@ -14,6 +14,14 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
+if [ "$(id -u)" -eq 0 ]; then
+    # The rootless tests run vswitch as this unprivileged user; they need /dev/net/tun open to
+    # everybody (the distro default 0666), which this script restores afterwards.
+    id vswitch-rootless >/dev/null 2>&1 || useradd --create-home --shell /bin/sh vswitch-rootless
+    TUN_MODE=$(stat -c %a /dev/net/tun)
+    chmod 0666 /dev/net/tun
+    trap 'chmod "$TUN_MODE" /dev/net/tun; rm -f "$LOG"' EXIT
+fi
 cargo test --workspace --locked 2>&1 | tee -a "$LOG"
 if [ "$(id -u)" -eq 0 ]; then
     echo "== privileged integration tests (root)"

@@ -87,7 +87,18 @@ pub fn exec(client: Client, name: &str, cmd: &[String]) -> anyhow::Result<ExitCo
         std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
             .map_err(|e| anyhow::anyhow!("cannot open the {ns} namespace of {name}: {e}"))
     };
-    let (net, uts, mnt) = (open("net")?, open("uts")?, open("mnt")?);
+    let (user, net, uts, mnt) = (open("user")?, open("net")?, open("uts")?, open("mnt")?);
+    // Rootless containers live in a user namespace of their own: enter it first.
+    let ino = |f: &std::fs::File| {
+        f.metadata()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok()
+    };
+    let own_user = std::fs::File::open("/proc/self/ns/user").ok();
+    if own_user.as_ref().and_then(ino) != ino(&user) {
+        setns(&user, CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| anyhow::anyhow!("cannot enter {name}'s user namespace: {e}"))?;
+    }
     setns(&net, CloneFlags::CLONE_NEWNET)
         .map_err(|e| anyhow::anyhow!("cannot enter {name}'s network namespace: {e}"))?;
     setns(&uts, CloneFlags::CLONE_NEWUTS)

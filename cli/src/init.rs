@@ -54,16 +54,44 @@ fn setup(config_path: &Path) -> Result<Never, (i32, String)> {
     let fail = |what: &str, e: &dyn std::fmt::Display| (1, format!("{what}: {e}"));
     let text = std::fs::read(config_path).map_err(|e| fail("cannot read the init config", &e))?;
     let cfg: InitConfig = serde_json::from_slice(&text).map_err(|e| fail("bad init config", &e))?;
-    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS;
-    if matches!(cfg.net, InitNet::New { .. }) {
-        flags |= CloneFlags::CLONE_NEWNET;
-    }
-    unshare(flags).map_err(|e| fail("cannot create the container's namespaces", &e))?;
+    let rootless = !nix::unistd::geteuid().is_root();
     if let InitNet::Join(path) = &cfg.net {
+        // container:X: X's user namespace first when rootless (its network namespace belongs
+        // to it), then its network namespace.
+        if rootless {
+            let user = path.with_file_name("user");
+            let f = std::fs::File::open(&user)
+                .map_err(|e| fail("cannot open the user namespace to join", &e))?;
+            setns(&f, CloneFlags::CLONE_NEWUSER)
+                .map_err(|e| fail("cannot join the user namespace", &e))?;
+        }
         let f = std::fs::File::open(path)
             .map_err(|e| fail("cannot open the network namespace to join", &e))?;
         setns(&f, CloneFlags::CLONE_NEWNET)
             .map_err(|e| fail("cannot join the network namespace", &e))?;
+    }
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS;
+    if matches!(cfg.net, InitNet::New { .. }) {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    if rootless && !matches!(cfg.net, InitNet::Join(_)) {
+        // A user namespace of our own, mapping us to root inside (one ID: without setuid
+        // helpers that is all an unprivileged process may map), owning the others.
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        unshare(flags | CloneFlags::CLONE_NEWUSER).map_err(|e| {
+            fail(
+                "cannot create the container's namespaces (are user namespaces enabled?)",
+                &e,
+            )
+        })?;
+        std::fs::write("/proc/self/setgroups", "deny")
+            .map_err(|e| fail("cannot write setgroups", &e))?;
+        std::fs::write("/proc/self/uid_map", format!("0 {uid} 1"))
+            .map_err(|e| fail("cannot write uid_map", &e))?;
+        std::fs::write("/proc/self/gid_map", format!("0 {gid} 1"))
+            .map_err(|e| fail("cannot write gid_map", &e))?;
+    } else {
+        unshare(flags).map_err(|e| fail("cannot create the container's namespaces", &e))?;
     }
     if let InitNet::New { lo_only: true } = cfg.net {
         bring_lo_up().map_err(|e| fail("cannot bring lo up", &e))?;

@@ -104,6 +104,14 @@ enum Command {
         #[arg(long)]
         use_running: bool,
     },
+    /// Rootless attach: opens a TAP inside a process's namespaces (started by the daemon)
+    #[command(name = "__tap-helper", hide = true)]
+    TapHelper {
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        spec: String,
+    },
     /// The first process of a container (started by the daemon)
     #[command(name = "__init", hide = true)]
     Init {
@@ -244,6 +252,16 @@ enum NetworkCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::TapHelper { pid, spec } = &cli.command {
+        // Single-threaded on purpose: it enters a user namespace.
+        return match daemon::plumb::tap_helper(*pid, spec) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Init { config } = &cli.command {
         // Before anything else: entering namespaces needs a single-threaded process.
         let code = init::run(config);
@@ -345,7 +363,10 @@ fn attach_request(target: &str, opts: AttachOpts) -> anyhow::Result<AttachReques
 fn run_client(command: Command, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
     let client = Client::new(socket)?;
     match command {
-        Command::Daemon(_) | Command::Init { .. } | Command::Demo { .. } => {
+        Command::Daemon(_)
+        | Command::Init { .. }
+        | Command::Demo { .. }
+        | Command::TapHelper { .. } => {
             unreachable!("handled by main")
         }
         Command::Run(args) => containers::run(&client, args),

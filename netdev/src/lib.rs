@@ -8,6 +8,7 @@
 //! This is the only crate of the workspace allowed `unsafe` code, and only in `sys`, where every
 //! block states why it is sound.
 
+pub mod fdpass;
 pub mod ns;
 mod sys;
 pub mod tap;

@@ -109,3 +109,12 @@ pub(crate) fn ns_get_nstype(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     }
     Ok(rc)
 }
+
+/// Takes ownership of a descriptor the kernel just installed in this process through
+/// `SCM_RIGHTS`.
+pub(crate) fn own_received_fd(raw: std::os::fd::RawFd) -> OwnedFd {
+    // SAFETY: `raw` comes from an SCM_RIGHTS control message of a recvmsg call made by this
+    // process: the kernel created the descriptor for us and nothing else refers to it, so we
+    // are its only owner.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}

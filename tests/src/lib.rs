@@ -29,11 +29,6 @@ pub fn require_root() {
         euid, "0",
         "this privileged test needs root (network namespaces, TAP devices)"
     );
-    // The distro default; some machines ship 0600, which only matters to rootless tests but
-    // is cheap to normalise.
-    let _ = Command::new("chmod")
-        .args(["0666", "/dev/net/tun"])
-        .status();
 }
 
 /// The vswitch binary built next to this test binary (or `$VSWITCH_BIN`).

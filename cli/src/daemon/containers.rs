@@ -536,7 +536,7 @@ fn write_hosts(
 }
 
 /// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
-fn start_ticks(pid: u32) -> Option<u64> {
+pub(super) fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(") ")?.1;
     after.split_whitespace().nth(19)?.parse().ok()

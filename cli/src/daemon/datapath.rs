@@ -266,6 +266,9 @@ pub enum Event {
         network_id: String,
         endpoint_id: String,
     },
+    /// The process an endpoint was attached through has exited (rootless endpoints, whose TAP
+    /// keeps the namespace alive, are collected this way). The port is still plugged.
+    TargetGone { endpoint_id: String },
 }
 
 enum Command {

@@ -135,6 +135,8 @@ pub struct Daemon {
     dns: DnsHook,
     nat_jobs: tokio::sync::mpsc::UnboundedSender<nat::NatJob>,
     policy: nat::SharedPolicy,
+    /// Running without root: TAPs are made by a helper inside the target's namespaces.
+    rootless: bool,
 }
 
 impl Daemon {
@@ -187,6 +189,7 @@ impl Daemon {
             dns,
             nat_jobs,
             policy,
+            rootless: !nix::unistd::geteuid().is_root(),
         });
         {
             let mut inner = daemon.inner.lock().await;
@@ -299,11 +302,10 @@ impl Daemon {
             .map_err(|_| ApiError::internal("bad stored MAC"))?;
         let plumbing = plumbing_for(net, &ep.ifname, mac, ep.ipv4, ep.ipv6);
         let listeners = bind_published(&ep.ports).await?;
-        let fd = tokio::task::spawn_blocking(move || plumb::plumb(&ns, &plumbing))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))??;
+        let fd = self.plumb(ns, &ep.target, plumbing).await?;
         self.plug(inner, net, ep, fd).await?;
         self.publish(inner, net, ep, listeners);
+        self.watch_target(ep);
         Ok(())
     }
 
@@ -384,6 +386,47 @@ impl Daemon {
         Ok(())
     }
 
+    /// Creates and configures the endpoint's TAP in its namespace: directly as root, through the
+    /// single-threaded helper process when rootless.
+    async fn plumb(
+        &self,
+        ns: NetNs,
+        target: &Target,
+        plumbing: Plumbing,
+    ) -> anyhow::Result<std::os::fd::OwnedFd> {
+        if !self.rootless {
+            return tokio::task::spawn_blocking(move || plumb::plumb(&ns, &plumbing)).await?;
+        }
+        let Some(pid) = target_pid(target) else {
+            anyhow::bail!(
+                "as an unprivileged user, attach needs a PID (or /proc/PID/ns/net) whose user namespace is yours"
+            );
+        };
+        tokio::task::spawn_blocking(move || plumb::plumb_via_helper(pid, &plumbing)).await?
+    }
+
+    /// Rootless endpoints pin their namespace (the TAP was opened inside it), so their
+    /// collection watches the target process instead of the device.
+    fn watch_target(&self, ep: &Endpoint) {
+        if !self.rootless {
+            return;
+        }
+        let Some(pid) = target_pid(&ep.target) else {
+            return;
+        };
+        let Some(ticks) = containers::start_ticks(pid) else {
+            return;
+        };
+        let events = self.events.clone();
+        let endpoint_id = ep.id.clone();
+        tokio::spawn(async move {
+            while containers::start_ticks(pid) == Some(ticks) {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            let _ = events.send(Event::TargetGone { endpoint_id });
+        });
+    }
+
     fn policy_mut(&self) -> std::sync::RwLockWriteGuard<'_, nat::Policy> {
         match self.policy.write() {
             Ok(p) => p,
@@ -423,6 +466,17 @@ impl Daemon {
 
     pub async fn handle_event(&self, event: Event) {
         match event {
+            Event::TargetGone { endpoint_id } => {
+                let mut inner = self.inner.lock().await;
+                let Some(ep) = inner.store.endpoints.get(&endpoint_id).cloned() else {
+                    return;
+                };
+                self.unplug(&mut inner, &ep).await;
+                tracing::info!(endpoint = %ep.name, "endpoint removed: its process has exited");
+                if let Err(e) = self.state_dir.save(&inner.store) {
+                    tracing::error!(error = %e, "cannot save state");
+                }
+            }
             Event::PortGone {
                 network_id,
                 endpoint_id,
@@ -543,13 +597,14 @@ impl Daemon {
             .map_err(|_| ApiError::internal("bad planned MAC"))?;
         let plumbing = plumbing_for(&net, &ep.ifname, mac, ep.ipv4, ep.ipv6);
         let started = std::time::Instant::now();
-        let fd = tokio::task::spawn_blocking(move || plumb::plumb(&ns, &plumbing))
+        let fd = self
+            .plumb(ns, &req.target, plumbing)
             .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::bad_request(format!("cannot attach {}: {e:#}", req.target)))?;
         let plumbed = started.elapsed();
         self.plug(inner, &net, &ep, fd).await?;
         self.publish(inner, &net, &ep, listeners);
+        self.watch_target(&ep);
         ep.wrote_resolv_conf = match &ep.target {
             Target::Name(name)
                 if !inner.store.endpoints.values().any(|o| {
@@ -1154,6 +1209,19 @@ fn plumbing_for(
 /// so no endpoint derives the same one).
 fn gateway_mac(net: &Network) -> MacAddr {
     MacAddr::from_ipv4(net.gateway)
+}
+
+/// The PID behind a target, for PID targets and `/proc/PID/ns/net` paths.
+fn target_pid(target: &Target) -> Option<u32> {
+    match target {
+        Target::Pid(p) => Some(*p),
+        Target::Path(p) => p
+            .strip_prefix("/proc/")?
+            .strip_suffix("/ns/net")?
+            .parse()
+            .ok(),
+        Target::Name(_) => None,
+    }
 }
 
 fn netns_path(target: &Target) -> ApiResult<PathBuf> {

@@ -24,7 +24,7 @@ use vswitch_netdev::Tap;
 use vswitch_netdev::ns::NetNs;
 
 /// What the device inside the namespace should look like.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plumbing {
     pub ifname: String,
     pub mac: [u8; 6],
@@ -119,6 +119,11 @@ async fn configure_inside(handle: &Handle, temp_name: &str, p: &Plumbing) -> any
         .execute()
         .await
         .with_context(|| format!("cannot rename the TAP to {}", p.ifname))?;
+    configure_addresses(handle, index, p).await
+}
+
+/// Addresses, up, lo up and default routes of the TAP with `index`.
+async fn configure_addresses(handle: &Handle, index: u32, p: &Plumbing) -> anyhow::Result<()> {
     let (ip4, len4) = p.ipv4;
     handle
         .address()
@@ -218,5 +223,97 @@ pub async fn set_up(handle: &Handle, name: &str) -> anyhow::Result<()> {
             .execute()
             .await?;
     }
+    Ok(())
+}
+
+/// Rootless plumbing: a helper process (`vswitch __tap-helper`, single-threaded) joins the
+/// target process's user and network namespaces, creates and configures the TAP there and
+/// passes its fd back over a Unix socket. An unprivileged daemon cannot create devices in its
+/// own namespace or move them, and a multithreaded process cannot enter a user namespace.
+///
+/// The TAP's socket then belongs to the target namespace and keeps it alive, so endpoints
+/// attached this way are collected by watching the target process instead (see the daemon).
+pub fn plumb_via_helper(pid: u32, p: &Plumbing) -> anyhow::Result<OwnedFd> {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    ours.set_read_timeout(Some(std::time::Duration::from_secs(15)))?;
+    let spec = serde_json::to_string(p)?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("__tap-helper")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg("--spec")
+        .arg(spec)
+        .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start the TAP helper")?;
+    let got = vswitch_netdev::fdpass::recv_fd(ours.as_fd());
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let status = child.wait()?;
+    match got {
+        Ok(fd) if status.success() => Ok(fd),
+        _ => bail!("{}", err.trim().trim_start_matches("Error: ")),
+    }
+}
+
+/// The helper's side (`vswitch __tap-helper`): runs in a fresh single-threaded process.
+pub fn tap_helper(pid: u32, spec: &str) -> anyhow::Result<()> {
+    use nix::sched::{CloneFlags, setns};
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let p: Plumbing = serde_json::from_str(spec).context("bad helper spec")?;
+    let user = std::fs::File::open(format!("/proc/{pid}/ns/user"))
+        .with_context(|| format!("cannot open the user namespace of pid {pid}"))?;
+    let net = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .with_context(|| format!("cannot open the network namespace of pid {pid}"))?;
+    let own_user = std::fs::metadata("/proc/self/ns/user")?.ino();
+    if user.metadata()?.ino() != own_user {
+        setns(&user, CloneFlags::CLONE_NEWUSER)
+            .context("cannot enter the target's user namespace (is it yours?)")?;
+    }
+    setns(&net, CloneFlags::CLONE_NEWNET).context("cannot enter the target's network namespace")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let tap = rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(conn);
+        let r = async {
+            if let Some(existing) = link_by_name(&handle, &p.ifname).await? {
+                if link_mac(&existing).as_deref() == Some(&p.mac[..]) {
+                    handle.link().del(existing.header.index).execute().await?;
+                } else {
+                    bail!(
+                        "interface {} already exists in the target namespace (choose another with --ifname)",
+                        p.ifname
+                    );
+                }
+            }
+            let tap = Tap::create(&p.ifname)?;
+            let index = link_index(&handle, &p.ifname)
+                .await?
+                .ok_or_else(|| anyhow!("the TAP {} vanished", p.ifname))?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).address(p.mac.to_vec()).mtu(p.mtu).build())
+                .execute()
+                .await
+                .context("cannot set the TAP's address and MTU")?;
+            configure_addresses(&handle, index, &p).await?;
+            anyhow::Ok(tap)
+        }
+        .await;
+        task.abort();
+        r
+    })?;
+    let sock = std::io::stdin();
+    vswitch_netdev::fdpass::send_fd(sock.as_fd(), tap.as_fd())
+        .context("cannot pass the TAP back")?;
     Ok(())
 }
