@@ -268,10 +268,18 @@ fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let is_root = nix::unistd::geteuid().is_root();
-    let socket = cli
-        .socket
-        .clone()
-        .unwrap_or_else(|| default_socket(is_root));
+    let socket = match cli.socket.clone() {
+        Some(s) => s,
+        // The demo makes its own socket unless told to use a running daemon.
+        None if matches!(cli.command, Command::Demo { use_running: false }) => PathBuf::new(),
+        None => match default_socket(is_root) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("Error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let result = match cli.command {
         Command::Daemon(args) => run_daemon(args, socket, is_root),
         Command::Demo { use_running } => demo::run(demo::DemoOptions {
@@ -288,16 +296,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn default_socket(is_root: bool) -> PathBuf {
+fn default_socket(is_root: bool) -> Result<PathBuf, String> {
     if is_root {
-        return PathBuf::from("/run/vswitch/vswitch.sock");
+        return Ok(PathBuf::from("/run/vswitch/vswitch.sock"));
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("vswitch/vswitch.sock"),
-        _ => PathBuf::from(format!(
-            "/run/user/{}/vswitch/vswitch.sock",
-            nix::unistd::getuid()
-        )),
+        Some(dir) if !dir.is_empty() => Ok(PathBuf::from(dir).join("vswitch/vswitch.sock")),
+        _ => Err(
+            "XDG_RUNTIME_DIR is not set, so there is no default socket for an unprivileged user: \
+             log in through a session that sets it (systemd-logind does), export it, or pass --socket"
+                .to_owned(),
+        ),
     }
 }
 

@@ -322,6 +322,141 @@ fn the_whole_stack_as_an_unprivileged_user() {
         "outbound TCP through the NAT: {out} {err}"
     );
 
+    // A privileged host port is a clear error naming the sysctl.
+    let (ok, _, err) = r.vs(&[
+        "run",
+        "-d",
+        "--network",
+        "rl",
+        "-p",
+        "80:8080",
+        "--",
+        "sleep",
+        "30",
+    ]);
+    assert!(!ok && err.contains("ip_unprivileged_port_start"), "{err}");
+
+    // Outbound TCP and ping to a real outside (a namespace behind the daemon's namespace),
+    // with ping sockets allowed for everybody there.
+    let outside = Netns::new("o");
+    for args in [
+        vec![
+            "-n",
+            &r.ns.name,
+            "link",
+            "add",
+            "vout",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vin",
+            "netns",
+            &outside.name,
+        ],
+        vec![
+            "-n",
+            &r.ns.name,
+            "addr",
+            "add",
+            "192.0.2.1/24",
+            "dev",
+            "vout",
+        ],
+        vec!["-n", &r.ns.name, "link", "set", "vout", "up"],
+        vec![
+            "-n",
+            &outside.name,
+            "addr",
+            "add",
+            "192.0.2.2/24",
+            "dev",
+            "vin",
+        ],
+        vec!["-n", &outside.name, "link", "set", "vin", "up"],
+        vec!["-n", &outside.name, "link", "set", "lo", "up"],
+    ] {
+        assert!(
+            run(Command::new("ip").args(&args), secs(5))
+                .status
+                .success(),
+            "ip {args:?}"
+        );
+    }
+    let sysctl = run(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            &r.ns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ping_group_range=0 2147483647",
+        ]),
+        secs(5),
+    );
+    assert!(sysctl.status.success());
+    let _far = vswitch_tests::HttpServer::start(&outside.name, 80, &www);
+    let (ok, out, err) = r.vs(&[
+        "exec", "web", "--", "python3", "-c",
+        "import urllib.request;print(urllib.request.urlopen('http://192.0.2.2/').read().decode(),end='')",
+    ]);
+    assert!(
+        ok && out == "rootless hello\n",
+        "outbound TCP from a rootless container: {out} {err}"
+    );
+    let (ok, out, _) = r.vs(&[
+        "exec",
+        "web",
+        "--",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        "192.0.2.2",
+    ]);
+    assert!(
+        ok,
+        "outbound ping through an unprivileged ping socket: {out}"
+    );
+
+    // The demo, as the user.
+    let mut demo = r.as_user(&[]);
+    demo.arg(&r.bin).arg("demo");
+    let out = run(&mut demo, secs(180));
+    assert!(
+        out.status.success(),
+        "rootless demo:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("demo OK"));
+
+    // Without XDG_RUNTIME_DIR there is no default socket: one clear line.
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        &r.ns.name,
+        "setpriv",
+        "--reuid",
+        &r.uid,
+        "--regid",
+        &r.gid,
+        "--clear-groups",
+        "env",
+        "-u",
+        "XDG_RUNTIME_DIR",
+    ])
+    .arg(&r.bin)
+    .args(["network", "ls"]);
+    let out = run(&mut c, secs(10));
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("XDG_RUNTIME_DIR") && err.lines().count() == 1,
+        "{err}"
+    );
+
     // GC by process exit.
     drop(a);
     let gone = wait_until(secs(4), || {
