@@ -13,6 +13,8 @@
 #             path that shows the container the client's own address)
 #   vswitch-out     container -> outside: iperf3 client in a vswitch container, server in a
 #             namespace behind the daemon's veth (outbound NAT)
+#   vswitch-rootless  the published-port case with the daemon and the container (vswitch run)
+#             running as the unprivileged user vswitch-rootless (created if absent)
 # Repeats are interleaved. Prints medians and ratios to dnat and pasta. Everything stays in
 # namespaces named vsnat-<pid>-*, removed at the end.
 set -euo pipefail
@@ -30,7 +32,10 @@ P=vsnat-$$-
 TMP=$(mktemp -d /tmp/vsnat.XXXXXX)
 export VSWITCH_SOCKET=$TMP/vswitch.sock
 PIDS=()
+TUN_MODE=$(stat -c %a /dev/net/tun)
 cleanup() {
+    chmod "$TUN_MODE" /dev/net/tun
+    [ -n "${RDIR:-}" ] && "${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" rm -f rperf >/dev/null 2>&1
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     [ -f "$TMP/pasta.pid" ] && kill "$(cat "$TMP/pasta.pid")" 2>/dev/null
     for n in $(ip netns list | awk '{print $1}' | grep "^$P" || true); do
@@ -72,6 +77,19 @@ for _ in $(seq 200); do [ -S "$VSWITCH_SOCKET" ] && break; sleep 0.05; done
 "$BIN" network create natbench --subnet 10.231.7.0/24 >/dev/null
 "$BIN" attach --network natbench -p 15201:5201 ${P}vc >/dev/null
 
+# vswitch rootless: daemon and container as an unprivileged user, in their own "host" netns
+RU=vswitch-rootless
+id $RU >/dev/null 2>&1 || useradd --create-home --shell /bin/sh $RU
+chmod 0666 /dev/net/tun
+ip netns add ${P}rh; ip -n ${P}rh link set lo up
+RDIR=$TMP/rootless; mkdir -p "$RDIR/run"; cp "$BIN" "$RDIR/vswitch"; chown -R $RU: "$RDIR"; chmod 755 "$TMP" "$RDIR"
+ASUSER=(ip netns exec ${P}rh setpriv --reuid "$(id -u $RU)" --regid "$(id -g $RU)" --clear-groups env HOME="$RDIR" XDG_RUNTIME_DIR="$RDIR/run")
+"${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" daemon --state-dir "$RDIR/st" --log-level warn >"$TMP/rdaemon.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 200); do [ -S "$RDIR/s" ] && break; sleep 0.05; done
+"${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" network create rnat --subnet 10.231.10.0/24 >/dev/null
+"${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" run -d --name rperf --network rnat -p 15201:5201 -- iperf3 -s -p 5201 >/dev/null
+
 for n in dc sc pc vc vo; do nsx $P$n iperf3 -s -D -p 5201 >/dev/null 2>&1; done
 sleep 0.5
 
@@ -89,6 +107,7 @@ for rep in $(seq "$REPS"); do
     run vswitch ${P}vh 127.0.0.1 15201
     run vswitch-remote ${P}vr 10.231.5.1 15201
     run vswitch-out ${P}vc 10.231.6.2 5201
+    run vswitch-rootless ${P}rh 127.0.0.1 15201
     echo "rep $rep done" >&2
 done
 python3 - "$RES" <<'PY'
@@ -99,7 +118,7 @@ for l in open(sys.argv[1]):
 med = {c: st.median(v) for c, v in d.items()}
 print('| case | TCP 1 stream Gbit/s (median) | / dnat | / pasta |')
 print('|---|---|---|---|')
-for c in ['dnat', 'socat', 'pasta', 'vswitch', 'vswitch-remote', 'vswitch-out']:
+for c in ['dnat', 'socat', 'pasta', 'vswitch', 'vswitch-remote', 'vswitch-out', 'vswitch-rootless']:
     v = med.get(c)
     r = lambda b: f'{v / med[b]:.2f}x' if v and med.get(b) else '-'
     print(f"| {c} | {'-' if v is None else f'{v:.2f}'} | {r('dnat')} | {r('pasta')} |")
