@@ -1,9 +1,9 @@
 # Shared by scripts/*.sh: install the Debian packages vswitch's tests and demo use, and find cargo.
 
 # Packages: iproute2 (ip netns), iputils-ping, dnsutils (dig), dnsmasq-base (a DNS upstream in
-# tests), curl, python3, iperf3, procps,
-# util-linux (unshare, nsenter).
-VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base curl python3 iperf3 procps util-linux"
+# tests), curl, python3, iperf3, procps, util-linux (unshare, nsenter, setpriv), uidmap
+# (newuidmap for rootless containers).
+VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base curl python3 iperf3 procps util-linux uidmap"
 
 install_packages() {
     local missing=() p

@@ -24,6 +24,10 @@ pub struct InitConfig {
     /// Files bound over /etc/resolv.conf and /etc/hosts.
     pub resolv_conf: Option<PathBuf>,
     pub hosts: Option<PathBuf>,
+    /// Rootless: the daemon writes the user namespace's ID maps (with newuidmap/newgidmap and
+    /// the user's /etc/subuid ranges) instead of the single-ID map the process can write itself.
+    #[serde(default)]
+    pub maps_by_parent: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,12 +88,14 @@ fn setup(config_path: &Path) -> Result<Never, (i32, String)> {
                 &e,
             )
         })?;
-        std::fs::write("/proc/self/setgroups", "deny")
-            .map_err(|e| fail("cannot write setgroups", &e))?;
-        std::fs::write("/proc/self/uid_map", format!("0 {uid} 1"))
-            .map_err(|e| fail("cannot write uid_map", &e))?;
-        std::fs::write("/proc/self/gid_map", format!("0 {gid} 1"))
-            .map_err(|e| fail("cannot write gid_map", &e))?;
+        if !cfg.maps_by_parent {
+            std::fs::write("/proc/self/setgroups", "deny")
+                .map_err(|e| fail("cannot write setgroups", &e))?;
+            std::fs::write("/proc/self/uid_map", format!("0 {uid} 1"))
+                .map_err(|e| fail("cannot write uid_map", &e))?;
+            std::fs::write("/proc/self/gid_map", format!("0 {gid} 1"))
+                .map_err(|e| fail("cannot write gid_map", &e))?;
+        }
     } else {
         unshare(flags).map_err(|e| fail("cannot create the container's namespaces", &e))?;
     }

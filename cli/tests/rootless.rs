@@ -309,6 +309,19 @@ fn the_whole_stack_as_an_unprivileged_user() {
         curl(&r.ns.name, &["http://127.0.0.1:18080/"]).1 == "rootless hello\n"
     });
     assert!(up, "published port of a rootless container\n{}", r.log());
+    // With newuidmap and /etc/subuid ranges (scripts/test.sh installs uidmap, useradd makes
+    // the ranges), the container's user namespace maps the user to root and the ranges above.
+    let (_, map, _) = r.vs(&["exec", "web", "--", "cat", "/proc/self/uid_map"]);
+    let lines: Vec<Vec<String>> = map
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect();
+    assert_eq!(lines.len(), 2, "root plus the subordinate range: {map}");
+    assert_eq!(
+        lines[0],
+        vec!["0".to_owned(), r.uid.clone(), "1".to_owned()],
+        "{map}"
+    );
     let (ok, out, err) = r.vs(&["exec", "web", "--", "ping", "-c", "1", "-W", "2", "alpha"]);
     assert!(ok, "exec + ping by name: {out} {err}");
     // Outbound TCP: to a server in the daemon's namespace through its gateway? No: that is the

@@ -226,12 +226,20 @@ impl Daemon {
             hostname.as_deref().unwrap_or(&c.name),
             &c.name,
         )?;
+        // Rootless containers get the user's subordinate ID ranges when the system has them
+        // (and newuidmap), so files of other owners and setuid tools work inside.
+        let ranges = if self.rootless && !matches!(mode, Mode::Container(_)) {
+            subordinate_ranges()
+        } else {
+            None
+        };
         let config = InitConfig {
             cmd: c.cmd.clone(),
             hostname: hostname.clone(),
             net: init_net,
             resolv_conf: Some(resolv.clone()),
             hosts: Some(hosts.clone()),
+            maps_by_parent: ranges.is_some(),
         };
         let config_path = dir.join("init.json");
         std::fs::write(
@@ -264,6 +272,28 @@ impl Daemon {
         let abort = |child: &mut tokio::process::Child| {
             let _ = child.start_kill();
         };
+
+        if let Some(ranges) = &ranges {
+            let own_user = std::fs::read_link("/proc/self/ns/user").ok();
+            let user_path = format!("/proc/{pid}/ns/user");
+            let mut ready = false;
+            for _ in 0..500 {
+                let theirs = std::fs::read_link(&user_path).ok();
+                if theirs.is_some() && theirs != own_user {
+                    ready = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let mapped = match ready {
+                true => write_id_maps(pid, ranges).await,
+                false => Err("the container did not create its user namespace".to_owned()),
+            };
+            if let Err(e) = mapped {
+                abort(&mut child);
+                return Err(ApiError::internal(e));
+            }
+        }
 
         if let Mode::Network(n) = &mode {
             // Wait for the init process to have its own network namespace, then attach it.
@@ -513,6 +543,60 @@ impl Daemon {
             data: String::from_utf8_lossy(&buf).into_owned(),
         })
     }
+}
+
+/// The user's subordinate ID ranges: ((uid start, count), (gid start, count)), if /etc/subuid
+/// and /etc/subgid have them and newuidmap/newgidmap are installed.
+fn subordinate_ranges() -> Option<((u64, u64), (u64, u64))> {
+    let uid = nix::unistd::getuid();
+    let name = nix::unistd::User::from_uid(uid).ok().flatten()?.name;
+    let find = |path: &str, id: u32| -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let who = f.next()?;
+            if who != name && who != id.to_string() {
+                return None;
+            }
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+    };
+    let have = |tool: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+    };
+    if !have("newuidmap") || !have("newgidmap") {
+        return None;
+    }
+    Some((
+        find("/etc/subuid", uid.as_raw())?,
+        find("/etc/subgid", nix::unistd::getgid().as_raw())?,
+    ))
+}
+
+/// Maps the user to root inside the container's user namespace and its subordinate ranges
+/// from 1 on, with the setuid helpers.
+async fn write_id_maps(
+    pid: u32,
+    ((us, uc), (gs, gc)): &((u64, u64), (u64, u64)),
+) -> Result<(), String> {
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    let gid = nix::unistd::getgid().as_raw().to_string();
+    for (tool, own, start, count) in [("newuidmap", &uid, us, uc), ("newgidmap", &gid, gs, gc)] {
+        let out = tokio::process::Command::new(tool)
+            .arg(pid.to_string())
+            .args(["0", own, "1", "1", &start.to_string(), &count.to_string()])
+            .output()
+            .await
+            .map_err(|e| format!("cannot run {tool}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{tool} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn write_hosts(
