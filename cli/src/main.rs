@@ -568,23 +568,9 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        NetworkCommand::Rm { networks } => {
-            let mut failed = false;
-            for n in &networks {
-                match client.delete(&format!("/networks/{}", seg(n))) {
-                    Ok(()) => println!("{n}"),
-                    Err(e) => {
-                        eprintln!("Error: {e}");
-                        failed = true;
-                    }
-                }
-            }
-            Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
+        NetworkCommand::Rm { networks } => containers::each(&networks, |n| {
+            client.delete(&format!("/networks/{}", seg(n)))
+        }),
         NetworkCommand::Connect {
             network,
             target,

@@ -217,6 +217,45 @@ pub fn build_udp_frame(
     r.ok().map(|()| out)
 }
 
+/// A UDP datagram in a frame from a container, sliced once (etherparse's checked views).
+struct UdpView<'a> {
+    src_mac: [u8; 6],
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: &'a [u8],
+}
+
+/// The UDP datagram in `frame`, unless it is something else (or a GSO frame).
+fn slice_udp(frame: &[u8]) -> Option<UdpView<'_>> {
+    if VnetHdr::parse(frame).is_none_or(|h| h.is_gso()) {
+        return None;
+    }
+    let p = SlicedPacket::from_ethernet(frame.get(VNET_HDR_LEN..)?).ok()?;
+    let Some(LinkSlice::Ethernet2(eth)) = &p.link else {
+        return None;
+    };
+    let (src_ip, dst_ip) = match &p.net {
+        Some(NetSlice::Ipv4(ip)) => (
+            IpAddr::V4(ip.header().source_addr()),
+            IpAddr::V4(ip.header().destination_addr()),
+        ),
+        Some(NetSlice::Ipv6(ip)) => (
+            IpAddr::V6(ip.header().source_addr()),
+            IpAddr::V6(ip.header().destination_addr()),
+        ),
+        _ => return None,
+    };
+    let Some(TransportSlice::Udp(udp)) = &p.transport else {
+        return None;
+    };
+    Some(UdpView {
+        src_mac: eth.source(),
+        src: SocketAddr::new(src_ip, udp.source_port()),
+        dst: SocketAddr::new(dst_ip, udp.destination_port()),
+        payload: udp.payload(),
+    })
+}
+
 /// Most UDP flows per network, and how long an idle one lives (Docker's conntrack keeps
 /// unreplied UDP 30 s and replied 120 s; one minute for both is between).
 const MAX_UDP_FLOWS: usize = 4096;
@@ -661,8 +700,11 @@ impl Worker {
 
     fn deliver(&mut self, now: Instant, port: PortId, frame: &[u8]) {
         if port == self.gateway_port {
-            if !self.dns_udp(now, frame) && !self.nat_udp(now, frame) && !self.nat_icmp(now, frame)
-            {
+            let handled = match slice_udp(frame) {
+                Some(u) => self.dns_udp(now, &u) || self.nat_udp(now, &u),
+                None => self.nat_icmp(now, frame),
+            };
+            if !handled {
                 self.gateway.handle_frame(now, frame);
             }
             return;
@@ -784,46 +826,23 @@ impl Worker {
 
     /// Answers a UDP query to the gateway's port 53 in place. Returns false if the frame is not
     /// one (it then goes to the gateway's stack as usual).
-    fn dns_udp(&mut self, now: Instant, frame: &[u8]) -> bool {
+    fn dns_udp(&mut self, now: Instant, u: &UdpView<'_>) -> bool {
         let Some(hook) = &self.dns else { return false };
-        if VnetHdr::parse(frame).is_none_or(|h| h.is_gso()) {
-            return false;
-        }
-        let Some(Ok(p)) = frame.get(VNET_HDR_LEN..).map(SlicedPacket::from_ethernet) else {
-            return false;
-        };
-        let Some(LinkSlice::Ethernet2(eth)) = &p.link else {
-            return false;
-        };
-        let (client_ip, dst_ip) = match &p.net {
-            Some(NetSlice::Ipv4(ip)) => (
-                IpAddr::V4(ip.header().source_addr()),
-                IpAddr::V4(ip.header().destination_addr()),
-            ),
-            Some(NetSlice::Ipv6(ip)) => (
-                IpAddr::V6(ip.header().source_addr()),
-                IpAddr::V6(ip.header().destination_addr()),
-            ),
-            _ => return false,
-        };
-        let Some(TransportSlice::Udp(udp)) = &p.transport else {
-            return false;
-        };
-        if udp.destination_port() != DNS_PORT || !self.gateway_ips.contains(&dst_ip) {
+        if u.dst.port() != DNS_PORT || !self.gateway_ips.contains(&u.dst.ip()) {
             return false;
         }
         let peer = UdpPeer {
-            client_mac: eth.source(),
-            client_ip,
-            client_port: udp.source_port(),
+            client_mac: u.src_mac,
+            client_ip: u.src.ip(),
+            client_port: u.src.port(),
             gw_mac: self.gateway_mac,
-            gw_ip: dst_ip,
+            gw_ip: u.dst.ip(),
         };
-        let query = udp.payload();
+        let query = u.payload;
         let outcome = hook.responder.answer(
             Asker::Network {
                 network_id: &self.network_id,
-                client: client_ip,
+                client: u.src.ip(),
             },
             Transport::Udp,
             query,
@@ -846,37 +865,16 @@ impl Worker {
     /// Carries a container's UDP datagram to its peer through the flow's host socket,
     /// creating an outbound flow for a new destination. Returns false if the frame is not UDP
     /// for NAT (it then goes to the gateway's stack).
-    fn nat_udp(&mut self, now: Instant, frame: &[u8]) -> bool {
-        if !self.nat_enabled || VnetHdr::parse(frame).is_none_or(|h| h.is_gso()) {
+    fn nat_udp(&mut self, now: Instant, u: &UdpView<'_>) -> bool {
+        if !self.nat_enabled {
             return false;
         }
-        let Some(Ok(p)) = frame.get(VNET_HDR_LEN..).map(SlicedPacket::from_ethernet) else {
-            return false;
-        };
-        let Some(LinkSlice::Ethernet2(eth)) = &p.link else {
-            return false;
-        };
-        let (src_ip, dst_ip) = match &p.net {
-            Some(NetSlice::Ipv4(ip)) => (
-                IpAddr::V4(ip.header().source_addr()),
-                IpAddr::V4(ip.header().destination_addr()),
-            ),
-            Some(NetSlice::Ipv6(ip)) => (
-                IpAddr::V6(ip.header().source_addr()),
-                IpAddr::V6(ip.header().destination_addr()),
-            ),
-            _ => return false,
-        };
-        let Some(TransportSlice::Udp(udp)) = &p.transport else {
-            return false;
-        };
-        if dst_ip.is_multicast() || matches!(dst_ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        let (src, dst) = (u.src, u.dst);
+        if dst.ip().is_multicast() || matches!(dst.ip(), IpAddr::V4(v4) if v4.is_broadcast()) {
             return false;
         }
-        let src = SocketAddr::new(src_ip, udp.source_port());
-        let dst = SocketAddr::new(dst_ip, udp.destination_port());
         let key = (src, dst);
-        let payload = udp.payload();
+        let payload = u.payload;
         if let Some(flow) = self.udp.get_mut(&key) {
             flow.last = now;
             let _ = match flow.reply_to {
@@ -895,7 +893,7 @@ impl Worker {
         ) else {
             return true; // not allowed: dropped
         };
-        let bind: SocketAddr = match dst_ip {
+        let bind: SocketAddr = match dst.ip() {
             IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         };
@@ -914,7 +912,7 @@ impl Worker {
         let _ = self.nat_jobs.send(NatJob::UdpReceive {
             socket: socket.clone(),
             key,
-            container_mac: eth.source(),
+            container_mac: u.src_mac,
             gateway_mac: self.gateway_mac,
             alive: alive.clone(),
             injector: self.injector.clone(),
