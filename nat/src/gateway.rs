@@ -216,6 +216,25 @@ impl Gateway {
         n
     }
 
+    /// Takes up to `max` bytes the container sent as one new buffer (one copy, no zeroing);
+    /// `None` if there is nothing to read.
+    pub fn tcp_recv_chunk(&mut self, now: Instant, flow: FlowId, max: usize) -> Option<Vec<u8>> {
+        let f = self.flows.flows.get(&flow)?;
+        let s = self.sockets.get_mut::<tcp::Socket>(f.handle);
+        if !s.can_recv() {
+            return None;
+        }
+        let chunk = s
+            .recv(|data| {
+                let n = data.len().min(max);
+                (n, data[..n].to_vec())
+            })
+            .ok()
+            .filter(|c| !c.is_empty())?;
+        self.poll(now);
+        Some(chunk)
+    }
+
     /// Half-closes the flow towards the container (FIN after the queued data).
     pub fn tcp_close(&mut self, now: Instant, flow: FlowId) {
         if let Some(f) = self.flows.flows.get(&flow) {

@@ -781,13 +781,10 @@ impl Worker {
                     _ => break,
                 }
             }
-            let mut buf = vec![0u8; 64 * 1024];
-            let n = self.gateway.tcp_recv(now, flow, &mut buf);
-            if n == 0 {
+            let Some(chunk) = self.gateway.tcp_recv_chunk(now, flow, 64 * 1024) else {
                 break;
-            }
-            buf.truncate(n);
-            io.stash = Some(buf);
+            };
+            io.stash = Some(chunk);
         }
         // Host -> container, as far as the socket's send buffer allows.
         while let Some(front) = io.from_host.front() {

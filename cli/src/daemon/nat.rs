@@ -256,14 +256,15 @@ pub async fn splice(
     let reset = {
         let (mut rd, mut wr) = stream.split();
         let up = async {
-            let mut buf = vec![0u8; CHUNK];
             loop {
                 // Credits first: never read more than the datapath can queue.
                 let Ok(permit) = shared.credits.acquire_many(CHUNK as u32).await else {
                     return; // the flow is gone
                 };
                 permit.forget();
-                match rd.read(&mut buf).await {
+                // Read straight into the chunk that travels to the datapath: no zeroing, no copy.
+                let mut buf = Vec::with_capacity(CHUNK);
+                match rd.read_buf(&mut buf).await {
                     Ok(0) => {
                         shared.credits.add_permits(CHUNK);
                         injector.host_eof(flow);
@@ -271,7 +272,7 @@ pub async fn splice(
                     }
                     Ok(n) => {
                         shared.credits.add_permits(CHUNK - n);
-                        if !injector.host_data(flow, buf[..n].to_vec()) {
+                        if !injector.host_data(flow, buf) {
                             return;
                         }
                     }
