@@ -28,6 +28,10 @@ const WINDOW: usize = 512 * 1024;
 const CHUNK: usize = 64 * 1024;
 /// Chunks of one flow queued from the datapath to the host.
 const CHANNEL_CHUNKS: usize = 8;
+/// Receive buffer of each outbound UDP or ping flow: up to 4096 flows per network each hold
+/// one, so it is sized for what can reach a container unfragmented (and EDNS answers), not
+/// for 64 KiB; a longer datagram is dropped.
+const FLOW_DATAGRAM_MAX: usize = 4096;
 /// How long an outbound dial may take before the container is refused.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -378,7 +382,7 @@ async fn udp_receive(
         return;
     };
     let (container, peer) = key;
-    let mut buf = vec![0u8; 65_535];
+    let mut buf = vec![0u8; FLOW_DATAGRAM_MAX];
     while alive.load(Ordering::Acquire) {
         let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await
         else {
@@ -511,7 +515,7 @@ async fn icmp_receive(
     let Ok(sock) = tokio::net::UdpSocket::from_std(clone) else {
         return;
     };
-    let mut buf = vec![0u8; 65_535];
+    let mut buf = vec![0u8; FLOW_DATAGRAM_MAX];
     while alive.load(Ordering::Acquire) {
         let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await
         else {
