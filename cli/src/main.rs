@@ -97,8 +97,7 @@ enum Command {
     },
     /// Print a container's output
     Logs { name: String },
-    /// Show Docker's networking story with vswitch alone: a network, two web containers with
-    /// published ports, ping by name, a sidecar; then clean up
+    /// Docker's networking story with vswitch alone, as a transcript; cleans up after itself
     Demo {
         /// Use the daemon on --socket instead of starting a temporary one
         #[arg(long)]
@@ -125,18 +124,22 @@ struct RunArgs {
     /// Run in the background and print the container id
     #[arg(short, long)]
     detach: bool,
+    /// Container name (also its hostname and DNS name) [default: c-<short id>]
     #[arg(long)]
     name: Option<String>,
     /// bridge (default), a network name, host, none, or container:NAME
     #[arg(long, default_value = "bridge")]
     network: String,
+    /// Static IPv4 address on the network
     #[arg(long)]
     ip: Option<String>,
+    /// Extra DNS name on the network (repeatable)
     #[arg(long = "alias")]
     aliases: Vec<String>,
     /// Publish a port: [HOST_IP:]HOST_PORT[-END]:CTR_PORT[-END][/tcp|/udp] or CTR_PORT
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     publish: Vec<String>,
+    /// Hostname inside the container [default: the name]
     #[arg(long)]
     hostname: Option<String>,
     /// The command and its arguments, after --
