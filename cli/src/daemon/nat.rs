@@ -325,6 +325,16 @@ pub async fn splice(
     }
 }
 
+/// Whether a published-port client can appear to the container as itself. The container sees
+/// the real client address, except for clients it could not answer directly: loopback, the
+/// other address family, or an address of its own network. Those appear as the gateway.
+fn shown_as_itself(ip: IpAddr, container: SocketAddr, subnet: &ipnet::IpNet) -> bool {
+    !(ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_ipv4() != container.is_ipv4()
+        || subnet.contains(&ip))
+}
+
 /// Accepts connections on a published TCP port and carries each to the container.
 pub async fn serve_published_tcp(
     listener: TcpListener,
@@ -343,14 +353,8 @@ pub async fn serve_published_tcp(
                 continue;
             }
         };
-        // The container sees the real client address, except for clients it could not answer
-        // directly: loopback, the other address family, or an address of its own network.
         let ip = client.ip().to_canonical();
-        let local = if ip.is_loopback()
-            || ip.is_unspecified()
-            || ip.is_ipv4() != container.is_ipv4()
-            || subnet.contains(&ip)
-        {
+        let local = if !shown_as_itself(ip, container, &subnet) {
             let port = 32768 + EPHEMERAL.fetch_add(1, Ordering::Relaxed) % 28000;
             SocketAddr::new(gateway, port)
         } else {
@@ -430,11 +434,7 @@ pub async fn serve_published_udp(
             continue;
         };
         let ip = client.ip().to_canonical();
-        let seen_as = if ip.is_loopback()
-            || ip.is_unspecified()
-            || ip.is_ipv4() != container.is_ipv4()
-            || subnet.contains(&ip)
-        {
+        let seen_as = if !shown_as_itself(ip, container, &subnet) {
             if masq.len() >= 4096 {
                 masq.clear();
             }
