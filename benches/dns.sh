@@ -30,11 +30,7 @@ export VSWITCH_SOCKET=$TMP/vswitch.sock
 cleanup() {
     [ -f "$TMP/aard/aardvark.pid" ] && kill "$(cat "$TMP/aard/aardvark.pid")" 2>/dev/null
     [ -n "${DPID:-}" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
-    for n in $(ip netns list | awk '{print $1}' | grep "^$P" || true); do
-        ip netns pids "$n" 2>/dev/null | xargs -r kill 2>/dev/null || true
-        ip netns del "$n" 2>/dev/null || true
-        rm -rf "/etc/netns/$n"
-    done
+    remove_netns_with_prefix "$P"
     rm -rf "$TMP"
 }
 trap cleanup EXIT

@@ -31,11 +31,7 @@ cleanup() {
     chmod "$TUN_MODE" /dev/net/tun
     for p in ${RPIDS:-}; do kill "$p" 2>/dev/null || true; done
     [ -n "${DPID:-}" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
-    for n in $(ip netns list | awk '{print $1}' | grep "^$P" || true); do
-        ip netns pids "$n" 2>/dev/null | xargs -r kill 2>/dev/null || true
-        ip netns del "$n" 2>/dev/null || true
-        rm -rf "/etc/netns/$n"
-    done
+    remove_netns_with_prefix "$P"
     rm -rf "$TMP"
 }
 trap cleanup EXIT

@@ -38,11 +38,7 @@ cleanup() {
     [ -n "${RDIR:-}" ] && "${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" rm -f rperf >/dev/null 2>&1
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     [ -f "$TMP/pasta.pid" ] && kill "$(cat "$TMP/pasta.pid")" 2>/dev/null
-    for n in $(ip netns list | awk '{print $1}' | grep "^$P" || true); do
-        ip netns pids "$n" 2>/dev/null | xargs -r kill 2>/dev/null || true
-        ip netns del "$n" 2>/dev/null || true
-        rm -rf "/etc/netns/$n"
-    done
+    remove_netns_with_prefix "$P"
     rm -rf "$TMP"
 }
 trap cleanup EXIT

@@ -31,3 +31,14 @@ find_cargo() {
         return 1
     fi
 }
+
+# Kills the processes in, and deletes, every network namespace whose name starts with $1 (and
+# the resolv.conf files vswitch wrote for them). Benchmarks call it from their EXIT trap.
+remove_netns_with_prefix() {
+    local n
+    for n in $(ip netns list | awk '{print $1}' | grep "^$1" || true); do
+        ip netns pids "$n" 2>/dev/null | xargs -r kill 2>/dev/null || true
+        ip netns del "$n" 2>/dev/null || true
+        rm -rf "/etc/netns/$n"
+    done
+}
