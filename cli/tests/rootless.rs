@@ -351,51 +351,7 @@ fn the_whole_stack_as_an_unprivileged_user() {
 
     // Outbound TCP and ping to a real outside (a namespace behind the daemon's namespace),
     // with ping sockets allowed for everybody there.
-    let outside = Netns::new("o");
-    for args in [
-        vec![
-            "-n",
-            &r.ns.name,
-            "link",
-            "add",
-            "vout",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "vin",
-            "netns",
-            &outside.name,
-        ],
-        vec![
-            "-n",
-            &r.ns.name,
-            "addr",
-            "add",
-            "192.0.2.1/24",
-            "dev",
-            "vout",
-        ],
-        vec!["-n", &r.ns.name, "link", "set", "vout", "up"],
-        vec![
-            "-n",
-            &outside.name,
-            "addr",
-            "add",
-            "192.0.2.2/24",
-            "dev",
-            "vin",
-        ],
-        vec!["-n", &outside.name, "link", "set", "vin", "up"],
-        vec!["-n", &outside.name, "link", "set", "lo", "up"],
-    ] {
-        assert!(
-            run(Command::new("ip").args(&args), secs(5))
-                .status
-                .success(),
-            "ip {args:?}"
-        );
-    }
+    let outside = vswitch_tests::Outside::behind(&r.ns.name);
     let sysctl = run(
         Command::new("ip").args([
             "netns",
@@ -408,7 +364,7 @@ fn the_whole_stack_as_an_unprivileged_user() {
         secs(5),
     );
     assert!(sysctl.status.success());
-    let _far = vswitch_tests::HttpServer::start(&outside.name, 80, &www);
+    let _far = vswitch_tests::HttpServer::start(&outside.ns.name, 80, &www);
     let (ok, out, err) = r.vs(&[
         "exec", "web", "--", "python3", "-c",
         "import urllib.request;print(urllib.request.urlopen('http://192.0.2.2/').read().decode(),end='')",

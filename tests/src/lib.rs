@@ -534,36 +534,23 @@ impl Outside {
     pub const IP: &'static str = "192.0.2.2";
 
     pub fn new(daemon: &Daemon) -> Self {
+        Self::behind(&daemon.ns.name)
+    }
+
+    /// An outside behind the namespace `host` (where some daemon runs).
+    pub fn behind(host: &str) -> Self {
         let ns = Netns::new("o");
         let sh = |args: &[&str]| {
             let out = run(Command::new("ip").args(args), Duration::from_secs(10));
             assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
         };
         sh(&[
-            "-n",
-            &daemon.ns.name,
-            "link",
-            "add",
-            "vout",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "vin",
-            "netns",
+            "-n", host, "link", "add", "vout", "type", "veth", "peer", "name", "vin", "netns",
             &ns.name,
         ]);
-        sh(&[
-            "-n",
-            &daemon.ns.name,
-            "addr",
-            "add",
-            "192.0.2.1/24",
-            "dev",
-            "vout",
-        ]);
-        sh(&["-n", &daemon.ns.name, "link", "set", "vout", "up"]);
-        sh(&["-n", &daemon.ns.name, "link", "set", "lo", "up"]);
+        sh(&["-n", host, "addr", "add", "192.0.2.1/24", "dev", "vout"]);
+        sh(&["-n", host, "link", "set", "vout", "up"]);
+        sh(&["-n", host, "link", "set", "lo", "up"]);
         sh(&["-n", &ns.name, "addr", "add", "192.0.2.2/24", "dev", "vin"]);
         sh(&["-n", &ns.name, "link", "set", "vin", "up"]);
         sh(&["-n", &ns.name, "link", "set", "lo", "up"]);

@@ -29,7 +29,7 @@ use vswitch_dns::upstream::Forwarder;
 use vswitch_dns::{Asker, Outcome, Responder, Transport};
 use vswitch_nat::{FlowId, FlowState, Gateway, GatewayConfig, TcpEvent};
 
-use super::nat::{FlowChannel, NatJob};
+use super::nat::{FlowChannel, FlowReceive, NatJob, ReceiveKind};
 use vswitch_netdev::vnet::{VNET_HDR_LEN, VnetHdr};
 use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, PortId};
 
@@ -906,14 +906,14 @@ impl Worker {
         };
         let _ = socket.send(payload);
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let _ = self.nat_jobs.send(NatJob::UdpReceive {
+        let _ = self.nat_jobs.send(NatJob::Receive(FlowReceive {
             socket: socket.clone(),
-            key,
+            kind: ReceiveKind::Udp { key },
             container_mac: u.src_mac,
             gateway_mac: self.gateway_mac,
             alive: alive.clone(),
             injector: self.injector.clone(),
-        });
+        }));
         self.udp.insert(
             key,
             UdpFlow {
@@ -982,15 +982,14 @@ impl Worker {
                 return true;
             };
             let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-            let _ = self.nat_jobs.send(NatJob::IcmpReceive {
+            let _ = self.nat_jobs.send(NatJob::Receive(FlowReceive {
                 socket: socket.clone(),
-                raw,
-                key,
+                kind: ReceiveKind::Icmp { key, raw },
                 container_mac: eth.source(),
                 gateway_mac: self.gateway_mac,
                 alive: alive.clone(),
                 injector: self.injector.clone(),
-            });
+            }));
             self.icmp.insert(
                 key,
                 IcmpFlow {

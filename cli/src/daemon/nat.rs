@@ -124,30 +124,31 @@ fn channel() -> (
     )
 }
 
+/// An outbound UDP or ping flow's host socket, whose answers a task turns into frames for the
+/// container until the datapath lets the flow expire (`alive` false).
+pub struct FlowReceive {
+    pub socket: Arc<std::net::UdpSocket>,
+    pub kind: ReceiveKind,
+    pub container_mac: [u8; 6],
+    pub gateway_mac: [u8; 6],
+    pub alive: Arc<AtomicBool>,
+    pub injector: Injector,
+}
+
+pub enum ReceiveKind {
+    /// (container, peer as the container sees it).
+    Udp { key: (SocketAddr, SocketAddr) },
+    /// (container, echo id, destination); raw sockets see IP headers and everybody's replies.
+    Icmp {
+        key: (IpAddr, u16, IpAddr),
+        raw: bool,
+    },
+}
+
 /// Work the datapath hands to tokio.
 pub enum NatJob {
-    /// Receive echo replies for a container's pings and hand them back as frames.
-    IcmpReceive {
-        socket: Arc<std::net::UdpSocket>,
-        raw: bool,
-        /// (container, echo id, destination).
-        key: (IpAddr, u16, IpAddr),
-        container_mac: [u8; 6],
-        gateway_mac: [u8; 6],
-        alive: Arc<AtomicBool>,
-        injector: Injector,
-    },
-    /// Receive the answers of an outbound UDP flow and hand them back as frames, until the
-    /// datapath lets the flow expire (`alive` false).
-    UdpReceive {
-        socket: Arc<std::net::UdpSocket>,
-        /// (container, peer as the container sees it).
-        key: (SocketAddr, SocketAddr),
-        container_mac: [u8; 6],
-        gateway_mac: [u8; 6],
-        alive: Arc<AtomicBool>,
-        injector: Injector,
-    },
+    /// Receive the answers of an outbound UDP or ping flow and hand them back as frames.
+    Receive(FlowReceive),
     /// A container's SYN to `dst` is held; dial it and report back.
     Dial {
         flow: FlowId,
@@ -164,41 +165,8 @@ pub enum NatJob {
 pub async fn run_jobs(mut jobs: tokio::sync::mpsc::UnboundedReceiver<NatJob>) {
     while let Some(job) = jobs.recv().await {
         match job {
-            NatJob::IcmpReceive {
-                socket,
-                raw,
-                key,
-                container_mac,
-                gateway_mac,
-                alive,
-                injector,
-            } => {
-                tokio::spawn(icmp_receive(
-                    socket,
-                    raw,
-                    key,
-                    container_mac,
-                    gateway_mac,
-                    alive,
-                    injector,
-                ));
-            }
-            NatJob::UdpReceive {
-                socket,
-                key,
-                container_mac,
-                gateway_mac,
-                alive,
-                injector,
-            } => {
-                tokio::spawn(udp_receive(
-                    socket,
-                    key,
-                    container_mac,
-                    gateway_mac,
-                    alive,
-                    injector,
-                ));
+            NatJob::Receive(job) => {
+                tokio::spawn(receive(job));
             }
             NatJob::Dial {
                 flow,
@@ -371,40 +339,81 @@ pub async fn serve_published_tcp(
     }
 }
 
-async fn udp_receive(
-    socket: Arc<std::net::UdpSocket>,
-    key: (SocketAddr, SocketAddr),
-    container_mac: [u8; 6],
-    gateway_mac: [u8; 6],
-    alive: Arc<AtomicBool>,
-    injector: Injector,
-) {
-    let Ok(clone) = socket.try_clone() else {
+/// The receive loop of an outbound flow: one socket read per answer, turned into a frame.
+async fn receive(job: FlowReceive) {
+    let Ok(sock) = job
+        .socket
+        .try_clone()
+        .and_then(tokio::net::UdpSocket::from_std)
+    else {
         return;
     };
-    let Ok(sock) = tokio::net::UdpSocket::from_std(clone) else {
-        return;
-    };
-    let (container, peer) = key;
     let mut buf = vec![0u8; FLOW_DATAGRAM_MAX];
-    while alive.load(Ordering::Acquire) {
+    while job.alive.load(Ordering::Acquire) {
         let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await
         else {
             continue;
         };
-        let Some(frame) = super::datapath::build_udp_frame(
-            gateway_mac,
-            container_mac,
-            peer,
-            container,
-            &buf[..n],
-        ) else {
-            continue;
+        let delivered = match job.kind {
+            ReceiveKind::Udp {
+                key: (container, peer),
+            } => {
+                let Some(frame) = super::datapath::build_udp_frame(
+                    job.gateway_mac,
+                    job.container_mac,
+                    peer,
+                    container,
+                    &buf[..n],
+                ) else {
+                    continue;
+                };
+                job.injector.udp_in((container, peer), frame, None)
+            }
+            ReceiveKind::Icmp { key, raw } => {
+                let Some(frame) = echo_reply_frame(&job, key, raw, &buf[..n]) else {
+                    continue;
+                };
+                job.injector.icmp_in(key, frame)
+            }
         };
-        if !injector.udp_in(key, frame, None) {
+        if !delivered {
             return;
         }
     }
+}
+
+/// The frame for the container from an echo reply read on a flow's ICMP socket, or `None` if
+/// the datagram is not a reply of this flow.
+fn echo_reply_frame(
+    job: &FlowReceive,
+    (container, id, dst): (IpAddr, u16, IpAddr),
+    raw: bool,
+    datagram: &[u8],
+) -> Option<Vec<u8>> {
+    let (IpAddr::V4(container), IpAddr::V4(dst)) = (container, dst) else {
+        return None;
+    };
+    // Raw sockets deliver the IP header too.
+    let icmp_bytes = if raw {
+        let ihl = usize::from(datagram.first()? & 0x0f) * 4;
+        datagram.get(ihl..)?
+    } else {
+        datagram
+    };
+    let (header, payload) = etherparse::Icmpv4Header::from_slice(icmp_bytes).ok()?;
+    let etherparse::Icmpv4Type::EchoReply(echo) = header.icmp_type else {
+        return None;
+    };
+    if raw && echo.id != id {
+        return None; // a raw socket sees every reply from dst, not just ours
+    }
+    let mut frame = vec![0u8; super::datapath::VNET_HDR];
+    etherparse::PacketBuilder::ethernet2(job.gateway_mac, job.container_mac)
+        .ipv4(dst.octets(), container.octets(), 64)
+        .icmpv4_echo_reply(id, echo.seq)
+        .write(&mut frame, payload)
+        .ok()?;
+    Some(frame)
 }
 
 /// Receives datagrams on a published UDP port and carries them to the container, each client
@@ -495,57 +504,6 @@ pub fn icmp_socket(dst: IpAddr) -> Option<(Arc<std::net::UdpSocket>, bool)> {
     .ok()?;
     // A datagram socket of another protocol: std's UdpSocket is only a wrapper over send/recv.
     Some((Arc::new(std::net::UdpSocket::from(fd)), raw))
-}
-
-async fn icmp_receive(
-    socket: Arc<std::net::UdpSocket>,
-    raw: bool,
-    key: (IpAddr, u16, IpAddr),
-    container_mac: [u8; 6],
-    gateway_mac: [u8; 6],
-    alive: Arc<AtomicBool>,
-    injector: Injector,
-) {
-    let (IpAddr::V4(container), id, IpAddr::V4(dst)) = key else {
-        return;
-    };
-    let Ok(clone) = socket.try_clone() else {
-        return;
-    };
-    let Ok(sock) = tokio::net::UdpSocket::from_std(clone) else {
-        return;
-    };
-    let mut buf = vec![0u8; FLOW_DATAGRAM_MAX];
-    while alive.load(Ordering::Acquire) {
-        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await
-        else {
-            continue;
-        };
-        // Raw sockets deliver the IP header too.
-        let icmp_bytes = if raw {
-            let ihl = usize::from(buf[0] & 0x0f) * 4;
-            buf.get(ihl..n).unwrap_or(&[])
-        } else {
-            &buf[..n]
-        };
-        let Ok((header, payload)) = etherparse::Icmpv4Header::from_slice(icmp_bytes) else {
-            continue;
-        };
-        let etherparse::Icmpv4Type::EchoReply(echo) = header.icmp_type else {
-            continue;
-        };
-        if raw && echo.id != id {
-            continue; // a raw socket sees every reply from dst, not just ours
-        }
-        let mut frame = vec![0u8; super::datapath::VNET_HDR];
-        let built = etherparse::PacketBuilder::ethernet2(gateway_mac, container_mac)
-            .ipv4(dst.octets(), container.octets(), 64)
-            .icmpv4_echo_reply(id, echo.seq)
-            .write(&mut frame, payload);
-        if built.is_ok() && !injector.icmp_in(key, frame) {
-            return;
-        }
-    }
 }
 
 #[cfg(test)]
