@@ -8,7 +8,8 @@
 #   dnat      iptables DNAT from 127.0.0.1 in a host netns, veth to the container
 #   socat     socat fork proxy on 127.0.0.1 in the host netns, veth to the container
 #   pasta     pasta -t from the host netns' loopback into the container (spliced)
-#   vswitch   vswitch daemon in the host netns, -p 15201:5201, client on 127.0.0.1
+#   vswitch   vswitch daemon in the host netns, -p 15201:5201, client on 127.0.0.1 (the
+#             in-kernel splice path a root daemon uses for loopback clients)
 #   vswitch-remote  same, client in another netns reaching the host netns over a veth (the
 #             path that shows the container the client's own address)
 #   vswitch-out     container -> outside: iperf3 client in a vswitch container, server in a

@@ -76,7 +76,8 @@ fn published_ports_reach_the_container_with_the_clients_address() {
     ]);
     let server = HttpServer::start(&a.name, 8080, &www);
 
-    // From the host side over loopback: the container sees the gateway.
+    // From the host side over loopback: the connection is made inside the container's
+    // namespace, so the container sees its own address.
     let (rc, body) = curl(&d.ns.name, &["http://127.0.0.1:8081/"]);
     assert_eq!((rc, body.as_str()), (0, "hello from the container\n"));
     // From a real outside client: the container sees the client's own address.
@@ -86,10 +87,12 @@ fn published_ports_reach_the_container_with_the_clients_address() {
     );
     assert_eq!(rc, 0);
     let log = server.log();
+    let own = d.ip_of("web", "tomcat81");
     assert!(
-        log.contains("10.96.0.1 - -"),
-        "loopback client appears as the gateway: {log}"
+        log.contains(&format!("{own} - -")),
+        "loopback client appears as the container's own address {own}: {log}"
     );
+    assert!(!log.contains("127.0.0.1"), "never as loopback: {log}");
     assert!(
         log.contains("192.0.2.2 - -"),
         "outside client keeps its address: {log}"
@@ -161,6 +164,144 @@ fn published_ports_reach_the_container_with_the_clients_address() {
         0,
         "listener closed"
     );
+}
+
+/// A TCP server for the in-kernel path: per connection it logs the peer, reads until EOF, then
+/// answers "<bytes read> <peer address>" and closes.
+const COUNT_SERVER: &str = "import socket,threading,sys
+log=open(sys.argv[2],'a',buffering=1)
+l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+l.bind(('0.0.0.0',int(sys.argv[1]))); l.listen(16)
+def serve(c,a):
+  log.write('conn %s\\n' % a[0]); n=0
+  while True:
+    b=c.recv(65536)
+    if not b: break
+    n+=len(b)
+  try: c.sendall(('%d %s' % (n,a[0])).encode()); c.close()
+  except OSError: pass
+while True:
+  c,a=l.accept(); threading.Thread(target=serve,args=(c,a),daemon=True).start()
+";
+
+/// Connects to 127.0.0.1:PORT, sends N bytes (then half-closes unless N is 0: then it only
+/// waits) and prints what comes back until EOF, or the error.
+const COUNT_CLIENT: &str = "import socket,sys
+s=socket.create_connection(('127.0.0.1',int(sys.argv[1])),timeout=20)
+n=int(sys.argv[2])
+try:
+  if n:
+    s.sendall(b'v'*n); s.shutdown(socket.SHUT_WR)
+  d=b''
+  while True:
+    c=s.recv(65536)
+    if not c: break
+    d+=c
+  print('got', d.decode())
+except OSError as e:
+  print('error', e)
+";
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn loopback_clients_are_spliced_in_the_kernel_with_half_close_and_resets() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "web", "--subnet", "10.98.0.0/24"]);
+    let a = Netns::new("a");
+    d.ok(&[
+        "attach",
+        "--network",
+        "web",
+        "--name",
+        "counter",
+        "-p",
+        "9001:9001",
+        "-p",
+        "9002:9002",
+        &a.name,
+    ]);
+    let own = d.ip_of("web", "counter");
+    let log = d.dir.join("count.log");
+    let _server = vswitch_tests::NsDaemon::spawn(
+        &a.name,
+        &[
+            "python3",
+            "-c",
+            COUNT_SERVER,
+            "9001",
+            &log.display().to_string(),
+        ],
+    );
+    let client = |port: &str, n: &str| {
+        text(
+            &d.ns
+                .exec(&["python3", "-c", COUNT_CLIENT, port, n], secs(30))
+                .stdout,
+        )
+        .trim()
+        .to_owned()
+    };
+    // Half-close both ways: the server only answers after it has seen the client's FIN, and
+    // the client only stops reading at the server's FIN. 3 MB arrive intact. The peer is the
+    // container's own address: proof the bytes did not go through the gateway.
+    let ok = vswitch_tests::wait_until(secs(10), || {
+        client("9001", "3000000") == format!("got 3000000 {own}")
+    });
+    assert!(
+        ok,
+        "half-close through the in-kernel path: {}",
+        client("9001", "3000000")
+    );
+
+    // Nothing listens on 9002 in the container: the client is cut off at once, not left
+    // hanging on an accepted connection.
+    let started = Instant::now();
+    let out = client("9002", "10");
+    assert!(
+        out.starts_with("error") || out == "got",
+        "refused in the container: {out}"
+    );
+    assert!(
+        started.elapsed() < secs(10),
+        "refusal took {:?}",
+        started.elapsed()
+    );
+
+    // An open connection ends when the endpoint is detached.
+    let mut held = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &d.ns.name,
+            "python3",
+            "-c",
+            COUNT_CLIENT,
+            "9001",
+            "0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("client");
+    let before = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let connected = vswitch_tests::wait_until(secs(10), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            > before
+    });
+    assert!(connected, "held connection reached the server");
+    d.ok(&["detach", "counter"]);
+    let ended = vswitch_tests::wait_until(secs(10), || matches!(held.try_wait(), Ok(Some(_))));
+    if !ended {
+        let _ = held.kill();
+    }
+    let _ = held.wait();
+    assert!(ended, "detach ends spliced connections");
 }
 
 #[test]

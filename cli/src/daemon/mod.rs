@@ -7,6 +7,7 @@
 
 mod containers;
 pub mod datapath;
+mod direct;
 pub mod ipam;
 pub mod nat;
 pub mod plumb;
@@ -137,6 +138,9 @@ pub struct Daemon {
     policy: nat::SharedPolicy,
     /// Running without root: TAPs are made by a helper inside the target's namespaces.
     rootless: bool,
+    /// Sockets inside containers' namespaces for the in-kernel path of published TCP ports
+    /// (root only: a rootless daemon cannot enter them).
+    ns_sockets: Option<direct::SocketFactory>,
 }
 
 impl Daemon {
@@ -148,6 +152,7 @@ impl Daemon {
         dns: &RuntimeOptions,
     ) -> anyhow::Result<(Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<Event>)> {
         let state_dir = StateDir::new(state_dir)?;
+        raise_fd_limit();
         let host_loopback = dns.host_loopback;
         let catalog = Arc::new(RwLock::new(Catalog::default()));
         let responder = Arc::new(Responder::new(catalog.clone(), dns.ttl));
@@ -190,6 +195,17 @@ impl Daemon {
             nat_jobs,
             policy,
             rootless: !nix::unistd::geteuid().is_root(),
+            ns_sockets: if nix::unistd::geteuid().is_root() {
+                match direct::SocketFactory::start() {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "in-kernel published ports unavailable");
+                        None
+                    }
+                }
+            } else {
+                None
+            },
         });
         {
             let mut inner = daemon.inner.lock().await;
@@ -316,6 +332,19 @@ impl Daemon {
         };
         let injector = live.datapath.injector();
         let subnet = ipnet::IpNet::V4(net.subnet);
+        let direct = match (&self.ns_sockets, netns_path(&ep.target)) {
+            (Some(factory), Ok(path)) => Some((
+                factory.clone(),
+                direct::NsTarget {
+                    path,
+                    id: NsId {
+                        dev: ep.ns_dev,
+                        ino: ep.ns_ino,
+                    },
+                },
+            )),
+            _ => None,
+        };
         let mut handles = Vec::new();
         for b in listeners {
             match b {
@@ -327,6 +356,7 @@ impl Daemon {
                         IpAddr::V4(net.gateway),
                         subnet,
                         injector.clone(),
+                        direct.clone(),
                     ));
                     handles.push(task.abort_handle());
                 }
@@ -1209,6 +1239,22 @@ fn plumbing_for(
 /// so no endpoint derives the same one).
 fn gateway_mac(net: &Network) -> MacAddr {
     MacAddr::from_ipv4(net.gateway)
+}
+
+/// Raises the soft limit on open files to the hard one. Every published-port connection holds
+/// sockets and pipes, and the default soft limit (1024) would cap the daemon at a few hundred
+/// connections; the hard limit is what the administrator allows.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }
 
 /// The PID behind a target, for PID targets and `/proc/PID/ns/net` paths.

@@ -304,16 +304,29 @@ fn shown_as_itself(ip: IpAddr, container: SocketAddr, subnet: &ipnet::IpNet) -> 
 }
 
 /// Accepts connections on a published TCP port and carries each to the container.
+///
+/// Clients the container can see as themselves go through the gateway's TCP stack, which
+/// originates the connection from the client's address. The others (see [`shown_as_itself`])
+/// take the in-kernel path of [`super::direct`] when `direct` is given, and otherwise go
+/// through the gateway too, appearing as the gateway. Connection tasks belong to this loop:
+/// aborting it (detach, GC) ends them.
 pub async fn serve_published_tcp(
     listener: TcpListener,
     container: SocketAddr,
     gateway: IpAddr,
     subnet: ipnet::IpNet,
     injector: Injector,
+    direct: Option<(super::direct::SocketFactory, super::direct::NsTarget)>,
 ) {
     static EPHEMERAL: AtomicU16 = AtomicU16::new(0);
+    let direct = direct.map(Arc::new);
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let (stream, client) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next() => continue,
+        };
+        let (stream, client) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "accept on a published port failed");
@@ -322,14 +335,33 @@ pub async fn serve_published_tcp(
             }
         };
         let ip = client.ip().to_canonical();
-        let local = if !shown_as_itself(ip, container, &subnet) {
-            let port = 32768 + EPHEMERAL.fetch_add(1, Ordering::Relaxed) % 28000;
-            SocketAddr::new(gateway, port)
-        } else {
-            SocketAddr::new(ip, client.port())
-        };
+        let itself = shown_as_itself(ip, container, &subnet);
         let injector = injector.clone();
-        tokio::spawn(async move {
+        let direct = direct.clone().filter(|_| !itself);
+        conns.spawn(async move {
+            let stream = match direct {
+                Some(d) => match super::direct::connect(&d.0, &d.1, container).await {
+                    Ok(Some(inside)) => {
+                        return super::direct::splice_streams(stream, inside).await;
+                    }
+                    Ok(None) => {
+                        // Refused or unanswered in the container: the client sees a reset.
+                        let _ = stream.set_zero_linger();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "in-kernel path unavailable; using the gateway");
+                        stream
+                    }
+                },
+                None => stream,
+            };
+            let local = if itself {
+                SocketAddr::new(ip, client.port())
+            } else {
+                let port = 32768 + EPHEMERAL.fetch_add(1, Ordering::Relaxed) % 28000;
+                SocketAddr::new(gateway, port)
+            };
             let (ch, rx, shared) = channel();
             match injector.nat_open(local, container, ch).await {
                 Some(flow) => splice(stream, flow, injector, rx, shared).await,
