@@ -111,6 +111,12 @@ enum Command {
         #[arg(long)]
         spec: String,
     },
+    /// Makes sockets inside a container's namespaces for a rootless daemon
+    #[command(name = "__socket-helper", hide = true)]
+    SocketHelper {
+        #[arg(long)]
+        pid: u32,
+    },
     /// The first process of a container (started by the daemon)
     #[command(name = "__init", hide = true)]
     Init {
@@ -265,6 +271,16 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::SocketHelper { pid } = &cli.command {
+        // Single-threaded on purpose: it enters a user namespace.
+        return match daemon::direct::socket_helper(*pid) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Init { config } = &cli.command {
         // Before anything else: entering namespaces needs a single-threaded process.
         let code = init::run(config);
@@ -378,7 +394,8 @@ fn run_client(command: Command, socket: &std::path::Path) -> anyhow::Result<Exit
         Command::Daemon(_)
         | Command::Init { .. }
         | Command::Demo { .. }
-        | Command::TapHelper { .. } => {
+        | Command::TapHelper { .. }
+        | Command::SocketHelper { .. } => {
             unreachable!("handled by main")
         }
         Command::Run(args) => containers::run(&client, args),

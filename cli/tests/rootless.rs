@@ -309,6 +309,23 @@ fn the_whole_stack_as_an_unprivileged_user() {
         curl(&r.ns.name, &["http://127.0.0.1:18080/"]).1 == "rootless hello\n"
     });
     assert!(up, "published port of a rootless container\n{}", r.log());
+    // The loopback client took the in-kernel path (a socket helper inside the container's
+    // namespaces): the server saw the container's own address, not the gateway's.
+    let (_, addr, _) = r.vs(&[
+        "exec", "web", "--", "ip", "-4", "-o", "addr", "show", "eth0",
+    ]);
+    let own = addr
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or("?")
+        .to_owned();
+    let (_, logs, _) = r.vs(&["logs", "web"]);
+    assert!(
+        logs.contains(&format!("{own} - -")),
+        "rootless loopback client seen as the container ({own}): {logs}"
+    );
     // With newuidmap and /etc/subuid ranges (scripts/test.sh installs uidmap, useradd makes
     // the ranges), the container's user namespace maps the user to root and the ranges above.
     let (_, map, _) = r.vs(&["exec", "web", "--", "cat", "/proc/self/uid_map"]);

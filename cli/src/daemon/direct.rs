@@ -18,6 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
@@ -115,20 +116,37 @@ fn socket_in(target: &NsTarget, family: AddressFamily) -> io::Result<OwnedFd> {
     .map_err(io::Error::from)
 }
 
+/// How sockets inside one endpoint's namespace are made.
+#[derive(Clone)]
+pub enum Inside {
+    /// Root daemon: the shared factory thread enters the namespace.
+    Enter {
+        factory: SocketFactory,
+        target: NsTarget,
+    },
+    /// Rootless daemon: a helper process living in the container's namespaces makes them.
+    Helper(Arc<HelperSockets>),
+}
+
+impl Inside {
+    async fn socket(&self, family: AddressFamily) -> io::Result<OwnedFd> {
+        match self {
+            Inside::Enter { factory, target } => factory.socket(target, family).await,
+            Inside::Helper(h) => h.socket(family).await,
+        }
+    }
+}
+
 /// Connects to `container` from inside its namespace. `Err` means the in-kernel path is not
 /// available (the caller falls back to the gateway); `Ok(None)` means the container refused or
 /// did not answer, which the client should see.
-pub async fn connect(
-    factory: &SocketFactory,
-    target: &NsTarget,
-    container: SocketAddr,
-) -> io::Result<Option<TcpStream>> {
+pub async fn connect(inside: &Inside, container: SocketAddr) -> io::Result<Option<TcpStream>> {
     let family = if container.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
     };
-    let fd = factory.socket(target, family).await?;
+    let fd = inside.socket(family).await?;
     let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(container)).await {
         Ok(Ok(stream)) => Ok(Some(stream)),
@@ -137,6 +155,156 @@ pub async fn connect(
             Ok(None)
         }
         Err(_) => Ok(None),
+    }
+}
+
+type HelperRequest = (
+    AddressFamily,
+    tokio::sync::oneshot::Sender<io::Result<OwnedFd>>,
+);
+
+/// The rootless way to make sockets inside a container's namespaces: a multithreaded daemon
+/// cannot enter a user namespace, so a single-threaded helper (`vswitch __socket-helper`)
+/// joins the container's user and network namespaces and hands out sockets over a Unix
+/// socket. It is started at the first loopback connection, restarted if it dies, and exits
+/// when the endpoint's published ports go (its socket closes). While it runs it keeps the
+/// namespace alive, which is harmless here: rootless endpoints are collected by watching the
+/// container's process, not the namespace.
+pub struct HelperSockets {
+    requests: std::sync::mpsc::Sender<HelperRequest>,
+}
+
+impl HelperSockets {
+    pub fn start(pid: u32, id: NsId) -> io::Result<Arc<Self>> {
+        let (tx, rx) = std::sync::mpsc::channel::<HelperRequest>();
+        std::thread::Builder::new()
+            .name("vswitch-nshelper".into())
+            .spawn(move || {
+                let mut helper: Option<(std::process::Child, std::os::unix::net::UnixStream)> =
+                    None;
+                while let Ok((family, reply)) = rx.recv() {
+                    if helper.is_none() {
+                        helper = match spawn_helper(pid, id) {
+                            Ok(h) => Some(h),
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                                continue;
+                            }
+                        };
+                    }
+                    let made = match &helper {
+                        Some((_, sock)) => ask_helper(sock, family),
+                        None => Err(io::Error::other("no helper")),
+                    };
+                    if made.is_err()
+                        && let Some((mut child, sock)) = helper.take()
+                    {
+                        drop(sock);
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                    let _ = reply.send(made);
+                }
+                if let Some((mut child, sock)) = helper.take() {
+                    drop(sock); // the helper sees EOF and exits
+                    let _ = child.wait();
+                }
+            })?;
+        Ok(Arc::new(Self { requests: tx }))
+    }
+
+    async fn socket(&self, family: AddressFamily) -> io::Result<OwnedFd> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.requests
+            .send((family, reply))
+            .map_err(|_| io::Error::other("socket helper thread is gone"))?;
+        answer
+            .await
+            .map_err(|_| io::Error::other("socket helper thread is gone"))?
+    }
+}
+
+fn spawn_helper(
+    pid: u32,
+    id: NsId,
+) -> io::Result<(std::process::Child, std::os::unix::net::UnixStream)> {
+    // The process must still be in the endpoint's namespace (not a reused PID).
+    if NetNs::open(std::path::Path::new(&format!("/proc/{pid}/ns/net")))?.id() != id {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the endpoint's namespace is gone",
+        ));
+    }
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    ours.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .arg("__socket-helper")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    Ok((child, ours))
+}
+
+fn ask_helper(sock: &std::os::unix::net::UnixStream, family: AddressFamily) -> io::Result<OwnedFd> {
+    use std::io::Write;
+    let byte = if family == AddressFamily::Inet6 {
+        b"6"
+    } else {
+        b"4"
+    };
+    (&*sock).write_all(byte)?;
+    vswitch_netdev::fdpass::recv_fd(sock.as_fd())
+}
+
+/// The helper's side (`vswitch __socket-helper --pid PID`), in a fresh single-threaded process:
+/// joins the process's user and network namespaces, then answers each request byte on stdin
+/// (`4` or `6`) with a new non-blocking TCP socket, until stdin closes.
+pub fn socket_helper(pid: u32) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use nix::sched::{CloneFlags, setns};
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let user = std::fs::File::open(format!("/proc/{pid}/ns/user"))
+        .with_context(|| format!("cannot open the user namespace of pid {pid}"))?;
+    let net = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .with_context(|| format!("cannot open the network namespace of pid {pid}"))?;
+    if user.metadata()?.ino() != std::fs::metadata("/proc/self/ns/user")?.ino() {
+        setns(&user, CloneFlags::CLONE_NEWUSER).context("cannot enter the user namespace")?;
+    }
+    setns(&net, CloneFlags::CLONE_NEWNET).context("cannot enter the network namespace")?;
+    drop((user, net));
+    let stdin = std::io::stdin();
+    let mut conn = stdin.lock();
+    let mut byte = [0u8; 1];
+    loop {
+        match conn.read(&mut byte) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let family = if byte[0] == b'6' {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let made = socket(
+            family,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        );
+        let fd = std::io::stdin();
+        match made {
+            Ok(s) => vswitch_netdev::fdpass::send_fd(fd.as_fd(), s.as_fd())?,
+            // A reply without a descriptor: the daemon falls back to the gateway path.
+            Err(_) => {
+                nix::unistd::write(fd.as_fd(), b"E")?;
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 
 mod containers;
 pub mod datapath;
-mod direct;
+pub mod direct;
 pub mod ipam;
 pub mod nat;
 pub mod plumb;
@@ -139,7 +139,7 @@ pub struct Daemon {
     /// Running without root: TAPs are made by a helper inside the target's namespaces.
     rootless: bool,
     /// Sockets inside containers' namespaces for the in-kernel path of published TCP ports
-    /// (root only: a rootless daemon cannot enter them).
+    /// (root; a rootless daemon cannot enter them and starts a helper per endpoint instead).
     ns_sockets: Option<direct::SocketFactory>,
 }
 
@@ -332,17 +332,28 @@ impl Daemon {
         };
         let injector = live.datapath.injector();
         let subnet = ipnet::IpNet::V4(net.subnet);
-        let direct = match (&self.ns_sockets, netns_path(&ep.target)) {
-            (Some(factory), Ok(path)) => Some((
-                factory.clone(),
-                direct::NsTarget {
-                    path,
-                    id: NsId {
-                        dev: ep.ns_dev,
-                        ino: ep.ns_ino,
-                    },
-                },
-            )),
+        let id = NsId {
+            dev: ep.ns_dev,
+            ino: ep.ns_ino,
+        };
+        let has_tcp = listeners.iter().any(|b| matches!(b, Bound::Tcp(..)));
+        let direct = match (
+            &self.ns_sockets,
+            netns_path(&ep.target),
+            target_pid(&ep.target),
+        ) {
+            _ if !has_tcp => None,
+            (Some(factory), Ok(path), _) => Some(direct::Inside::Enter {
+                factory: factory.clone(),
+                target: direct::NsTarget { path, id },
+            }),
+            (None, _, Some(pid)) if self.rootless => match direct::HelperSockets::start(pid, id) {
+                Ok(h) => Some(direct::Inside::Helper(h)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "in-kernel published ports unavailable");
+                    None
+                }
+            },
             _ => None,
         };
         let mut handles = Vec::new();

@@ -316,10 +316,9 @@ pub async fn serve_published_tcp(
     gateway: IpAddr,
     subnet: ipnet::IpNet,
     injector: Injector,
-    direct: Option<(super::direct::SocketFactory, super::direct::NsTarget)>,
+    direct: Option<super::direct::Inside>,
 ) {
     static EPHEMERAL: AtomicU16 = AtomicU16::new(0);
-    let direct = direct.map(Arc::new);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -340,7 +339,7 @@ pub async fn serve_published_tcp(
         let direct = direct.clone().filter(|_| !itself);
         conns.spawn(async move {
             let stream = match direct {
-                Some(d) => match super::direct::connect(&d.0, &d.1, container).await {
+                Some(d) => match super::direct::connect(&d, container).await {
                     Ok(Some(inside)) => {
                         return super::direct::splice_streams(stream, inside).await;
                     }
