@@ -16,6 +16,8 @@
 #             namespace behind the daemon's veth (outbound NAT)
 #   vswitch-rootless  the published-port case with the daemon and the container (vswitch run)
 #             running as the unprivileged user vswitch-rootless (created if absent)
+#   vswitch-out-10000idle  vswitch-out again while the container holds 10000 idle outbound
+#             connections (run after the other repeats)
 # Repeats are interleaved. Prints medians and ratios to dnat and pasta. Everything stays in
 # namespaces named vsnat-<pid>-*, removed at the end.
 set -euo pipefail
@@ -107,6 +109,28 @@ for rep in $(seq "$REPS"); do
     run vswitch-rootless ${P}rh 127.0.0.1 15201
     echo "rep $rep done" >&2
 done
+
+# Outbound again with 10000 idle NAT flows open from the same container: smoltcp walks the
+# sockets of a set per frame, so this shows whether idle flows slow the busy one.
+IDLE=10000
+nsx ${P}vo sysctl -qw net.core.somaxconn=16384
+nsx ${P}vo bash -c "ulimit -n \$(ulimit -Hn); exec python3 -c '
+import socket
+l=socket.socket(); l.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)
+l.bind((\"0.0.0.0\",6000)); l.listen(16384); held=[]
+while True: held.append(l.accept()[0])'" >/dev/null 2>&1 &
+PIDS+=($!)
+sleep 0.5
+nsx ${P}vc bash -c "ulimit -n \$(ulimit -Hn); exec python3 -c '
+import socket,sys,time
+h=[socket.create_connection((\"10.231.6.2\",6000),timeout=10) for _ in range($IDLE)]
+print(len(h),flush=True); time.sleep(3600)'" >"$TMP/held" 2>&1 &
+HOLDER=$!; PIDS+=($HOLDER)
+for _ in $(seq 600); do [ -s "$TMP/held" ] && break; sleep 0.1; done
+echo "holding $(cat "$TMP/held") idle flows" >&2
+for rep in $(seq "$REPS"); do run vswitch-out-${IDLE}idle ${P}vc 10.231.6.2 5201; done
+kill "$HOLDER" 2>/dev/null || true
+
 python3 - "$RES" <<'PY'
 import sys, statistics as st
 d = {}
@@ -119,4 +143,7 @@ for c in ['dnat', 'socat', 'pasta', 'vswitch', 'vswitch-remote', 'vswitch-out', 
     v = med.get(c)
     r = lambda b: f'{v / med[b]:.2f}x' if v and med.get(b) else '-'
     print(f"| {c} | {'-' if v is None else f'{v:.2f}'} | {r('dnat')} | {r('pasta')} |")
+idle = [c for c in med if c.startswith('vswitch-out-')]
+for c in idle:
+    print(f"\n{c}: {med[c]:.2f} Gbit/s = {med[c] / med['vswitch-out']:.2f}x vswitch-out without them")
 PY

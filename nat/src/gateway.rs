@@ -23,6 +23,20 @@ use std::net::{IpAddr, SocketAddr};
 const RX_QUEUE_LIMIT: usize = 256;
 /// Frames the stack emitted that the caller has not collected yet.
 const TX_QUEUE_LIMIT: usize = 1024;
+/// TCP sockets are spread over this many socket sets by a keyed hash of the connection's two
+/// endpoints. smoltcp walks every socket of the set it is polled with, for every frame and
+/// timer; with shards a frame costs a walk of its own shard only, so thousands of idle flows
+/// do not slow the busy ones (one set of 4000 sockets cut outbound NAT from 6.5 to 0.8 Gbit/s).
+const SHARDS: usize = 256;
+const SHARD_BITS: u32 = SHARDS.trailing_zeros();
+
+/// One socket set and its flows. Shard 0 also holds the stream (DNS over TCP) service.
+struct Shard {
+    sockets: SocketSet<'static>,
+    flows: Flows,
+    /// When this shard next needs a poll for its timers (computed after each poll).
+    due: Option<Instant>,
+}
 
 /// Addresses of a gateway.
 #[derive(Debug, Clone)]
@@ -56,7 +70,10 @@ pub struct GatewayStats {
 pub struct Gateway {
     iface: Interface,
     device: QueueDevice,
-    sockets: SocketSet<'static>,
+    shards: Vec<Shard>,
+    /// Keys the shard hash, so a container cannot aim its connections at one shard.
+    hasher: std::collections::hash_map::RandomState,
+    next_flow: u64,
     mac: EthernetAddress,
     ipv4: Option<Ipv4Address>,
     ipv6: Option<Ipv6Address>,
@@ -64,7 +81,6 @@ pub struct Gateway {
     stats: GatewayStats,
     stream: Option<StreamService>,
     nat: bool,
-    flows: Flows,
     tcp_events: Vec<TcpEvent>,
 }
 
@@ -116,7 +132,15 @@ impl Gateway {
         Self {
             iface,
             device,
-            sockets: SocketSet::new(Vec::new()),
+            shards: (0..SHARDS)
+                .map(|_| Shard {
+                    sockets: SocketSet::new(Vec::new()),
+                    flows: Flows::default(),
+                    due: None,
+                })
+                .collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            next_flow: 0,
             mac,
             ipv4,
             ipv6,
@@ -124,7 +148,6 @@ impl Gateway {
             stats: GatewayStats::default(),
             stream: None,
             nat: config.nat,
-            flows: Flows::default(),
             tcp_events: Vec::new(),
         }
     }
@@ -150,7 +173,7 @@ impl Gateway {
         local: SocketAddr,
         remote: SocketAddr,
     ) -> Option<FlowId> {
-        if self.flows.is_full() {
+        if self.tcp_flows() >= crate::tcp::MAX_FLOWS {
             return None;
         }
         let mut s = crate::tcp::new_socket();
@@ -161,29 +184,60 @@ impl Gateway {
         )
         .ok()?;
         let state = s.state();
-        let h = self.sockets.add(s);
-        let id = self.flows.insert(h, state);
-        self.poll(now);
+        let k = self.shard_for(local, remote);
+        let id = self.add_flow(k, s, state);
+        self.poll(now, k);
         Some(id)
+    }
+
+    /// Which shard holds the connection between `a` and `b` (either order).
+    fn shard_for(&self, a: SocketAddr, b: SocketAddr) -> usize {
+        use std::hash::BuildHasher;
+        let svc = self.stream.as_ref().map(StreamService::port);
+        let own_svc = |e: SocketAddr| svc == Some(e.port()) && self.is_own(e.ip());
+        if own_svc(a) || own_svc(b) {
+            return 0;
+        }
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        (self.hasher.hash_one((lo, hi)) % SHARDS as u64) as usize
+    }
+
+    fn add_flow(&mut self, k: usize, s: tcp::Socket<'static>, state: tcp::State) -> FlowId {
+        self.next_flow += 1;
+        let id = FlowId((self.next_flow << SHARD_BITS) | k as u64);
+        let shard = &mut self.shards[k];
+        let h = shard.sockets.add(s);
+        shard.flows.insert(id, h, state);
+        id
+    }
+
+    /// The shard and socket of a flow.
+    fn flow_socket(&mut self, flow: FlowId) -> Option<(usize, &mut tcp::Socket<'static>)> {
+        let k = shard_of(flow);
+        let shard = self.shards.get_mut(k)?;
+        let f = shard.flows.flows.get(&flow)?;
+        Some((k, shard.sockets.get_mut::<tcp::Socket>(f.handle)))
     }
 
     /// Lets an intercepted outbound connection complete its handshake (the dial succeeded).
     pub fn tcp_established(&mut self, now: Instant, flow: FlowId) {
-        if let Some(f) = self.flows.flows.get(&flow) {
-            self.sockets
-                .get_mut::<tcp::Socket>(f.handle)
-                .pause_synack(false);
+        if let Some((k, s)) = self.flow_socket(flow) {
+            s.pause_synack(false);
+            self.poll(now, k);
         }
-        self.poll(now);
     }
 
     /// Moves up to `data.len()` bytes into the flow's send buffer; returns how many it took.
     /// If it took less, the flow reports activity once there is room again.
     pub fn tcp_send(&mut self, now: Instant, flow: FlowId, data: &[u8]) -> usize {
-        let Some(f) = self.flows.flows.get_mut(&flow) else {
+        let k = shard_of(flow);
+        let Some(shard) = self.shards.get_mut(k) else {
             return 0;
         };
-        let s = self.sockets.get_mut::<tcp::Socket>(f.handle);
+        let Some(f) = shard.flows.flows.get_mut(&flow) else {
+            return 0;
+        };
+        let s = shard.sockets.get_mut::<tcp::Socket>(f.handle);
         let n = if s.may_send() {
             s.send_slice(data).unwrap_or(0)
         } else {
@@ -193,17 +247,16 @@ impl Gateway {
             f.want_write = true;
         }
         if n > 0 {
-            self.poll(now);
+            self.poll(now, k);
         }
         n
     }
 
     /// Reads what the container sent, up to `buf.len()` bytes.
     pub fn tcp_recv(&mut self, now: Instant, flow: FlowId, buf: &mut [u8]) -> usize {
-        let Some(f) = self.flows.flows.get(&flow) else {
+        let Some((k, s)) = self.flow_socket(flow) else {
             return 0;
         };
-        let s = self.sockets.get_mut::<tcp::Socket>(f.handle);
         let n = if s.can_recv() {
             s.recv_slice(buf).unwrap_or(0)
         } else {
@@ -211,7 +264,7 @@ impl Gateway {
         };
         if n > 0 {
             // Window updates go out with the next poll; do it now so the sender is not stalled.
-            self.poll(now);
+            self.poll(now, k);
         }
         n
     }
@@ -219,8 +272,7 @@ impl Gateway {
     /// Takes up to `max` bytes the container sent as one new buffer (one copy, no zeroing);
     /// `None` if there is nothing to read.
     pub fn tcp_recv_chunk(&mut self, now: Instant, flow: FlowId, max: usize) -> Option<Vec<u8>> {
-        let f = self.flows.flows.get(&flow)?;
-        let s = self.sockets.get_mut::<tcp::Socket>(f.handle);
+        let (k, s) = self.flow_socket(flow)?;
         if !s.can_recv() {
             return None;
         }
@@ -231,94 +283,64 @@ impl Gateway {
             })
             .ok()
             .filter(|c| !c.is_empty())?;
-        self.poll(now);
+        self.poll(now, k);
         Some(chunk)
     }
 
     /// Half-closes the flow towards the container (FIN after the queued data).
     pub fn tcp_close(&mut self, now: Instant, flow: FlowId) {
-        if let Some(f) = self.flows.flows.get(&flow) {
-            self.sockets.get_mut::<tcp::Socket>(f.handle).close();
+        if let Some((k, s)) = self.flow_socket(flow) {
+            s.close();
+            self.poll(now, k);
         }
-        self.poll(now);
     }
 
     /// Resets the flow (RST to the container) and forgets it.
     pub fn tcp_abort(&mut self, now: Instant, flow: FlowId) {
-        if let Some(f) = self.flows.flows.get(&flow) {
-            self.sockets.get_mut::<tcp::Socket>(f.handle).abort();
+        if let Some((k, s)) = self.flow_socket(flow) {
+            s.abort();
+            self.poll(now, k);
         }
-        self.poll(now);
     }
 
     pub fn tcp_state(&self, flow: FlowId) -> FlowState {
-        match self.flows.flows.get(&flow) {
-            Some(f) => crate::tcp::flow_state(self.sockets.get::<tcp::Socket>(f.handle)),
+        let Some(shard) = self.shards.get(shard_of(flow)) else {
+            return FlowState::Closed;
+        };
+        match shard.flows.flows.get(&flow) {
+            Some(f) => crate::tcp::flow_state(shard.sockets.get::<tcp::Socket>(f.handle)),
             None => FlowState::Closed,
         }
     }
 
     /// Number of open TCP flows.
     pub fn tcp_flows(&self) -> usize {
-        self.flows.flows.len()
+        self.shards.iter().map(|s| s.flows.flows.len()).sum()
     }
 
     /// An outbound SYN (to an address that is not the gateway's, or to a gateway port other
-    /// than DNS): set up a paused listener for exactly that destination and tell the caller.
-    fn intercept_syn(&mut self, eth_payload: &[u8], ethertype: EthernetProtocol) {
-        if !self.nat || self.flows.is_full() {
+    /// than DNS): set up a paused listener for exactly that destination, in shard `k`, and tell
+    /// the caller.
+    fn intercept_syn(&mut self, src: SocketAddr, dst: SocketAddr) {
+        if !self.nat || self.tcp_flows() >= crate::tcp::MAX_FLOWS {
             return;
         }
-        let (src_ip, dst_ip, tcp_bytes): (IpAddr, IpAddr, &[u8]) = match ethertype {
-            EthernetProtocol::Ipv4 => {
-                let Ok(ip) = Ipv4Packet::new_checked(eth_payload) else {
-                    return;
-                };
-                if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
-                    return;
-                }
-                (
-                    IpAddr::V4(ip.src_addr()),
-                    IpAddr::V4(ip.dst_addr()),
-                    ip.payload(),
-                )
-            }
-            EthernetProtocol::Ipv6 => {
-                let Ok(ip) = Ipv6Packet::new_checked(eth_payload) else {
-                    return;
-                };
-                if ip.next_header() != IpProtocol::Tcp {
-                    return;
-                }
-                (
-                    IpAddr::V6(ip.src_addr()),
-                    IpAddr::V6(ip.dst_addr()),
-                    ip.payload(),
-                )
-            }
-            _ => return,
-        };
-        let Ok(tcp) = TcpPacket::new_checked(tcp_bytes) else {
-            return;
-        };
-        if !tcp.syn() || tcp.ack() || tcp.rst() {
+        if self.is_own(dst.ip()) && self.stream.as_ref().is_some_and(|s| s.port() == dst.port()) {
             return;
         }
-        let dst = SocketAddr::new(dst_ip, tcp.dst_port());
-        let src = SocketAddr::new(src_ip, tcp.src_port());
-        if self.is_own(dst_ip) && self.stream.as_ref().is_some_and(|s| s.port() == dst.port()) {
-            return;
-        }
-        if self
-            .flows
-            .has_listener_for(&self.sockets, IpEndpoint::from(src), IpEndpoint::from(dst))
-        {
+        let k = self.shard_for(src, dst);
+        let shard = &self.shards[k];
+        if shard.flows.has_listener_for(
+            &shard.sockets,
+            IpEndpoint::from(src),
+            IpEndpoint::from(dst),
+        ) {
             return;
         }
         let mut s = crate::tcp::new_socket();
         s.pause_synack(true);
         if s.listen(IpListenEndpoint {
-            addr: Some(dst_ip.into()),
+            addr: Some(dst.ip().into()),
             port: dst.port(),
         })
         .is_err()
@@ -326,8 +348,7 @@ impl Gateway {
             return;
         }
         let state = s.state();
-        let h = self.sockets.add(s);
-        let flow = self.flows.insert(h, state);
+        let flow = self.add_flow(k, s, state);
         self.tcp_events.push(TcpEvent::Syn { flow, src, dst });
     }
 
@@ -342,7 +363,7 @@ impl Gateway {
         idle: Duration,
     ) {
         self.stream = Some(StreamService::new(port, max_conns, idle));
-        self.poll(now);
+        self.poll(now, 0);
     }
 
     /// Messages received on the stream service since the last call.
@@ -356,9 +377,9 @@ impl Gateway {
     /// Sends an answer on a stream connection.
     pub fn stream_reply(&mut self, now: Instant, conn: u64, message: &[u8]) {
         if let Some(svc) = self.stream.as_mut() {
-            svc.reply(now, &mut self.sockets, conn, message);
+            svc.reply(now, &mut self.shards[0].sockets, conn, message);
         }
-        self.poll(now);
+        self.poll(now, 0);
     }
 
     /// Open stream connections (for tests and stats).
@@ -438,26 +459,43 @@ impl Gateway {
             self.stats.ignored += 1;
             return;
         }
-        if let Ok(e) = EthernetFrame::new_checked(eth) {
-            self.intercept_syn(e.payload(), e.ethertype());
+        // TCP goes to the shard of its connection; everything else (ARP, NDP, ping) to shard 0.
+        let mut k = 0;
+        if let Some(seg) = EthernetFrame::new_checked(eth)
+            .ok()
+            .and_then(|e| tcp_segment(e.payload(), e.ethertype()))
+        {
+            if seg.syn_only {
+                self.intercept_syn(seg.src, seg.dst);
+            }
+            k = self.shard_for(seg.src, seg.dst);
         }
         self.stats.accepted += 1;
         self.device.rx.push_back(eth.to_vec());
-        self.poll(now);
+        self.poll(now, k);
     }
 
-    /// Runs the stack's timers. Call it when [`Self::poll_timeout`] says so.
+    /// Runs the stack's timers: polls the shards that are due. Call it when
+    /// [`Self::poll_timeout`] says so.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.poll(now);
+        for k in 0..self.shards.len() {
+            if self.shards[k].due.is_some_and(|t| t <= now) {
+                self.poll(now, k);
+            }
+        }
+        if self
+            .stream
+            .as_ref()
+            .and_then(StreamService::next_deadline)
+            .is_some_and(|t| t <= now)
+        {
+            self.poll(now, 0);
+        }
     }
 
     /// When the stack next needs [`Self::handle_timeout`]; `None` if it has nothing pending.
-    pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
-        let t = smol_now(self.epoch, now);
-        let stack = self
-            .iface
-            .poll_delay(t, &self.sockets)
-            .map(|d| now + Duration::from_micros(d.total_micros()));
+    pub fn poll_timeout(&mut self, _now: Instant) -> Option<Instant> {
+        let stack = self.shards.iter().filter_map(|s| s.due).min();
         let idle = self.stream.as_ref().and_then(StreamService::next_deadline);
         [stack, idle].into_iter().flatten().min()
     }
@@ -470,19 +508,77 @@ impl Gateway {
         Some(frame)
     }
 
-    fn poll(&mut self, now: Instant) {
+    /// Polls the stack with shard `k`'s sockets: ingress of the queued frame, egress of that
+    /// shard, then the flows' events and the shard's next deadline.
+    fn poll(&mut self, now: Instant, k: usize) {
         let t = smol_now(self.epoch, now);
-        self.iface.poll(t, &mut self.device, &mut self.sockets);
-        if let Some(svc) = self.stream.as_mut() {
-            svc.service(now, &mut self.sockets);
+        let Some(shard) = self.shards.get_mut(k) else {
+            return;
+        };
+        self.iface.poll(t, &mut self.device, &mut shard.sockets);
+        if k == 0
+            && let Some(svc) = self.stream.as_mut()
+        {
+            svc.service(now, &mut shard.sockets);
             // What the service queued (answers, RSTs, a new listener) goes out now.
-            self.iface.poll(t, &mut self.device, &mut self.sockets);
-            svc.reap(&mut self.sockets);
+            self.iface.poll(t, &mut self.device, &mut shard.sockets);
+            svc.reap(&mut shard.sockets);
         }
-        if !self.flows.flows.is_empty() {
-            self.flows.activity(&mut self.sockets, &mut self.tcp_events);
+        if !shard.flows.flows.is_empty() {
+            shard
+                .flows
+                .activity(&mut shard.sockets, &mut self.tcp_events);
         }
+        shard.due = self
+            .iface
+            .poll_delay(t, &shard.sockets)
+            .map(|d| now + Duration::from_micros(d.total_micros()));
     }
+}
+
+fn shard_of(flow: FlowId) -> usize {
+    (flow.0 & (SHARDS as u64 - 1)) as usize
+}
+
+/// The endpoints of a TCP segment in an IP packet, and whether it is a bare SYN.
+struct Segment {
+    src: SocketAddr,
+    dst: SocketAddr,
+    syn_only: bool,
+}
+
+fn tcp_segment(eth_payload: &[u8], ethertype: EthernetProtocol) -> Option<Segment> {
+    let (src_ip, dst_ip, tcp_bytes): (IpAddr, IpAddr, &[u8]) = match ethertype {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(eth_payload).ok()?;
+            if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+                return None;
+            }
+            (
+                IpAddr::V4(ip.src_addr()),
+                IpAddr::V4(ip.dst_addr()),
+                ip.payload(),
+            )
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(eth_payload).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            (
+                IpAddr::V6(ip.src_addr()),
+                IpAddr::V6(ip.dst_addr()),
+                ip.payload(),
+            )
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new_checked(tcp_bytes).ok()?;
+    Some(Segment {
+        src: SocketAddr::new(src_ip, tcp.src_port()),
+        dst: SocketAddr::new(dst_ip, tcp.dst_port()),
+        syn_only: tcp.syn() && !tcp.ack() && !tcp.rst(),
+    })
 }
 
 fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {

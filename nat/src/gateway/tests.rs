@@ -371,3 +371,73 @@ fn pings_to_the_outside_are_not_faked() {
     gw.handle_frame(t, &with_vnet(out));
     assert!(drain(&mut gw).is_empty());
 }
+
+#[test]
+fn thousands_of_flows_spread_over_shards_each_reach_their_own_socket() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.handle_frame(t, &arp_request(GW));
+    drain(&mut gw);
+    let far = [198, 51, 100, 7];
+    let mut flows = Vec::new();
+    for i in 0..3000u16 {
+        let port = 20000 + i;
+        gw.handle_frame(
+            t,
+            &tcp_between((CTR, port), (far, 443), 1000, None, true, b""),
+        );
+        let events = gw.poll_tcp_events();
+        let syns: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                crate::TcpEvent::Syn { flow, src, .. } => Some((*flow, src.port())),
+                crate::TcpEvent::Activity(_) => None,
+            })
+            .collect();
+        match syns.as_slice() {
+            [(flow, p)] if *p == port => flows.push(*flow),
+            other => panic!("SYN {i}: {other:?}"),
+        }
+    }
+    assert_eq!(gw.tcp_flows(), 3000);
+    let used = gw
+        .shards
+        .iter()
+        .filter(|s| !s.flows.flows.is_empty())
+        .count();
+    assert!(used > SHARDS * 3 / 4, "flows spread over {used} shards");
+    // A sample of them completes the handshake and carries data to the right flow.
+    for (i, &flow) in flows.iter().enumerate().step_by(97) {
+        let port = 20000 + i as u16;
+        gw.tcp_established(t, flow);
+        let out = drain(&mut gw);
+        let synack = out
+            .iter()
+            .filter_map(|f| tcp_of(f))
+            .find(|s| s.0)
+            .expect("SYN-ACK");
+        assert!(synack.1, "flow {i}: {synack:?}");
+        let hello = format!("hello {i}");
+        gw.handle_frame(
+            t,
+            &tcp_between(
+                (CTR, port),
+                (far, 443),
+                1001,
+                Some(synack.3 + 1),
+                false,
+                hello.as_bytes(),
+            ),
+        );
+        let mut buf = [0u8; 32];
+        let n = gw.tcp_recv(t, flow, &mut buf);
+        assert_eq!(&buf[..n], hello.as_bytes(), "flow {i}");
+        assert_eq!(gw.tcp_state(flow), crate::FlowState::Open);
+    }
+    // Aborted flows leave their shard at once.
+    for &flow in &flows {
+        gw.tcp_abort(t, flow);
+    }
+    let _ = gw.poll_tcp_events();
+    assert_eq!(gw.tcp_flows(), 0);
+}
