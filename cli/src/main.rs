@@ -175,6 +175,12 @@ struct DaemonArgs {
     /// address (by default only published ports are reachable there)
     #[arg(long)]
     allow_host_loopback: bool,
+    /// Nice value of the datapath threads (-20..=19). Below 0 they get the CPU ahead of the
+    /// containers' own threads, as kernel forwarding would; needs CAP_SYS_NICE (or
+    /// RLIMIT_NICE), and without it they stay at the daemon's own value
+    #[arg(long, default_value_t = -10, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    datapath_nice: i32,
 }
 
 #[derive(Args)]
@@ -368,6 +374,7 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Resul
             ttl: args.dns_ttl,
             max_forwards: 1024,
             host_loopback: args.allow_host_loopback,
+            datapath_nice: args.datapath_nice,
         },
         dns_listen: args.dns_listen,
     };

@@ -675,3 +675,57 @@ fn control_socket_survives_garbage_and_clients_name_the_socket() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains(&missing.display().to_string()), "{err}");
 }
+
+/// Nice values of the daemon's threads named `dp-<network>`.
+fn datapath_nice(d: &Daemon, network: &str) -> Vec<i64> {
+    let want = format!("dp-{network}");
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", d.pid())) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            if comm.trim() != want {
+                return None;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            // Fields after the ")" that closes the name: state is field 3, nice field 19.
+            let rest = stat.rsplit_once(')')?.1;
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn datapath_threads_run_at_the_configured_nice_value() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "prio", "--subnet", "10.79.0.0/24"]);
+    assert!(
+        wait_until(secs(5), || datapath_nice(&d, "prio") == vec![-10]),
+        "default -10: {:?}",
+        datapath_nice(&d, "prio")
+    );
+    drop(d);
+    let d = Daemon::start_with(&["--datapath-nice", "3"]);
+    d.ok(&["network", "create", "prio", "--subnet", "10.79.0.0/24"]);
+    assert!(
+        wait_until(secs(5), || datapath_nice(&d, "prio") == vec![3]),
+        "configured 3: {:?}",
+        datapath_nice(&d, "prio")
+    );
+    // Out of range: one line, non-zero, no daemon.
+    let out = vswitch_tests::run(
+        std::process::Command::new(vswitch_tests::vswitch_bin()).args([
+            "daemon",
+            "--datapath-nice",
+            "40",
+        ]),
+        secs(10),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("--datapath-nice"), "{err}");
+}

@@ -4,6 +4,7 @@
 //!   accepts) 64 KiB GSO frames with a virtio-net header in front.
 //! - [`vnet`]: the virtio-net header itself (a plain byte view, no unsafe).
 //! - [`ns`]: entering network namespaces from a dedicated thread.
+//! - [`set_thread_nice`]: the scheduling weight of the datapath threads.
 //!
 //! This is the only crate of the workspace allowed `unsafe` code, and only in `sys`, where every
 //! block states why it is sound.
@@ -15,3 +16,9 @@ pub mod tap;
 pub mod vnet;
 
 pub use tap::{Tap, TapError};
+
+/// Sets the nice value of the calling thread (not the whole process). Lowering it below 0
+/// needs `CAP_SYS_NICE` or a matching `RLIMIT_NICE`.
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    sys::set_thread_nice(nice)
+}

@@ -118,3 +118,16 @@ pub(crate) fn own_received_fd(raw: std::os::fd::RawFd) -> OwnedFd {
     // are its only owner.
     unsafe { OwnedFd::from_raw_fd(raw) }
 }
+
+/// `setpriority(PRIO_PROCESS, gettid(), nice)`: on Linux this sets the nice value of the
+/// calling thread only.
+pub(crate) fn set_thread_nice(nice: libc::c_int) -> io::Result<()> {
+    let tid = nix::unistd::gettid().as_raw();
+    let who = libc::id_t::try_from(tid).map_err(|_| io::Error::other("negative thread id"))?;
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

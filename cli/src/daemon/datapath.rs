@@ -388,17 +388,29 @@ impl std::fmt::Debug for Datapath {
     }
 }
 
+/// What a datapath is for: its network, its gateway and its thread's nice value.
+pub struct DatapathSpec {
+    pub network_id: String,
+    pub network_name: String,
+    pub gateway: GatewayConfig,
+    pub nice: i32,
+}
+
 impl Datapath {
-    /// Starts the thread for network `network_id`.
+    /// Starts the thread for network `spec.network_id`.
     pub fn start(
-        network_id: String,
-        network_name: String,
-        gateway: GatewayConfig,
+        spec: DatapathSpec,
         dns: Option<DnsHook>,
         nat_jobs: tokio::sync::mpsc::UnboundedSender<NatJob>,
         policy: super::nat::SharedPolicy,
         events: tokio::sync::mpsc::UnboundedSender<Event>,
     ) -> io::Result<Self> {
+        let DatapathSpec {
+            network_id,
+            network_name,
+            gateway,
+            nice,
+        } = spec;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let wake = Arc::new(EventFd::from_flags(
             EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
@@ -457,7 +469,17 @@ impl Datapath {
         };
         let thread = std::thread::Builder::new()
             .name(format!("dp-{network_name}"))
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                // Forwarding ahead of the containers' threads, as the kernel's softirqs would:
+                // on a busy machine a datapath that waits behind the senders it serves slows
+                // them all down (measured in ARCHITECTURE.md).
+                if nice != 0
+                    && let Err(e) = vswitch_netdev::set_thread_nice(nice)
+                {
+                    tracing::debug!(nice, error = %e, "datapath keeps the default priority");
+                }
+                worker.run()
+            })?;
         Ok(Self {
             commands: tx,
             wake,

@@ -118,6 +118,8 @@ pub struct RuntimeOptions {
     /// `--allow-host-loopback`: containers reach every service on the host's loopback through
     /// the gateway address, not only published ports.
     pub host_loopback: bool,
+    /// `--datapath-nice`: scheduling weight of the datapath threads.
+    pub datapath_nice: i32,
 }
 
 struct Inner {
@@ -141,6 +143,7 @@ pub struct Daemon {
     /// Sockets inside containers' namespaces for the in-kernel path of published TCP ports
     /// (root; a rootless daemon cannot enter them and starts a helper per endpoint instead).
     ns_sockets: Option<direct::SocketFactory>,
+    datapath_nice: i32,
 }
 
 impl Daemon {
@@ -154,6 +157,7 @@ impl Daemon {
         let state_dir = StateDir::new(state_dir)?;
         raise_fd_limit();
         let host_loopback = dns.host_loopback;
+        let datapath_nice = dns.datapath_nice;
         let catalog = Arc::new(RwLock::new(Catalog::default()));
         let responder = Arc::new(Responder::new(catalog.clone(), dns.ttl));
         let upstreams = Arc::new(Upstreams::new(
@@ -206,6 +210,7 @@ impl Daemon {
             } else {
                 None
             },
+            datapath_nice,
         });
         {
             let mut inner = daemon.inner.lock().await;
@@ -253,9 +258,12 @@ impl Daemon {
             nat: !net.internal,
         };
         let datapath = Datapath::start(
-            net.id.clone(),
-            net.name.clone(),
-            gateway,
+            datapath::DatapathSpec {
+                network_id: net.id.clone(),
+                network_name: net.name.clone(),
+                gateway,
+                nice: self.datapath_nice,
+            },
             Some(self.dns.clone()),
             self.nat_jobs.clone(),
             self.policy.clone(),
