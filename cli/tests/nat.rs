@@ -93,6 +93,13 @@ fn published_ports_reach_the_container_with_the_clients_address() {
         "loopback client appears as the container's own address {own}: {log}"
     );
     assert!(!log.contains("127.0.0.1"), "never as loopback: {log}");
+    // Without a host IP the port is published on IPv6 too, as Docker does.
+    let (rc, body) = curl(&d.ns.name, &["-g", "http://[::1]:8081/"]);
+    assert_eq!(
+        (rc, body.as_str()),
+        (0, "hello from the container\n"),
+        "[::1]"
+    );
     assert!(
         log.contains("192.0.2.2 - -"),
         "outside client keeps its address: {log}"

@@ -1219,20 +1219,70 @@ async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bou
             };
             ApiError::conflict(format!("host port {addr} ({}) {why}", m.proto))
         };
+        // No host IP: every address of both families, like Docker, with one dual-stack socket
+        // on [::] (so a port taken in either family is a conflict); 0.0.0.0 if the host has no
+        // IPv6.
+        let dual = m.host_ip.is_none();
         match m.proto {
             vswitch_nat::Proto::Tcp => {
-                let listener = tokio::net::TcpListener::bind(addr).await.map_err(fail)?;
+                let listener = match dual.then(|| dual_stack(m.host_port, true)) {
+                    Some(Ok(fd)) => {
+                        let l = std::net::TcpListener::from(fd);
+                        tokio::net::TcpListener::from_std(l).map_err(fail)?
+                    }
+                    Some(Err(e)) if e.raw_os_error() != Some(libc::EAFNOSUPPORT) => {
+                        return Err(fail(e));
+                    }
+                    _ => tokio::net::TcpListener::bind(addr).await.map_err(fail)?,
+                };
                 out.push(Bound::Tcp(listener, *m));
             }
             vswitch_nat::Proto::Udp => {
-                let socket = std::net::UdpSocket::bind(addr)
-                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                    .map_err(fail)?;
+                let socket = match dual.then(|| dual_stack(m.host_port, false)) {
+                    Some(Ok(fd)) => std::net::UdpSocket::from(fd),
+                    Some(Err(e)) if e.raw_os_error() != Some(libc::EAFNOSUPPORT) => {
+                        return Err(fail(e));
+                    }
+                    _ => std::net::UdpSocket::bind(addr)
+                        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                        .map_err(fail)?,
+                };
                 out.push(Bound::Udp(socket, *m));
             }
         }
     }
     Ok(out)
+}
+
+/// A non-blocking socket bound to `[::]:port` that also takes IPv4 (IPV6_V6ONLY off); a TCP
+/// one is listening.
+fn dual_stack(port: u16, tcp: bool) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, listen, setsockopt, socket,
+        sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let kind = if tcp {
+        SockType::Stream
+    } else {
+        SockType::Datagram
+    };
+    let fd = socket(
+        AddressFamily::Inet6,
+        kind,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    if tcp {
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    }
+    let any = std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    bind(fd.as_raw_fd(), &SockaddrIn6::from(any))?;
+    if tcp {
+        listen(&fd, Backlog::new(1024)?)?;
+    }
+    Ok(fd)
 }
 
 fn plumbing_for(
