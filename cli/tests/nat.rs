@@ -261,6 +261,33 @@ fn loopback_clients_are_spliced_in_the_kernel_with_half_close_and_resets() {
         client("9001", "3000000")
     );
 
+    // 50 connections at once, then nothing of them is left in the daemon (sockets, pipes).
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    let before = fds();
+    let parallel = d.ns.exec(
+        &[
+            "python3",
+            "-c",
+            "import socket,threading\nok=[]\ndef one(i):\n  s=socket.create_connection(('127.0.0.1',9001),timeout=20)\n  s.sendall(b'p'*(1000+i)); s.shutdown(socket.SHUT_WR)\n  d=b''\n  while True:\n    c=s.recv(65536)\n    if not c: break\n    d+=c\n  ok.append(d.split()[0]==str(1000+i).encode())\nts=[threading.Thread(target=one,args=(i,)) for i in range(50)]\n[t.start() for t in ts]; [t.join() for t in ts]\nprint(sum(ok))",
+        ],
+        secs(60),
+    );
+    assert_eq!(
+        text(&parallel.stdout).trim(),
+        "50",
+        "{}",
+        text(&parallel.stderr)
+    );
+    assert!(
+        vswitch_tests::wait_until(secs(5), || fds() <= before + 2),
+        "daemon fds back to {before}: {}",
+        fds()
+    );
+
     // Nothing listens on 9002 in the container: the client is cut off at once, not left
     // hanging on an accepted connection.
     let started = Instant::now();
