@@ -28,8 +28,8 @@ P=vsdns-$$-
 TMP=$(mktemp -d /tmp/vsdns.XXXXXX)
 export VSWITCH_SOCKET=$TMP/vswitch.sock
 cleanup() {
-    [ -f "$TMP/aard/aardvark.pid" ] && kill "$(cat "$TMP/aard/aardvark.pid")" 2>/dev/null
-    [ -n "${DPID:-}" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
+    [ -f "$TMP/aard/aardvark.pid" ] && kill "$(cat "$TMP/aard/aardvark.pid")" 2>/dev/null || true
+    [ -n "${DPID:-}" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null || true
     remove_netns_with_prefix "$P"
     rm -rf "$TMP"
 }

@@ -30,7 +30,7 @@ TUN_MODE=$(stat -c %a /dev/net/tun)
 cleanup() {
     chmod "$TUN_MODE" /dev/net/tun
     for p in ${RPIDS:-}; do kill "$p" 2>/dev/null || true; done
-    [ -n "${DPID:-}" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null
+    [ -n "${DPID:-}" ] && kill "$DPID" 2>/dev/null && wait "$DPID" 2>/dev/null || true
     remove_netns_with_prefix "$P"
     rm -rf "$TMP"
 }

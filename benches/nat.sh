@@ -38,9 +38,9 @@ PIDS=()
 TUN_MODE=$(stat -c %a /dev/net/tun)
 cleanup() {
     chmod "$TUN_MODE" /dev/net/tun
-    [ -n "${RDIR:-}" ] && "${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" rm -f rperf >/dev/null 2>&1
+    [ -n "${RDIR:-}" ] && "${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" rm -f rperf >/dev/null 2>&1 || true
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$TMP/pasta.pid" ] && kill "$(cat "$TMP/pasta.pid")" 2>/dev/null
+    [ -f "$TMP/pasta.pid" ] && kill "$(cat "$TMP/pasta.pid")" 2>/dev/null || true
     remove_netns_with_prefix "$P"
     rm -rf "$TMP"
 }
