@@ -38,14 +38,7 @@ trap cleanup EXIT
 nsx() { local n=$1; shift; ip netns exec "$n" "$@"; }
 
 # --- kernel bridge: b1, b2 -> br0 in sw
-for n in sw b1 b2; do ip netns add $P$n; done
-ip -n ${P}sw link add br0 type bridge && ip -n ${P}sw link set br0 up
-for i in 1 2; do
-    ip -n ${P}b$i link add veth0 type veth peer name p$i netns ${P}sw
-    ip -n ${P}sw link set p$i master br0 && ip -n ${P}sw link set p$i up
-    ip -n ${P}b$i addr add 10.231.2.$i/24 dev veth0 && ip -n ${P}b$i link set veth0 up
-    ip -n ${P}b$i link set lo up
-done
+setup_bridge_pair "$P" 10.231.2
 
 # --- vswitch: daemon in d, v1 and v2 attached
 for n in d v1 v2; do ip netns add $P$n; done

@@ -42,3 +42,18 @@ remove_netns_with_prefix() {
         rm -rf "/etc/netns/$n"
     done
 }
+
+# Two "container" namespaces ${1}b1 and ${1}b2 on a kernel bridge br0 in ${1}sw, one veth pair
+# each, addresses $2.1/24 and $2.2/24: the docker0 model, as ../shared/tools/baseline.sh sets it
+# up. Benchmarks compare vswitch with it.
+setup_bridge_pair() {
+    local p=$1 net=$2 n i
+    for n in sw b1 b2; do ip netns add "$p$n"; done
+    ip -n "${p}sw" link add br0 type bridge && ip -n "${p}sw" link set br0 up
+    for i in 1 2; do
+        ip -n "${p}b$i" link add veth0 type veth peer name "p$i" netns "${p}sw"
+        ip -n "${p}sw" link set "p$i" master br0 && ip -n "${p}sw" link set "p$i" up
+        ip -n "${p}b$i" addr add "$net.$i/24" dev veth0 && ip -n "${p}b$i" link set veth0 up
+        ip -n "${p}b$i" link set lo up
+    done
+}
