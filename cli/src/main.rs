@@ -116,6 +116,8 @@ enum Command {
     SocketHelper {
         #[arg(long)]
         pid: u32,
+        #[arg(long)]
+        netns_inode: u64,
     },
     /// The first process of a container (started by the daemon)
     #[command(name = "__init", hide = true)]
@@ -277,9 +279,9 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Command::SocketHelper { pid } = &cli.command {
+    if let Command::SocketHelper { pid, netns_inode } = &cli.command {
         // Single-threaded on purpose: it enters a user namespace.
-        return match daemon::direct::socket_helper(*pid) {
+        return match daemon::direct::socket_helper(*pid, *netns_inode) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("Error: {e:#}");

@@ -355,6 +355,9 @@ impl Gateway {
     /// Accepts length-prefixed messages (DNS over TCP) on `port` of the gateway's addresses, at
     /// most `max_conns` connections at once, each cut after `idle` without a complete message.
     /// Messages come out of [`Self::poll_stream_messages`]; answer with [`Self::stream_reply`].
+    /// Call it before traffic flows: from then on connections to `port` on the gateway's own
+    /// addresses live in shard 0, and a flow opened there earlier would be looked for in the
+    /// wrong shard.
     pub fn enable_stream_service(
         &mut self,
         now: Instant,
@@ -461,18 +464,40 @@ impl Gateway {
         }
         // TCP goes to the shard of its connection; everything else (ARP, NDP, ping) to shard 0.
         let mut k = 0;
-        if let Some(seg) = EthernetFrame::new_checked(eth)
-            .ok()
-            .and_then(|e| tcp_segment(e.payload(), e.ethertype()))
-        {
-            if seg.syn_only {
-                self.intercept_syn(seg.src, seg.dst);
+        let mut neighbours = false;
+        if let Ok(e) = EthernetFrame::new_checked(eth) {
+            match tcp_segment(e.payload(), e.ethertype()) {
+                Classified::Tcp(seg) => {
+                    if seg.syn_only {
+                        self.intercept_syn(seg.src, seg.dst);
+                    }
+                    k = self.shard_for(seg.src, seg.dst);
+                }
+                Classified::TcpFragment => {
+                    // Its shard cannot be told from a fragment, and in the wrong shard smoltcp
+                    // would reset a live flow. Containers send TCP with DF; drop the odd one.
+                    self.stats.ignored += 1;
+                    return;
+                }
+                Classified::Other => {
+                    neighbours = matches!(e.ethertype(), EthernetProtocol::Arp)
+                        || is_icmpv6(e.payload(), e.ethertype());
+                }
             }
-            k = self.shard_for(seg.src, seg.dst);
         }
         self.stats.accepted += 1;
         self.device.rx.push_back(eth.to_vec());
         self.poll(now, k);
+        if neighbours {
+            // The neighbour cache is the interface's, shared by all shards, but only the
+            // shard polled with the ARP/NDP answer sees it arrive: a socket elsewhere that
+            // was waiting for that neighbour would otherwise sit out smoltcp's 1 s back-off.
+            for k in 1..self.shards.len() {
+                if self.shards[k].due.is_some() {
+                    self.poll(now, k);
+                }
+            }
+        }
     }
 
     /// Runs the stack's timers: polls the shards that are due. Call it when
@@ -540,6 +565,20 @@ fn shard_of(flow: FlowId) -> usize {
     (flow.0 & (SHARDS as u64 - 1)) as usize
 }
 
+/// What [`Gateway::handle_frame`] needs to know to pick a shard.
+enum Classified {
+    Tcp(Segment),
+    /// IPv4 TCP that is fragmented: no ports to hash.
+    TcpFragment,
+    Other,
+}
+
+fn is_icmpv6(eth_payload: &[u8], ethertype: EthernetProtocol) -> bool {
+    ethertype == EthernetProtocol::Ipv6
+        && Ipv6Packet::new_checked(eth_payload)
+            .is_ok_and(|ip| ip.next_header() == IpProtocol::Icmpv6)
+}
+
 /// The endpoints of a TCP segment in an IP packet, and whether it is a bare SYN.
 struct Segment {
     src: SocketAddr,
@@ -547,12 +586,17 @@ struct Segment {
     syn_only: bool,
 }
 
-fn tcp_segment(eth_payload: &[u8], ethertype: EthernetProtocol) -> Option<Segment> {
+fn tcp_segment(eth_payload: &[u8], ethertype: EthernetProtocol) -> Classified {
     let (src_ip, dst_ip, tcp_bytes): (IpAddr, IpAddr, &[u8]) = match ethertype {
         EthernetProtocol::Ipv4 => {
-            let ip = Ipv4Packet::new_checked(eth_payload).ok()?;
-            if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
-                return None;
+            let Ok(ip) = Ipv4Packet::new_checked(eth_payload) else {
+                return Classified::Other;
+            };
+            if ip.next_header() != IpProtocol::Tcp {
+                return Classified::Other;
+            }
+            if ip.more_frags() || ip.frag_offset() != 0 {
+                return Classified::TcpFragment;
             }
             (
                 IpAddr::V4(ip.src_addr()),
@@ -561,9 +605,11 @@ fn tcp_segment(eth_payload: &[u8], ethertype: EthernetProtocol) -> Option<Segmen
             )
         }
         EthernetProtocol::Ipv6 => {
-            let ip = Ipv6Packet::new_checked(eth_payload).ok()?;
+            let Ok(ip) = Ipv6Packet::new_checked(eth_payload) else {
+                return Classified::Other;
+            };
             if ip.next_header() != IpProtocol::Tcp {
-                return None;
+                return Classified::Other;
             }
             (
                 IpAddr::V6(ip.src_addr()),
@@ -571,10 +617,12 @@ fn tcp_segment(eth_payload: &[u8], ethertype: EthernetProtocol) -> Option<Segmen
                 ip.payload(),
             )
         }
-        _ => return None,
+        _ => return Classified::Other,
     };
-    let tcp = TcpPacket::new_checked(tcp_bytes).ok()?;
-    Some(Segment {
+    let Ok(tcp) = TcpPacket::new_checked(tcp_bytes) else {
+        return Classified::Other;
+    };
+    Classified::Tcp(Segment {
         src: SocketAddr::new(src_ip, tcp.src_port()),
         dst: SocketAddr::new(dst_ip, tcp.dst_port()),
         syn_only: tcp.syn() && !tcp.ack() && !tcp.rst(),

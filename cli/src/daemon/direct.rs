@@ -137,10 +137,20 @@ impl Inside {
     }
 }
 
+/// A connection inside the container's namespace, with the two pipes that will carry it.
+pub struct Inner {
+    stream: TcpStream,
+    pipes: [(OwnedFd, OwnedFd); 2],
+}
+
 /// Connects to `container` from inside its namespace. `Err` means the in-kernel path is not
-/// available (the caller falls back to the gateway); `Ok(None)` means the container refused or
-/// did not answer, which the client should see.
-pub async fn connect(inside: &Inside, container: SocketAddr) -> io::Result<Option<TcpStream>> {
+/// available (no socket or no pipes: the caller falls back to the gateway); `Ok(None)` means
+/// the container refused or did not answer, which the client should see.
+pub async fn connect(inside: &Inside, container: SocketAddr) -> io::Result<Option<Inner>> {
+    // Pipes first: if the pipe budget is exhausted (an unprivileged user's is bounded by
+    // fs.pipe-user-pages-*), the client still gets through, by the gateway.
+    let roomy = matches!(inside, Inside::Enter { .. });
+    let pipes = [pipe(roomy)?, pipe(roomy)?];
     let family = if container.is_ipv4() {
         AddressFamily::Inet
     } else {
@@ -149,13 +159,24 @@ pub async fn connect(inside: &Inside, container: SocketAddr) -> io::Result<Optio
     let fd = inside.socket(family).await?;
     let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(container)).await {
-        Ok(Ok(stream)) => Ok(Some(stream)),
+        Ok(Ok(stream)) => Ok(Some(Inner { stream, pipes })),
         Ok(Err(e)) => {
             tracing::debug!(%container, error = %e, "published port refused in the container");
             Ok(None)
         }
         Err(_) => Ok(None),
     }
+}
+
+/// A non-blocking pipe, enlarged to [`PIPE_SIZE`] if `roomy` (root: an unprivileged user's
+/// pipe pages are a budget shared by all its pipes, so the rootless daemon keeps the default).
+fn pipe(roomy: bool) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (out, inp) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    if roomy {
+        // Best effort: the default 64 KiB pipe works too, with more calls.
+        let _ = fcntl(&inp, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
+    }
+    Ok((out, inp))
 }
 
 type HelperRequest = (
@@ -183,6 +204,12 @@ impl HelperSockets {
                 let mut helper: Option<(std::process::Child, std::os::unix::net::UnixStream)> =
                     None;
                 while let Ok((family, reply)) = rx.recv() {
+                    // A helper that died is reaped here and replaced.
+                    if let Some((child, _)) = helper.as_mut()
+                        && !matches!(child.try_wait(), Ok(None))
+                    {
+                        helper = None;
+                    }
                     if helper.is_none() {
                         helper = match spawn_helper(pid, id) {
                             Ok(h) => Some(h),
@@ -241,6 +268,8 @@ fn spawn_helper(
         .arg("__socket-helper")
         .arg("--pid")
         .arg(pid.to_string())
+        .arg("--netns-inode")
+        .arg(id.ino.to_string())
         .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -259,10 +288,11 @@ fn ask_helper(sock: &std::os::unix::net::UnixStream, family: AddressFamily) -> i
     vswitch_netdev::fdpass::recv_fd(sock.as_fd())
 }
 
-/// The helper's side (`vswitch __socket-helper --pid PID`), in a fresh single-threaded process:
-/// joins the process's user and network namespaces, then answers each request byte on stdin
-/// (`4` or `6`) with a new non-blocking TCP socket, until stdin closes.
-pub fn socket_helper(pid: u32) -> anyhow::Result<()> {
+/// The helper's side (`vswitch __socket-helper --pid PID --netns-inode INO`), in a fresh
+/// single-threaded process: joins the process's user and network namespaces (refusing if the
+/// network namespace is no longer the endpoint's: the PID was reused), then answers each
+/// request byte on stdin (`4` or `6`) with a new non-blocking TCP socket, until stdin closes.
+pub fn socket_helper(pid: u32, netns_inode: u64) -> anyhow::Result<()> {
     use anyhow::Context;
     use nix::sched::{CloneFlags, setns};
     use std::io::Read;
@@ -271,6 +301,9 @@ pub fn socket_helper(pid: u32) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the user namespace of pid {pid}"))?;
     let net = std::fs::File::open(format!("/proc/{pid}/ns/net"))
         .with_context(|| format!("cannot open the network namespace of pid {pid}"))?;
+    if net.metadata()?.ino() != netns_inode {
+        anyhow::bail!("pid {pid} is no longer in the endpoint's network namespace");
+    }
     if user.metadata()?.ino() != std::fs::metadata("/proc/self/ns/user")?.ino() {
         setns(&user, CloneFlags::CLONE_NEWUSER).context("cannot enter the user namespace")?;
     }
@@ -308,13 +341,18 @@ pub fn socket_helper(pid: u32) -> anyhow::Result<()> {
     }
 }
 
-/// Moves bytes both ways between `client` and `server` until both directions have ended. A FIN
-/// becomes a half-close on the other side; a reset or error resets both.
-pub async fn splice_streams(client: TcpStream, server: TcpStream) {
+/// Moves bytes both ways between `client` and the connection inside the container until both
+/// directions have ended. A FIN becomes a half-close on the other side; a reset or error
+/// resets both.
+pub async fn splice_streams(client: TcpStream, inner: Inner) {
+    let Inner {
+        stream: server,
+        pipes: [up_pipe, down_pipe],
+    } = inner;
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let up = pump(&client, &server);
-    let down = pump(&server, &client);
+    let up = pump(&client, &server, up_pipe);
+    let down = pump(&server, &client, down_pipe);
     tokio::pin!(up);
     tokio::pin!(down);
     let clean = tokio::select! {
@@ -328,10 +366,8 @@ pub async fn splice_streams(client: TcpStream, server: TcpStream) {
 }
 
 /// One direction: socket -> pipe -> socket, until EOF (then half-close `to`) or an error.
-async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
-    let (pipe_out, pipe_in) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-    // Best effort: the default 64 KiB pipe works too, with more calls.
-    let _ = fcntl(&pipe_in, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
+async fn pump(from: &TcpStream, to: &TcpStream, pipe: (OwnedFd, OwnedFd)) -> io::Result<()> {
+    let (pipe_out, pipe_in) = pipe;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         // The pipe is empty here, so filling it never blocks on the pipe side.

@@ -340,8 +340,8 @@ pub async fn serve_published_tcp(
         conns.spawn(async move {
             let stream = match direct {
                 Some(d) => match super::direct::connect(&d, container).await {
-                    Ok(Some(inside)) => {
-                        return super::direct::splice_streams(stream, inside).await;
+                    Ok(Some(inner)) => {
+                        return super::direct::splice_streams(stream, inner).await;
                     }
                     Ok(None) => {
                         // Refused or unanswered in the container: the client sees a reset.

@@ -441,3 +441,47 @@ fn thousands_of_flows_spread_over_shards_each_reach_their_own_socket() {
     let _ = gw.poll_tcp_events();
     assert_eq!(gw.tcp_flows(), 0);
 }
+
+#[test]
+fn an_arp_answer_releases_waiting_sockets_in_every_shard_at_once() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    // No ARP seen yet: the gateway does not know the container's MAC. Pick a client port whose
+    // connection lives in a shard other than 0, where ARP answers are polled.
+    let container: SocketAddr = "10.88.0.2:8080".parse().expect("sa");
+    let local = (50_000..51_000)
+        .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5)), p))
+        .find(|l| gw.shard_for(*l, container) != 0)
+        .expect("a non-zero shard");
+    let flow = gw.tcp_connect(t, local, container).expect("flow");
+    let out = drain(&mut gw);
+    assert!(
+        out.iter().all(|f| tcp_of(f).is_none()),
+        "no SYN before the neighbour is known"
+    );
+    // The container answers the gateway's ARP request; the SYN must go out now, not after
+    // smoltcp's one-second back-off.
+    let arp = EpArp::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REPLY,
+        &CTR_MAC,
+        &CTR,
+        &GW_MAC,
+        &GW,
+    )
+    .expect("arp");
+    let mut reply = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, GW_MAC)
+        .arp(arp)
+        .write(&mut reply)
+        .expect("write");
+    gw.handle_frame(t, &with_vnet(reply));
+    let out = drain(&mut gw);
+    let syn = out
+        .iter()
+        .find_map(|f| tcp_of(f))
+        .expect("SYN right after the ARP reply");
+    assert!(syn.0 && !syn.1);
+    assert_eq!(gw.tcp_state(flow), crate::FlowState::Connecting);
+}
