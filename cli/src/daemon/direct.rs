@@ -107,6 +107,11 @@ fn socket_in(target: &NsTarget, family: AddressFamily) -> io::Result<OwnedFd> {
         ));
     }
     ns.enter()?;
+    tcp_socket(family)
+}
+
+/// A non-blocking, close-on-exec TCP socket in the calling thread's network namespace.
+fn tcp_socket(family: AddressFamily) -> io::Result<OwnedFd> {
     socket(
         family,
         SockType::Stream,
@@ -293,22 +298,8 @@ fn ask_helper(sock: &std::os::unix::net::UnixStream, family: AddressFamily) -> i
 /// network namespace is no longer the endpoint's: the PID was reused), then answers each
 /// request byte on stdin (`4` or `6`) with a new non-blocking TCP socket, until stdin closes.
 pub fn socket_helper(pid: u32, netns_inode: u64) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use nix::sched::{CloneFlags, setns};
     use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
-    let user = std::fs::File::open(format!("/proc/{pid}/ns/user"))
-        .with_context(|| format!("cannot open the user namespace of pid {pid}"))?;
-    let net = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .with_context(|| format!("cannot open the network namespace of pid {pid}"))?;
-    if net.metadata()?.ino() != netns_inode {
-        anyhow::bail!("pid {pid} is no longer in the endpoint's network namespace");
-    }
-    if user.metadata()?.ino() != std::fs::metadata("/proc/self/ns/user")?.ino() {
-        setns(&user, CloneFlags::CLONE_NEWUSER).context("cannot enter the user namespace")?;
-    }
-    setns(&net, CloneFlags::CLONE_NEWNET).context("cannot enter the network namespace")?;
-    drop((user, net));
+    super::plumb::enter_namespaces_of(pid, Some(netns_inode))?;
     let stdin = std::io::stdin();
     let mut conn = stdin.lock();
     let mut byte = [0u8; 1];
@@ -324,12 +315,7 @@ pub fn socket_helper(pid: u32, netns_inode: u64) -> anyhow::Result<()> {
         } else {
             AddressFamily::Inet
         };
-        let made = socket(
-            family,
-            SockType::Stream,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        );
+        let made = tcp_socket(family);
         let fd = std::io::stdin();
         match made {
             Ok(s) => vswitch_netdev::fdpass::send_fd(fd.as_fd(), s.as_fd())?,

@@ -158,6 +158,7 @@ impl Daemon {
         raise_fd_limit();
         let host_loopback = dns.host_loopback;
         let datapath_nice = dns.datapath_nice;
+        let rootless = !nix::unistd::geteuid().is_root();
         let catalog = Arc::new(RwLock::new(Catalog::default()));
         let responder = Arc::new(Responder::new(catalog.clone(), dns.ttl));
         let upstreams = Arc::new(Upstreams::new(
@@ -198,8 +199,8 @@ impl Daemon {
             dns,
             nat_jobs,
             policy,
-            rootless: !nix::unistd::geteuid().is_root(),
-            ns_sockets: if nix::unistd::geteuid().is_root() {
+            rootless,
+            ns_sockets: if !rootless {
                 match direct::SocketFactory::start() {
                     Ok(f) => Some(f),
                     Err(e) => {

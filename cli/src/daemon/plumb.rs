@@ -262,22 +262,34 @@ pub fn plumb_via_helper(pid: u32, p: &Plumbing) -> anyhow::Result<OwnedFd> {
     }
 }
 
-/// The helper's side (`vswitch __tap-helper`): runs in a fresh single-threaded process.
-pub fn tap_helper(pid: u32, spec: &str) -> anyhow::Result<()> {
+/// Moves the calling (single-threaded) helper process into the user and network namespaces
+/// of process `pid`, as the rootless helpers do. With `netns_inode`, refuses if that process
+/// is no longer in that network namespace (its PID was reused).
+pub fn enter_namespaces_of(pid: u32, netns_inode: Option<u64>) -> anyhow::Result<()> {
     use nix::sched::{CloneFlags, setns};
-    use std::os::fd::AsFd;
     use std::os::unix::fs::MetadataExt;
-    let p: Plumbing = serde_json::from_str(spec).context("bad helper spec")?;
     let user = std::fs::File::open(format!("/proc/{pid}/ns/user"))
         .with_context(|| format!("cannot open the user namespace of pid {pid}"))?;
     let net = std::fs::File::open(format!("/proc/{pid}/ns/net"))
         .with_context(|| format!("cannot open the network namespace of pid {pid}"))?;
+    let net_ino = net.metadata()?.ino();
+    if netns_inode.is_some_and(|ino| ino != net_ino) {
+        bail!("pid {pid} is no longer in the endpoint's network namespace");
+    }
     let own_user = std::fs::metadata("/proc/self/ns/user")?.ino();
     if user.metadata()?.ino() != own_user {
         setns(&user, CloneFlags::CLONE_NEWUSER)
             .context("cannot enter the target's user namespace (is it yours?)")?;
     }
     setns(&net, CloneFlags::CLONE_NEWNET).context("cannot enter the target's network namespace")?;
+    Ok(())
+}
+
+/// The helper's side (`vswitch __tap-helper`): runs in a fresh single-threaded process.
+pub fn tap_helper(pid: u32, spec: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsFd;
+    let p: Plumbing = serde_json::from_str(spec).context("bad helper spec")?;
+    enter_namespaces_of(pid, None)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
