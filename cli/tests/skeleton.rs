@@ -190,27 +190,66 @@ fn detach_removes_the_device_names_and_address() {
 fn endpoints_are_collected_when_their_namespace_dies() {
     require_root();
     let d = Daemon::start();
+    let tun_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .map(|fds| {
+                fds.flatten()
+                    .filter(|f| {
+                        std::fs::read_link(f.path())
+                            .is_ok_and(|l| l == std::path::Path::new("/dev/net/tun"))
+                    })
+                    .count()
+            })
+            .unwrap_or(usize::MAX)
+    };
     let mut p = NsProcess::new();
     d.ok(&["attach", "--name", "shortlived", &p.pid().to_string()]);
     let gone = Netns::new("g");
     d.ok(&["attach", &gone.name]);
+    // A namespace file given as a path, later unmounted without being deleted (no directory
+    // event; the periodic check finds it). /run/netns is a shared mount, so the unmount reaches
+    // the daemon's mount namespace too.
+    let held = Netns::new("h");
+    d.ok(&["attach", "--name", "bound", &held.path()]);
     assert_eq!(
         d.inspect("bridge")["Containers"]
             .as_object()
             .map(|c| c.len()),
-        Some(2)
+        Some(3)
     );
+    assert_eq!(tun_fds(), 3, "one TAP fd per endpoint");
 
     p.kill();
     let n = gone.name.clone();
     drop(gone); // ip netns del
-    let empty = wait_until(secs(3), || {
+    let two_gone = wait_until(secs(3), || {
+        d.inspect("bridge")["Containers"]
+            .as_object()
+            .is_some_and(|c| c.len() == 1)
+    });
+    assert!(two_gone, "endpoints not collected: {}", d.inspect("bridge"));
+    assert!(!std::path::Path::new(&format!("/etc/netns/{n}")).exists());
+    let out = vswitch_tests::run(
+        std::process::Command::new("umount").arg(held.path()),
+        secs(10),
+    );
+    assert!(out.status.success(), "umount: {}", text(&out.stderr));
+    let empty = wait_until(secs(8), || {
         d.inspect("bridge")["Containers"]
             .as_object()
             .is_some_and(|c| c.is_empty())
     });
-    assert!(empty, "endpoints not collected: {}", d.inspect("bridge"));
-    assert!(!std::path::Path::new(&format!("/etc/netns/{n}")).exists());
+    assert!(
+        empty,
+        "bind-mounted endpoint not collected: {}",
+        d.inspect("bridge")
+    );
+    // The daemon let go of the namespaces: no TAP fd is left to keep them alive.
+    assert!(
+        wait_until(secs(3), || tun_fds() == 0),
+        "TAP fds left in the daemon: {}",
+        tun_fds()
+    );
     // Their addresses are free again.
     let q = Netns::new("q");
     d.ok(&["attach", &q.name]);

@@ -5,6 +5,7 @@
 //! - [`vnet`]: the virtio-net header itself (a plain byte view, no unsafe).
 //! - [`ns`]: entering network namespaces from a dedicated thread.
 //! - [`set_thread_nice`]: the scheduling weight of the datapath threads.
+//! - [`async_fd`]: an owned fd (a pidfd, an inotify instance) made awaitable on tokio.
 //!
 //! This is the only crate of the workspace allowed `unsafe` code, and only in `sys`, where every
 //! block states why it is sound.
@@ -21,4 +22,12 @@ pub use tap::{Tap, TapError};
 /// needs `CAP_SYS_NICE` or a matching `RLIMIT_NICE`.
 pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
     sys::set_thread_nice(nice)
+}
+
+/// Registers an owned, non-blocking fd with the current tokio runtime, so its readiness can be
+/// awaited. Panics outside a runtime, like every tokio I/O constructor.
+pub fn async_fd(
+    fd: std::os::fd::OwnedFd,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    sys::register_async(fd)
 }

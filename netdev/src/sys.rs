@@ -131,3 +131,11 @@ pub(crate) fn set_thread_nice(nice: libc::c_int) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Registers `fd` with the current tokio reactor (the calling task's runtime).
+pub(crate) fn register_async(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd takes `fd` by value. An OwnedFd is open, owned by nobody else, returns
+    // the same descriptor from every as_raw_fd call and is closed only when dropped, which
+    // happens after the AsyncFd has deregistered it: exactly what `register` asks for.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+}

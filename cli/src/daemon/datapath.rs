@@ -299,14 +299,14 @@ impl Drop for UdpFlow {
 /// Something the datapath tells the control plane.
 #[derive(Debug)]
 pub enum Event {
-    /// The TAP of this endpoint reported an error: its device is gone (the namespace was
-    /// destroyed or somebody deleted the interface). The port has been removed already.
+    /// The TAP of this endpoint reported an error: its device is gone (somebody deleted the
+    /// interface). The port has been removed already.
     PortGone {
         network_id: String,
         endpoint_id: String,
     },
-    /// The process an endpoint was attached through has exited (rootless endpoints, whose TAP
-    /// keeps the namespace alive, are collected this way). The port is still plugged.
+    /// What an endpoint was attached through is gone: its process exited, or its namespace
+    /// file was removed (see `daemon::watch`). The port is still plugged.
     TargetGone { endpoint_id: String },
 }
 
@@ -319,7 +319,9 @@ enum Command {
     },
     RemovePort {
         port: PortId,
-        reply: oneshot::Sender<()>,
+        /// Gets the port's fd back: closing a TAP unregisters its device, which takes the kernel
+        /// tens of milliseconds (RCU grace periods) that must not stall the datapath.
+        reply: oneshot::Sender<Option<OwnedFd>>,
     },
     Fdb(oneshot::Sender<Vec<FdbRow>>),
     Stats(oneshot::Sender<NetworkStats>),
@@ -519,12 +521,20 @@ impl Datapath {
             .map_err(|_| io::Error::other("datapath thread has stopped"))?
     }
 
-    /// Unplugs a port and closes its fd (which removes a non-persistent TAP device).
+    /// Unplugs a port and closes its fd, which removes the TAP device; returns once it is gone.
+    /// The close runs on a blocking-pool thread, not on the datapath's.
     pub async fn remove_port(&self, port: PortId) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::RemovePort { port, reply })?;
-        rx.await
-            .map_err(|_| io::Error::other("datapath thread has stopped"))
+        let fd = rx
+            .await
+            .map_err(|_| io::Error::other("datapath thread has stopped"))?;
+        if let Some(fd) = fd {
+            tokio::task::spawn_blocking(move || drop(fd))
+                .await
+                .map_err(io::Error::other)?;
+        }
+        Ok(())
     }
 
     pub async fn fdb(&self) -> io::Result<Vec<FdbRow>> {
@@ -1112,8 +1122,8 @@ impl Worker {
                     }
                 }
                 Command::RemovePort { port, reply } => {
-                    drop(self.unplug(port));
-                    let _ = reply.send(());
+                    // If the control plane is gone, the fd is closed here after all.
+                    let _ = reply.send(self.unplug(port).map(|io| io.fd));
                 }
                 Command::Fdb(reply) => {
                     let now = Instant::now();

@@ -13,6 +13,7 @@ pub mod nat;
 pub mod plumb;
 mod server;
 pub mod state;
+mod watch;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -140,6 +141,8 @@ pub struct Daemon {
     policy: nat::SharedPolicy,
     /// Running without root: TAPs are made by a helper inside the target's namespaces.
     rootless: bool,
+    /// Collects endpoints whose target (process or namespace file) is gone.
+    targets: watch::TargetWatch,
     /// Sockets inside containers' namespaces for the in-kernel path of published TCP ports
     /// (root; a rootless daemon cannot enter them and starts a helper per endpoint instead).
     ns_sockets: Option<direct::SocketFactory>,
@@ -180,6 +183,7 @@ impl Daemon {
             ..Default::default()
         }));
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let targets = watch::TargetWatch::start(events.clone());
         let own_netns = NetNs::current()
             .context("cannot open the daemon's own network namespace")?
             .id();
@@ -200,6 +204,7 @@ impl Daemon {
             nat_jobs,
             policy,
             rootless,
+            targets,
             ns_sockets: if !rootless {
                 match direct::SocketFactory::start() {
                     Ok(f) => Some(f),
@@ -455,26 +460,19 @@ impl Daemon {
         tokio::task::spawn_blocking(move || plumb::plumb_via_helper(pid, &plumbing)).await?
     }
 
-    /// Rootless endpoints pin their namespace (the TAP was opened inside it), so their
-    /// collection watches the target process instead of the device.
+    /// Ties the endpoint's life to its target: the process, or the namespace file (see
+    /// [`watch`]). Every TAP pins its namespace, so the device never goes away by itself.
     fn watch_target(&self, ep: &Endpoint) {
-        if !self.rootless {
-            return;
-        }
-        let Some(pid) = target_pid(&ep.target) else {
-            return;
+        let anchor = match (target_pid(&ep.target), netns_path(&ep.target)) {
+            (Some(pid), _) => watch::Anchor::Process(pid),
+            (None, Ok(path)) => watch::Anchor::Path(path),
+            (None, Err(_)) => return,
         };
-        let Some(ticks) = containers::start_ticks(pid) else {
-            return;
+        let ns = NsId {
+            dev: ep.ns_dev,
+            ino: ep.ns_ino,
         };
-        let events = self.events.clone();
-        let endpoint_id = ep.id.clone();
-        tokio::spawn(async move {
-            while containers::start_ticks(pid) == Some(ticks) {
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            }
-            let _ = events.send(Event::TargetGone { endpoint_id });
-        });
+        self.targets.watch(&ep.id, anchor, ns);
     }
 
     fn policy_mut(&self) -> std::sync::RwLockWriteGuard<'_, nat::Policy> {
@@ -522,7 +520,7 @@ impl Daemon {
                     return;
                 };
                 self.unplug(&mut inner, &ep).await;
-                tracing::info!(endpoint = %ep.name, "endpoint removed: its process has exited");
+                tracing::info!(endpoint = %ep.name, target = %ep.target, "endpoint removed: its target is gone");
                 if let Err(e) = self.state_dir.save(&inner.store) {
                     tracing::error!(error = %e, "cannot save state");
                 }
@@ -535,6 +533,7 @@ impl Daemon {
                 let Some(ep) = inner.store.endpoints.remove(&endpoint_id) else {
                     return;
                 };
+                self.targets.forget(&endpoint_id);
                 if let Some(live) = inner.live.get_mut(&network_id) {
                     live.ports.remove(&endpoint_id);
                     for h in live.published.remove(&endpoint_id).into_iter().flatten() {
@@ -687,6 +686,7 @@ impl Daemon {
 
     /// Removes an endpoint's port, names and resolv.conf, and forgets it (not persisted here).
     async fn unplug(&self, inner: &mut Inner, ep: &Endpoint) {
+        self.targets.forget(&ep.id);
         self.catalog_mut().remove_endpoint(&ep.network_id, &ep.id);
         if let Some(live) = inner.live.get_mut(&ep.network_id) {
             for h in live.published.remove(&ep.id).into_iter().flatten() {

@@ -153,9 +153,12 @@ impl StateDir {
     pub fn save(&self, store: &Store) -> anyhow::Result<()> {
         let mut store_v = store.clone();
         store_v.version = STATE_VERSION;
+        // One buffer, one write: serde_json writes token by token, which unbuffered was one
+        // syscall per token (about 800 for a two-endpoint store, growing with every endpoint).
+        let mut json = serde_json::to_vec_pretty(&store_v)?;
+        json.push(b'\n');
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        serde_json::to_writer_pretty(&mut tmp, &store_v)?;
-        tmp.write_all(b"\n")?;
+        tmp.write_all(&json)?;
         tmp.as_file().sync_all()?;
         tmp.persist(self.dir.join(STATE_FILE))?;
         std::fs::File::open(&self.dir)?.sync_all()?;
