@@ -768,3 +768,69 @@ fn datapath_threads_run_at_the_configured_nice_value() {
     let err = text(&out.stderr);
     assert!(err.contains("--datapath-nice"), "{err}");
 }
+
+/// Voluntary context switches (times it went to sleep) of a network's datapath thread.
+fn datapath_sleeps(d: &Daemon, network: &str) -> Option<u64> {
+    let want = format!("dp-{network}");
+    std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+        .ok()?
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == want))
+        .and_then(|t| std::fs::read_to_string(t.path().join("status")).ok())?
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Sleeps of the datapath while `a` pings `ip` 1000 times, 200 us apart.
+fn sleeps_during_fast_ping(d: &Daemon, a: &Netns, ip: &str) -> u64 {
+    assert!(a.ping_within(ip, secs(5)));
+    let before = datapath_sleeps(d, "bench").expect("datapath thread");
+    let out = a.exec(&["ping", "-q", "-c", "1000", "-i", "0.0002", ip], secs(30));
+    assert!(out.status.success(), "ping: {}", text(&out.stderr));
+    datapath_sleeps(d, "bench").expect("datapath thread") - before
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn datapath_busy_polls_after_traffic_when_told() {
+    require_root();
+    // Each ping frame crosses the datapath twice. Without busy-polling the thread sleeps
+    // between the echoes (about once per ping); polling for 1 ms after traffic it stays awake
+    // through 200 us gaps and hardly sleeps at all.
+    let run = |poll: &str| {
+        let d = Daemon::start_with(&["--datapath-busy-poll", poll]);
+        d.ok(&["network", "create", "bench", "--subnet", "10.79.1.0/24"]);
+        let a = Netns::new("a");
+        let b = Netns::new("b");
+        d.ok(&["attach", "--network", "bench", &a.name]);
+        d.ok(&[
+            "attach",
+            "--network",
+            "bench",
+            "--ip",
+            "10.79.1.20",
+            &b.name,
+        ]);
+        sleeps_during_fast_ping(&d, &a, "10.79.1.20")
+    };
+    let sleeping = run("0");
+    let polling = run("1000");
+    eprintln!("datapath sleeps during 1000 pings: {sleeping} without busy-polling, {polling} with");
+    assert!(sleeping > 300, "without busy-polling: {sleeping} sleeps");
+    assert!(polling < 200, "busy-polling 1 ms: {polling} sleeps");
+    // Out of range: one line, non-zero, no daemon.
+    let out = vswitch_tests::run(
+        std::process::Command::new(vswitch_tests::vswitch_bin()).args([
+            "daemon",
+            "--datapath-busy-poll",
+            "5000",
+        ]),
+        secs(10),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("--datapath-busy-poll"), "{err}");
+}

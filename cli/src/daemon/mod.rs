@@ -121,6 +121,8 @@ pub struct RuntimeOptions {
     pub host_loopback: bool,
     /// `--datapath-nice`: scheduling weight of the datapath threads.
     pub datapath_nice: i32,
+    /// `--datapath-busy-poll`: how long a datapath polls after traffic before it sleeps.
+    pub datapath_busy_poll: std::time::Duration,
 }
 
 struct Inner {
@@ -147,6 +149,7 @@ pub struct Daemon {
     /// (root; a rootless daemon cannot enter them and starts a helper per endpoint instead).
     ns_sockets: Option<direct::SocketFactory>,
     datapath_nice: i32,
+    datapath_busy_poll: std::time::Duration,
 }
 
 impl Daemon {
@@ -161,6 +164,7 @@ impl Daemon {
         raise_fd_limit();
         let host_loopback = dns.host_loopback;
         let datapath_nice = dns.datapath_nice;
+        let datapath_busy_poll = dns.datapath_busy_poll;
         let rootless = !nix::unistd::geteuid().is_root();
         let catalog = Arc::new(RwLock::new(Catalog::default()));
         let responder = Arc::new(Responder::new(catalog.clone(), dns.ttl));
@@ -217,6 +221,7 @@ impl Daemon {
                 None
             },
             datapath_nice,
+            datapath_busy_poll,
         });
         {
             let mut inner = daemon.inner.lock().await;
@@ -269,6 +274,7 @@ impl Daemon {
                 network_name: net.name.clone(),
                 gateway,
                 nice: self.datapath_nice,
+                busy_poll: self.datapath_busy_poll,
             },
             Some(self.dns.clone()),
             self.nat_jobs.clone(),
