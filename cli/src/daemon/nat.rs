@@ -23,9 +23,11 @@ use vswitch_nat::FlowId;
 
 use super::datapath::Injector;
 
-/// Bytes of one flow in flight from the host to the datapath.
-const WINDOW: usize = 512 * 1024;
-const CHUNK: usize = 64 * 1024;
+/// Bytes of one flow in flight from the host to the datapath, read in chunks of [`CHUNK`].
+/// Fewer, larger chunks mean fewer hand-offs and wake-ups per byte: 64 KiB / 512 KiB carried a
+/// remote client's stream at 5.4-6.4 Gbit/s, 256 KiB / 1 MiB at 6.8-7.5 (interleaved runs).
+const WINDOW: usize = 1024 * 1024;
+const CHUNK: usize = 256 * 1024;
 /// Chunks of one flow queued from the datapath to the host.
 const CHANNEL_CHUNKS: usize = 8;
 /// Receive buffer of each outbound UDP or ping flow: up to 4096 flows per network each hold
