@@ -194,9 +194,9 @@ while True:
 /// Connects to 127.0.0.1:PORT, sends N bytes (then half-closes unless N is 0: then it only
 /// waits) and prints what comes back until EOF, or the error.
 const COUNT_CLIENT: &str = "import socket,sys
-s=socket.create_connection(('127.0.0.1',int(sys.argv[1])),timeout=20)
 n=int(sys.argv[2])
 try:
+  s=socket.create_connection(('127.0.0.1',int(sys.argv[1])),timeout=20)
   if n:
     s.sendall(b'v'*n); s.shutdown(socket.SHUT_WR)
   d=b''

@@ -617,6 +617,16 @@ fn bad_input_is_one_line_nonzero_and_changes_nothing() {
         ),
         (vec!["fdb", "nope"], "not found"),
         (vec!["stats", "nope"], "not found"),
+        // Rejected by the command-line parser: still one line.
+        (
+            vec!["network", "create", "x", "--mtu", "abc"],
+            "invalid value 'abc' for '--mtu",
+        ),
+        (
+            vec!["attach", "--bogus", &b.name],
+            "unexpected argument '--bogus'",
+        ),
+        (vec!["no-such-command"], "unrecognized subcommand"),
     ];
     for (args, needle) in &cases {
         let err = d.fails(args);
@@ -767,6 +777,7 @@ fn datapath_threads_run_at_the_configured_nice_value() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("--datapath-nice"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
 /// Voluntary context switches (times it went to sleep) of a network's datapath thread.
@@ -793,13 +804,68 @@ fn sleeps_during_fast_ping(d: &Daemon, a: &Netns, ip: &str) -> u64 {
     datapath_sleeps(d, "bench").expect("datapath thread") - before
 }
 
+/// Kills the process on drop.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sleeps of the datapath during 200 UDP request/response exchanges, 5 ms apart, between a
+/// client in `a` and a Python echo server in `b`.
+fn sleeps_during_udp_exchanges(d: &Daemon, a: &Netns, b: &Netns, ip: &str) -> u64 {
+    let _server = Reaped(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &b.name, "python3", "-c"])
+            .arg(
+                "import socket\n\
+                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                 s.bind(('0.0.0.0', 7777))\n\
+                 while True:\n    d, peer = s.recvfrom(64)\n    s.sendto(d, peer)\n",
+            )
+            .spawn()
+            .expect("echo server"),
+    );
+    let client = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(0.5)\n\
+         for _ in range(100):\n    \
+             try:\n        s.sendto(b'x', ('{ip}', 7777)); s.recv(64); break\n    \
+             except OSError: time.sleep(0.1)\n\
+         else:\n    raise SystemExit('no echo')\n\
+         import sys; sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.readline()\n\
+         for _ in range(200):\n    s.sendto(b'x', ('{ip}', 7777)); s.recv(64); time.sleep(0.005)\n"
+    );
+    use std::io::{BufRead, Write};
+    let mut c = Reaped(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &a.name, "python3", "-c", &client])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("client"),
+    );
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(c.0.stdout.take().expect("stdout"));
+    out.read_line(&mut line).expect("client output");
+    assert_eq!(line.trim(), "ready", "echo server not reachable");
+    let before = datapath_sleeps(d, "bench").expect("datapath thread");
+    let mut stdin = c.0.stdin.take().expect("stdin");
+    stdin.write_all(b"go\n").expect("start client");
+    let ok = wait_until(secs(30), || matches!(c.0.try_wait(), Ok(Some(_))));
+    assert!(ok, "client did not finish");
+    assert!(c.0.wait().expect("client").success(), "an exchange failed");
+    datapath_sleeps(d, "bench").expect("datapath thread") - before
+}
+
 #[test]
 #[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
 fn datapath_busy_polls_after_traffic_when_told() {
     require_root();
-    // Each ping frame crosses the datapath twice. Without busy-polling the thread sleeps
-    // between the echoes (about once per ping); polling for 1 ms after traffic it stays awake
-    // through 200 us gaps and hardly sleeps at all.
     let run = |poll: &str| {
         let d = Daemon::start_with(&["--datapath-busy-poll", poll]);
         d.ok(&["network", "create", "bench", "--subnet", "10.79.1.0/24"]);
@@ -814,13 +880,38 @@ fn datapath_busy_polls_after_traffic_when_told() {
             "10.79.1.20",
             &b.name,
         ]);
-        sleeps_during_fast_ping(&d, &a, "10.79.1.20")
+        (
+            sleeps_during_fast_ping(&d, &a, "10.79.1.20"),
+            sleeps_during_udp_exchanges(&d, &a, &b, "10.79.1.20"),
+        )
     };
-    let sleeping = run("0");
-    let polling = run("1000");
-    eprintln!("datapath sleeps during 1000 pings: {sleeping} without busy-polling, {polling} with");
-    assert!(sleeping > 300, "without busy-polling: {sleeping} sleeps");
-    assert!(polling < 200, "busy-polling 1 ms: {polling} sleeps");
+    let (ping_sleeping, udp_sleeping) = run("0");
+    let (ping_polling, udp_polling) = run("1000");
+    eprintln!(
+        "datapath sleeps: 1000 pings 200 us apart: {ping_sleeping} without busy-polling, \
+         {ping_polling} with 1 ms; 200 UDP exchanges 5 ms apart: {udp_sleeping} / {udp_polling}"
+    );
+    // Pings 200 us apart: without busy-polling the thread sleeps between the echoes (about
+    // once per ping); polling for 1 ms it stays awake through the gaps.
+    assert!(
+        ping_sleeping > 200,
+        "without busy-polling: {ping_sleeping} sleeps"
+    );
+    assert!(
+        ping_polling < ping_sleeping / 4,
+        "busy-polling 1 ms: {ping_polling} sleeps, {ping_sleeping} without"
+    );
+    // Exchanges 5 ms apart, answered by a process: each request wakes the thread either way,
+    // but only without busy-polling must the answer wake it a second time. (The window opens
+    // when the request has been forwarded, not when the long sleep before it began.)
+    assert!(
+        udp_sleeping > 340,
+        "without busy-polling: {udp_sleeping} sleeps for 200 exchanges"
+    );
+    assert!(
+        udp_polling < 280,
+        "busy-polling 1 ms: {udp_polling} sleeps for 200 exchanges"
+    );
     // Out of range: one line, non-zero, no daemon.
     let out = vswitch_tests::run(
         std::process::Command::new(vswitch_tests::vswitch_bin()).args([
@@ -833,4 +924,5 @@ fn datapath_busy_polls_after_traffic_when_told() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("--datapath-busy-poll"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }

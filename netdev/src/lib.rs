@@ -5,7 +5,7 @@
 //! - [`vnet`]: the virtio-net header itself (a plain byte view, no unsafe).
 //! - [`ns`]: entering network namespaces from a dedicated thread.
 //! - [`set_thread_nice`]: the scheduling weight of the datapath threads.
-//! - [`async_fd`]: an owned fd (a pidfd, an inotify instance) made awaitable on tokio.
+//! - [`AsyncOwnedFd`]: an owned fd (a pidfd, an inotify instance) made awaitable on tokio.
 //!
 //! This is the only crate of the workspace allowed `unsafe` code, and only in `sys`, where every
 //! block states why it is sound.
@@ -24,10 +24,28 @@ pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
     sys::set_thread_nice(nice)
 }
 
-/// Registers an owned, non-blocking fd with the current tokio runtime, so its readiness can be
-/// awaited. Panics outside a runtime, like every tokio I/O constructor.
-pub fn async_fd(
-    fd: std::os::fd::OwnedFd,
-) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
-    sys::register_async(fd)
+/// An owned fd registered with the tokio runtime, whose readiness can be awaited. Only shared
+/// access is given out, so the descriptor cannot be swapped or closed under its registration.
+#[derive(Debug)]
+pub struct AsyncOwnedFd(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl AsyncOwnedFd {
+    /// Registers `fd` with the current runtime (panics outside one, like every tokio I/O
+    /// constructor).
+    pub fn new(fd: std::os::fd::OwnedFd) -> std::io::Result<Self> {
+        sys::register_async(fd).map(Self)
+    }
+
+    /// Waits until the fd is readable; clear the guard's readiness after draining it.
+    pub async fn readable(
+        &self,
+    ) -> std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::os::fd::OwnedFd>> {
+        self.0.readable().await
+    }
+}
+
+impl std::os::fd::AsFd for AsyncOwnedFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.get_ref().as_fd()
+    }
 }

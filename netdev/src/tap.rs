@@ -43,11 +43,13 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Creates (or attaches to) the TAP device `name` in the calling thread's network
-    /// namespace, with a virtio-net header and checksum/TSO offloads. The fd is non-blocking.
+    /// Creates the TAP device `name` in the calling thread's network namespace, with a
+    /// virtio-net header and checksum/TSO offloads. The fd is non-blocking. Fails if a device of
+    /// that name exists already (`IFF_TUN_EXCL`): never attaches to somebody else's TAP.
     pub fn create(name: &str) -> Result<Self, TapError> {
         let fd = sys::open_tun().map_err(TapError::OpenDevice)?;
-        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
+            as libc::c_short;
         let name =
             sys::tun_set_iff(fd.as_fd(), name, flags).map_err(|source| TapError::Create {
                 name: name.to_owned(),

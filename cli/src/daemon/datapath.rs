@@ -703,15 +703,21 @@ impl Worker {
                 }
                 self.read_port(port, &mut buf);
             }
-            if n > 0 {
-                self.busy_poll.traffic(now);
-            } else if spinning {
+            if n == 0 && spinning {
                 // Nothing yet: poll again, leaving timers for when the thread goes to sleep
-                // (their deadlines are whole milliseconds, the spin a few microseconds).
-                std::hint::spin_loop();
+                // (their deadlines are whole milliseconds, the spin a few microseconds). Yield
+                // first: the process whose answer we wait for may have been woken on this very
+                // CPU, and spinning over it would delay the answer we spin for.
+                std::thread::yield_now();
                 continue;
             }
             let now = Instant::now();
+            if n > 0 {
+                // The window opens when the frames have been handled, not when the wait began:
+                // after a long sleep that would already be over, and the answer to the frame
+                // just forwarded would have to wake the thread again.
+                self.busy_poll.traffic(now);
+            }
             self.bridge.handle_timeout(now);
             self.gateway.handle_timeout(now);
             self.sweep_udp(now);
@@ -879,6 +885,7 @@ impl Worker {
             }
             io.from_host.pop_front();
             io.offset = 0;
+            io.shared.credits.add_permits(super::nat::CHUNK_OVERHEAD);
         }
         if io.host_eof && io.from_host.is_empty() && !io.fin_sent {
             io.fin_sent = true;

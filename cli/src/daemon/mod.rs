@@ -550,7 +550,7 @@ impl Daemon {
                     .remove_endpoint(&network_id, &endpoint_id);
                 remove_resolv_conf(&ep);
                 self.refresh_policy_ports(&inner.store);
-                tracing::info!(endpoint = %ep.name, ip = %ep.ipv4, "endpoint removed: its namespace or device is gone");
+                tracing::info!(endpoint = %ep.name, ip = %ep.ipv4, "endpoint removed: its device is gone");
                 if let Err(e) = self.state_dir.save(&inner.store) {
                     tracing::error!(error = %e, "cannot save state");
                 }

@@ -3,8 +3,10 @@
 //!
 //! Backpressure both ways, with no unbounded buffer:
 //! - host -> container: the reader takes byte credits from [`FlowShared::credits`] before each
-//!   read; the datapath returns them as bytes enter the smoltcp socket. At most [`WINDOW`] bytes
-//!   of a flow are ever queued between the two.
+//!   read; the datapath returns them as bytes enter the smoltcp socket. Each queued chunk is
+//!   also charged [`CHUNK_OVERHEAD`] (returned when the datapath has used it up), and a short
+//!   chunk is shrunk to its length, so at most about [`WINDOW`] bytes of memory per flow are ever
+//!   queued between the two, however small the pieces a peer sends.
 //! - container -> host: the datapath hands chunks through a bounded channel
 //!   ([`CHANNEL_CHUNKS`]); when it is full it stops reading from the socket (the container's
 //!   window closes) and sets `blocked`; the writer, after writing a chunk, wakes it up again.
@@ -28,6 +30,9 @@ use super::datapath::Injector;
 /// remote client's stream at 5.4-6.4 Gbit/s, 256 KiB / 1 MiB at 6.8-7.5 (interleaved runs).
 const WINDOW: usize = 1024 * 1024;
 const CHUNK: usize = 256 * 1024;
+/// What a queued chunk costs beyond its bytes (allocation, queue slot, command), charged
+/// against the window: a peer trickling 1-byte segments can queue 4096 chunks, not a million.
+pub const CHUNK_OVERHEAD: usize = 256;
 /// Chunks of one flow queued from the datapath to the host.
 const CHANNEL_CHUNKS: usize = 8;
 /// Receive buffer of each outbound UDP or ping flow: up to 4096 flows per network each hold
@@ -232,7 +237,11 @@ pub async fn splice(
         let up = async {
             loop {
                 // Credits first: never read more than the datapath can queue.
-                let Ok(permit) = shared.credits.acquire_many(CHUNK as u32).await else {
+                let Ok(permit) = shared
+                    .credits
+                    .acquire_many((CHUNK + CHUNK_OVERHEAD) as u32)
+                    .await
+                else {
                     return; // the flow is gone
                 };
                 permit.forget();
@@ -240,12 +249,16 @@ pub async fn splice(
                 let mut buf = Vec::with_capacity(CHUNK);
                 match rd.read_buf(&mut buf).await {
                     Ok(0) => {
-                        shared.credits.add_permits(CHUNK);
+                        shared.credits.add_permits(CHUNK + CHUNK_OVERHEAD);
                         injector.host_eof(flow);
                         return;
                     }
                     Ok(n) => {
+                        // Kept: n bytes plus the overhead, returned by the datapath.
                         shared.credits.add_permits(CHUNK - n);
+                        if n < CHUNK / 2 {
+                            buf.shrink_to_fit();
+                        }
                         if !injector.host_data(flow, buf) {
                             return;
                         }

@@ -16,14 +16,15 @@
 //! instead (the fd reports an error).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedSender;
+use vswitch_netdev::AsyncOwnedFd;
 use vswitch_netdev::ns::NsId;
 
 use super::containers::start_ticks;
@@ -45,9 +46,11 @@ pub struct TargetWatch {
     /// Per-endpoint tasks waiting on a pidfd (or polling, without pidfd support).
     processes: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     paths: Arc<Mutex<HashMap<String, (PathBuf, NsId)>>>,
+    /// Wakes the path checker, which sleeps while it has nothing to check.
+    added: Arc<Notify>,
     /// inotify instance of the path checker; `None` if inotify is unavailable (then only the
     /// periodic check runs).
-    inotify: Option<Arc<AsyncFd<OwnedFd>>>,
+    inotify: Option<Arc<AsyncOwnedFd>>,
     path_task: tokio::task::AbortHandle,
 }
 
@@ -66,17 +69,24 @@ impl TargetWatch {
         use rustix::fs::inotify;
         let inotify = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)
             .map_err(std::io::Error::from)
-            .and_then(vswitch_netdev::async_fd)
+            .and_then(AsyncOwnedFd::new)
             .map(Arc::new)
             .inspect_err(|e| tracing::warn!(error = %e, "no inotify: namespace files are only checked every few seconds"))
             .ok();
         let paths = Arc::new(Mutex::new(HashMap::new()));
-        let path_task = tokio::spawn(check_paths(paths.clone(), inotify.clone(), events.clone()))
-            .abort_handle();
+        let added = Arc::new(Notify::new());
+        let path_task = tokio::spawn(check_paths(
+            paths.clone(),
+            added.clone(),
+            inotify.clone(),
+            events.clone(),
+        ))
+        .abort_handle();
         Self {
             events,
             processes: Mutex::new(HashMap::new()),
             paths,
+            added,
             inotify,
             path_task,
         }
@@ -102,14 +112,16 @@ impl TargetWatch {
                     // Adding a watch twice returns the same one; the directory may not exist
                     // (then the periodic check is all there is).
                     let _ = add_watch(
-                        fd.get_ref(),
+                        fd.as_fd(),
                         dir,
                         WatchFlags::DELETE | WatchFlags::MOVED_FROM | WatchFlags::DELETE_SELF,
                     );
                 }
-                if names(&path, ns) {
-                    lock(&self.paths).insert(endpoint_id.to_owned(), (path, ns));
-                } else {
+                // Registered before the first check, so a removal in between is not missed.
+                lock(&self.paths).insert(endpoint_id.to_owned(), (path.clone(), ns));
+                self.added.notify_one();
+                if !names(&path, ns) {
+                    lock(&self.paths).remove(endpoint_id);
                     self.gone(endpoint_id);
                 }
             }
@@ -149,11 +161,12 @@ async fn wait_for_exit(pid: u32, ns: NsId, endpoint_id: String, events: Unbounde
     let pidfd = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
-        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::NONBLOCK).ok());
+        // No PIDFD_NONBLOCK (Linux 5.10+): the pidfd is only polled, never read.
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     // Checked after opening the pidfd: if the process is still in the endpoint's namespace
     // now, the pidfd is that process and not a later one with a reused PID.
     if netns_of(pid) == Some(ns) {
-        match pidfd.map(vswitch_netdev::async_fd) {
+        match pidfd.map(AsyncOwnedFd::new) {
             // Readable once the process has exited.
             Some(Ok(fd)) => {
                 let _ = fd.readable().await;
@@ -172,12 +185,19 @@ async fn wait_for_exit(pid: u32, ns: NsId, endpoint_id: String, events: Unbounde
 
 async fn check_paths(
     paths: Arc<Mutex<HashMap<String, (PathBuf, NsId)>>>,
-    inotify: Option<Arc<AsyncFd<OwnedFd>>>,
+    added: Arc<Notify>,
+    inotify: Option<Arc<AsyncOwnedFd>>,
     events: UnboundedSender<Event>,
 ) {
     let mut tick = tokio::time::interval(PATH_RECHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Nothing to check: no timer either, until a path is registered (`notify_one` keeps a
+        // permit, so a registration just before this wait is not lost).
+        if lock(&paths).is_empty() {
+            added.notified().await;
+            tick.reset();
+        }
         match &inotify {
             Some(fd) => {
                 tokio::select! {
@@ -199,9 +219,6 @@ async fn check_paths(
         }
         let gone: Vec<String> = {
             let mut map = lock(&paths);
-            if map.is_empty() {
-                continue;
-            }
             let gone: Vec<String> = map
                 .iter()
                 .filter(|(_, (path, ns))| !names(path, *ns))
