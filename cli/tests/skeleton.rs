@@ -725,19 +725,24 @@ fn control_socket_survives_garbage_and_clients_name_the_socket() {
     assert!(err.contains(&missing.display().to_string()), "{err}");
 }
 
-/// Nice values of the daemon's threads named `dp-<network>`.
-fn datapath_nice(d: &Daemon, network: &str) -> Vec<i64> {
+/// The `/proc` task directories of the daemon's threads named `dp-<network>`.
+fn datapath_tasks(d: &Daemon, network: &str) -> Vec<std::path::PathBuf> {
     let want = format!("dp-{network}");
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", d.pid())) else {
         return Vec::new();
     };
     tasks
-        .filter_map(|t| {
-            let dir = t.ok()?.path();
-            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-            if comm.trim() != want {
-                return None;
-            }
+        .flatten()
+        .map(|t| t.path())
+        .filter(|dir| std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == want))
+        .collect()
+}
+
+/// Nice values of the daemon's threads named `dp-<network>`.
+fn datapath_nice(d: &Daemon, network: &str) -> Vec<i64> {
+    datapath_tasks(d, network)
+        .iter()
+        .filter_map(|dir| {
             let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
             // Fields after the ")" that closes the name: state is field 3, nice field 19.
             let rest = stat.rsplit_once(')')?.1;
@@ -782,12 +787,9 @@ fn datapath_threads_run_at_the_configured_nice_value() {
 
 /// Voluntary context switches (times it went to sleep) of a network's datapath thread.
 fn datapath_sleeps(d: &Daemon, network: &str) -> Option<u64> {
-    let want = format!("dp-{network}");
-    std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+    let dir = datapath_tasks(d, network).into_iter().next()?;
+    std::fs::read_to_string(dir.join("status"))
         .ok()?
-        .flatten()
-        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == want))
-        .and_then(|t| std::fs::read_to_string(t.path().join("status")).ok())?
         .lines()
         .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
         .trim()

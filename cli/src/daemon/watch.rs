@@ -148,15 +148,6 @@ fn names(path: &Path, ns: NsId) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.dev() == ns.dev && m.ino() == ns.ino)
 }
 
-/// The namespace process `pid` is in, if it exists.
-fn netns_of(pid: u32) -> Option<NsId> {
-    let m = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
-    Some(NsId {
-        dev: m.dev(),
-        ino: m.ino(),
-    })
-}
-
 async fn wait_for_exit(pid: u32, ns: NsId, endpoint_id: String, events: UnboundedSender<Event>) {
     let pidfd = i32::try_from(pid)
         .ok()
@@ -165,7 +156,7 @@ async fn wait_for_exit(pid: u32, ns: NsId, endpoint_id: String, events: Unbounde
         .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     // Checked after opening the pidfd: if the process is still in the endpoint's namespace
     // now, the pidfd is that process and not a later one with a reused PID.
-    if netns_of(pid) == Some(ns) {
+    if names(Path::new(&format!("/proc/{pid}/ns/net")), ns) {
         match pidfd.map(AsyncOwnedFd::new) {
             // Readable once the process has exited.
             Some(Ok(fd)) => {
