@@ -771,17 +771,20 @@ fn datapath_threads_run_at_the_configured_nice_value() {
         datapath_nice(&d, "prio")
     );
     // Out of range: one line, non-zero, no daemon.
+    daemon_refuses(&["--datapath-nice", "40"]);
+}
+
+/// `vswitch daemon ARGS` fails at once with one error line that names the first argument.
+fn daemon_refuses(args: &[&str]) {
     let out = vswitch_tests::run(
-        std::process::Command::new(vswitch_tests::vswitch_bin()).args([
-            "daemon",
-            "--datapath-nice",
-            "40",
-        ]),
+        std::process::Command::new(vswitch_tests::vswitch_bin())
+            .arg("daemon")
+            .args(args),
         secs(10),
     );
-    assert!(!out.status.success());
+    assert!(!out.status.success(), "daemon {args:?} should have failed");
     let err = text(&out.stderr);
-    assert!(err.contains("--datapath-nice"), "{err}");
+    assert!(err.contains(args[0]), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
@@ -915,16 +918,5 @@ fn datapath_busy_polls_after_traffic_when_told() {
         "busy-polling 1 ms: {udp_polling} sleeps for 200 exchanges"
     );
     // Out of range: one line, non-zero, no daemon.
-    let out = vswitch_tests::run(
-        std::process::Command::new(vswitch_tests::vswitch_bin()).args([
-            "daemon",
-            "--datapath-busy-poll",
-            "5000",
-        ]),
-        secs(10),
-    );
-    assert!(!out.status.success());
-    let err = text(&out.stderr);
-    assert!(err.contains("--datapath-busy-poll"), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    daemon_refuses(&["--datapath-busy-poll", "5000"]);
 }
