@@ -295,6 +295,97 @@ fn traffic_comes_back_after_the_daemon_is_killed_and_restarted() {
 
 #[test]
 #[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn the_first_network_keeps_the_default_route_and_the_next_takes_over() {
+    require_root();
+    let mut d = Daemon::start();
+    d.ok(&[
+        "network",
+        "create",
+        "back",
+        "--subnet",
+        "10.79.2.0/24",
+        "--internal",
+    ]);
+    d.ok(&["network", "create", "front", "--subnet", "10.79.1.0/24"]);
+    d.ok(&["network", "create", "side", "--subnet", "10.79.3.0/24"]);
+    let a = Netns::new("a");
+    let defaults = || text(&a.exec(&["ip", "route", "show", "default"], secs(5)).stdout);
+    // Which way an outside address would go (a lookup: nothing is sent).
+    let way_out = || text(&a.exec(&["ip", "route", "get", "192.0.2.1"], secs(5)).stdout);
+
+    // An internal network gives no default route: it could not lead anywhere.
+    d.ok(&["attach", "--network", "back", &a.name]);
+    assert_eq!(defaults().trim(), "", "internal network: no default route");
+    d.ok(&["attach", "--network", "front", &a.name]);
+    d.ok(&["attach", "--network", "side", &a.name]);
+    let routes = defaults();
+    assert!(
+        routes.contains("via 10.79.1.1 dev eth1") && routes.contains("metric 100"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("via 10.79.3.1 dev eth2") && routes.contains("metric 101"),
+        "a second network adds its route behind the first one: {routes}"
+    );
+    assert!(
+        way_out().contains("via 10.79.1.1 dev eth1"),
+        "{}",
+        way_out()
+    );
+
+    // The first network leaves: the next one's route is the default, with nothing to do.
+    d.ok(&["network", "disconnect", "front", &a.name]);
+    assert!(
+        way_out().contains("via 10.79.3.1 dev eth2"),
+        "{}",
+        way_out()
+    );
+    // It comes back with the free metric 100 and is the default again.
+    d.ok(&["network", "connect", "front", &a.name]);
+    assert!(
+        way_out().contains("via 10.79.1.1 dev eth1"),
+        "{}",
+        way_out()
+    );
+
+    // A route we did not make keeps its place: ours go around it.
+    d.ok(&["network", "disconnect", "side", &a.name]);
+    let foreign = a.exec(
+        &[
+            "ip", "route", "add", "default", "dev", "lo", "metric", "101",
+        ],
+        secs(5),
+    );
+    assert!(foreign.status.success(), "{}", text(&foreign.stderr));
+    d.ok(&["network", "connect", "side", &a.name]);
+    let routes = defaults();
+    assert!(routes.contains("default dev lo"), "{routes}");
+    assert!(
+        routes.contains("via 10.79.3.1 dev eth2") && routes.contains("metric 102"),
+        "{routes}"
+    );
+
+    // A restart plumbs everything again in the same order.
+    d.kill9_and_restart();
+    assert!(
+        wait_until(secs(10), || defaults().matches("via").count() == 2),
+        "{}",
+        defaults()
+    );
+    assert!(
+        way_out().contains("via 10.79.1.1 dev eth1"),
+        "{}",
+        way_out()
+    );
+    let routes = defaults();
+    assert!(
+        routes.contains("via 10.79.1.1 dev eth1") && routes.contains("metric 100"),
+        "{routes}"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
 fn a_frozen_daemon_stops_traffic() {
     require_root();
     let d = Daemon::start();

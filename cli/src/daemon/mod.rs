@@ -300,7 +300,10 @@ impl Daemon {
 
     /// After a restart: plug every stored endpoint in again, or drop it if its namespace is gone.
     async fn restore_endpoints(&self, inner: &mut Inner) {
-        let endpoints: Vec<Endpoint> = inner.store.endpoints.values().cloned().collect();
+        let mut endpoints: Vec<Endpoint> = inner.store.endpoints.values().cloned().collect();
+        // Lower metrics first, so that they get theirs back even when a route that is not ours
+        // pushes some up.
+        endpoints.sort_by_key(|e| e.route_metric.unwrap_or(u32::MAX));
         for ep in endpoints {
             let Some(net) = inner.store.networks.get(&ep.network_id).cloned() else {
                 inner.store.endpoints.remove(&ep.id);
@@ -336,7 +339,17 @@ impl Daemon {
             .mac
             .parse()
             .map_err(|_| ApiError::internal("bad stored MAC"))?;
-        let plumbing = plumbing_for(net, &ep.ifname, mac, ep.ipv4, ep.ipv6);
+        let mut ep = ep.clone();
+        if ep.route_metric.is_none() && !net.internal {
+            // Stored before route metrics existed: take the next free one, and keep it.
+            let metric = route_metric_for(&inner.store, ns.id());
+            if let Some(stored) = inner.store.endpoints.get_mut(&ep.id) {
+                stored.route_metric = Some(metric);
+            }
+            ep.route_metric = Some(metric);
+        }
+        let ep = &ep;
+        let plumbing = plumbing_for(net, ep, mac);
         let listeners = bind_published(&ep.ports).await?;
         let fd = self.plumb(ns, &ep.target, plumbing).await?;
         self.plug(inner, net, ep, fd).await?;
@@ -650,7 +663,7 @@ impl Daemon {
             .mac
             .parse()
             .map_err(|_| ApiError::internal("bad planned MAC"))?;
-        let plumbing = plumbing_for(&net, &ep.ifname, mac, ep.ipv4, ep.ipv6);
+        let plumbing = plumbing_for(&net, &ep, mac);
         let started = std::time::Instant::now();
         let fd = self
             .plumb(ns, &req.target, plumbing)
@@ -1168,8 +1181,26 @@ fn plan_endpoint(
         aliases: req.aliases.clone(),
         wrote_resolv_conf: false,
         ports: Vec::new(),
+        route_metric: (!net.internal).then(|| route_metric_for(store, ns)),
     })
 }
+
+/// The first metric from [`FIRST_ROUTE_METRIC`] up that no other endpoint in namespace `ns`
+/// holds for its default routes.
+fn route_metric_for(store: &Store, ns: NsId) -> u32 {
+    let taken: HashSet<u32> = store
+        .endpoints
+        .values()
+        .filter(|e| e.ns_dev == ns.dev && e.ns_ino == ns.ino)
+        .filter_map(|e| e.route_metric)
+        .collect();
+    (FIRST_ROUTE_METRIC..)
+        .find(|m| !taken.contains(m))
+        .unwrap_or(FIRST_ROUTE_METRIC)
+}
+
+/// Metric of the default route of a namespace's first network (podman/netavark use the same).
+const FIRST_ROUTE_METRIC: u32 = 100;
 
 /// A bound host socket of a published port.
 enum Bound {
@@ -1292,21 +1323,16 @@ fn dual_stack(port: u16, tcp: bool) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(fd)
 }
 
-fn plumbing_for(
-    net: &Network,
-    ifname: &str,
-    mac: MacAddr,
-    ipv4: Ipv4Addr,
-    ipv6: Option<Ipv6Addr>,
-) -> Plumbing {
+fn plumbing_for(net: &Network, ep: &Endpoint, mac: MacAddr) -> Plumbing {
     Plumbing {
-        ifname: ifname.to_owned(),
+        ifname: ep.ifname.clone(),
         mac: mac.0,
         mtu: net.mtu,
-        ipv4: (ipv4, net.subnet.prefix_len()),
+        ipv4: (ep.ipv4, net.subnet.prefix_len()),
         gateway4: net.gateway,
-        ipv6: ipv6.zip(net.subnet6).map(|(ip, s)| (ip, s.prefix_len())),
+        ipv6: ep.ipv6.zip(net.subnet6).map(|(ip, s)| (ip, s.prefix_len())),
         gateway6: net.gateway6,
+        route_metric: ep.route_metric,
     }
 }
 

@@ -31,6 +31,9 @@ pub struct Plumbing {
     pub gateway4: Ipv4Addr,
     pub ipv6: Option<(Ipv6Addr, u8)>,
     pub gateway6: Option<Ipv6Addr>,
+    /// Metric for the default routes via the gateways; `None`: no default route (internal
+    /// networks). If a route we did not make already holds it, the next free one is taken.
+    pub route_metric: Option<u32>,
 }
 
 /// Creates the TAP inside `target` and configures it. Returns the TAP's fd; closing it removes
@@ -126,31 +129,54 @@ async fn configure_addresses(handle: &Handle, index: u32, p: &Plumbing) -> anyho
             .await
             .context("cannot bring lo up")?;
     }
-    let route4 = RouteMessageBuilder::<Ipv4Addr>::new()
-        .gateway(p.gateway4)
-        .output_interface(index)
-        .build();
-    handle
-        .route()
-        .add(route4)
-        .replace()
-        .execute()
-        .await
-        .context("cannot add the default route")?;
-    if let Some(gw6) = p.gateway6 {
-        let route6 = RouteMessageBuilder::<Ipv6Addr>::new()
-            .gateway(gw6)
+    let Some(metric) = p.route_metric else {
+        return Ok(());
+    };
+    // Added, never replaced: a default route of another network (or of whoever set the
+    // namespace up) stays, and the lowest metric wins. When an interface goes, its routes go
+    // with it and the next one takes over.
+    add_default_route(handle, metric, |m| {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(p.gateway4)
             .output_interface(index)
-            .build();
-        handle
-            .route()
-            .add(route6)
-            .replace()
-            .execute()
-            .await
-            .context("cannot add the IPv6 default route")?;
+            .priority(m)
+            .build()
+    })
+    .await
+    .context("cannot add the default route")?;
+    if let Some(gw6) = p.gateway6 {
+        add_default_route(handle, metric, |m| {
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .gateway(gw6)
+                .output_interface(index)
+                .priority(m)
+                .build()
+        })
+        .await
+        .context("cannot add the IPv6 default route")?;
     }
     Ok(())
+}
+
+/// Adds the route `build(metric)`, or with the next metric up while a route with the same
+/// destination and metric already exists (the kernel refuses a second one as `EEXIST`).
+async fn add_default_route(
+    handle: &Handle,
+    metric: u32,
+    build: impl Fn(u32) -> netlink_packet_route::route::RouteMessage,
+) -> anyhow::Result<()> {
+    const TRIES: u32 = 64;
+    for m in metric..metric.saturating_add(TRIES) {
+        match handle.route().add(build(m)).execute().await {
+            Ok(()) => return Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    bail!(
+        "metrics {metric} to {} are all taken",
+        metric.saturating_add(TRIES - 1)
+    )
 }
 
 async fn link_by_name(handle: &Handle, name: &str) -> anyhow::Result<Option<LinkMessage>> {

@@ -59,6 +59,12 @@ pub struct Endpoint {
     /// Published ports (host ports as bound).
     #[serde(default)]
     pub ports: Vec<vswitch_nat::PortMapping>,
+    /// Metric of the endpoint's default routes: 100 for the first network a namespace joins,
+    /// then the next free one, so the first network stays the default and the next takes over
+    /// when it leaves. Kept so that a daemon restart does not reorder them. `None` on internal
+    /// networks (no default route) and in stores written before metrics existed.
+    #[serde(default)]
+    pub route_metric: Option<u32>,
 }
 
 /// A container started with `vswitch run`.
