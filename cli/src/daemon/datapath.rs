@@ -98,7 +98,30 @@ pub struct Injector {
     wake: Arc<EventFd>,
 }
 
+/// Test double: an injector with no datapath behind it, whose commands a test reads back.
+#[cfg(test)]
+pub(crate) struct Captured(mpsc::Receiver<Command>);
+
+#[cfg(test)]
+impl Captured {
+    /// The next chunk of host data a flow handed over, waiting up to `timeout`; `None` if none
+    /// came (or something else did).
+    pub fn next_data(&self, timeout: Duration) -> Option<Vec<u8>> {
+        match self.0.recv_timeout(timeout) {
+            Ok(Command::NatHostData { data, .. }) => Some(data),
+            _ => None,
+        }
+    }
+}
+
 impl Injector {
+    #[cfg(test)]
+    pub(crate) fn capturing() -> io::Result<(Self, Captured)> {
+        let (commands, rx) = mpsc::channel();
+        let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK)?);
+        Ok((Self { commands, wake }, Captured(rx)))
+    }
+
     fn send(&self, cmd: Command) -> bool {
         if self.commands.send(cmd).is_err() {
             return false;

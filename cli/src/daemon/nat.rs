@@ -557,6 +557,82 @@ mod tests {
     use super::*;
     use vswitch_nat::Proto;
 
+    /// A peer that sends one byte at a time to a container that reads nothing: the chunks it
+    /// makes are charged their overhead, so the reader stops after a bounded number of them
+    /// instead of queueing a 256 KiB buffer (or even a small one) per byte without end.
+    #[test]
+    fn trickled_bytes_queue_a_bounded_number_of_small_chunks() {
+        use std::io::Write;
+        let (injector, captured) = Injector::capturing().expect("injector");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut peer =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        peer.set_nodelay(true).expect("nodelay");
+        let (ours, _) = listener.accept().expect("accept");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let (flow_channel, to_host, shared) = channel();
+        let credits = shared.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let splicer = std::thread::spawn(move || {
+            rt.block_on(async move {
+                let stream = TcpStream::from_std(ours).expect("tokio stream");
+                tokio::time::timeout(
+                    Duration::from_secs(20),
+                    splice(stream, FlowId(1), injector, to_host, shared),
+                )
+                .await
+            })
+        });
+
+        // One byte per chunk: wait for each to arrive before sending the next.
+        // What the module promises: thousands of small chunks at most, not a million.
+        let limit = 4096;
+        let mut chunks = Vec::new();
+        let stalled = loop {
+            peer.write_all(b"x").expect("write");
+            match captured.next_data(Duration::from_millis(500)) {
+                Some(chunk) => {
+                    assert_eq!(chunk.len(), 1);
+                    chunks.push(chunk);
+                }
+                None => break true,
+            }
+            if chunks.len() > limit {
+                break false;
+            }
+        };
+        assert!(
+            stalled,
+            "still reading after {} one-byte chunks",
+            chunks.len()
+        );
+        // The reader stopped once a full chunk's credits were no longer there.
+        let expected = (WINDOW - (CHUNK + CHUNK_OVERHEAD)) / (1 + CHUNK_OVERHEAD) + 1;
+        assert_eq!(chunks.len(), expected);
+        let held: usize = chunks.iter().map(|c| c.capacity()).sum();
+        assert!(
+            held <= chunks.len() * 8,
+            "short chunks shrunk: {held} bytes held"
+        );
+
+        // As the datapath uses chunks up, their credits come back and reading resumes.
+        credits
+            .credits
+            .add_permits(CHUNK + CHUNK_OVERHEAD + chunks.len());
+        assert_eq!(
+            captured.next_data(Duration::from_secs(5)).map(|c| c.len()),
+            Some(1),
+            "the pending byte is read once credits return"
+        );
+        // Both sides closing ends the splice.
+        drop(peer);
+        drop(flow_channel);
+        assert!(splicer.join().expect("splicer").is_ok(), "splice ended");
+    }
+
     #[test]
     fn policy() {
         let gw: Vec<IpAddr> = vec!["10.1.0.1".parse().expect("ip")];
