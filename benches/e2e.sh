@@ -22,7 +22,8 @@
 # veth, ...); the table shows medians and the median of per-repeat ratios to the bridge.
 #
 # Then, on the same daemon: attach latency (client wall time of `vswitch attach`, median and
-# p90 of -a cycles); N endpoints on one network (all reachable by ping from the first; TCP and
+# p90 of -a cycles; also for a rootless daemon attaching a user's namespace by PID, with the
+# user vswitch-rootless, created if absent, and /dev/net/tun made 0666); N endpoints on one network (all reachable by ping from the first; TCP and
 # ping between two of them next to the 2-endpoint network, to show the per-frame cost stays
 # flat); the daemon's CPU while idle and its memory per endpoint. Last, unless -s, the
 # published-port table of benches/nat.sh and the DNS table of benches/dns.sh.
@@ -51,6 +52,7 @@ P=vse2e-$$-
 TMP=$(mktemp -d /tmp/vse2e.XXXXXX)
 export VSWITCH_SOCKET=$TMP/vswitch.sock
 cleanup() {
+    for p in ${RPIDS[@]+"${RPIDS[@]}"}; do kill "$p" 2>/dev/null || true; done
     if [ -n "${DPID:-}" ]; then
         kill "$DPID" 2>/dev/null || true
         wait "$DPID" 2>/dev/null || true
@@ -168,6 +170,40 @@ for i in $(seq "$NATT"); do
 done
 say "attach latency done"
 
+# --- rootless attach latency: daemon and client as an unprivileged user, the target a
+# namespace that user made (the TAP comes from a helper process inside it)
+RU=vswitch-rootless
+id $RU >/dev/null 2>&1 || useradd --create-home --shell /bin/sh $RU
+chmod 0666 /dev/net/tun
+ip netns add ${P}rh; ip -n ${P}rh link set lo up
+RDIR=$TMP/rootless; mkdir -p "$RDIR/run"; cp "$BIN" "$RDIR/vswitch"
+chown -R $RU: "$RDIR"; chmod 755 "$TMP" "$RDIR"
+ASUSER=(setpriv --reuid "$(id -u $RU)" --regid "$(id -g $RU)" --clear-groups
+        env HOME="$RDIR" XDG_RUNTIME_DIR="$RDIR/run")
+RPIDS=()
+ip netns exec ${P}rh "${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" daemon \
+    --state-dir "$RDIR/st" --log-level warn >"$TMP/rdaemon.log" 2>&1 &
+RPIDS+=($!)
+for _ in $(seq 200); do [ -S "$RDIR/s" ] && break; sleep 0.05; done
+"${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" network create ratt --subnet 10.231.15.0/24 >/dev/null
+# setpriv, env and unshare all exec in place: $! ends up as the sleep in the new namespaces.
+ip netns exec ${P}rh "${ASUSER[@]}" unshare --user --map-root-user --net sleep 3600 &
+TPID=$!; RPIDS+=("$TPID")
+for _ in $(seq 100); do
+    [ "$(readlink "/proc/$TPID/ns/user")" != "$(readlink /proc/self/ns/user)" ] && break
+    sleep 0.05
+done
+for i in $(seq "$NATT"); do
+    t0=$(date +%s%N)
+    "${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" attach --network ratt --name ratt "$TPID" >/dev/null
+    t1=$(date +%s%N)
+    "${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" detach ratt
+    echo $(( (t1 - t0) / 1000 )) >>"$TMP/rattach_us"
+done
+for p in "${RPIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+RPIDS=()
+say "rootless attach latency done"
+
 # --- scale: NEP endpoints on one network
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$DPID/status"; }
 ticks() { awk '{print $14 + $15}' "/proc/$DPID/stat"; }
@@ -203,11 +239,18 @@ python3 "$H" summary "$RES" veth,bridge,vde,vswitch
 echo
 echo "### Attach, scale, idle"
 echo
-python3 - "$TMP/attach_us" <<'PY'
+python3 - "$TMP/attach_us" "$TMP/rattach_us" <<'PY'
 import statistics, sys
-v = sorted(int(l) for l in open(sys.argv[1]) if l.strip())
-print(f"- attach (client wall time, {len(v)} attach + detach cycles): median {statistics.median(v) / 1000:.1f} ms, "
-      f"p90 {v[int(len(v) * 0.9) - 1] / 1000:.1f} ms")
+for path, what in zip(sys.argv[1:], ("attach", "rootless attach (as an unprivileged user, by PID)")):
+    try:
+        v = sorted(int(l) for l in open(path) if l.strip())
+    except FileNotFoundError:
+        v = []
+    if not v:
+        print(f"- {what}: no successful cycle")
+        continue
+    print(f"- {what} (client wall time, {len(v)} attach + detach cycles): median {statistics.median(v) / 1000:.1f} ms, "
+          f"p90 {v[int(len(v) * 0.9) - 1] / 1000:.1f} ms")
 PY
 echo "- $NEP endpoints on one network: attached in $(( (t1 - t0) / 1000000 )) ms" \
      "($(( (t1 - t0) / 1000 / NEP )) us each, namespace creation included);" \
