@@ -22,8 +22,8 @@
 # veth, ...); the table shows medians and the median of per-repeat ratios to the bridge.
 #
 # Then, on the same daemon: attach latency (client wall time of `vswitch attach`, median and
-# p90 of -a cycles; also for a rootless daemon attaching a user's namespace by PID, with the
-# user vswitch-rootless, created if absent, and /dev/net/tun made 0666); N endpoints on one network (all reachable by ping from the first; TCP and
+# p90 of -a cycles; also for a rootless daemon attaching a user's namespace by PID, as the
+# user vswitch-rootless, created if absent, with /dev/net/tun 0666 meanwhile); N endpoints on one network (all reachable by ping from the first; TCP and
 # ping between two of them next to the 2-endpoint network, to show the per-frame cost stays
 # flat); the daemon's CPU while idle and its memory per endpoint. Last, unless -s, the
 # published-port table of benches/nat.sh and the DNS table of benches/dns.sh.
@@ -52,7 +52,7 @@ P=vse2e-$$-
 TMP=$(mktemp -d /tmp/vse2e.XXXXXX)
 export VSWITCH_SOCKET=$TMP/vswitch.sock
 cleanup() {
-    for p in ${RPIDS[@]+"${RPIDS[@]}"}; do kill "$p" 2>/dev/null || true; done
+    if declare -F stop_rootless >/dev/null; then stop_rootless; fi
     if [ -n "${DPID:-}" ]; then
         kill "$DPID" 2>/dev/null || true
         wait "$DPID" 2>/dev/null || true
@@ -171,37 +171,51 @@ done
 say "attach latency done"
 
 # --- rootless attach latency: daemon and client as an unprivileged user, the target a
-# namespace that user made (the TAP comes from a helper process inside it)
-RU=vswitch-rootless
-id $RU >/dev/null 2>&1 || useradd --create-home --shell /bin/sh $RU
-chmod 0666 /dev/net/tun
-ip netns add ${P}rh; ip -n ${P}rh link set lo up
-RDIR=$TMP/rootless; mkdir -p "$RDIR/run"; cp "$BIN" "$RDIR/vswitch"
-chown -R $RU: "$RDIR"; chmod 755 "$TMP" "$RDIR"
-ASUSER=(setpriv --reuid "$(id -u $RU)" --regid "$(id -g $RU)" --clear-groups
-        env HOME="$RDIR" XDG_RUNTIME_DIR="$RDIR/run")
+# namespace that user made (the TAP comes from a helper process inside it). A failure here is
+# reported in the table ("no successful cycle") and the run goes on.
 RPIDS=()
-ip netns exec ${P}rh "${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" daemon \
-    --state-dir "$RDIR/st" --log-level warn >"$TMP/rdaemon.log" 2>&1 &
-RPIDS+=($!)
-for _ in $(seq 200); do [ -S "$RDIR/s" ] && break; sleep 0.05; done
-"${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" network create ratt --subnet 10.231.15.0/24 >/dev/null
-# setpriv, env and unshare all exec in place: $! ends up as the sleep in the new namespaces.
-ip netns exec ${P}rh "${ASUSER[@]}" unshare --user --map-root-user --net sleep 3600 &
-TPID=$!; RPIDS+=("$TPID")
-for _ in $(seq 100); do
-    [ "$(readlink "/proc/$TPID/ns/user")" != "$(readlink /proc/self/ns/user)" ] && break
-    sleep 0.05
-done
-for i in $(seq "$NATT"); do
-    t0=$(date +%s%N)
-    "${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" attach --network ratt --name ratt "$TPID" >/dev/null
-    t1=$(date +%s%N)
-    "${ASUSER[@]}" "$RDIR/vswitch" --socket "$RDIR/s" detach ratt
-    echo $(( (t1 - t0) / 1000 )) >>"$TMP/rattach_us"
-done
-for p in "${RPIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-RPIDS=()
+stop_rootless() {
+    local p
+    for p in ${RPIDS[@]+"${RPIDS[@]}"}; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    RPIDS=()
+    if [ -n "${TUN_MODE:-}" ]; then chmod "$TUN_MODE" /dev/net/tun; TUN_MODE=; fi
+}
+rootless_attach() {
+    local RU=vswitch-rootless RDIR=$TMP/rootless tpid i t0 t1
+    id $RU >/dev/null 2>&1 || useradd --create-home --shell /bin/sh $RU || return 1
+    TUN_MODE=$(stat -c %a /dev/net/tun)
+    chmod 0666 /dev/net/tun
+    ip netns add ${P}rh && ip -n ${P}rh link set lo up || return 1
+    mkdir -p "$RDIR/run" && cp "$BIN" "$RDIR/vswitch" || return 1
+    chown -R $RU: "$RDIR"; chmod 755 "$TMP" "$RDIR"
+    local asuser=(setpriv --reuid "$(id -u $RU)" --regid "$(id -g $RU)" --clear-groups
+                  env HOME="$RDIR" XDG_RUNTIME_DIR="$RDIR/run")
+    ip netns exec ${P}rh "${asuser[@]}" "$RDIR/vswitch" --socket "$RDIR/s" daemon \
+        --state-dir "$RDIR/st" --log-level warn >"$TMP/rdaemon.log" 2>&1 &
+    RPIDS+=($!)
+    for _ in $(seq 200); do [ -S "$RDIR/s" ] && break; sleep 0.05; done
+    [ -S "$RDIR/s" ] || { say "rootless daemon did not start: $(tail -1 "$TMP/rdaemon.log")"; return 1; }
+    "${asuser[@]}" "$RDIR/vswitch" --socket "$RDIR/s" network create ratt \
+        --subnet 10.231.15.0/24 >/dev/null || return 1
+    # setpriv, env and unshare all exec in place: $! ends up as the sleep in the new namespaces.
+    ip netns exec ${P}rh "${asuser[@]}" unshare --user --map-root-user --net sleep 3600 &
+    tpid=$!; RPIDS+=("$tpid")
+    for _ in $(seq 100); do
+        local ns; ns=$(readlink "/proc/$tpid/ns/user" 2>/dev/null) || ns=""
+        [ -n "$ns" ] && [ "$ns" != "$(readlink /proc/self/ns/user)" ] && break
+        sleep 0.05
+    done
+    for i in $(seq "$NATT"); do
+        t0=$(date +%s%N)
+        "${asuser[@]}" "$RDIR/vswitch" --socket "$RDIR/s" attach --network ratt --name ratt \
+            "$tpid" >/dev/null || return 1
+        t1=$(date +%s%N)
+        "${asuser[@]}" "$RDIR/vswitch" --socket "$RDIR/s" detach ratt || return 1
+        echo $(( (t1 - t0) / 1000 )) >>"$TMP/rattach_us"
+    done
+}
+rootless_attach || say "rootless attach failed (see the table)"
+stop_rootless
 say "rootless attach latency done"
 
 # --- scale: NEP endpoints on one network

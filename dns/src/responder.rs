@@ -220,15 +220,16 @@ impl Responder {
             return Resolution::Answer(records);
         }
 
-        // Our own domains are never forwarded: `x.<network>` of any network that resolves names
-        // is NXDOMAIN here (which also hides other networks' names from this client).
+        // Not found in any zone the asker can see. A network's name is not a domain we own
+        // outright: `pkg.go.dev` must still resolve next to a network called `dev`, so a
+        // container's query goes upstream like any other (as Docker's resolver does); only the
+        // host, which routes exactly these domains to us, gets NXDOMAIN for them. Other
+        // networks' names stay hidden either way: they are never answered from their zones.
         let own_domain = catalog
             .zones()
             .any(|z| z.names && (name == z.name || name.ends_with(&format!(".{}", z.name))));
-        if own_domain {
-            return Resolution::NxDomain;
-        }
         match asker {
+            Asker::Host if own_domain => Resolution::NxDomain,
             Asker::Host => Resolution::Refused,
             Asker::Network { .. } => {
                 let first = zones.first();

@@ -303,7 +303,11 @@ impl Daemon {
         let mut endpoints: Vec<Endpoint> = inner.store.endpoints.values().cloned().collect();
         // Lower metrics first, so that they get theirs back even when a route that is not ours
         // pushes some up.
-        endpoints.sort_by_key(|e| e.route_metric.unwrap_or(u32::MAX));
+        // Stores from before metrics: eth0 before eth1, the order they were attached in.
+        endpoints.sort_by(|a, b| {
+            (a.route_metric.unwrap_or(u32::MAX), &a.ifname)
+                .cmp(&(b.route_metric.unwrap_or(u32::MAX), &b.ifname))
+        });
         for ep in endpoints {
             let Some(net) = inner.store.networks.get(&ep.network_id).cloned() else {
                 inner.store.endpoints.remove(&ep.id);
@@ -351,8 +355,11 @@ impl Daemon {
         let ep = &ep;
         let plumbing = plumbing_for(net, ep, mac);
         let listeners = bind_published(&ep.ports).await?;
-        let fd = self.plumb(ns, &ep.target, plumbing).await?;
-        self.plug(inner, net, ep, fd).await?;
+        let plumbed = self.plumb(ns, &ep.target, plumbing).await?;
+        if let Some(stored) = inner.store.endpoints.get_mut(&ep.id) {
+            stored.route_metric = plumbed.made.route_metric;
+        }
+        self.plug(inner, net, ep, plumbed.fd).await?;
         self.publish(inner, net, ep, listeners);
         self.watch_target(ep);
         Ok(())
@@ -467,7 +474,7 @@ impl Daemon {
         ns: NetNs,
         target: &Target,
         plumbing: Plumbing,
-    ) -> anyhow::Result<std::os::fd::OwnedFd> {
+    ) -> anyhow::Result<plumb::Plumbed> {
         if !self.rootless {
             return tokio::task::spawn_blocking(move || plumb::plumb(&ns, &plumbing)).await?;
         }
@@ -665,12 +672,16 @@ impl Daemon {
             .map_err(|_| ApiError::internal("bad planned MAC"))?;
         let plumbing = plumbing_for(&net, &ep, mac);
         let started = std::time::Instant::now();
-        let fd = self
+        let mut plumbing = plumbing;
+        plumbing.ifname_auto = req.ifname.is_none();
+        let made = self
             .plumb(ns, &req.target, plumbing)
             .await
             .map_err(|e| ApiError::bad_request(format!("cannot attach {}: {e:#}", req.target)))?;
         let plumbed = started.elapsed();
-        self.plug(inner, &net, &ep, fd).await?;
+        ep.route_metric = made.made.route_metric;
+        ep.ifname = made.made.ifname;
+        self.plug(inner, &net, &ep, made.fd).await?;
         self.publish(inner, &net, &ep, listeners);
         self.watch_target(&ep);
         ep.wrote_resolv_conf = match &ep.target {
@@ -1185,18 +1196,17 @@ fn plan_endpoint(
     })
 }
 
-/// The first metric from [`FIRST_ROUTE_METRIC`] up that no other endpoint in namespace `ns`
-/// holds for its default routes.
+/// The metric for a new endpoint's default routes in namespace `ns`: above every other
+/// endpoint's there, so that joining a network never takes the way out from one that was
+/// there first; [`FIRST_ROUTE_METRIC`] for the first.
 fn route_metric_for(store: &Store, ns: NsId) -> u32 {
-    let taken: HashSet<u32> = store
+    store
         .endpoints
         .values()
         .filter(|e| e.ns_dev == ns.dev && e.ns_ino == ns.ino)
         .filter_map(|e| e.route_metric)
-        .collect();
-    (FIRST_ROUTE_METRIC..)
-        .find(|m| !taken.contains(m))
-        .unwrap_or(FIRST_ROUTE_METRIC)
+        .max()
+        .map_or(FIRST_ROUTE_METRIC, |m| m.saturating_add(1))
 }
 
 /// Metric of the default route of a namespace's first network (podman/netavark use the same).
@@ -1333,6 +1343,7 @@ fn plumbing_for(net: &Network, ep: &Endpoint, mac: MacAddr) -> Plumbing {
         ipv6: ep.ipv6.zip(net.subnet6).map(|(ip, s)| (ip, s.prefix_len())),
         gateway6: net.gateway6,
         route_metric: ep.route_metric,
+        ifname_auto: false,
     }
 }
 

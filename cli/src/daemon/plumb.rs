@@ -16,7 +16,7 @@ use std::os::fd::OwnedFd;
 use anyhow::{Context, anyhow, bail};
 use futures_util::TryStreamExt;
 use netlink_packet_route::address::AddressHeaderFlags;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use vswitch_netdev::Tap;
 use vswitch_netdev::ns::NetNs;
@@ -25,6 +25,10 @@ use vswitch_netdev::ns::NetNs;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plumbing {
     pub ifname: String,
+    /// The name was picked by vswitch, not given with `--ifname`: if a device that is not ours
+    /// holds it, take the next `ethN` instead of failing (as Docker does).
+    #[serde(default)]
+    pub ifname_auto: bool,
     pub mac: [u8; 6],
     pub mtu: u32,
     pub ipv4: (Ipv4Addr, u8),
@@ -36,9 +40,26 @@ pub struct Plumbing {
     pub route_metric: Option<u32>,
 }
 
-/// Creates the TAP inside `target` and configures it. Returns the TAP's fd; closing it removes
-/// the device again. On error nothing is left behind.
-pub fn plumb(target: &NetNs, p: &Plumbing) -> anyhow::Result<OwnedFd> {
+/// A TAP made and configured inside its namespace.
+#[derive(Debug)]
+pub struct Plumbed {
+    /// The TAP's fd; closing it removes the device.
+    pub fd: OwnedFd,
+    pub made: Made,
+}
+
+/// What plumbing settled on where the plan left it a choice.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Made {
+    /// The device's name (the planned one, or the next free `ethN` if that was taken).
+    pub ifname: String,
+    /// The metric the default routes got (the planned one, or higher if that was taken).
+    pub route_metric: Option<u32>,
+}
+
+/// Creates the TAP inside `target` and configures it. Closing the returned fd removes the
+/// device again. On error nothing is left behind.
+pub fn plumb(target: &NetNs, p: &Plumbing) -> anyhow::Result<Plumbed> {
     std::thread::scope(|s| {
         s.spawn(|| plumb_on_this_thread(target, p))
             .join()
@@ -46,42 +67,52 @@ pub fn plumb(target: &NetNs, p: &Plumbing) -> anyhow::Result<OwnedFd> {
     })
 }
 
-fn plumb_on_this_thread(target: &NetNs, p: &Plumbing) -> anyhow::Result<OwnedFd> {
+fn plumb_on_this_thread(target: &NetNs, p: &Plumbing) -> anyhow::Result<Plumbed> {
     target
         .enter()
         .context("cannot enter the target network namespace")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let tap = rt.block_on(async {
+    let (tap, made) = rt.block_on(async {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         let task = tokio::spawn(conn);
         let r = create_inside(&handle, p).await;
         task.abort();
         r
     })?;
-    Ok(tap.into_fd())
+    Ok(Plumbed {
+        fd: tap.into_fd(),
+        made,
+    })
 }
 
 /// In the target namespace (the calling thread's): replaces a device of ours left over from
 /// before a daemon restart, creates the TAP under its final name, and configures it. On error
-/// the TAP is closed again, which removes it.
-async fn create_inside(handle: &Handle, p: &Plumbing) -> anyhow::Result<Tap> {
-    if let Some(existing) = link_by_name(handle, &p.ifname).await? {
-        // A leftover of ours has our MAC; anything else with that name belongs to somebody else.
-        if link_mac(&existing).as_deref() == Some(&p.mac[..]) {
+/// the TAP is closed again, which removes it. Returns the TAP and what was settled.
+async fn create_inside(handle: &Handle, p: &Plumbing) -> anyhow::Result<(Tap, Made)> {
+    let mut ifname = p.ifname.clone();
+    for _ in 0..MAX_AUTO_TRIES {
+        let Some(existing) = link_by_name(handle, &ifname).await? else {
+            break;
+        };
+        // A leftover of ours is a TAP with our MAC; anything else with that name belongs to
+        // somebody else (a Docker container's veth can carry the same 02:42 MAC).
+        if is_tun(&existing) && link_mac(&existing).as_deref() == Some(&p.mac[..]) {
             handle.link().del(existing.header.index).execute().await?;
-        } else {
-            bail!(
-                "interface {} already exists in the target namespace (choose another with --ifname)",
-                p.ifname
-            );
+            break;
+        }
+        match next_eth(&ifname) {
+            Some(next) if p.ifname_auto => ifname = next,
+            _ => bail!(
+                "interface {ifname} already exists in the target namespace (choose another with --ifname)"
+            ),
         }
     }
-    let tap = Tap::create(&p.ifname)?;
-    let index = link_index(handle, &p.ifname)
+    let tap = Tap::create(&ifname)?;
+    let index = link_index(handle, &ifname)
         .await?
-        .ok_or_else(|| anyhow!("the TAP {} vanished", p.ifname))?;
+        .ok_or_else(|| anyhow!("the TAP {ifname} vanished"))?;
     handle
         .link()
         .set(
@@ -93,12 +124,32 @@ async fn create_inside(handle: &Handle, p: &Plumbing) -> anyhow::Result<Tap> {
         .execute()
         .await
         .context("cannot set the TAP's address and MTU")?;
-    configure_addresses(handle, index, p).await?;
-    Ok(tap)
+    let route_metric = configure_addresses(handle, index, p).await?;
+    Ok((
+        tap,
+        Made {
+            ifname,
+            route_metric,
+        },
+    ))
 }
 
-/// Addresses, up, lo up and default routes of the TAP with `index`.
-async fn configure_addresses(handle: &Handle, index: u32, p: &Plumbing) -> anyhow::Result<()> {
+/// How many taken `ethN` names an automatic name skips before giving up.
+const MAX_AUTO_TRIES: usize = 64;
+
+/// `eth3` -> `eth4`; `None` for names not of that form.
+fn next_eth(name: &str) -> Option<String> {
+    let n: u32 = name.strip_prefix("eth")?.parse().ok()?;
+    Some(format!("eth{}", n.checked_add(1)?))
+}
+
+/// Addresses, up, lo up and default routes of the TAP with `index`; returns the metric the
+/// IPv4 default route got.
+async fn configure_addresses(
+    handle: &Handle,
+    index: u32,
+    p: &Plumbing,
+) -> anyhow::Result<Option<u32>> {
     let (ip4, len4) = p.ipv4;
     handle
         .address()
@@ -130,12 +181,12 @@ async fn configure_addresses(handle: &Handle, index: u32, p: &Plumbing) -> anyho
             .context("cannot bring lo up")?;
     }
     let Some(metric) = p.route_metric else {
-        return Ok(());
+        return Ok(None);
     };
     // Added, never replaced: a default route of another network (or of whoever set the
     // namespace up) stays, and the lowest metric wins. When an interface goes, its routes go
     // with it and the next one takes over.
-    add_default_route(handle, metric, |m| {
+    let got = add_default_route(handle, metric, |m| {
         RouteMessageBuilder::<Ipv4Addr>::new()
             .gateway(p.gateway4)
             .output_interface(index)
@@ -155,20 +206,22 @@ async fn configure_addresses(handle: &Handle, index: u32, p: &Plumbing) -> anyho
         .await
         .context("cannot add the IPv6 default route")?;
     }
-    Ok(())
+    Ok(Some(got))
 }
 
 /// Adds the route `build(metric)`, or with the next metric up while a route with the same
-/// destination and metric already exists (the kernel refuses a second one as `EEXIST`).
+/// destination and metric already exists (the kernel refuses a second one as `EEXIST`, for
+/// IPv6 too: it checks `NLM_F_EXCL` before it would make a multipath route). Returns the
+/// metric used.
 async fn add_default_route(
     handle: &Handle,
     metric: u32,
     build: impl Fn(u32) -> netlink_packet_route::route::RouteMessage,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u32> {
     const TRIES: u32 = 64;
     for m in metric..metric.saturating_add(TRIES) {
         match handle.route().add(build(m)).execute().await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(m),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => continue,
             Err(e) => return Err(e.into()),
         }
@@ -198,6 +251,15 @@ async fn link_index(handle: &Handle, name: &str) -> anyhow::Result<Option<u32>> 
     Ok(link_by_name(handle, name).await?.map(|l| l.header.index))
 }
 
+fn is_tun(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Tun))),
+        _ => false,
+    })
+}
+
 fn link_mac(link: &LinkMessage) -> Option<Vec<u8>> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::Address(mac) => Some(mac.clone()),
@@ -224,7 +286,7 @@ pub async fn set_up(handle: &Handle, name: &str) -> anyhow::Result<()> {
 ///
 /// The TAP's socket then belongs to the target namespace and keeps it alive, so endpoints
 /// attached this way are collected by watching the target process instead (see the daemon).
-pub fn plumb_via_helper(pid: u32, p: &Plumbing) -> anyhow::Result<OwnedFd> {
+pub fn plumb_via_helper(pid: u32, p: &Plumbing) -> anyhow::Result<Plumbed> {
     use std::io::Read;
     use std::os::fd::AsFd;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
@@ -237,18 +299,25 @@ pub fn plumb_via_helper(pid: u32, p: &Plumbing) -> anyhow::Result<OwnedFd> {
         .arg("--spec")
         .arg(spec)
         .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("cannot start the TAP helper")?;
     let got = vswitch_netdev::fdpass::recv_fd(ours.as_fd());
-    let mut err = String::new();
+    let (mut out, mut err) = (String::new(), String::new());
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);
     }
     let status = child.wait()?;
     match got {
-        Ok(fd) if status.success() => Ok(fd),
+        Ok(fd) if status.success() => Ok(Plumbed {
+            fd,
+            // The helper prints what it settled on as one JSON line.
+            made: serde_json::from_str(out.trim()).context("bad answer from the TAP helper")?,
+        }),
         _ => bail!("{}", err.trim().trim_start_matches("Error: ")),
     }
 }
@@ -284,13 +353,14 @@ pub fn tap_helper(pid: u32, spec: &str) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let tap = rt.block_on(async {
+    let (tap, made) = rt.block_on(async {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         let task = tokio::spawn(conn);
         let r = create_inside(&handle, &p).await;
         task.abort();
         r
     })?;
+    println!("{}", serde_json::to_string(&made)?);
     let sock = std::io::stdin();
     vswitch_netdev::fdpass::send_fd(sock.as_fd(), tap.as_fd())
         .context("cannot pass the TAP back")?;

@@ -173,23 +173,53 @@ fn unknown_single_label_is_nxdomain_at_once_and_the_rest_is_forwarded() {
     let r = responder();
     let m = ask(&r, from(RED, "10.1.0.2"), "nosuch", RecordType::A);
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-    let m = ask(&r, from(RED, "10.1.0.2"), "nosuch.red", RecordType::A);
-    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-    let q = query("example.com", RecordType::A);
-    assert_eq!(
-        r.answer(from(RED, "10.1.0.2"), Transport::Udp, &q),
-        Outcome::Forward
+    // Anything with a dot that no visible zone holds goes upstream, under a network's name too.
+    for name in ["example.com", "nosuch.red"] {
+        let q = query(name, RecordType::A);
+        assert_eq!(
+            r.answer(from(RED, "10.1.0.2"), Transport::Udp, &q),
+            Outcome::Forward,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_network_name_does_not_hide_the_public_domain_of_that_name() {
+    let mut c = Catalog::default();
+    c.add_network(
+        "dev-id",
+        Zone::new("dev", true, false, vec![(ip("10.9.0.0"), 16)]),
     );
+    c.add_endpoint("dev-id", &ep("e9", "ns9", "web", &[], &["10.9.0.2"]));
+    let r = Responder::new(Arc::new(RwLock::new(c)), DEFAULT_TTL);
+    for name in ["pkg.go.dev", "go.dev", "api.web.dev"] {
+        let q = query(name, RecordType::A);
+        assert_eq!(
+            r.answer(from("dev-id", "10.9.0.2"), Transport::Udp, &q),
+            Outcome::Forward,
+            "{name}"
+        );
+    }
+    // The container names themselves still answer, bare and as name.network.
+    for name in ["web", "web.dev"] {
+        let m = ask(&r, from("dev-id", "10.9.0.2"), name, RecordType::A);
+        assert_eq!(addrs(&m), vec!["10.9.0.2"], "{name}");
+    }
 }
 
 #[test]
 fn scoping_hides_other_networks() {
     let r = responder();
-    // tomcat82 is on red only: blue's db does not exist for it, in any form.
-    for name in ["db", "db.blue"] {
-        let m = ask(&r, from(RED, "10.1.0.3"), name, RecordType::A);
-        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
-    }
+    // tomcat82 is on red only: blue's db does not exist for it. The bare name is NXDOMAIN at
+    // once; db.blue is somebody else's business (upstream's), never answered from blue's zone.
+    let m = ask(&r, from(RED, "10.1.0.3"), "db", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    let q = query("db.blue", RecordType::A);
+    assert_eq!(
+        r.answer(from(RED, "10.1.0.3"), Transport::Udp, &q),
+        Outcome::Forward
+    );
     // tomcat81's namespace is on red and blue: it sees both.
     let m = ask(&r, from(RED, "10.1.0.2"), "db", RecordType::A);
     assert_eq!(addrs(&m), vec!["10.2.0.2"]);
