@@ -332,6 +332,29 @@ fn container_bad_input() {
             vec!["run", "--name", "bad name", "--", "true"],
             "invalid container name",
         ),
+        // Accepted and ignored would be worse than refused: the default bridge resolves no
+        // names, a shared network namespace has no endpoint of its own, and host mode keeps
+        // the host's hostname.
+        (
+            vec!["run", "--alias", "web", "--", "true"],
+            "need a user-defined network",
+        ),
+        (
+            vec![
+                "run",
+                "--network",
+                "container:one",
+                "--alias",
+                "web",
+                "--",
+                "true",
+            ],
+            "conflicting options",
+        ),
+        (
+            vec!["run", "--network", "host", "--hostname", "h", "--", "true"],
+            "conflicting options",
+        ),
     ] {
         let err = d.fails(&args);
         assert!(err.contains(needle), "{args:?}: {err}");

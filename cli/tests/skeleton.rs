@@ -748,6 +748,10 @@ fn bad_input_is_one_line_nonzero_and_changes_nothing() {
             "invalid MAC",
         ),
         (
+            vec!["attach", "--alias", "web", &b.name],
+            "need a user-defined network",
+        ),
+        (
             vec![
                 "attach",
                 "--network",

@@ -100,16 +100,17 @@ impl Daemon {
             .unwrap_or_else(|| super::DEFAULT_NETWORK.to_owned());
         match mode_of(&network) {
             Mode::Network(n) => {
-                find_network(&inner.store, &n)?;
+                let net = find_network(&inner.store, &n)?;
+                super::check_aliases_allowed(net, &req.aliases)?;
             }
             Mode::Container(x) => {
                 let parent = Self::find_container(&inner, &x)?;
                 if parent.pid.is_none() {
                     return Err(ApiError::conflict(format!("container {x} is not running")));
                 }
-                if !req.ports.is_empty() || req.ipv4_address.is_some() {
+                if !req.ports.is_empty() || req.ipv4_address.is_some() || !req.aliases.is_empty() {
                     return Err(ApiError::bad_request(
-                        "conflicting options: --network container: shares another container's network (no -p, no --ip)",
+                        "conflicting options: --network container: shares another container's network (no -p, --ip or --alias)",
                     ));
                 }
             }
@@ -118,6 +119,11 @@ impl Daemon {
                     return Err(ApiError::bad_request(format!(
                         "conflicting options: -p, --ip and --alias need a network, not --network {network}"
                     )));
+                }
+                if matches!(mode_of(&network), Mode::Host) && req.hostname.is_some() {
+                    return Err(ApiError::bad_request(
+                        "conflicting options: --network host keeps the host's hostname (no --hostname)",
+                    ));
                 }
             }
         }

@@ -1054,6 +1054,7 @@ fn plan_endpoint(
     for alias in &req.aliases {
         check_name("alias", alias)?;
     }
+    check_aliases_allowed(net, &req.aliases)?;
     let ifname = match &req.ifname {
         Some(i) => {
             if i.is_empty()
@@ -1194,6 +1195,18 @@ fn plan_endpoint(
         ports: Vec::new(),
         route_metric: (!net.internal).then(|| route_metric_for(store, ns)),
     })
+}
+
+/// Aliases are names, and a network without names (the default `bridge`) could not resolve
+/// them: refused, as Docker does, rather than stored and ignored.
+fn check_aliases_allowed(net: &Network, aliases: &[String]) -> ApiResult<()> {
+    if !net.dns_names && !aliases.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "network-scoped aliases need a user-defined network: {} does not resolve names",
+            net.name
+        )));
+    }
+    Ok(())
 }
 
 /// The metric for a new endpoint's default routes in namespace `ns`: above every other
