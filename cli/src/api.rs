@@ -132,9 +132,23 @@ impl Target {
                 .map_err(|_| format!("invalid PID {s}"));
         }
         if s.contains('/') {
-            return Ok(Target::Path(s.to_owned()));
+            return Ok(Target::Path(s.to_owned()).normalized());
         }
         Ok(Target::Name(s.to_owned()))
+    }
+
+    /// `/run/netns/X` is the `ip netns` name X (which then names the endpoint and gets its
+    /// `/etc/netns/X/resolv.conf`); everything else stays as it is.
+    pub fn normalized(self) -> Self {
+        match &self {
+            Target::Path(p) => match p.strip_prefix("/run/netns/") {
+                Some(n) if !n.is_empty() && n != "." && n != ".." && !n.contains('/') => {
+                    Target::Name(n.to_owned())
+                }
+                _ => self,
+            },
+            _ => self,
+        }
     }
 }
 
@@ -242,8 +256,17 @@ mod tests {
         assert_eq!(Target::parse("1234"), Ok(Target::Pid(1234)));
         assert_eq!(
             Target::parse("/run/netns/a"),
-            Ok(Target::Path("/run/netns/a".into()))
+            Ok(Target::Name("a".into())),
+            "an ip netns file is that name"
         );
+        for path in [
+            "/proc/7/ns/net",
+            "/run/netns/a/b",
+            "/run/netns/..",
+            "/var/run/netns/a",
+        ] {
+            assert_eq!(Target::parse(path), Ok(Target::Path(path.into())));
+        }
         assert_eq!(Target::parse("blue"), Ok(Target::Name("blue".into())));
         assert!(Target::parse("").is_err());
         assert!(Target::parse("99999999999999999999").is_err());

@@ -458,6 +458,61 @@ fn attach_never_takes_a_device_that_is_not_its_own() {
 
 #[test]
 #[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn resolv_conf_follows_the_namespace_and_spares_files_not_ours() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "one", "--subnet", "10.82.1.0/24"]);
+    d.ok(&["network", "create", "two", "--subnet", "10.82.2.0/24"]);
+    let read = |ns: &str| std::fs::read_to_string(format!("/etc/netns/{ns}/resolv.conf")).ok();
+
+    // Given as /run/netns/X, the namespace is the `ip netns` name X: named after it, and its
+    // resolv.conf is written.
+    let m = Netns::new("m");
+    d.ok(&[
+        "attach",
+        "--network",
+        "one",
+        &format!("/run/netns/{}", m.name),
+    ]);
+    assert_eq!(
+        d.ip_of("one", &m.name),
+        "10.82.1.2",
+        "named after the netns"
+    );
+    assert!(
+        read(&m.name).is_some_and(|t| t.contains("nameserver 10.82.1.1")),
+        "{:?}",
+        read(&m.name)
+    );
+    // The network that wrote it leaves while another stays: the file now points there.
+    d.ok(&["network", "connect", "two", &m.name]);
+    d.ok(&["network", "disconnect", "one", &m.name]);
+    let text = read(&m.name).expect("resolv.conf kept while the namespace has a network");
+    assert!(text.contains("nameserver 10.82.2.1"), "{text}");
+    assert!(text.contains("search two"), "{text}");
+    d.ok(&["network", "disconnect", "two", &m.name]);
+    assert_eq!(read(&m.name), None, "removed with the last endpoint");
+
+    // A resolv.conf the user wrote is neither replaced nor removed.
+    let f = Netns::new("f");
+    let dir = std::path::PathBuf::from(format!("/etc/netns/{}", f.name));
+    struct RemoveOnDrop(std::path::PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveOnDrop(dir.clone());
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("resolv.conf"), "nameserver 192.0.2.53\n").expect("write");
+    d.ok(&["attach", "--network", "one", &f.name]);
+    assert_eq!(read(&f.name).as_deref(), Some("nameserver 192.0.2.53\n"));
+    d.ok(&["detach", &f.name]);
+    assert_eq!(read(&f.name).as_deref(), Some("nameserver 192.0.2.53\n"));
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
 fn a_frozen_daemon_stops_traffic() {
     require_root();
     let d = Daemon::start();

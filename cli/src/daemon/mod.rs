@@ -319,8 +319,9 @@ impl Daemon {
                 }
                 Err(e) => {
                     tracing::warn!(endpoint = %ep.name, network = %net.name, error = %e.message, "endpoint dropped at restart");
-                    inner.store.endpoints.remove(&ep.id);
-                    remove_resolv_conf(&ep);
+                    // The stored copy: an earlier drop may have handed it the resolv.conf.
+                    let ep = inner.store.endpoints.remove(&ep.id).unwrap_or(ep);
+                    release_resolv_conf(&mut inner.store, &ep);
                 }
             }
         }
@@ -568,7 +569,7 @@ impl Daemon {
                 }
                 self.catalog_mut()
                     .remove_endpoint(&network_id, &endpoint_id);
-                remove_resolv_conf(&ep);
+                release_resolv_conf(&mut inner.store, &ep);
                 self.refresh_policy_ports(&inner.store);
                 tracing::info!(endpoint = %ep.name, ip = %ep.ipv4, "endpoint removed: its device is gone");
                 if let Err(e) = self.state_dir.save(&inner.store) {
@@ -649,8 +650,9 @@ impl Daemon {
         &self,
         inner: &mut Inner,
         network: &str,
-        req: AttachRequest,
+        mut req: AttachRequest,
     ) -> ApiResult<EndpointInfo> {
+        req.target = req.target.normalized();
         let net = find_network(&inner.store, network)?.clone();
         let ns = open_target(&req.target)?;
         if ns.id() == self.own_netns {
@@ -691,7 +693,7 @@ impl Daemon {
                 }) =>
             {
                 match write_resolv_conf(name, &net) {
-                    Ok(()) => true,
+                    Ok(written) => written,
                     Err(e) => {
                         tracing::warn!(netns = %name, error = %e, "cannot write resolv.conf");
                         false
@@ -729,8 +731,8 @@ impl Daemon {
         {
             tracing::warn!(endpoint = %ep.name, error = %e, "cannot unplug");
         }
-        remove_resolv_conf(ep);
         inner.store.endpoints.remove(&ep.id);
+        release_resolv_conf(&mut inner.store, ep);
         self.refresh_policy_ports(&inner.store);
     }
 
@@ -1423,14 +1425,27 @@ fn resolv_conf_path(netns: &str) -> PathBuf {
     PathBuf::from("/etc/netns").join(netns).join("resolv.conf")
 }
 
+/// First line of every resolv.conf vswitch writes: files without it are somebody else's and
+/// are neither overwritten nor removed.
+const RESOLV_CONF_HEADER: &str = "# written by vswitch";
+
+fn ours(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|t| t.starts_with(RESOLV_CONF_HEADER))
+}
+
 /// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` binds over /etc/resolv.conf.
-fn write_resolv_conf(netns: &str, net: &Network) -> std::io::Result<()> {
+/// Returns false, writing nothing, if the file is there and not ours.
+fn write_resolv_conf(netns: &str, net: &Network) -> std::io::Result<bool> {
     let path = resolv_conf_path(netns);
+    if path.exists() && !ours(&path) {
+        tracing::info!(path = %path.display(), "keeping a resolv.conf vswitch did not write");
+        return Ok(false);
+    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let mut text = format!(
-        "# written by vswitch for network {}\nnameserver {}\n",
+        "{RESOLV_CONF_HEADER} for network {}\nnameserver {}\n",
         net.name, net.gateway
     );
     if net.dns_names {
@@ -1439,12 +1454,39 @@ fn write_resolv_conf(netns: &str, net: &Network) -> std::io::Result<()> {
     text.push_str("options ndots:0\n");
     let tmp = path.with_extension("vswitch-tmp");
     std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, &path)?;
+    Ok(true)
+}
+
+/// Endpoint `ep`, already out of the store, no longer holds its namespace's resolv.conf: it
+/// goes to another endpoint of that namespace, rewritten for that one's network (the
+/// namespace still needs a nameserver), or, with none left, it is removed.
+fn release_resolv_conf(store: &mut Store, ep: &Endpoint) {
+    let (true, Target::Name(name)) = (ep.wrote_resolv_conf, &ep.target) else {
+        return;
+    };
+    let heir = store
+        .endpoints
+        .values_mut()
+        .find(|o| o.ns_dev == ep.ns_dev && o.ns_ino == ep.ns_ino && o.target == ep.target);
+    if let Some(heir) = heir
+        && let Some(net) = store.networks.get(&heir.network_id)
+    {
+        match write_resolv_conf(name, net) {
+            Ok(written) => heir.wrote_resolv_conf = written,
+            Err(e) => tracing::warn!(netns = %name, error = %e, "cannot rewrite resolv.conf"),
+        }
+        return;
+    }
+    remove_resolv_conf(ep);
 }
 
 fn remove_resolv_conf(ep: &Endpoint) {
     if let (true, Target::Name(name)) = (ep.wrote_resolv_conf, &ep.target) {
         let path = resolv_conf_path(name);
+        if !ours(&path) {
+            return;
+        }
         let _ = std::fs::remove_file(&path);
         if let Some(dir) = path.parent() {
             // Only succeeds if nothing else lives there.
