@@ -96,7 +96,20 @@ pub struct UdpPeer {
 pub struct Injector {
     commands: mpsc::Sender<Command>,
     wake: Arc<EventFd>,
+    backlog: Arc<Backlog>,
 }
+
+/// Frames from host sockets (UDP datagrams, echo replies, DNS answers) waiting for the datapath.
+/// Anyone on the network can send them, faster than the datapath takes them: past
+/// [`MAX_BACKLOG_BYTES`] they are dropped and counted, as a NIC drops on a full ring.
+#[derive(Default)]
+struct Backlog {
+    bytes: std::sync::atomic::AtomicUsize,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+/// Bytes of frames from host sockets queued for one datapath at most.
+const MAX_BACKLOG_BYTES: usize = 4 * 1024 * 1024;
 
 /// Test double: an injector with no datapath behind it, whose commands a test reads back.
 #[cfg(test)]
@@ -119,7 +132,15 @@ impl Injector {
     pub(crate) fn capturing() -> io::Result<(Self, Captured)> {
         let (commands, rx) = mpsc::channel();
         let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK)?);
-        Ok((Self { commands, wake }, Captured(rx)))
+        let backlog = Arc::default();
+        Ok((
+            Self {
+                commands,
+                wake,
+                backlog,
+            },
+            Captured(rx),
+        ))
     }
 
     fn send(&self, cmd: Command) -> bool {
@@ -128,6 +149,36 @@ impl Injector {
         }
         let _ = self.wake.write(1);
         true
+    }
+
+    /// Queues a command carrying a frame of `len` bytes, or drops it (counted) when the
+    /// backlog is full. False only if the datapath is gone.
+    fn send_frame(&self, len: usize, cmd: Command) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.backlog.bytes.fetch_add(len, Relaxed) + len > MAX_BACKLOG_BYTES {
+            self.backlog.bytes.fetch_sub(len, Relaxed);
+            self.backlog.dropped.fetch_add(1, Relaxed);
+            return true;
+        }
+        if self.send(cmd) {
+            return true;
+        }
+        self.backlog.bytes.fetch_sub(len, Relaxed);
+        false
+    }
+
+    /// The datapath took a frame of `len` bytes off the backlog.
+    fn taken(&self, len: usize) {
+        self.backlog
+            .bytes
+            .fetch_sub(len, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Frames from host sockets dropped so far because the backlog was full.
+    fn dropped(&self) -> u64 {
+        self.backlog
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Asks the datapath to open a flow to a container; `None` if it cannot (table full, gone).
@@ -171,7 +222,7 @@ impl Injector {
 
     /// Hands an echo reply (as a frame) for the ping flow `key` to the datapath.
     pub fn icmp_in(&self, key: (IpAddr, u16, IpAddr), frame: Vec<u8>) -> bool {
-        self.send(Command::IcmpIn { key, frame })
+        self.send_frame(frame.len(), Command::IcmpIn { key, frame })
     }
 
     /// Hands a datagram for a container to the datapath. `key` is (container, peer as the
@@ -182,24 +233,27 @@ impl Injector {
         frame: Vec<u8>,
         published: Option<(Arc<std::net::UdpSocket>, SocketAddr)>,
     ) -> bool {
-        self.send(Command::UdpIn {
-            key,
-            frame,
-            published,
-        })
+        self.send_frame(
+            frame.len(),
+            Command::UdpIn {
+                key,
+                frame,
+                published,
+            },
+        )
     }
 
     /// Delivers a forwarded answer to whoever asked.
     pub fn deliver(&self, to: ReplyTo, answer: Vec<u8>) {
-        let cmd = match to {
-            ReplyTo::Udp(peer) => match udp_frame(&peer, &answer) {
-                Some(frame) => Command::InjectFrame(frame),
-                None => return,
-            },
-            ReplyTo::Tcp(conn) => Command::StreamReply { conn, answer },
-        };
-        if self.commands.send(cmd).is_ok() {
-            let _ = self.wake.write(1);
+        match to {
+            ReplyTo::Udp(peer) => {
+                if let Some(frame) = udp_frame(&peer, &answer) {
+                    self.send_frame(frame.len(), Command::InjectFrame(frame));
+                }
+            }
+            ReplyTo::Tcp(conn) => {
+                self.send(Command::StreamReply { conn, answer });
+            }
         }
     }
 }
@@ -501,6 +555,7 @@ impl Datapath {
         let injector = Injector {
             commands: tx.clone(),
             wake: wake.clone(),
+            backlog: Arc::default(),
         };
         let mut worker = Worker {
             network_id,
@@ -1230,12 +1285,19 @@ impl Worker {
                         .ports()
                         .filter_map(|p| {
                             let s = self.bridge.port_stats(p)?;
+                            // The gateway's frames from host sockets that never got in count
+                            // as drops on its way into the switch.
+                            let backlog_drops = if p == self.gateway_port {
+                                self.injector.dropped()
+                            } else {
+                                0
+                            };
                             Some(PortStatsRow {
                                 port: p.index() as u32,
                                 endpoint: self.port_name(p),
                                 rx_frames: s.rx_frames,
                                 rx_bytes: s.rx_bytes,
-                                rx_dropped: s.rx_dropped,
+                                rx_dropped: s.rx_dropped + backlog_drops,
                                 tx_frames: s.tx_frames,
                                 tx_bytes: s.tx_bytes,
                                 tx_dropped: s.tx_dropped,
@@ -1254,6 +1316,7 @@ impl Worker {
                     });
                 }
                 Command::InjectFrame(frame) => {
+                    self.injector.taken(frame.len());
                     let now = Instant::now();
                     self.switch(now, self.gateway_port, &frame);
                 }
@@ -1317,6 +1380,7 @@ impl Worker {
                     self.flush_gateway(now);
                 }
                 Command::IcmpIn { key, frame } => {
+                    self.injector.taken(frame.len());
                     let now = Instant::now();
                     if let Some(flow) = self.icmp.get_mut(&key) {
                         flow.last = now;
@@ -1328,6 +1392,7 @@ impl Worker {
                     frame,
                     published,
                 } => {
+                    self.injector.taken(frame.len());
                     let now = Instant::now();
                     match self.udp.get_mut(&key) {
                         Some(flow) => flow.last = now,
@@ -1375,6 +1440,41 @@ fn round_ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Datagrams from anywhere on the network queue up to a byte budget for the datapath;
+    /// past it they are dropped and counted, and a slow datapath never means unbounded memory.
+    #[test]
+    fn frames_from_host_sockets_queue_a_bounded_backlog() {
+        let (injector, captured) = Injector::capturing().expect("injector");
+        let sa = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let key = (sa("10.0.0.2:5353"), sa("192.0.2.1:53"));
+        let frame = vec![0u8; 1500];
+        let fit = MAX_BACKLOG_BYTES / frame.len();
+        for _ in 0..fit {
+            assert!(injector.udp_in(key, frame.clone(), None));
+        }
+        assert_eq!(injector.dropped(), 0);
+        for _ in 0..100 {
+            assert!(
+                injector.udp_in(key, frame.clone(), None),
+                "dropped, not dead"
+            );
+        }
+        assert_eq!(injector.dropped(), 100);
+        assert_eq!(
+            captured.0.try_iter().count(),
+            fit,
+            "only what fits was queued"
+        );
+        // What the datapath takes makes room again.
+        injector.taken(frame.len());
+        assert!(injector.udp_in(key, frame.clone(), None));
+        assert_eq!(injector.dropped(), 100);
+        // With the datapath gone, the sender learns it.
+        drop(captured);
+        injector.taken(fit * frame.len());
+        assert!(!injector.udp_in(key, frame, None));
+    }
 
     #[test]
     fn busy_poll_spins_only_within_its_window_after_traffic() {
