@@ -526,4 +526,37 @@ fn udp_published_and_outbound() {
     // Outbound: the outside sees the daemon's address.
     let r = udp_ask(&a.name, Outside::IP, "7000");
     assert!(r.starts_with("hello from 192.0.2.1:"), "{r}");
+
+    // A peer sprays the published port from 4200 source ports, more than the whole flow table
+    // holds. New clients of the port and the container's own outbound UDP still get through.
+    let spray = vswitch_tests::run(
+        std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &outside.ns.name,
+            "python3",
+            "-c",
+            SPRAY,
+            Outside::DAEMON_IP,
+            "7001",
+            "4200",
+        ]),
+        secs(60),
+    );
+    assert!(spray.status.success(), "{}", text(&spray.stderr));
+    std::thread::sleep(Duration::from_secs(1));
+    let r = udp_ask(&outside.ns.name, Outside::DAEMON_IP, "7001");
+    assert!(
+        r.starts_with("hello from 192.0.2.2:"),
+        "a new client after the spray: {r}"
+    );
+    let r = udp_ask(&a.name, Outside::IP, "7000");
+    assert!(
+        r.starts_with("hello from 192.0.2.1:"),
+        "outbound after the spray: {r}"
+    );
 }
+
+/// One datagram from each of N source ports (20000 up), paced so that the daemon's socket
+/// buffer does not drop them.
+const SPRAY: &str = "import socket,sys,time\nfor i in range(int(sys.argv[3])):\n  s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n  s.bind(('0.0.0.0',20000+i))\n  s.sendto(b'x',(sys.argv[1],int(sys.argv[2])))\n  s.close()\n  if i%50==49: time.sleep(0.02)";

@@ -336,6 +336,11 @@ fn slice_udp(frame: &[u8]) -> Option<UdpView<'_>> {
 /// Most UDP flows per network, and how long an idle one lives (Docker's conntrack keeps
 /// unreplied UDP 30 s and replied 120 s; one minute for both is between).
 const MAX_UDP_FLOWS: usize = 4096;
+/// Each kind of UDP flow, published (a client from anywhere) and outbound (a container's),
+/// gets half of the table, and a new flow evicts the one of its kind idle longest: a peer
+/// spraying source ports at a published port can neither lock containers out of the outside
+/// nor shut out the published port's other clients for a minute.
+const MAX_UDP_FLOWS_OF_A_KIND: usize = MAX_UDP_FLOWS / 2;
 const UDP_IDLE: Duration = Duration::from_secs(60);
 const ICMP_IDLE: Duration = Duration::from_secs(30);
 
@@ -574,6 +579,7 @@ impl Datapath {
             policy,
             flows: std::collections::HashMap::new(),
             udp: std::collections::HashMap::new(),
+            published_udp: 0,
             icmp: std::collections::HashMap::new(),
             next_udp_sweep: None,
             nat_enabled: gateway.nat,
@@ -729,6 +735,8 @@ struct Worker {
     flows: std::collections::HashMap<FlowId, FlowIo>,
     /// UDP flows: (container address, peer as the container sees it) -> host socket.
     udp: std::collections::HashMap<(SocketAddr, SocketAddr), UdpFlow>,
+    /// How many of `udp` are published-port flows (the rest are outbound).
+    published_udp: usize,
     icmp: std::collections::HashMap<IcmpKey, IcmpFlow>,
     next_udp_sweep: Option<Instant>,
     nat_enabled: bool,
@@ -1048,9 +1056,6 @@ impl Worker {
             };
             return true;
         }
-        if self.udp.len() >= MAX_UDP_FLOWS {
-            return true; // dropped: the table is full
-        }
         let Some(target) = super::nat::read_policy(&self.policy).outbound_target(
             vswitch_nat::Proto::Udp,
             dst,
@@ -1073,6 +1078,7 @@ impl Worker {
             }
         };
         let _ = socket.send(payload);
+        self.make_udp_room(false);
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let _ = self.nat_jobs.send(NatJob::Receive(FlowReceive {
             socket: socket.clone(),
@@ -1095,12 +1101,38 @@ impl Worker {
         true
     }
 
+    /// Before a new UDP flow of its kind goes in: if that kind has its half of the table, the
+    /// flow of that kind idle longest goes (its socket closes with it).
+    fn make_udp_room(&mut self, published: bool) {
+        let of_kind = if published {
+            self.published_udp
+        } else {
+            self.udp.len() - self.published_udp
+        };
+        if of_kind < MAX_UDP_FLOWS_OF_A_KIND {
+            return;
+        }
+        let oldest = self
+            .udp
+            .iter()
+            .filter(|(_, f)| f.reply_to.is_some() == published)
+            .min_by_key(|(_, f)| f.last)
+            .map(|(k, _)| *k);
+        if let Some(key) = oldest
+            && self.udp.remove(&key).is_some()
+            && published
+        {
+            self.published_udp -= 1;
+        }
+    }
+
     fn sweep_udp(&mut self, now: Instant) {
         if self.next_udp_sweep.is_none_or(|t| now < t) {
             return;
         }
         self.udp
             .retain(|_, f| now.saturating_duration_since(f.last) < UDP_IDLE);
+        self.published_udp = self.udp.values().filter(|f| f.reply_to.is_some()).count();
         self.icmp
             .retain(|_, f| now.saturating_duration_since(f.last) < ICMP_IDLE);
         self.next_udp_sweep =
@@ -1397,9 +1429,9 @@ impl Worker {
                     match self.udp.get_mut(&key) {
                         Some(flow) => flow.last = now,
                         None => {
-                            if let Some((socket, client)) = published
-                                && self.udp.len() < MAX_UDP_FLOWS
-                            {
+                            if let Some((socket, client)) = published {
+                                self.make_udp_room(true);
+                                self.published_udp += 1;
                                 self.udp.insert(
                                     key,
                                     UdpFlow {
