@@ -513,6 +513,28 @@ fn resolv_conf_follows_the_namespace_and_spares_files_not_ours() {
 
 #[test]
 #[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn automatic_subnets_stay_clear_of_host_routes() {
+    require_root();
+    let d = Daemon::start();
+    // The daemon's namespace stands for the host: say a VPN there routes 172.18.0.0/16.
+    for cmd in [
+        vec!["ip", "link", "set", "lo", "up"],
+        vec!["ip", "route", "add", "172.18.0.0/16", "dev", "lo"],
+    ] {
+        let out = d.ns.exec(&cmd, secs(5));
+        assert!(out.status.success(), "{cmd:?}: {}", text(&out.stderr));
+    }
+    d.ok(&["network", "create", "auto"]);
+    assert_eq!(
+        d.inspect("auto")["IPAM"]["Config"][0]["Subnet"],
+        "172.19.0.0/16"
+    );
+    // Given explicitly, the subnet is the user's call.
+    d.ok(&["network", "create", "mine", "--subnet", "172.18.5.0/24"]);
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
 fn a_frozen_daemon_stops_traffic() {
     require_root();
     let d = Daemon::start();

@@ -20,6 +20,32 @@ pub fn pick_subnet(taken: &[Ipv4Net]) -> Option<Ipv4Net> {
     auto_subnet_candidates().find(|c| !taken.iter().any(|t| overlaps4(*c, *t)))
 }
 
+/// The IPv4 routes of the calling thread's network namespace, default routes left out (they
+/// overlap everything); empty if they cannot be read.
+pub fn host_routes() -> Vec<Ipv4Net> {
+    std::fs::read_to_string("/proc/net/route")
+        .map(|t| parse_proc_net_route(&t))
+        .unwrap_or_default()
+}
+
+/// Destinations of `/proc/net/route` (hex words, as the kernel prints them), except default
+/// routes. Lines that do not parse are skipped.
+pub fn parse_proc_net_route(text: &str) -> Vec<Ipv4Net> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let dst = u32::from_str_radix(f.get(1)?, 16).ok()?;
+            let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
+            // The kernel prints the network-order word as a native integer: its native bytes
+            // are the address.
+            let dst = Ipv4Addr::from(dst.to_ne_bytes());
+            let len = u8::try_from(mask.count_ones()).ok()?;
+            (len > 0).then(|| Ipv4Net::new(dst, len).ok().map(|n| n.trunc()))?
+        })
+        .collect()
+}
+
 pub fn overlaps4(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
@@ -129,6 +155,27 @@ mod tests {
         assert_eq!(
             pick_subnet(&[net("172.16.0.0/12")]),
             Some(net("192.168.0.0/20"))
+        );
+    }
+
+    #[test]
+    fn host_routes_from_proc_net_route() {
+        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                    eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                    eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                    tun0\t000012AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+                    garbage\n";
+        if cfg!(target_endian = "little") {
+            assert_eq!(
+                parse_proc_net_route(text),
+                vec![net("192.0.2.0/24"), net("172.18.0.0/16")],
+                "the default route is left out"
+            );
+        }
+        // A VPN on 172.18/16: automatic subnets skip it.
+        assert_eq!(
+            pick_subnet(&[net("172.17.0.0/16"), net("172.18.0.0/16")]),
+            Some(net("172.19.0.0/16"))
         );
     }
 

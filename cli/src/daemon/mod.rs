@@ -596,7 +596,8 @@ impl Daemon {
 
     pub async fn create_network(&self, req: NetworkCreate) -> ApiResult<Created> {
         let mut inner = self.inner.lock().await;
-        let net = plan_network(&inner.store, req)?;
+        let host_routes = ipam::host_routes();
+        let net = plan_network(&inner.store, req, &host_routes)?;
         let live = self.start_network(&net)?;
         inner.live.insert(net.id.clone(), live);
         inner.store.networks.insert(net.id.clone(), net.clone());
@@ -860,7 +861,12 @@ fn check_name(kind: &str, name: &str) -> ApiResult<()> {
 }
 
 /// Validates a `network create` request against the current state and builds the network.
-fn plan_network(store: &Store, req: NetworkCreate) -> ApiResult<Network> {
+/// `host_routes`: the daemon namespace's routes, which automatic subnets stay clear of.
+fn plan_network(
+    store: &Store,
+    req: NetworkCreate,
+    host_routes: &[ipnet::Ipv4Net],
+) -> ApiResult<Network> {
     check_name("network", &req.name)?;
     if matches!(req.name.as_str(), "host" | "none") || req.name.starts_with("container:") {
         return Err(ApiError::forbidden(format!(
@@ -922,7 +928,14 @@ fn plan_network(store: &Store, req: NetworkCreate) -> ApiResult<Network> {
         ));
     }
     let id = random_id();
-    let taken4: Vec<_> = store.networks.values().map(|n| n.subnet).collect();
+    // Automatic picks avoid other networks and whatever the host already routes (a LAN or VPN
+    // on 172.18/16 would otherwise become unreachable from every container), as Docker does.
+    let taken4: Vec<_> = store
+        .networks
+        .values()
+        .map(|n| n.subnet)
+        .chain(host_routes.iter().copied())
+        .collect();
     let subnet = match v4 {
         Some(s) => {
             if let Some(other) = store
