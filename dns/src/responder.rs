@@ -238,7 +238,10 @@ impl Responder {
                 if !name.contains('.') && first.is_some_and(|z| z.names) {
                     return Resolution::NxDomain;
                 }
-                if first.is_some_and(|z| z.internal) {
+                // An internal network has no way out, but a namespace also on another network
+                // does: its queries are forwarded whichever gateway they were sent to (as
+                // Docker forwards when any of the container's networks has external access).
+                if !zones.is_empty() && zones.iter().all(|z| z.internal) {
                     return Resolution::Refused;
                 }
                 Resolution::Forward

@@ -259,6 +259,25 @@ fn internal_networks_do_not_forward() {
 }
 
 #[test]
+fn a_namespace_also_on_an_outside_network_forwards_from_the_internal_one() {
+    let r = responder();
+    {
+        let mut c = r.catalog.write().expect("catalog");
+        c.add_endpoint(SEALED, &ep("e7", "ns7", "both", &[], &["10.3.0.7"]));
+        c.add_endpoint(RED, &ep("e8", "ns7", "both", &[], &["10.1.0.7"]));
+    }
+    let q = query("example.com", RecordType::A);
+    assert_eq!(
+        r.answer(from(SEALED, "10.3.0.7"), Transport::Udp, &q),
+        Outcome::Forward,
+        "asked on the internal network, but red leads out"
+    );
+    // Its neighbour on the internal network alone still gets REFUSED.
+    let m = ask(&r, from(SEALED, "10.3.0.2"), "example.com", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+}
+
+#[test]
 fn host_sees_every_network_as_name_dot_network_only() {
     let r = responder();
     let m = ask(&r, Asker::Host, "tomcat82.red", RecordType::A);
