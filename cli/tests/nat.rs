@@ -560,3 +560,61 @@ fn udp_published_and_outbound() {
 /// One datagram from each of N source ports (20000 up), paced so that the daemon's socket
 /// buffer does not drop them.
 const SPRAY: &str = "import socket,sys,time\nfor i in range(int(sys.argv[3])):\n  s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n  s.bind(('0.0.0.0',20000+i))\n  s.sendto(b'x',(sys.argv[1],int(sys.argv[2])))\n  s.close()\n  if i%50==49: time.sleep(0.02)";
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn a_host_port_taken_while_the_daemon_was_down_costs_the_mapping_not_the_endpoint() {
+    require_root();
+    let mut d = Daemon::start();
+    d.ok(&["network", "create", "rs", "--subnet", "10.103.0.0/24"]);
+    let a = Netns::new("a");
+    d.ok(&[
+        "attach",
+        "--network",
+        "rs",
+        "--name",
+        "keep",
+        "-p",
+        "18081:80",
+        "-p",
+        "18082:81",
+        &a.name,
+    ]);
+    let ns = d.ns.name.clone();
+    let mut squatter = None;
+    d.kill9_and_restart_after(|| {
+        // Somebody else takes 18081 while the daemon is down.
+        let p = vswitch_tests::NsDaemon::spawn(
+            &ns,
+            &[
+                "python3",
+                "-c",
+                "import socket,time\ns=socket.socket()\ns.bind(('0.0.0.0',18081))\ns.listen()\ntime.sleep(120)",
+            ],
+        );
+        let bound = vswitch_tests::wait_until(secs(10), || {
+            let out = vswitch_tests::run(
+                std::process::Command::new("ip")
+                    .args(["netns", "exec", &ns, "ss", "-Hltn", "sport = :18081"]),
+                secs(5),
+            );
+            !text(&out.stdout).trim().is_empty()
+        });
+        assert!(bound, "the squatter holds 18081");
+        squatter = Some(p);
+    });
+    // The endpoint is back, with the mapping it could still bind.
+    assert_eq!(d.ip_of("rs", "keep"), "10.103.0.2");
+    assert!(
+        a.ping_within("10.103.0.1", secs(5)),
+        "the container keeps its network"
+    );
+    let ports = d.ok(&["port", "keep"]);
+    assert!(ports.contains(":18082"), "{ports}");
+    assert!(!ports.contains(":18081"), "{ports}");
+    assert!(
+        d.log().contains("published port dropped at restart"),
+        "logged"
+    );
+    drop(squatter);
+}

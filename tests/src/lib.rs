@@ -410,10 +410,16 @@ impl Daemon {
 
     /// SIGKILLs the daemon and starts it again on the same socket and state directory.
     pub fn kill9_and_restart(&mut self) {
+        self.kill9_and_restart_after(|| {});
+    }
+
+    /// As [`Self::kill9_and_restart`], running `meanwhile` while the daemon is down.
+    pub fn kill9_and_restart_after(&mut self, meanwhile: impl FnOnce()) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        meanwhile();
         self.spawn();
     }
 

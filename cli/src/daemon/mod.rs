@@ -353,9 +353,29 @@ impl Daemon {
             }
             ep.route_metric = Some(metric);
         }
+        // A host port taken while the daemon was down costs that mapping, not the endpoint:
+        // the container keeps its network (logged; `vswitch port` stops listing it).
+        let mut listeners = Vec::new();
+        let mut kept = Vec::new();
+        for m in &ep.ports {
+            match bind_published(std::slice::from_ref(m)).await {
+                Ok(mut bound) => {
+                    listeners.append(&mut bound);
+                    kept.push(*m);
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint = %ep.name, error = %e.message, "published port dropped at restart")
+                }
+            }
+        }
+        if kept.len() != ep.ports.len() {
+            if let Some(stored) = inner.store.endpoints.get_mut(&ep.id) {
+                stored.ports.clone_from(&kept);
+            }
+            ep.ports = kept;
+        }
         let ep = &ep;
         let plumbing = plumbing_for(net, ep, mac);
-        let listeners = bind_published(&ep.ports).await?;
         let plumbed = self.plumb(ns, &ep.target, plumbing).await?;
         if let Some(stored) = inner.store.endpoints.get_mut(&ep.id) {
             stored.route_metric = plumbed.made.route_metric;
