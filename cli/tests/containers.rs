@@ -451,3 +451,87 @@ fn foreground_run_passes_signals_on() {
             .any(|l| l.contains("fg") && l.contains("exited (143)"))
     );
 }
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn network_connect_by_container_name_lasts_until_disconnect() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "front", "--subnet", "10.84.1.0/24"]);
+    d.ok(&["network", "create", "back", "--subnet", "10.84.2.0/24"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "front",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "db",
+        "--network",
+        "back",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    // As `docker network connect back web`: the container's name is the target.
+    d.ok(&["network", "connect", "back", "--alias", "api", "web"]);
+    let ip = d.ip_of("back", "web");
+    assert!(ip.starts_with("10.84.2."), "{ip}");
+    let addrs = vs(&d, &["exec", "web", "--", "ip", "-o", "addr"]).1;
+    assert!(addrs.contains(&format!("inet {ip}/24")), "{addrs}");
+    // db (back only) reaches it by name and by alias.
+    for name in ["web", "api"] {
+        let (code, out, err) = vs(
+            &d,
+            &["exec", "db", "--", "ping", "-c", "1", "-W", "2", name],
+        );
+        assert_eq!(code, 0, "db -> {name}: {out}{err}");
+    }
+
+    // Joined for good: after a stop and a start, web is on both networks again.
+    d.ok(&["stop", "-t", "2", "web"]);
+    d.ok(&["start", "web"]);
+    assert!(d.ip_of("front", "web").starts_with("10.84.1."));
+    assert_eq!(d.ip_of("back", "web"), ip, "same address again");
+    let (code, _, _) = vs(
+        &d,
+        &["exec", "db", "--", "ping", "-c", "1", "-W", "2", "api"],
+    );
+    assert_eq!(code, 0, "alias back too");
+
+    // Disconnected for good too.
+    d.ok(&["network", "disconnect", "back", "web"]);
+    d.ok(&["stop", "-t", "2", "web"]);
+    d.ok(&["start", "web"]);
+    let back = d.inspect("back");
+    let names: Vec<&str> = back["Containers"]
+        .as_object()
+        .map(|c| c.values().filter_map(|e| e["Name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, vec!["db"], "web stays off back");
+
+    // What cannot join: a container without a network of its own, ports after the fact.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "hosty",
+        "--network",
+        "host",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    let err = d.fails(&["network", "connect", "back", "hosty"]);
+    assert!(err.contains("only containers on a network"), "{err}");
+    let err = d.fails(&["network", "connect", "back", "-p", "9090:80", "web"]);
+    assert!(err.contains("when it is created"), "{err}");
+}

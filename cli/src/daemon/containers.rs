@@ -27,14 +27,14 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const LOG_CHUNK: u64 = 256 * 1024;
 
 /// The network mode of a container.
-enum Mode {
+pub(super) enum Mode {
     Network(String),
     Host,
     None,
     Container(String),
 }
 
-fn mode_of(network: &str) -> Mode {
+pub(super) fn mode_of(network: &str) -> Mode {
     match network {
         "host" => Mode::Host,
         "none" => Mode::None,
@@ -143,6 +143,7 @@ impl Daemon {
             pid: None,
             start_ticks: None,
             exit_code: None,
+            connected: Vec::new(),
         };
         let started = self.start_locked(&mut inner, c).await?;
         inner.store.containers.insert(id, started.clone());
@@ -342,6 +343,27 @@ impl Daemon {
                 Err(e) => {
                     abort(&mut child);
                     return Err(e);
+                }
+            }
+            // Networks joined later with `network connect`; one that is gone is left out.
+            for conn in c.connected.clone() {
+                let Some(net) = inner.store.networks.get(&conn.network_id).cloned() else {
+                    tracing::warn!(container = %c.name, "a connected network is gone");
+                    c.connected.retain(|x| x.network_id != conn.network_id);
+                    continue;
+                };
+                let req = AttachRequest {
+                    target: Target::Pid(pid),
+                    name: Some(c.name.clone()),
+                    ipv4_address: conn.ip.clone(),
+                    ipv6_address: None,
+                    aliases: conn.aliases.clone(),
+                    mac_address: None,
+                    ifname: None,
+                    ports: Vec::new(),
+                };
+                if let Err(e) = self.attach_locked(inner, &net.id, req).await {
+                    tracing::warn!(container = %c.name, network = %net.name, error = %e.message, "cannot connect the container again");
                 }
             }
         }

@@ -662,9 +662,63 @@ impl Daemon {
         Ok(())
     }
 
-    pub async fn attach(&self, network: &str, req: AttachRequest) -> ApiResult<EndpointInfo> {
+    pub async fn attach(&self, network: &str, mut req: AttachRequest) -> ApiResult<EndpointInfo> {
         let mut inner = self.inner.lock().await;
-        self.attach_locked(&mut inner, network, req).await
+        // `network connect NET web`, with web a container of ours (and no `ip netns` of that
+        // name): its namespace, through its init process, and remembered for its next start.
+        let container = match &req.target {
+            Target::Name(n) if !Path::new("/run/netns").join(n).exists() => inner
+                .store
+                .containers
+                .values()
+                .find(|c| &c.name == n)
+                .cloned(),
+            _ => None,
+        };
+        let Some(c) = container else {
+            return self.attach_locked(&mut inner, network, req).await;
+        };
+        if !matches!(
+            containers::mode_of(&c.network),
+            containers::Mode::Network(_)
+        ) {
+            return Err(ApiError::bad_request(format!(
+                "container {} runs with --network {}: only containers on a network can join another",
+                c.name, c.network
+            )));
+        }
+        let Some(pid) = c.pid else {
+            return Err(ApiError::conflict(format!(
+                "container {} is not running",
+                c.name
+            )));
+        };
+        if req.name.as_ref().is_some_and(|n| n != &c.name) {
+            return Err(ApiError::bad_request(format!(
+                "a container's endpoints carry its name ({}): no --name",
+                c.name
+            )));
+        }
+        if !req.ports.is_empty() {
+            return Err(ApiError::bad_request(
+                "publish a container's ports when it is created (vswitch run -p), not when it joins a network",
+            ));
+        }
+        req.target = Target::Pid(pid);
+        req.name = Some(c.name.clone());
+        let (ip, aliases) = (req.ipv4_address.clone(), req.aliases.clone());
+        let info = self.attach_locked(&mut inner, network, req).await?;
+        let net_id = find_network(&inner.store, network)?.id.clone();
+        if let Some(stored) = inner.store.containers.get_mut(&c.id) {
+            stored.connected.retain(|x| x.network_id != net_id);
+            stored.connected.push(state::Connected {
+                network_id: net_id,
+                ip,
+                aliases,
+            });
+        }
+        self.state_dir.save(&inner.store)?;
+        Ok(info)
     }
 
     async fn attach_locked(
@@ -781,6 +835,12 @@ impl Daemon {
         for ep in &victims {
             self.unplug(&mut inner, ep).await;
             tracing::info!(endpoint = %ep.name, "endpoint detached");
+            // A container leaves a network it joined later for good, not until its next start.
+            for c in inner.store.containers.values_mut() {
+                if c.name == ep.name {
+                    c.connected.retain(|x| x.network_id != ep.network_id);
+                }
+            }
         }
         self.state_dir.save(&inner.store)?;
         Ok(())

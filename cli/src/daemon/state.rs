@@ -85,6 +85,19 @@ pub struct Container {
     pub pid: Option<u32>,
     pub start_ticks: Option<u64>,
     pub exit_code: Option<i32>,
+    /// Further networks joined with `network connect NET CONTAINER`: attached again at every
+    /// start, as Docker keeps them.
+    #[serde(default)]
+    pub connected: Vec<Connected>,
+}
+
+/// A network a container was connected to after it was created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connected {
+    /// The network's id (its name may change hands).
+    pub network_id: String,
+    pub ip: Option<String>,
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
