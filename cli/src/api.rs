@@ -132,7 +132,7 @@ impl Target {
                 .map_err(|_| format!("invalid PID {s}"));
         }
         if s.contains('/') {
-            return Ok(Target::Path(s.to_owned()).normalized());
+            return Ok(Target::Path(s.to_owned()));
         }
         Ok(Target::Name(s.to_owned()))
     }
@@ -256,7 +256,11 @@ mod tests {
         assert_eq!(Target::parse("1234"), Ok(Target::Pid(1234)));
         assert_eq!(
             Target::parse("/run/netns/a"),
-            Ok(Target::Name("a".into())),
+            Ok(Target::Path("/run/netns/a".into()))
+        );
+        assert_eq!(
+            Target::Path("/run/netns/a".into()).normalized(),
+            Target::Name("a".into()),
             "an ip netns file is that name"
         );
         for path in [
@@ -265,7 +269,8 @@ mod tests {
             "/run/netns/..",
             "/var/run/netns/a",
         ] {
-            assert_eq!(Target::parse(path), Ok(Target::Path(path.into())));
+            let t = Target::Path(path.into());
+            assert_eq!(t.clone().normalized(), t);
         }
         assert_eq!(Target::parse("blue"), Ok(Target::Name("blue".into())));
         assert!(Target::parse("").is_err());

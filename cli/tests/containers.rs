@@ -534,4 +534,18 @@ fn network_connect_by_container_name_lasts_until_disconnect() {
     assert!(err.contains("only containers on a network"), "{err}");
     let err = d.fails(&["network", "connect", "back", "-p", "9090:80", "web"]);
     assert!(err.contains("when it is created"), "{err}");
+    let err = d.fails(&["network", "connect", "back", "--ifname", "eth7", "web"]);
+    assert!(err.contains("--ip and --alias only"), "{err}");
+
+    // A stopped container can leave a network too, and stays off it.
+    d.ok(&["network", "connect", "back", "web"]);
+    d.ok(&["stop", "-t", "2", "web"]);
+    d.ok(&["network", "disconnect", "back", "web"]);
+    d.ok(&["start", "web"]);
+    let back = d.inspect("back");
+    assert_eq!(
+        back["Containers"].as_object().map(|c| c.len()),
+        Some(1),
+        "only db: {back}"
+    );
 }

@@ -220,17 +220,21 @@ impl Responder {
             return Resolution::Answer(records);
         }
 
-        // Not found in any zone the asker can see. A network's name is not a domain we own
-        // outright: `pkg.go.dev` must still resolve next to a network called `dev`, so a
-        // container's query goes upstream like any other (as Docker's resolver does); only the
-        // host, which routes exactly these domains to us, gets NXDOMAIN for them. Other
-        // networks' names stay hidden either way: they are never answered from their zones.
+        // Not found in any zone the asker can see. A name another network holds does not
+        // exist for this asker: NXDOMAIN here, never forwarded (upstream could be the host's
+        // resolver, which may route that network's domain back to us as the host). But a
+        // network's name is not a domain we own outright: `pkg.go.dev` must still resolve next
+        // to a network called `dev`, so a name no zone holds goes upstream like any other (as
+        // Docker's resolver does). Only the host, which routes exactly these domains to us,
+        // gets NXDOMAIN for all of them.
         let own_domain = catalog
             .zones()
             .any(|z| z.names && (name == z.name || name.ends_with(&format!(".{}", z.name))));
+        let held_elsewhere = || catalog.zones().any(|z| z.names && z.lookup(name).is_some());
         match asker {
             Asker::Host if own_domain => Resolution::NxDomain,
             Asker::Host => Resolution::Refused,
+            Asker::Network { .. } if held_elsewhere() => Resolution::NxDomain,
             Asker::Network { .. } => {
                 let first = zones.first();
                 // A single label is a container name or nothing: answer at once on networks with

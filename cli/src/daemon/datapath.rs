@@ -1102,7 +1102,9 @@ impl Worker {
     }
 
     /// Before a new UDP flow of its kind goes in: if that kind has its half of the table, the
-    /// flow of that kind idle longest goes (its socket closes with it).
+    /// flows of that kind idle longest go (their sockets close with them), a sixteenth of the
+    /// half at once, so that under a spray the scan is paid once per 128 new flows, not for
+    /// each.
     fn make_udp_room(&mut self, published: bool) {
         let of_kind = if published {
             self.published_udp
@@ -1112,17 +1114,20 @@ impl Worker {
         if of_kind < MAX_UDP_FLOWS_OF_A_KIND {
             return;
         }
-        let oldest = self
+        let mut ages: Vec<(Instant, (SocketAddr, SocketAddr))> = self
             .udp
             .iter()
             .filter(|(_, f)| f.reply_to.is_some() == published)
-            .min_by_key(|(_, f)| f.last)
-            .map(|(k, _)| *k);
-        if let Some(key) = oldest
-            && self.udp.remove(&key).is_some()
-            && published
-        {
-            self.published_udp -= 1;
+            .map(|(k, f)| (f.last, *k))
+            .collect();
+        let evict = (MAX_UDP_FLOWS_OF_A_KIND / 16).clamp(1, ages.len());
+        if evict < ages.len() {
+            ages.select_nth_unstable(evict);
+        }
+        for (_, key) in &ages[..evict] {
+            if self.udp.remove(key).is_some() && published {
+                self.published_udp -= 1;
+            }
         }
     }
 

@@ -20,8 +20,9 @@ pub fn pick_subnet(taken: &[Ipv4Net]) -> Option<Ipv4Net> {
     auto_subnet_candidates().find(|c| !taken.iter().any(|t| overlaps4(*c, *t)))
 }
 
-/// The IPv4 routes of the calling thread's network namespace, default routes left out (they
-/// overlap everything); empty if they cannot be read.
+/// The IPv4 routes of the calling thread's network namespace, default routes and other very
+/// wide ones left out (OpenVPN's `def1` pair, 0.0.0.0/1 and 128.0.0.0/1, overlaps everything
+/// too); empty if they cannot be read.
 pub fn host_routes() -> Vec<Ipv4Net> {
     std::fs::read_to_string("/proc/net/route")
         .map(|t| parse_proc_net_route(&t))
@@ -41,10 +42,14 @@ pub fn parse_proc_net_route(text: &str) -> Vec<Ipv4Net> {
             // are the address.
             let dst = Ipv4Addr::from(dst.to_ne_bytes());
             let len = u8::try_from(mask.count_ones()).ok()?;
-            (len > 0).then(|| Ipv4Net::new(dst, len).ok().map(|n| n.trunc()))?
+            (len >= MIN_HOST_ROUTE_PREFIX)
+                .then(|| Ipv4Net::new(dst, len).ok().map(|n| n.trunc()))?
         })
         .collect()
 }
+
+/// Host routes wider than this are ways out, not networks to stay clear of.
+const MIN_HOST_ROUTE_PREFIX: u8 = 8;
 
 pub fn overlaps4(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
@@ -164,12 +169,14 @@ mod tests {
                     eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                     eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
                     tun0\t000012AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+                    tun0\t00000000\t00000000\t0001\t0\t0\t0\t00000080\t0\t0\t0\n\
+                    tun0\t00000080\t00000000\t0001\t0\t0\t0\t00000080\t0\t0\t0\n\
                     garbage\n";
         if cfg!(target_endian = "little") {
             assert_eq!(
                 parse_proc_net_route(text),
                 vec![net("192.0.2.0/24"), net("172.18.0.0/16")],
-                "the default route is left out"
+                "the default route and the def1 halves are left out"
             );
         }
         // A VPN on 172.18/16: automatic subnets skip it.

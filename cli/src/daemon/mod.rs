@@ -304,10 +304,8 @@ impl Daemon {
         // Lower metrics first, so that they get theirs back even when a route that is not ours
         // pushes some up.
         // Stores from before metrics: eth0 before eth1, the order they were attached in.
-        endpoints.sort_by(|a, b| {
-            (a.route_metric.unwrap_or(u32::MAX), &a.ifname)
-                .cmp(&(b.route_metric.unwrap_or(u32::MAX), &b.ifname))
-        });
+        let order = |e: &Endpoint| (e.route_metric.unwrap_or(u32::MAX), e.ifname.len());
+        endpoints.sort_by(|a, b| (order(a), &a.ifname).cmp(&(order(b), &b.ifname)));
         for ep in endpoints {
             let Some(net) = inner.store.networks.get(&ep.network_id).cloned() else {
                 inner.store.endpoints.remove(&ep.id);
@@ -363,8 +361,14 @@ impl Daemon {
                     listeners.append(&mut bound);
                     kept.push(*m);
                 }
-                Err(e) => {
+                // Taken by something else: gone for good. Anything else (the host address
+                // not up yet at boot, say) keeps the mapping for the next start.
+                Err(e) if e.message.contains(PORT_IN_USE) => {
                     tracing::warn!(endpoint = %ep.name, error = %e.message, "published port dropped at restart")
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint = %ep.name, error = %e.message, "published port not bound this time");
+                    kept.push(*m);
                 }
             }
         }
@@ -704,21 +708,33 @@ impl Daemon {
                 "publish a container's ports when it is created (vswitch run -p), not when it joins a network",
             ));
         }
+        // What is kept for its next starts: the network, --ip and --alias; nothing else is
+        // taken rather than forgotten at the first restart.
+        if req.ipv6_address.is_some() || req.mac_address.is_some() || req.ifname.is_some() {
+            return Err(ApiError::bad_request(
+                "a container joins a network with --ip and --alias only (no --ip6, --mac or --ifname)",
+            ));
+        }
+        let net_id = find_network(&inner.store, network)?.id.clone();
         req.target = Target::Pid(pid);
         req.name = Some(c.name.clone());
-        let (ip, aliases) = (req.ipv4_address.clone(), req.aliases.clone());
-        let info = self.attach_locked(&mut inner, network, req).await?;
-        let net_id = find_network(&inner.store, network)?.id.clone();
+        // Recorded before the attach, whose one save then covers both; taken back if it fails.
+        let before = c.connected.clone();
         if let Some(stored) = inner.store.containers.get_mut(&c.id) {
             stored.connected.retain(|x| x.network_id != net_id);
             stored.connected.push(state::Connected {
-                network_id: net_id,
-                ip,
-                aliases,
+                network_id: net_id.clone(),
+                ip: req.ipv4_address.clone(),
+                aliases: req.aliases.clone(),
             });
         }
-        self.state_dir.save(&inner.store)?;
-        Ok(info)
+        let attached = self.attach_locked(&mut inner, network, req).await;
+        if attached.is_err()
+            && let Some(stored) = inner.store.containers.get_mut(&c.id)
+        {
+            stored.connected = before;
+        }
+        attached
     }
 
     async fn attach_locked(
@@ -727,7 +743,12 @@ impl Daemon {
         network: &str,
         mut req: AttachRequest,
     ) -> ApiResult<EndpointInfo> {
-        req.target = req.target.normalized();
+        // `/run/netns/X` is the `ip netns` X, when X can name an endpoint.
+        if let Target::Name(n) = req.target.clone().normalized()
+            && valid_name(&n)
+        {
+            req.target = Target::Name(n);
+        }
         let net = find_network(&inner.store, network)?.clone();
         let ns = open_target(&req.target)?;
         if ns.id() == self.own_netns {
@@ -827,6 +848,18 @@ impl Daemon {
             .cloned()
             .collect();
         if victims.is_empty() {
+            // A stopped container leaves a network it joined with `network connect`.
+            if let Some(id) = &net_id
+                && let Some(c) = inner
+                    .store
+                    .containers
+                    .values_mut()
+                    .find(|c| c.name == name && c.connected.iter().any(|x| &x.network_id == id))
+            {
+                c.connected.retain(|x| &x.network_id != id);
+                self.state_dir.save(&inner.store)?;
+                return Ok(());
+            }
             return Err(ApiError::not_found(match network {
                 Some(n) => format!("endpoint {name} not found on network {n}"),
                 None => format!("endpoint {name} not found"),
@@ -837,7 +870,7 @@ impl Daemon {
             tracing::info!(endpoint = %ep.name, "endpoint detached");
             // A container leaves a network it joined later for good, not until its next start.
             for c in inner.store.containers.values_mut() {
-                if c.name == ep.name {
+                if matches!(ep.target, Target::Pid(p) if c.pid == Some(p)) {
                     c.connected.retain(|x| x.network_id != ep.network_id);
                 }
             }
@@ -1360,6 +1393,9 @@ fn plan_ports(net: &Network, specs: &[String]) -> ApiResult<Vec<vswitch_nat::Por
 }
 
 /// Binds every published port's host socket, or none: the first failure is the error.
+/// How a bind error says the port is taken (also what a restart looks for).
+const PORT_IN_USE: &str = "is already in use";
+
 async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bound>> {
     let mut out = Vec::new();
     for m in ports {
@@ -1367,7 +1403,7 @@ async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bou
         let addr = SocketAddr::new(ip, m.host_port);
         let fail = |e: std::io::Error| {
             let why = match e.kind() {
-                std::io::ErrorKind::AddrInUse => "is already in use".to_owned(),
+                std::io::ErrorKind::AddrInUse => PORT_IN_USE.to_owned(),
                 std::io::ErrorKind::PermissionDenied => format!(
                     "needs privileges (ports below net.ipv4.ip_unprivileged_port_start): {e}"
                 ),
