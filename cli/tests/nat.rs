@@ -400,6 +400,17 @@ fn port_conflicts_are_clear_errors_that_leave_nothing_behind() {
         "a range is three mappings: {ports}"
     );
     assert!(ports.contains("8002/udp -> 0.0.0.0:9102"), "{ports}");
+
+    // A host range for one container port takes the first free one (Docker's form): 8081 is
+    // a's, so 8082; with the whole range taken, a clear error and nothing left behind.
+    let e = Netns::new("e");
+    d.ok(&["attach", "--network", "web", "-p", "8081-8083:80", &e.name]);
+    let ports = d.ok(&["port", e.name.as_str()]);
+    assert_eq!(ports.trim(), "80/tcp -> 0.0.0.0:8082", "{ports}");
+    let f = Netns::new("f");
+    let err = d.fails(&["attach", "--network", "web", "-p", "8081-8082:80", &f.name]);
+    assert!(err.contains("no free host port in 8081-8082"), "{err}");
+    assert_eq!(f.links(), vec!["lo"], "no device left behind");
 }
 
 #[test]

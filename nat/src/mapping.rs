@@ -23,7 +23,8 @@ impl fmt::Display for Proto {
 }
 
 /// One host port carried to one container port. `host_port` 0 means "any free port" until the
-/// daemon binds it.
+/// daemon binds it; with `host_port_end`, any free port from `host_port` to that one (Docker's
+/// `-p 8080-8090:80`).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
@@ -31,6 +32,8 @@ pub struct PortMapping {
     /// Host address to bind (`None`: all addresses).
     pub host_ip: Option<IpAddr>,
     pub host_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port_end: Option<u16>,
     pub container_port: u16,
     pub proto: Proto,
 }
@@ -103,6 +106,16 @@ pub fn parse_publish(spec: &str) -> Result<Vec<PortMapping>, String> {
         None => vec![0; count],
         Some(h) => {
             let (h0, h1) = port_range(h, "host port", spec)?;
+            if count == 1 && h1 > h0 {
+                // One container port, a range of host ports: any one free port of the range.
+                return Ok(vec![PortMapping {
+                    host_ip,
+                    host_port: h0,
+                    host_port_end: Some(h1),
+                    container_port: c0,
+                    proto,
+                }]);
+            }
             if usize::from(h1 - h0) + 1 != count {
                 return Err(format!(
                     "host and container port ranges differ in size in -p {spec:?}"
@@ -117,6 +130,7 @@ pub fn parse_publish(spec: &str) -> Result<Vec<PortMapping>, String> {
         .map(|(host_port, container_port)| PortMapping {
             host_ip,
             host_port,
+            host_port_end: None,
             container_port,
             proto,
         })
@@ -161,6 +175,12 @@ mod tests {
             vec![(8000, 9000), (8001, 9001), (8002, 9002)]
         );
         assert_eq!(one("8080/udp").to_string(), "8080/udp -> 0.0.0.0:0");
+        // A host range for one container port: any free port of it.
+        let m = one("8000-8002:9000");
+        assert_eq!(
+            (m.host_port, m.host_port_end, m.container_port),
+            (8000, Some(8002), 9000)
+        );
     }
 
     #[test]
@@ -171,7 +191,7 @@ mod tests {
             "0:80",
             "80:0",
             "8081:8080/sctp",
-            "8000-8002:9000",
+            "8000-8002:9000-9001",
             "1.2.3:80:80",
             "70000:80",
             "9-8:9-8",

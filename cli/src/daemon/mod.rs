@@ -763,6 +763,7 @@ impl Daemon {
         let listeners = bind_published(&ep.ports).await?;
         for (m, b) in ep.ports.iter_mut().zip(&listeners) {
             m.host_port = b.port();
+            m.host_port_end = None;
         }
         let mac: MacAddr = ep
             .mac
@@ -1392,13 +1393,46 @@ fn plan_ports(net: &Network, specs: &[String]) -> ApiResult<Vec<vswitch_nat::Por
     Ok(out)
 }
 
-/// Binds every published port's host socket, or none: the first failure is the error.
 /// How a bind error says the port is taken (also what a restart looks for).
 const PORT_IN_USE: &str = "is already in use";
 
+/// Binds every published port's host socket, or none: the first failure is the error. A host
+/// port range for one container port binds the first free port of the range.
 async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bound>> {
     let mut out = Vec::new();
     for m in ports {
+        let Some(end) = m.host_port_end else {
+            out.push(bind_one(m).await?);
+            continue;
+        };
+        let mut bound = None;
+        for port in m.host_port..=end {
+            let one = vswitch_nat::PortMapping {
+                host_port: port,
+                host_port_end: None,
+                ..*m
+            };
+            match bind_one(&one).await {
+                Ok(b) => {
+                    bound = Some(b);
+                    break;
+                }
+                Err(e) if e.message.contains(PORT_IN_USE) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        out.push(bound.ok_or_else(|| {
+            ApiError::conflict(format!(
+                "no free host port in {}-{end} ({}): all {PORT_IN_USE}",
+                m.host_port, m.proto
+            ))
+        })?);
+    }
+    Ok(out)
+}
+
+async fn bind_one(m: &vswitch_nat::PortMapping) -> ApiResult<Bound> {
+    {
         let ip = m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let addr = SocketAddr::new(ip, m.host_port);
         let fail = |e: std::io::Error| {
@@ -1427,7 +1461,7 @@ async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bou
                     }
                     _ => tokio::net::TcpListener::bind(addr).await.map_err(fail)?,
                 };
-                out.push(Bound::Tcp(listener, *m));
+                Ok(Bound::Tcp(listener, *m))
             }
             vswitch_nat::Proto::Udp => {
                 let socket = match dual.then(|| dual_stack(m.host_port, false)) {
@@ -1439,11 +1473,10 @@ async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bou
                         .and_then(|s| s.set_nonblocking(true).map(|()| s))
                         .map_err(fail)?,
                 };
-                out.push(Bound::Udp(socket, *m));
+                Ok(Bound::Udp(socket, *m))
             }
         }
     }
-    Ok(out)
 }
 
 /// A non-blocking socket bound to `[::]:port` that also takes IPv4 (IPV6_V6ONLY off); a TCP
