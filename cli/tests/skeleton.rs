@@ -535,6 +535,43 @@ fn automatic_subnets_stay_clear_of_host_routes() {
 
 #[test]
 #[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn a_container_cannot_take_the_gateways_mac() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "gw", "--subnet", "10.85.0.0/24"]);
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    d.ok(&["attach", "--network", "gw", &a.name]);
+    d.ok(&["attach", "--network", "gw", &b.name]);
+    let gw_mac = "02:42:0a:55:00:01";
+    // a puts on the gateway's MAC and talks: broadcasts that would teach a plain learning
+    // switch that the gateway now lives behind a's port.
+    let set = a.exec(&["ip", "link", "set", "eth0", "address", gw_mac], secs(5));
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    assert!(
+        !a.ping("10.85.0.3"),
+        "a's frames from the gateway's MAC are dropped"
+    );
+    // b still reaches the real gateway, and the table still puts it on the gateway's port.
+    assert!(b.ping("10.85.0.1"), "b -> gateway");
+    let fdb = d.ok(&["fdb", "gw"]);
+    let row = fdb
+        .lines()
+        .find(|l| l.contains(gw_mac))
+        .unwrap_or_else(|| panic!("{gw_mac} missing from\n{fdb}"));
+    assert!(row.contains("gateway"), "{row}");
+    let stats = d.ok(&["stats", "gw"]);
+    let a_row = stats.lines().find(|l| l.contains(&a.name)).expect("a row");
+    let rx_dropped: u64 = a_row
+        .split_whitespace()
+        .nth(5)
+        .and_then(|v| v.parse().ok())
+        .expect("rx dropped");
+    assert!(rx_dropped > 0, "counted: {stats}");
+}
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
 fn a_frozen_daemon_stops_traffic() {
     require_root();
     let d = Daemon::start();

@@ -22,6 +22,8 @@ pub struct FdbEntry {
 #[derive(Debug)]
 pub struct Fdb {
     entries: HashMap<MacAddr, FdbEntry>,
+    /// Addresses that belong to one port for good: never aged, moved or evicted.
+    pinned: HashMap<MacAddr, PortId>,
     capacity: usize,
     aging: Duration,
     /// Earliest time a full table is swept again, so a flood of new sources costs one sweep per
@@ -33,14 +35,19 @@ impl Fdb {
     pub fn new(capacity: usize, aging: Duration) -> Self {
         Self {
             entries: HashMap::with_capacity(capacity.min(1024)),
+            pinned: HashMap::new(),
             capacity,
             aging,
             next_full_sweep: None,
         }
     }
 
-    /// Records that `mac` was seen on `port` at `now`. Returns false if the table was full.
+    /// Records that `mac` was seen on `port` at `now`. Returns false if the table was full. A
+    /// pinned address is left as it is (true on its own port, false elsewhere).
     pub fn learn(&mut self, now: Instant, mac: MacAddr, port: PortId) -> bool {
+        if let Some(&pinned) = self.pinned.get(&mac) {
+            return pinned == port;
+        }
         if let Some(entry) = self.entries.get_mut(&mac) {
             entry.port = port;
             entry.last_seen = now;
@@ -66,8 +73,23 @@ impl Fdb {
         true
     }
 
-    /// The port `mac` was last seen on, unless that was longer ago than the aging time.
+    /// Pins `mac` to `port` (see `Bridge::pin`).
+    pub fn pin(&mut self, mac: MacAddr, port: PortId) {
+        self.entries.remove(&mac);
+        self.pinned.insert(mac, port);
+    }
+
+    /// The port `mac` is pinned to, if it is.
+    pub fn pinned(&self, mac: MacAddr) -> Option<PortId> {
+        self.pinned.get(&mac).copied()
+    }
+
+    /// The port `mac` is pinned to, or was last seen on unless that was longer ago than the
+    /// aging time.
     pub fn lookup(&self, now: Instant, mac: MacAddr) -> Option<PortId> {
+        if let Some(&port) = self.pinned.get(&mac) {
+            return Some(port);
+        }
         let entry = self.entries.get(&mac)?;
         self.is_live(now, entry).then_some(entry.port)
     }
@@ -79,17 +101,28 @@ impl Fdb {
             .retain(|_, e| now.saturating_duration_since(e.last_seen) < aging);
     }
 
-    /// Removes every entry that points at `port`.
+    /// Removes every learned entry that points at `port` (pins stay: they go with the port,
+    /// see [`Fdb::unpin_port`]).
     pub fn flush_port(&mut self, port: PortId) {
         self.entries.retain(|_, e| e.port != port);
     }
 
-    /// Live entries with their age at `now`, in no particular order.
+    /// Removes the pins of `port`.
+    pub fn unpin_port(&mut self, port: PortId) {
+        self.pinned.retain(|_, p| *p != port);
+    }
+
+    /// Live entries with their age at `now` (pinned ones age 0), in no particular order.
     pub fn iter(&self, now: Instant) -> impl Iterator<Item = (MacAddr, PortId, Duration)> + '_ {
+        let pinned = self
+            .pinned
+            .iter()
+            .map(|(mac, port)| (*mac, *port, Duration::ZERO));
         self.entries
             .iter()
             .filter(move |(_, e)| self.is_live(now, e))
             .map(move |(mac, e)| (*mac, e.port, now.saturating_duration_since(e.last_seen)))
+            .chain(pinned)
     }
 
     /// Number of stored entries (expired ones included until the next sweep).

@@ -89,6 +89,9 @@ pub enum DropReason {
     SamePort,
     /// The ingress port is not (or no longer) part of the bridge.
     UnknownPort,
+    /// The source address is pinned to another port (see [`Bridge::pin`]): somebody is
+    /// impersonating, say, the gateway.
+    PinnedElsewhere,
 }
 
 /// Counters of one port, from the port's point of view: `rx` is what the bridge received from
@@ -110,7 +113,8 @@ pub struct PortStats {
 pub struct BridgeStats {
     /// Frames dropped because they were too short.
     pub malformed: u64,
-    /// Frames dropped because of their source address.
+    /// Frames dropped because of their source address (multicast, zero, or pinned to another
+    /// port).
     pub invalid_source: u64,
     /// Source addresses not learned because the forwarding database was full.
     pub learn_refused: u64,
@@ -166,11 +170,25 @@ impl Bridge {
         }
     }
 
-    /// Removes a port, forgets every address learned on it and returns its final counters.
+    /// Pins `mac` to `port`: frames to it always go there, and frames from it on any other
+    /// port are dropped ([`DropReason::PinnedElsewhere`]) instead of moving it, as a Linux
+    /// bridge keeps its own address. For addresses only one port may use, like a gateway's.
+    /// Returns false if `port` is not part of the bridge.
+    pub fn pin(&mut self, mac: MacAddr, port: PortId) -> bool {
+        if !matches!(self.ports.get(port.index()), Some(Some(_))) {
+            return false;
+        }
+        self.fdb.pin(mac, port);
+        true
+    }
+
+    /// Removes a port, forgets every address learned or pinned on it and returns its final
+    /// counters.
     pub fn remove_port(&mut self, port: PortId) -> Option<PortStats> {
         let slot = self.ports.get_mut(port.index())?;
         let removed = slot.take()?;
         self.fdb.flush_port(port);
+        self.fdb.unpin_port(port);
         self.free.push(port.0);
         Some(removed.stats)
     }
@@ -227,6 +245,11 @@ impl Bridge {
             port.stats.rx_dropped += 1;
             self.stats.invalid_source += 1;
             return Decision::Drop(DropReason::InvalidSource);
+        }
+        if self.fdb.pinned(src).is_some_and(|p| p != ingress) {
+            port.stats.rx_dropped += 1;
+            self.stats.invalid_source += 1;
+            return Decision::Drop(DropReason::PinnedElsewhere);
         }
 
         if !self.fdb.learn(now, src, ingress) {

@@ -98,6 +98,45 @@ fn moved_address_follows_its_new_port() {
 }
 
 #[test]
+fn a_pinned_address_cannot_be_taken_over_and_never_ages() {
+    let mut lab = lab(3);
+    let gw = lab.ports[0];
+    assert!(lab.bridge.pin(MacAddr(A), gw));
+    // Known before it ever sent: frames to it go straight to its port.
+    assert_eq!(lab.send(0, 1, &frame(A, B)), Decision::Forward(gw));
+    // Port 2 sends with A as its source: dropped and counted, and A stays where it is.
+    assert_eq!(
+        lab.send(1, 2, &frame(BCAST, A)),
+        Decision::Drop(DropReason::PinnedElsewhere)
+    );
+    assert_eq!(lab.bridge.stats().invalid_source, 1);
+    assert_eq!(
+        lab.bridge.port_stats(lab.ports[2]).map(|s| s.rx_dropped),
+        Some(1)
+    );
+    assert_eq!(lab.send(2, 1, &frame(A, B)), Decision::Forward(gw));
+    // Its own port may send from it, and long past the aging time it is still there.
+    assert_eq!(
+        lab.send(3, 0, &frame(B, A)),
+        Decision::Forward(lab.ports[1])
+    );
+    let late = 10 * Config::default().aging.as_secs();
+    lab.bridge.handle_timeout(lab.at(late));
+    assert_eq!(lab.send(late, 1, &frame(A, B)), Decision::Forward(gw));
+    assert!(
+        lab.bridge
+            .fdb()
+            .iter(lab.at(late))
+            .any(|(mac, port, _)| mac == MacAddr(A) && port == gw),
+        "listed"
+    );
+    // The pin goes with its port.
+    lab.bridge.remove_port(gw);
+    assert_eq!(lab.send(late, 1, &frame(A, B)), Decision::Flood);
+    assert!(!lab.bridge.pin(MacAddr(A), gw), "no pin on a removed port");
+}
+
+#[test]
 fn destination_on_ingress_port_is_dropped_not_hairpinned() {
     let mut lab = lab(2);
     let _ = lab.send(0, 0, &frame(BCAST, A));

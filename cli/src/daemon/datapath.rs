@@ -545,6 +545,9 @@ impl Datapath {
             ..BridgeConfig::default()
         });
         let gateway_port = bridge.add_port();
+        // The gateway's MAC is its own for good: a container sending from it is dropped rather
+        // than taking the others' traffic to the gateway (NAT, DNS) for itself.
+        bridge.pin(vswitch_switch::MacAddr(gateway.mac), gateway_port);
         let mut ports = Vec::new();
         ports.resize_with(gateway_port.index() + 1, || None);
         let gateway_ips: Vec<IpAddr> = gateway
