@@ -58,6 +58,10 @@ fn setup(config_path: &Path) -> Result<Never, (i32, String)> {
     let fail = |what: &str, e: &dyn std::fmt::Display| (1, format!("{what}: {e}"));
     let text = std::fs::read(config_path).map_err(|e| fail("cannot read the init config", &e))?;
     let cfg: InitConfig = serde_json::from_slice(&text).map_err(|e| fail("bad init config", &e))?;
+    // A session of its own: signals to the daemon's process group or terminal (`kill %1` on a
+    // `vswitch daemon &`, Ctrl-C, a hangup) do not reach the container, which outlives the
+    // daemon as documented.
+    nix::unistd::setsid().map_err(|e| fail("cannot start a session", &e))?;
     let rootless = !nix::unistd::geteuid().is_root();
     if let InitNet::Join(path) = &cfg.net {
         // container:X: X's user namespace first when rootless (its network namespace belongs

@@ -549,3 +549,39 @@ fn network_connect_by_container_name_lasts_until_disconnect() {
         "only db: {back}"
     );
 }
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn a_container_has_a_session_of_its_own_and_survives_a_huge_stop_timeout() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["run", "-d", "--name", "solo", "--", "sleep", "300"]);
+    let reply = d.raw(b"GET /containers/solo HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n");
+    let reply = text(&reply);
+    let body = reply.split("\r\n\r\n").nth(1).expect("body");
+    let info: serde_json::Value = serde_json::from_str(body).expect("json");
+    let pid = info["Pid"].as_u64().expect("pid");
+    // Field 6 of /proc/PID/stat is the session: the container leads its own, so signals to
+    // the daemon's process group or terminal (kill %1, Ctrl-C, a hangup) do not reach it.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .expect("fields");
+    assert_eq!(fields[3], pid.to_string(), "session id == pid: {stat}");
+    assert_eq!(
+        fields[2],
+        pid.to_string(),
+        "process group of its own: {stat}"
+    );
+    // A stop timeout too large to add to a clock is no crash: SIGTERM stops sleep at once.
+    let reply = text(&d.raw(
+        format!(
+            "POST /containers/solo/stop?t={} HTTP/1.1\r\nHost: d\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            u64::MAX
+        )
+        .as_bytes(),
+    ));
+    assert!(reply.starts_with("HTTP/1.1 2"), "{reply}");
+    assert!(d.ok(&["ps", "-a"]).contains("exited"));
+}

@@ -502,7 +502,8 @@ impl Daemon {
     }
 
     async fn wait_stopped(&self, id: &str, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // A timeout too long to add (`stop -t` with a huge value) means no deadline.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         loop {
             {
                 let inner = self.inner.lock().await;
@@ -515,7 +516,7 @@ impl Daemon {
                     return true;
                 }
             }
-            if tokio::time::Instant::now() >= deadline {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

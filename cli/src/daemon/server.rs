@@ -1,8 +1,9 @@
 //! The control socket: HTTP/1.1 on a Unix socket, one task per connection.
 //!
-//! Requests are bounded (64 KiB of headers, 1 MiB of body, 10 s to send the headers, at most
-//! [`MAX_CONNECTIONS`] at once), so a client that sends garbage, sends too much or sends
-//! nothing costs a connection, never the daemon.
+//! Requests are bounded (64 KiB of headers, 1 MiB of body, 10 s to send the headers and 5 s
+//! for the body, at most [`MAX_CONNECTIONS`] at once, a 503 beyond), so a client that sends
+//! garbage, sends too much, sends nothing or stops halfway costs a connection for a while,
+//! never the daemon.
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -56,6 +57,9 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     })?;
 
     let listener = bind(&opts.socket).await?;
+    // Ours from here: removed however this function ends (a failed start included, which
+    // would otherwise leave a socket nobody answers).
+    let _socket_file = RemoveOnDrop(opts.socket.clone());
     let host_dns = match opts.dns_listen {
         Some(addr) => Some(
             vswitch_dns::server::HostListener::bind(addr)
@@ -78,7 +82,11 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         }
     });
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    // Created once, before the loop: a signal between two passes is not lost.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
@@ -93,6 +101,16 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
                 };
                 let Ok(permit) = limit.clone().try_acquire_owned() else {
                     tracing::warn!("too many control connections; refusing one");
+                    // Said in one line, so that the client does not just see a closed socket.
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let mut stream = stream;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            stream.write_all(BUSY_REPLY.as_bytes()),
+                        )
+                        .await;
+                    });
                     continue;
                 };
                 let daemon = daemon.clone();
@@ -115,14 +133,28 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
                     drop(permit);
                 });
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => break,
         }
     }
     tracing::info!("shutting down");
     daemon.shutdown().await;
-    let _ = std::fs::remove_file(&opts.socket);
     Ok(())
+}
+
+/// What a client over the connection limit gets before its connection is closed.
+const BUSY_REPLY: &str = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+    content-length: 57\r\nconnection: close\r\n\r\n\
+    {\"Message\":\"the daemon has too many control connections\"}";
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Binds the control socket, owner-only. A socket file nobody listens on (left by a killed
@@ -257,6 +289,9 @@ async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply,
     }
 }
 
+/// How long a request body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let declared = req
         .headers()
@@ -269,11 +304,22 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
             message: format!("request body too large (limit {MAX_BODY} bytes)"),
         });
     }
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?
-        .to_bytes();
+    // Bounded in time as in size: a client that stops halfway must not hold its connection
+    // slot (there are 256) for ever.
+    let body = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    .map_err(|_| ApiError {
+        status: 408,
+        message: format!(
+            "request body not received within {} s",
+            BODY_TIMEOUT.as_secs()
+        ),
+    })?
+    .map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?
+    .to_bytes();
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
