@@ -535,7 +535,7 @@ fn automatic_subnets_stay_clear_of_host_routes() {
 
 #[test]
 #[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
-fn a_container_cannot_take_the_gateways_mac() {
+fn a_container_cannot_take_the_gateways_mac_or_another_containers() {
     require_root();
     let d = Daemon::start();
     d.ok(&["network", "create", "gw", "--subnet", "10.85.0.0/24"]);
@@ -568,6 +568,21 @@ fn a_container_cannot_take_the_gateways_mac() {
         .and_then(|v| v.parse().ok())
         .expect("rx dropped");
     assert!(rx_dropped > 0, "counted: {stats}");
+
+    // Nor another container's: a puts on b's MAC, and c still reaches b, not a.
+    let c = Netns::new("c");
+    d.ok(&["attach", "--network", "gw", &c.name]);
+    let b_mac = "02:42:0a:55:00:03";
+    let set = a.exec(&["ip", "link", "set", "eth0", "address", b_mac], secs(5));
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    assert!(!a.ping("10.85.0.4"), "a's frames from b's MAC are dropped");
+    assert!(c.ping("10.85.0.3"), "c -> b");
+    let fdb = d.ok(&["fdb", "gw"]);
+    let row = fdb
+        .lines()
+        .find(|l| l.contains(b_mac))
+        .unwrap_or_else(|| panic!("{b_mac} missing from\n{fdb}"));
+    assert!(row.contains(&b.name), "{row}");
 }
 
 #[test]

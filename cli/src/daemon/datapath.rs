@@ -397,6 +397,8 @@ enum Command {
         fd: OwnedFd,
         endpoint_id: String,
         endpoint_name: String,
+        /// The endpoint's assigned MAC, pinned to its port.
+        mac: [u8; 6],
         reply: oneshot::Sender<io::Result<PortId>>,
     },
     RemovePort {
@@ -626,18 +628,22 @@ impl Datapath {
         Ok(())
     }
 
-    /// Plugs a TAP fd into the network. The fd must be non-blocking.
+    /// Plugs a TAP fd into the network. The fd must be non-blocking. The endpoint's assigned
+    /// `mac` is pinned to the port: no other container can take it over by sending from it,
+    /// and frames to it are never flooded, however full the table.
     pub async fn add_port(
         &self,
         fd: OwnedFd,
         endpoint_id: &str,
         endpoint_name: &str,
+        mac: [u8; 6],
     ) -> io::Result<PortId> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::AddPort {
             fd,
             endpoint_id: endpoint_id.to_owned(),
             endpoint_name: endpoint_name.to_owned(),
+            mac,
             reply,
         })?;
         rx.await
@@ -1269,9 +1275,11 @@ impl Worker {
                     fd,
                     endpoint_id,
                     endpoint_name,
+                    mac,
                     reply,
                 } => {
                     let port = self.bridge.add_port();
+                    self.bridge.pin(vswitch_switch::MacAddr(mac), port);
                     let r = self
                         .epoll
                         .add(

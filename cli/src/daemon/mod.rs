@@ -468,9 +468,13 @@ impl Daemon {
             .live
             .get_mut(&net.id)
             .ok_or_else(|| ApiError::internal("network has no datapath"))?;
+        let mac: MacAddr = ep
+            .mac
+            .parse()
+            .map_err(|_| ApiError::internal("bad stored MAC"))?;
         let port = live
             .datapath
-            .add_port(fd, &ep.id, &ep.name)
+            .add_port(fd, &ep.id, &ep.name, mac.0)
             .await
             .map_err(|e| ApiError::internal(format!("cannot plug the endpoint in: {e}")))?;
         live.ports.insert(ep.id.clone(), port);
