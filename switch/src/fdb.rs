@@ -5,11 +5,24 @@ use std::time::{Duration, Instant};
 
 use crate::{MacAddr, PortId};
 
-/// One learned address.
+/// One learned (or pinned) address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FdbEntry {
     pub port: PortId,
     pub last_seen: Instant,
+    /// Belongs to `port` for good: never aged, moved or evicted (see `Bridge::pin`).
+    pub pinned: bool,
+}
+
+/// What [`Fdb::learn`] did with a source address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learned {
+    /// Recorded (or refreshed) on the port.
+    Yes,
+    /// Not recorded: the table is full.
+    Full,
+    /// The address is pinned to another port: the frame should not be believed.
+    PinnedElsewhere,
 }
 
 /// A bounded MAC table with aging.
@@ -18,12 +31,11 @@ pub struct FdbEntry {
 /// sweep; [`Fdb::expire`] only reclaims the memory. When the table is full, expired entries are
 /// reclaimed first and, if none are, the new address is not learned: frames to it are flooded,
 /// which is what a hardware switch with a full CAM does, and an attacker sending from random
-/// source addresses cannot grow the table or evict live entries.
+/// source addresses cannot grow the table or evict live entries. Pinned entries live in the
+/// same map (one probe per address either way) and are exempt from all of that.
 #[derive(Debug)]
 pub struct Fdb {
     entries: HashMap<MacAddr, FdbEntry>,
-    /// Addresses that belong to one port for good: never aged, moved or evicted.
-    pinned: HashMap<MacAddr, PortId>,
     capacity: usize,
     aging: Duration,
     /// Earliest time a full table is swept again, so a flood of new sources costs one sweep per
@@ -35,32 +47,34 @@ impl Fdb {
     pub fn new(capacity: usize, aging: Duration) -> Self {
         Self {
             entries: HashMap::with_capacity(capacity.min(1024)),
-            pinned: HashMap::new(),
             capacity,
             aging,
             next_full_sweep: None,
         }
     }
 
-    /// Records that `mac` was seen on `port` at `now`. Returns false if the table was full. A
-    /// pinned address is left as it is (true on its own port, false elsewhere).
-    pub fn learn(&mut self, now: Instant, mac: MacAddr, port: PortId) -> bool {
-        if let Some(&pinned) = self.pinned.get(&mac) {
-            return pinned == port;
-        }
+    /// Records that `mac` was seen on `port` at `now`. A pinned address is left as it is.
+    pub fn learn(&mut self, now: Instant, mac: MacAddr, port: PortId) -> Learned {
         if let Some(entry) = self.entries.get_mut(&mac) {
+            if entry.pinned {
+                return if entry.port == port {
+                    Learned::Yes
+                } else {
+                    Learned::PinnedElsewhere
+                };
+            }
             entry.port = port;
             entry.last_seen = now;
-            return true;
+            return Learned::Yes;
         }
         if self.entries.len() >= self.capacity {
             if self.next_full_sweep.is_some_and(|t| now < t) {
-                return false;
+                return Learned::Full;
             }
             self.expire(now);
             self.next_full_sweep = Some(now + Duration::from_secs(1));
             if self.entries.len() >= self.capacity {
-                return false;
+                return Learned::Full;
             }
         }
         self.entries.insert(
@@ -68,61 +82,62 @@ impl Fdb {
             FdbEntry {
                 port,
                 last_seen: now,
+                pinned: false,
             },
         );
-        true
+        Learned::Yes
     }
 
-    /// Pins `mac` to `port` (see `Bridge::pin`).
-    pub fn pin(&mut self, mac: MacAddr, port: PortId) {
-        self.entries.remove(&mac);
-        self.pinned.insert(mac, port);
-    }
-
-    /// The port `mac` is pinned to, if it is.
-    pub fn pinned(&self, mac: MacAddr) -> Option<PortId> {
-        self.pinned.get(&mac).copied()
+    /// Pins `mac` to `port` (see `Bridge::pin`), over any learned entry and the capacity.
+    pub fn pin(&mut self, now: Instant, mac: MacAddr, port: PortId) {
+        self.entries.insert(
+            mac,
+            FdbEntry {
+                port,
+                last_seen: now,
+                pinned: true,
+            },
+        );
     }
 
     /// The port `mac` is pinned to, or was last seen on unless that was longer ago than the
     /// aging time.
     pub fn lookup(&self, now: Instant, mac: MacAddr) -> Option<PortId> {
-        if let Some(&port) = self.pinned.get(&mac) {
-            return Some(port);
-        }
         let entry = self.entries.get(&mac)?;
         self.is_live(now, entry).then_some(entry.port)
     }
 
-    /// Removes entries older than the aging time.
+    /// Removes learned entries older than the aging time.
     pub fn expire(&mut self, now: Instant) {
         let aging = self.aging;
         self.entries
-            .retain(|_, e| now.saturating_duration_since(e.last_seen) < aging);
+            .retain(|_, e| e.pinned || now.saturating_duration_since(e.last_seen) < aging);
     }
 
     /// Removes every learned entry that points at `port` (pins stay: they go with the port,
     /// see [`Fdb::unpin_port`]).
     pub fn flush_port(&mut self, port: PortId) {
-        self.entries.retain(|_, e| e.port != port);
+        self.entries.retain(|_, e| e.pinned || e.port != port);
     }
 
     /// Removes the pins of `port`.
     pub fn unpin_port(&mut self, port: PortId) {
-        self.pinned.retain(|_, p| *p != port);
+        self.entries.retain(|_, e| !(e.pinned && e.port == port));
     }
 
     /// Live entries with their age at `now` (pinned ones age 0), in no particular order.
     pub fn iter(&self, now: Instant) -> impl Iterator<Item = (MacAddr, PortId, Duration)> + '_ {
-        let pinned = self
-            .pinned
-            .iter()
-            .map(|(mac, port)| (*mac, *port, Duration::ZERO));
         self.entries
             .iter()
             .filter(move |(_, e)| self.is_live(now, e))
-            .map(move |(mac, e)| (*mac, e.port, now.saturating_duration_since(e.last_seen)))
-            .chain(pinned)
+            .map(move |(mac, e)| {
+                let age = if e.pinned {
+                    Duration::ZERO
+                } else {
+                    now.saturating_duration_since(e.last_seen)
+                };
+                (*mac, e.port, age)
+            })
     }
 
     /// Number of stored entries (expired ones included until the next sweep).
@@ -139,6 +154,6 @@ impl Fdb {
     }
 
     fn is_live(&self, now: Instant, entry: &FdbEntry) -> bool {
-        now.saturating_duration_since(entry.last_seen) < self.aging
+        entry.pinned || now.saturating_duration_since(entry.last_seen) < self.aging
     }
 }

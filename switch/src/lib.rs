@@ -18,7 +18,7 @@ mod mac;
 
 use std::time::{Duration, Instant};
 
-pub use fdb::{Fdb, FdbEntry};
+pub use fdb::{Fdb, FdbEntry, Learned};
 pub use mac::{MacAddr, ParseMacError};
 
 /// Length of the Ethernet II header (destination, source, EtherType).
@@ -174,11 +174,11 @@ impl Bridge {
     /// port are dropped ([`DropReason::PinnedElsewhere`]) instead of moving it, as a Linux
     /// bridge keeps its own address. For addresses only one port may use, like a gateway's.
     /// Returns false if `port` is not part of the bridge.
-    pub fn pin(&mut self, mac: MacAddr, port: PortId) -> bool {
+    pub fn pin(&mut self, now: Instant, mac: MacAddr, port: PortId) -> bool {
         if !matches!(self.ports.get(port.index()), Some(Some(_))) {
             return false;
         }
-        self.fdb.pin(mac, port);
+        self.fdb.pin(now, mac, port);
         true
     }
 
@@ -246,14 +246,15 @@ impl Bridge {
             self.stats.invalid_source += 1;
             return Decision::Drop(DropReason::InvalidSource);
         }
-        if self.fdb.pinned(src).is_some_and(|p| p != ingress) {
-            port.stats.rx_dropped += 1;
-            self.stats.invalid_source += 1;
-            return Decision::Drop(DropReason::PinnedElsewhere);
-        }
 
-        if !self.fdb.learn(now, src, ingress) {
-            self.stats.learn_refused += 1;
+        match self.fdb.learn(now, src, ingress) {
+            Learned::Yes => {}
+            Learned::Full => self.stats.learn_refused += 1,
+            Learned::PinnedElsewhere => {
+                port.stats.rx_dropped += 1;
+                self.stats.invalid_source += 1;
+                return Decision::Drop(DropReason::PinnedElsewhere);
+            }
         }
         if self.next_sweep.is_none() {
             self.next_sweep = Some(now + self.sweep_interval());

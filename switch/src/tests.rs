@@ -101,7 +101,7 @@ fn moved_address_follows_its_new_port() {
 fn a_pinned_address_cannot_be_taken_over_and_never_ages() {
     let mut lab = lab(3);
     let gw = lab.ports[0];
-    assert!(lab.bridge.pin(MacAddr(A), gw));
+    assert!(lab.bridge.pin(lab.at(0), MacAddr(A), gw));
     // Known before it ever sent: frames to it go straight to its port.
     assert_eq!(lab.send(0, 1, &frame(A, B)), Decision::Forward(gw));
     // Port 2 sends with A as its source: dropped and counted, and A stays where it is.
@@ -133,7 +133,10 @@ fn a_pinned_address_cannot_be_taken_over_and_never_ages() {
     // The pin goes with its port.
     lab.bridge.remove_port(gw);
     assert_eq!(lab.send(late, 1, &frame(A, B)), Decision::Flood);
-    assert!(!lab.bridge.pin(MacAddr(A), gw), "no pin on a removed port");
+    assert!(
+        !lab.bridge.pin(lab.at(late), MacAddr(A), gw),
+        "no pin on a removed port"
+    );
 }
 
 #[test]

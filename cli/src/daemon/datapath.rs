@@ -549,7 +549,7 @@ impl Datapath {
         let gateway_port = bridge.add_port();
         // The gateway's MAC is its own for good: a container sending from it is dropped rather
         // than taking the others' traffic to the gateway (NAT, DNS) for itself.
-        bridge.pin(vswitch_switch::MacAddr(gateway.mac), gateway_port);
+        bridge.pin(now, vswitch_switch::MacAddr(gateway.mac), gateway_port);
         let mut ports = Vec::new();
         ports.resize_with(gateway_port.index() + 1, || None);
         let gateway_ips: Vec<IpAddr> = gateway
@@ -1279,7 +1279,8 @@ impl Worker {
                     reply,
                 } => {
                     let port = self.bridge.add_port();
-                    self.bridge.pin(vswitch_switch::MacAddr(mac), port);
+                    self.bridge
+                        .pin(Instant::now(), vswitch_switch::MacAddr(mac), port);
                     let r = self
                         .epoll
                         .add(
