@@ -585,3 +585,39 @@ fn a_container_has_a_session_of_its_own_and_survives_a_huge_stop_timeout() {
     assert!(reply.starts_with("HTTP/1.1 2"), "{reply}");
     assert!(d.ok(&["ps", "-a"]).contains("exited"));
 }
+
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn what_a_container_started_goes_with_it() {
+    require_root();
+    let d = Daemon::start();
+    let marker = format!("{}.7", std::process::id() % 1000 + 3000);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "parent",
+        "--",
+        "sh",
+        "-c",
+        &format!("sleep {marker} & sleep {marker}"),
+    ]);
+    let count = || {
+        let out = vswitch_tests::run(
+            std::process::Command::new("pgrep").args(["-f", &format!("^sleep {marker}$")]),
+            secs(5),
+        );
+        text(&out.stdout).lines().count()
+    };
+    assert!(
+        vswitch_tests::wait_until(secs(5), || count() == 2),
+        "both sleeps run"
+    );
+    // sh dies of the SIGTERM; the sleeps it started (background and foreground) go with it.
+    d.ok(&["stop", "-t", "2", "parent"]);
+    assert!(
+        vswitch_tests::wait_until(secs(5), || count() == 0),
+        "{} left behind",
+        count()
+    );
+}

@@ -1,6 +1,6 @@
 //! The gateway's smoltcp interface and the queue device that connects it to the switch.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,8 @@ pub struct Gateway {
     stream: Option<StreamService>,
     nat: bool,
     tcp_events: Vec<TcpEvent>,
+    /// Open TCP flows per container address.
+    per_container: HashMap<IpAddr, u32>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -149,6 +151,7 @@ impl Gateway {
             stream: None,
             nat: config.nat,
             tcp_events: Vec::new(),
+            per_container: HashMap::new(),
         }
     }
 
@@ -173,7 +176,7 @@ impl Gateway {
         local: SocketAddr,
         remote: SocketAddr,
     ) -> Option<FlowId> {
-        if self.tcp_flows() >= crate::tcp::MAX_FLOWS {
+        if !self.room_for_flow(remote.ip()) {
             return None;
         }
         let mut s = crate::tcp::new_socket();
@@ -185,7 +188,7 @@ impl Gateway {
         .ok()?;
         let state = s.state();
         let k = self.shard_for(local, remote);
-        let id = self.add_flow(k, s, state);
+        let id = self.add_flow(k, s, state, remote.ip());
         self.poll(now, k);
         Some(id)
     }
@@ -202,13 +205,32 @@ impl Gateway {
         (self.hasher.hash_one((lo, hi)) % SHARDS as u64) as usize
     }
 
-    fn add_flow(&mut self, k: usize, s: tcp::Socket<'static>, state: tcp::State) -> FlowId {
+    fn add_flow(
+        &mut self,
+        k: usize,
+        s: tcp::Socket<'static>,
+        state: tcp::State,
+        container: IpAddr,
+    ) -> FlowId {
         self.next_flow += 1;
         let id = FlowId((self.next_flow << SHARD_BITS) | k as u64);
         let shard = &mut self.shards[k];
         let h = shard.sockets.add(s);
-        shard.flows.insert(id, h, state);
+        shard.flows.insert(id, h, state, container);
+        *self.per_container.entry(container).or_default() += 1;
         id
+    }
+
+    /// Whether one more flow of `container` fits: in the table, and in the container's share.
+    fn room_for_flow(&self, container: IpAddr) -> bool {
+        self.tcp_flows() < crate::tcp::MAX_FLOWS
+            && self.per_container.get(&container).copied().unwrap_or(0)
+                < crate::tcp::MAX_FLOWS_PER_CONTAINER
+    }
+
+    /// Open TCP flows of the container at `addr`.
+    pub fn tcp_flows_of(&self, addr: IpAddr) -> u32 {
+        self.per_container.get(&addr).copied().unwrap_or(0)
     }
 
     /// The shard and socket of a flow.
@@ -322,7 +344,7 @@ impl Gateway {
     /// than DNS): set up a paused listener for exactly that destination, in shard `k`, and tell
     /// the caller.
     fn intercept_syn(&mut self, src: SocketAddr, dst: SocketAddr) {
-        if !self.nat || self.tcp_flows() >= crate::tcp::MAX_FLOWS {
+        if !self.nat || !self.room_for_flow(src.ip()) {
             return;
         }
         if self.is_own(dst.ip()) && self.stream.as_ref().is_some_and(|s| s.port() == dst.port()) {
@@ -348,7 +370,7 @@ impl Gateway {
             return;
         }
         let state = s.state();
-        let flow = self.add_flow(k, s, state);
+        let flow = self.add_flow(k, s, state, src.ip());
         self.tcp_events.push(TcpEvent::Syn { flow, src, dst });
     }
 
@@ -381,6 +403,15 @@ impl Gateway {
     pub fn stream_reply(&mut self, now: Instant, conn: u64, message: &[u8]) {
         if let Some(svc) = self.stream.as_mut() {
             svc.reply(now, &mut self.shards[0].sockets, conn, message);
+        }
+        self.poll(now, 0);
+    }
+
+    /// Says that stream message of `conn` gets no answer (see [`Self::poll_stream_messages`]);
+    /// every message must be answered with [`Self::stream_reply`] or this.
+    pub fn stream_unanswered(&mut self, now: Instant, conn: u64) {
+        if let Some(svc) = self.stream.as_mut() {
+            svc.unanswered(now, conn);
         }
         self.poll(now, 0);
     }
@@ -550,9 +581,11 @@ impl Gateway {
             svc.reap(&mut shard.sockets);
         }
         if !shard.flows.flows.is_empty() {
-            shard
-                .flows
-                .activity(&mut shard.sockets, &mut self.tcp_events);
+            shard.flows.activity(
+                &mut shard.sockets,
+                &mut self.tcp_events,
+                &mut self.per_container,
+            );
         }
         shard.due = self
             .iface

@@ -15,6 +15,9 @@ use smoltcp::socket::tcp;
 
 /// Largest message accepted (the 2-byte length prefix allows 65535).
 const MAX_MESSAGE: usize = 65_535;
+/// Messages of one connection waiting for an answer at most; beyond, the rest stays unread
+/// (TCP pushes back on the client) until answers go out.
+const MAX_PENDING: u32 = 16;
 const RX_BUFFER: usize = 8 * 1024;
 const TX_BUFFER: usize = 66 * 1024;
 
@@ -107,6 +110,7 @@ impl StreamService {
                 .buf
                 .first_chunk::<2>()
                 .map(|l| usize::from(u16::from_be_bytes(*l)))
+                .filter(|_| conn.pending < MAX_PENDING)
             {
                 if conn.buf.len() < 2 + len {
                     break;
@@ -205,6 +209,18 @@ impl StreamService {
         }
         let _ = s.send_slice(&len.to_be_bytes());
         let _ = s.send_slice(message);
+    }
+
+    /// The message of connection `conn` the caller will not answer (malformed, say): it no
+    /// longer holds the connection open. Without this, a client could pin a connection, and
+    /// with enough of them the whole service, by sending messages that get no answer.
+    pub(crate) fn unanswered(&mut self, now: Instant, conn: u64) {
+        if let Some(&h) = self.by_id.get(&conn)
+            && let Some(c) = self.conns.get_mut(&h)
+        {
+            c.pending = c.pending.saturating_sub(1);
+            c.deadline = now + self.idle;
+        }
     }
 
     /// The earliest idle deadline of a connection, for the caller's timer.

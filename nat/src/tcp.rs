@@ -59,6 +59,8 @@ pub enum FlowState {
 pub(crate) struct Flow {
     pub(crate) handle: SocketHandle,
     last_state: tcp::State,
+    /// The container's address: flows are counted per container (see [`MAX_FLOWS_PER_CONTAINER`]).
+    pub(crate) container: std::net::IpAddr,
     /// The caller had more to send than fitted: tell it when there is room again.
     pub(crate) want_write: bool,
 }
@@ -71,18 +73,38 @@ pub(crate) struct Flows {
 
 /// Most TCP flows per network; beyond it new ones are refused.
 pub const MAX_FLOWS: usize = 16384;
+/// Most TCP flows of one container (its own outbound ones plus those to its published ports):
+/// half the table, so one container, or one client hammering its port, cannot lock the
+/// others out.
+pub const MAX_FLOWS_PER_CONTAINER: u32 = (MAX_FLOWS / 2) as u32;
+/// A handshake the container does not answer is given up after this long (a published-port
+/// client is reset, the slot freed).
+pub const CONNECT_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(10);
+/// An established flow whose container stops answering (gone, or its namespace cut off) is
+/// aborted after this long without a packet from it; keep-alive probes every
+/// [`KEEP_ALIVE`] make sure a live but quiet container is heard from. Without these a flow
+/// whose container vanished would hold its slot and host socket for ever.
+pub const IDLE_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(120);
+pub const KEEP_ALIVE: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(45);
 /// Per-socket buffers: enough for window scaling on a virtual link without holding MiBs per flow.
 /// Allocated zeroed, so untouched pages cost no memory: an idle flow holds a few KiB.
 pub(crate) const RX_BUF: usize = 256 * 1024;
 pub(crate) const TX_BUF: usize = 256 * 1024;
 
 impl Flows {
-    pub(crate) fn insert(&mut self, id: FlowId, handle: SocketHandle, state: tcp::State) {
+    pub(crate) fn insert(
+        &mut self,
+        id: FlowId,
+        handle: SocketHandle,
+        state: tcp::State,
+        container: std::net::IpAddr,
+    ) {
         self.flows.insert(
             id,
             Flow {
                 handle,
                 last_state: state,
+                container,
                 want_write: false,
             },
         );
@@ -109,17 +131,24 @@ impl Flows {
     }
 
     /// Flows whose socket changed state, has data to read, or has room the caller was waiting
-    /// for. Closed flows are reported once more and then forgotten (their socket removed).
+    /// for. Closed flows are reported once more and then forgotten (their socket removed, and
+    /// their container's count in `per_container` lowered).
     pub(crate) fn activity(
         &mut self,
         sockets: &mut smoltcp::iface::SocketSet<'static>,
         out: &mut Vec<TcpEvent>,
+        per_container: &mut HashMap<std::net::IpAddr, u32>,
     ) {
         let mut closed = Vec::new();
         for (id, f) in &mut self.flows {
             let s = sockets.get_mut::<tcp::Socket>(f.handle);
             let state = s.state();
             let room = f.want_write && s.send_capacity() > s.send_queue();
+            if state == tcp::State::Established && f.last_state != tcp::State::Established {
+                // Past the handshake: from now on, the idle limit (keep-alive keeps a quiet but
+                // live container heard from).
+                s.set_timeout(Some(IDLE_TIMEOUT));
+            }
             if state != f.last_state || s.can_recv() || room {
                 f.last_state = state;
                 if room {
@@ -139,6 +168,14 @@ impl Flows {
         for id in closed {
             if let Some(f) = self.flows.remove(&id) {
                 sockets.remove(f.handle);
+                if let std::collections::hash_map::Entry::Occupied(mut e) =
+                    per_container.entry(f.container)
+                {
+                    *e.get_mut() = e.get().saturating_sub(1);
+                    if *e.get() == 0 {
+                        e.remove();
+                    }
+                }
             }
         }
     }
@@ -151,6 +188,11 @@ pub(crate) fn new_socket() -> tcp::Socket<'static> {
     );
     s.set_nagle_enabled(false);
     s.set_ack_delay(None);
+    // Until the handshake is done; `Flows::activity` switches to the idle limit after. Set
+    // now, keep-alive first runs from the handshake's last packet (set on an established
+    // socket it would probe at once).
+    s.set_timeout(Some(CONNECT_TIMEOUT));
+    s.set_keep_alive(Some(KEEP_ALIVE));
     s
 }
 

@@ -431,6 +431,16 @@ impl Daemon {
         let Some(c) = inner.store.containers.get_mut(id) else {
             return;
         };
+        if let Some(pid) = c.pid.and_then(|p| i32::try_from(p).ok()) {
+            // The main process is gone: so is the container, as when PID 1 of a PID namespace
+            // exits. What it started lives on in its process group (the init made itself a
+            // session and group leader), so that group gets SIGKILL. Containers in another
+            // container's network namespace have their own groups and are left alone.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         c.pid = None;
         c.start_ticks = None;
         c.exit_code = code;

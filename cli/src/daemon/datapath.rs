@@ -921,7 +921,7 @@ impl Worker {
             match outcome {
                 Outcome::Reply(answer) => self.gateway.stream_reply(now, m.conn, &answer),
                 Outcome::Forward => self.forward(now, m.message, ReplyTo::Tcp(m.conn)),
-                Outcome::Drop => {}
+                Outcome::Drop => self.gateway.stream_unanswered(now, m.conn),
             }
         }
         for ev in self.gateway.poll_tcp_events() {
@@ -1229,18 +1229,25 @@ impl Worker {
 
     /// Hands a query to the forwarder task, or answers REFUSED if too many are in flight.
     fn forward(&mut self, now: Instant, query: Vec<u8>, reply: ReplyTo) {
-        let Some(hook) = &self.dns else { return };
+        let Some(hook) = &self.dns else {
+            if let ReplyTo::Tcp(conn) = reply {
+                self.gateway.stream_unanswered(now, conn);
+            }
+            return;
+        };
         let Some(permit) = hook.forwarder.try_acquire() else {
             tracing::debug!(network = %self.network_name, "too many DNS forwards in flight; REFUSED");
-            if let Some(answer) = hook.responder.refuse(&query) {
-                match reply {
-                    ReplyTo::Udp(peer) => {
-                        if let Some(f) = udp_frame(&peer, &answer) {
-                            self.switch(now, self.gateway_port, &f);
-                        }
+            match (hook.responder.refuse(&query), reply) {
+                (Some(answer), ReplyTo::Udp(peer)) => {
+                    if let Some(f) = udp_frame(&peer, &answer) {
+                        self.switch(now, self.gateway_port, &f);
                     }
-                    ReplyTo::Tcp(conn) => self.gateway.stream_reply(now, conn, &answer),
                 }
+                (Some(answer), ReplyTo::Tcp(conn)) => {
+                    self.gateway.stream_reply(now, conn, &answer);
+                }
+                (None, ReplyTo::Tcp(conn)) => self.gateway.stream_unanswered(now, conn),
+                (None, ReplyTo::Udp(_)) => {}
             }
             return;
         };

@@ -103,12 +103,29 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
                     tracing::warn!("too many control connections; refusing one");
                     // Said in one line, so that the client does not just see a closed socket.
                     tokio::spawn(async move {
-                        use tokio::io::AsyncWriteExt;
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut stream = stream;
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(1),
-                            stream.write_all(BUSY_REPLY.as_bytes()),
-                        )
+                        // Take the request's head first (an HTTP client may not accept an
+                        // answer before it has sent its request), answer, then drain what
+                        // else comes before closing: closing with data unread resets the
+                        // connection, and the client could lose the answer. All briefly.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            let mut head = Vec::new();
+                            let mut buf = [0u8; 4096];
+                            while !head.windows(4).any(|w| w == b"\r\n\r\n")
+                                && head.len() < MAX_HEADERS
+                            {
+                                let n = stream.read(&mut buf).await?;
+                                if n == 0 {
+                                    break;
+                                }
+                                head.extend_from_slice(&buf[..n]);
+                            }
+                            stream.write_all(BUSY_REPLY.as_bytes()).await?;
+                            stream.shutdown().await?;
+                            while stream.read(&mut buf).await? > 0 {}
+                            Ok::<_, std::io::Error>(())
+                        })
                         .await;
                     });
                     continue;

@@ -485,3 +485,145 @@ fn an_arp_answer_releases_waiting_sockets_in_every_shard_at_once() {
     assert!(syn.0 && !syn.1);
     assert_eq!(gw.tcp_state(flow), crate::FlowState::Connecting);
 }
+
+/// Drives the gateway's timers from `from` to `to` in one-second steps, dropping what it sends.
+fn run_timers(gw: &mut Gateway, from: Instant, to: Instant) {
+    let mut now = from;
+    while now <= to {
+        gw.handle_timeout(now);
+        drain(gw);
+        now += Duration::from_secs(1);
+    }
+}
+
+#[test]
+fn a_handshake_the_container_never_answers_is_given_up() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.handle_frame(t, &arp_request(GW));
+    drain(&mut gw);
+    let flow = gw
+        .tcp_connect(
+            t,
+            "203.0.113.5:50000".parse().expect("sa"),
+            "10.88.0.2:8080".parse().expect("sa"),
+        )
+        .expect("flow");
+    drain(&mut gw);
+    run_timers(&mut gw, t, t + Duration::from_secs(12));
+    assert_eq!(gw.tcp_state(flow), crate::FlowState::Closed);
+    assert_eq!(gw.tcp_flows(), 0, "the slot is free again");
+    assert_eq!(gw.tcp_flows_of(IpAddr::from(CTR)), 0);
+}
+
+#[test]
+fn an_established_flow_whose_container_vanished_is_aborted_after_the_idle_limit() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.handle_frame(t, &arp_request(GW));
+    drain(&mut gw);
+    let client = [203, 0, 113, 5];
+    let flow = gw
+        .tcp_connect(
+            t,
+            "203.0.113.5:50000".parse().expect("sa"),
+            "10.88.0.2:8080".parse().expect("sa"),
+        )
+        .expect("flow");
+    let out = drain(&mut gw);
+    let syn = out.iter().find_map(|f| tcp_of(f)).expect("SYN");
+    let mut synack = Vec::new();
+    PacketBuilder::ethernet2(CTR_MAC, GW_MAC)
+        .ipv4(CTR, client, 64)
+        .tcp(8080, 50000, 7000, 64240)
+        .syn()
+        .ack(syn.3 + 1)
+        .write(&mut synack, b"")
+        .expect("write");
+    gw.handle_frame(t, &with_vnet(synack));
+    assert_eq!(gw.tcp_state(flow), crate::FlowState::Open);
+    // Past the connect timeout: established flows are not cut by it.
+    run_timers(&mut gw, t, t + Duration::from_secs(30));
+    assert_eq!(gw.tcp_state(flow), crate::FlowState::Open, "quiet is fine");
+    // The container never answers the keep-alive probes: aborted within the idle limit.
+    run_timers(
+        &mut gw,
+        t + Duration::from_secs(31),
+        t + Duration::from_secs(31 + 45 + 120 + 5),
+    );
+    assert_eq!(gw.tcp_state(flow), crate::FlowState::Closed);
+    assert_eq!(gw.tcp_flows(), 0);
+}
+
+#[test]
+fn one_container_cannot_take_more_than_half_of_the_flow_table() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.handle_frame(t, &arp_request(GW));
+    drain(&mut gw);
+    let far = [198, 51, 100, 7];
+    let cap = crate::tcp::MAX_FLOWS_PER_CONTAINER;
+    // Outbound SYNs from one container, each to its own destination port.
+    for i in 0..cap + 10 {
+        let src_port = 10000 + u16::try_from(i).expect("fits a port");
+        gw.handle_frame(
+            t,
+            &tcp_between((CTR, src_port), (far, 443), 1, None, true, b""),
+        );
+        gw.poll_tcp_events();
+    }
+    assert_eq!(gw.tcp_flows_of(IpAddr::from(CTR)), cap, "capped");
+    // Another container still gets flows, in and out.
+    let other: [u8; 4] = [10, 88, 0, 3];
+    assert!(
+        gw.tcp_connect(
+            t,
+            "203.0.113.5:50000".parse().expect("sa"),
+            SocketAddr::from((other, 8080)),
+        )
+        .is_some()
+    );
+    // And the capped one gets no published-port flow either, until its flows go.
+    assert!(
+        gw.tcp_connect(
+            t,
+            "203.0.113.5:50001".parse().expect("sa"),
+            SocketAddr::from((CTR, 8080)),
+        )
+        .is_none()
+    );
+}
+
+#[test]
+fn stream_messages_left_unanswered_do_not_pin_the_connection() {
+    let t = Instant::now();
+    let mut gw = gateway(t);
+    gw.enable_stream_service(t, 53, 2, Duration::from_secs(5));
+    gw.handle_frame(t, &arp_request(GW));
+    let _ = gw.poll_transmit();
+    gw.handle_frame(t, &tcp_frame(1000, None, true, b""));
+    let synack = gw.poll_transmit().expect("SYN-ACK");
+    let srv_seq = tcp_of(&synack).expect("tcp").3;
+    // Twenty pipelined messages in one segment: only MAX_PENDING are taken while unanswered.
+    let msgs: Vec<u8> = (0..20).flat_map(|_| *b"\x00\x02ab").collect();
+    gw.handle_frame(t, &tcp_frame(1001, Some(srv_seq + 1), false, &msgs));
+    let got = gw.poll_stream_messages();
+    assert_eq!(got.len(), 16, "the rest waits for answers");
+    // The caller will answer none of them (malformed, say) and says so.
+    for m in &got {
+        gw.stream_unanswered(t, m.conn);
+    }
+    gw.handle_timeout(t);
+    let more = gw.poll_stream_messages();
+    assert_eq!(more.len(), 4, "the rest is taken now");
+    for m in &more {
+        gw.stream_unanswered(t, m.conn);
+    }
+    while gw.poll_transmit().is_some() {}
+    // Nothing pending: the idle limit applies and the connection goes.
+    let later = t + Duration::from_secs(6);
+    gw.handle_timeout(later);
+    while gw.poll_transmit().is_some() {}
+    gw.handle_timeout(later + Duration::from_millis(10));
+    assert_eq!(gw.stream_connections(), 0);
+}
