@@ -496,13 +496,7 @@ fn resolv_conf_follows_the_namespace_and_spares_files_not_ours() {
     // A resolv.conf the user wrote is neither replaced nor removed.
     let f = Netns::new("f");
     let dir = std::path::PathBuf::from(format!("/etc/netns/{}", f.name));
-    struct RemoveOnDrop(std::path::PathBuf);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = RemoveOnDrop(dir.clone());
+    let _cleanup = vswitch_tests::TempDir(dir.clone());
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("resolv.conf"), "nameserver 192.0.2.53\n").expect("write");
     d.ok(&["attach", "--network", "one", &f.name]);
@@ -622,13 +616,7 @@ fn clients_that_stall_mid_body_do_not_lock_the_others_out() {
 fn a_daemon_that_cannot_start_leaves_no_socket_behind() {
     require_root();
     let dir = std::env::temp_dir().join(vswitch_tests::unique("-badstate"));
-    struct RemoveOnDrop(std::path::PathBuf);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = RemoveOnDrop(dir.clone());
+    let _cleanup = vswitch_tests::TempDir(dir.clone());
     let state = dir.join("state");
     std::fs::create_dir_all(&state).expect("mkdir");
     std::fs::write(state.join("state.json"), "{ truncated").expect("write");

@@ -62,6 +62,15 @@ pub fn unique(suffix: &str) -> String {
     )
 }
 
+/// A directory removed with everything in it when this is dropped, on success or failure.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs a command with a timeout; returns its output.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
     let mut child = cmd

@@ -302,8 +302,10 @@ impl Daemon {
             }
         }
 
-        if let Mode::Network(n) = &mode {
-            // Wait for the init process to have its own network namespace, then attach it.
+        if !matches!(mode, Mode::Host) {
+            // Wait for the init process to be in its network namespace (a new one, or the one
+            // of container:X it joins): attach needs it, and so does an `exec` right after
+            // `start` returns, which would otherwise land in the daemon's namespace.
             let own = self.own_netns;
             let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
             let mut ready = false;
@@ -320,16 +322,15 @@ impl Daemon {
                     "the container did not create its namespaces",
                 ));
             }
-            let req = AttachRequest {
-                target: Target::Pid(pid),
-                name: Some(c.name.clone()),
-                ipv4_address: c.ip.clone(),
-                ipv6_address: None,
-                aliases: c.aliases.clone(),
-                mac_address: None,
-                ifname: None,
-                ports: c.ports.clone(),
-            };
+        }
+        if let Mode::Network(n) = &mode {
+            let req = container_attach(
+                pid,
+                &c.name,
+                c.ip.clone(),
+                c.aliases.clone(),
+                c.ports.clone(),
+            );
             match self.attach_locked(inner, n, req).await {
                 Ok(ep) => {
                     let ip = ep.ipv4_address.split('/').next().unwrap_or("").to_owned();
@@ -352,16 +353,13 @@ impl Daemon {
                     c.connected.retain(|x| x.network_id != conn.network_id);
                     continue;
                 };
-                let req = AttachRequest {
-                    target: Target::Pid(pid),
-                    name: Some(c.name.clone()),
-                    ipv4_address: conn.ip.clone(),
-                    ipv6_address: None,
-                    aliases: conn.aliases.clone(),
-                    mac_address: None,
-                    ifname: None,
-                    ports: Vec::new(),
-                };
+                let req = container_attach(
+                    pid,
+                    &c.name,
+                    conn.ip.clone(),
+                    conn.aliases.clone(),
+                    Vec::new(),
+                );
                 if let Err(e) = self.attach_locked(inner, &net.id, req).await {
                     tracing::warn!(container = %c.name, network = %net.name, error = %e.message, "cannot connect the container again");
                 }
@@ -659,6 +657,26 @@ fn write_hosts(
 }
 
 /// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
+/// How a container's init process joins a network: under the container's name.
+fn container_attach(
+    pid: u32,
+    name: &str,
+    ipv4_address: Option<String>,
+    aliases: Vec<String>,
+    ports: Vec<String>,
+) -> AttachRequest {
+    AttachRequest {
+        target: Target::Pid(pid),
+        name: Some(name.to_owned()),
+        ipv4_address,
+        ipv6_address: None,
+        aliases,
+        mac_address: None,
+        ifname: None,
+        ports,
+    }
+}
+
 pub(super) fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(") ")?.1;

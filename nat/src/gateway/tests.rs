@@ -321,9 +321,9 @@ fn refused_dial_resets_the_container() {
     assert!(rst, "refusal seen as RST");
 }
 
-#[test]
-fn inbound_connection_uses_the_clients_address() {
-    let t = Instant::now();
+/// A published-port connection from 203.0.113.5:50000 to the container's port 8080, with the
+/// handshake completed by the container: returns the gateway (ARP done) and the flow.
+fn inbound_connection(t: Instant) -> (Gateway, FlowId) {
     let mut gw = gateway(t);
     gw.handle_frame(t, &arp_request(GW));
     drain(&mut gw);
@@ -353,6 +353,13 @@ fn inbound_connection_uses_the_clients_address() {
         .write(&mut synack, b"")
         .expect("write");
     gw.handle_frame(t, &with_vnet(synack));
+    (gw, flow)
+}
+
+#[test]
+fn inbound_connection_uses_the_clients_address() {
+    let t = Instant::now();
+    let (gw, flow) = inbound_connection(t);
     assert_eq!(gw.tcp_state(flow), crate::FlowState::Open);
 }
 
@@ -519,28 +526,7 @@ fn a_handshake_the_container_never_answers_is_given_up() {
 #[test]
 fn an_established_flow_whose_container_vanished_is_aborted_after_the_idle_limit() {
     let t = Instant::now();
-    let mut gw = gateway(t);
-    gw.handle_frame(t, &arp_request(GW));
-    drain(&mut gw);
-    let client = [203, 0, 113, 5];
-    let flow = gw
-        .tcp_connect(
-            t,
-            "203.0.113.5:50000".parse().expect("sa"),
-            "10.88.0.2:8080".parse().expect("sa"),
-        )
-        .expect("flow");
-    let out = drain(&mut gw);
-    let syn = out.iter().find_map(|f| tcp_of(f)).expect("SYN");
-    let mut synack = Vec::new();
-    PacketBuilder::ethernet2(CTR_MAC, GW_MAC)
-        .ipv4(CTR, client, 64)
-        .tcp(8080, 50000, 7000, 64240)
-        .syn()
-        .ack(syn.3 + 1)
-        .write(&mut synack, b"")
-        .expect("write");
-    gw.handle_frame(t, &with_vnet(synack));
+    let (mut gw, flow) = inbound_connection(t);
     assert_eq!(gw.tcp_state(flow), crate::FlowState::Open);
     // Past the connect timeout: established flows are not cut by it.
     run_timers(&mut gw, t, t + Duration::from_secs(30));
