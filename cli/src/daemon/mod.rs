@@ -356,18 +356,19 @@ impl Daemon {
         let mut listeners = Vec::new();
         let mut kept = Vec::new();
         for m in &ep.ports {
-            match bind_published(std::slice::from_ref(m)).await {
-                Ok(mut bound) => {
-                    listeners.append(&mut bound);
+            // Stored mappings are single ports (a range was settled when first bound).
+            match bind_one(m).await {
+                Ok(bound) => {
+                    listeners.push(bound);
                     kept.push(*m);
                 }
                 // Taken by something else: gone for good. Anything else (the host address
                 // not up yet at boot, say) keeps the mapping for the next start.
-                Err(e) if e.message.contains(PORT_IN_USE) => {
-                    tracing::warn!(endpoint = %ep.name, error = %e.message, "published port dropped at restart")
+                Err(e) if e.in_use => {
+                    tracing::warn!(endpoint = %ep.name, error = %e.error.message, "published port dropped at restart")
                 }
                 Err(e) => {
-                    tracing::warn!(endpoint = %ep.name, error = %e.message, "published port not bound this time");
+                    tracing::warn!(endpoint = %ep.name, error = %e.error.message, "published port not bound this time");
                     kept.push(*m);
                 }
             }
@@ -1397,8 +1398,18 @@ fn plan_ports(net: &Network, specs: &[String]) -> ApiResult<Vec<vswitch_nat::Por
     Ok(out)
 }
 
-/// How a bind error says the port is taken (also what a restart looks for).
-const PORT_IN_USE: &str = "is already in use";
+/// Why a published port's host socket could not be bound.
+struct BindError {
+    /// The port is taken (something else listens there), as opposed to any other failure.
+    in_use: bool,
+    error: ApiError,
+}
+
+impl From<BindError> for ApiError {
+    fn from(e: BindError) -> Self {
+        e.error
+    }
+}
 
 /// Binds every published port's host socket, or none: the first failure is the error. A host
 /// port range for one container port binds the first free port of the range.
@@ -1421,13 +1432,13 @@ async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bou
                     bound = Some(b);
                     break;
                 }
-                Err(e) if e.message.contains(PORT_IN_USE) => continue,
-                Err(e) => return Err(e),
+                Err(e) if e.in_use => continue,
+                Err(e) => return Err(e.into()),
             }
         }
         out.push(bound.ok_or_else(|| {
             ApiError::conflict(format!(
-                "no free host port in {}-{end} ({}): all {PORT_IN_USE}",
+                "no free host port in {}-{end} ({}): all are already in use",
                 m.host_port, m.proto
             ))
         })?);
@@ -1435,50 +1446,53 @@ async fn bind_published(ports: &[vswitch_nat::PortMapping]) -> ApiResult<Vec<Bou
     Ok(out)
 }
 
-async fn bind_one(m: &vswitch_nat::PortMapping) -> ApiResult<Bound> {
-    {
-        let ip = m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let addr = SocketAddr::new(ip, m.host_port);
-        let fail = |e: std::io::Error| {
-            let why = match e.kind() {
-                std::io::ErrorKind::AddrInUse => PORT_IN_USE.to_owned(),
-                std::io::ErrorKind::PermissionDenied => format!(
-                    "needs privileges (ports below net.ipv4.ip_unprivileged_port_start): {e}"
-                ),
-                _ => format!("cannot be bound: {e}"),
-            };
-            ApiError::conflict(format!("host port {addr} ({}) {why}", m.proto))
+/// Binds the host socket of one published port (a single port, not a range).
+async fn bind_one(m: &vswitch_nat::PortMapping) -> Result<Bound, BindError> {
+    let ip = m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let addr = SocketAddr::new(ip, m.host_port);
+    let fail = |e: std::io::Error| {
+        let in_use = e.kind() == std::io::ErrorKind::AddrInUse;
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => "is already in use".to_owned(),
+            std::io::ErrorKind::PermissionDenied => {
+                format!("needs privileges (ports below net.ipv4.ip_unprivileged_port_start): {e}")
+            }
+            _ => format!("cannot be bound: {e}"),
         };
-        // No host IP: every address of both families, like Docker, with one dual-stack socket
-        // on [::] (so a port taken in either family is a conflict); 0.0.0.0 if the host has no
-        // IPv6.
-        let dual = m.host_ip.is_none();
-        match m.proto {
-            vswitch_nat::Proto::Tcp => {
-                let listener = match dual.then(|| dual_stack(m.host_port, true)) {
-                    Some(Ok(fd)) => {
-                        let l = std::net::TcpListener::from(fd);
-                        tokio::net::TcpListener::from_std(l).map_err(fail)?
-                    }
-                    Some(Err(e)) if e.raw_os_error() != Some(libc::EAFNOSUPPORT) => {
-                        return Err(fail(e));
-                    }
-                    _ => tokio::net::TcpListener::bind(addr).await.map_err(fail)?,
-                };
-                Ok(Bound::Tcp(listener, *m))
-            }
-            vswitch_nat::Proto::Udp => {
-                let socket = match dual.then(|| dual_stack(m.host_port, false)) {
-                    Some(Ok(fd)) => std::net::UdpSocket::from(fd),
-                    Some(Err(e)) if e.raw_os_error() != Some(libc::EAFNOSUPPORT) => {
-                        return Err(fail(e));
-                    }
-                    _ => std::net::UdpSocket::bind(addr)
-                        .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                        .map_err(fail)?,
-                };
-                Ok(Bound::Udp(socket, *m))
-            }
+        BindError {
+            in_use,
+            error: ApiError::conflict(format!("host port {addr} ({}) {why}", m.proto)),
+        }
+    };
+    // No host IP: every address of both families, like Docker, with one dual-stack socket
+    // on [::] (so a port taken in either family is a conflict); 0.0.0.0 if the host has no
+    // IPv6.
+    let dual = m.host_ip.is_none();
+    match m.proto {
+        vswitch_nat::Proto::Tcp => {
+            let listener = match dual.then(|| dual_stack(m.host_port, true)) {
+                Some(Ok(fd)) => {
+                    let l = std::net::TcpListener::from(fd);
+                    tokio::net::TcpListener::from_std(l).map_err(fail)?
+                }
+                Some(Err(e)) if e.raw_os_error() != Some(libc::EAFNOSUPPORT) => {
+                    return Err(fail(e));
+                }
+                _ => tokio::net::TcpListener::bind(addr).await.map_err(fail)?,
+            };
+            Ok(Bound::Tcp(listener, *m))
+        }
+        vswitch_nat::Proto::Udp => {
+            let socket = match dual.then(|| dual_stack(m.host_port, false)) {
+                Some(Ok(fd)) => std::net::UdpSocket::from(fd),
+                Some(Err(e)) if e.raw_os_error() != Some(libc::EAFNOSUPPORT) => {
+                    return Err(fail(e));
+                }
+                _ => std::net::UdpSocket::bind(addr)
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .map_err(fail)?,
+            };
+            Ok(Bound::Udp(socket, *m))
         }
     }
 }

@@ -153,9 +153,9 @@ fn tcp_of(frame: &[u8]) -> Option<(bool, bool, bool, u32, u32, Vec<u8>)> {
     ))
 }
 
-#[test]
-fn stream_service_accepts_frames_messages_and_answers() {
-    let t = Instant::now();
+/// A gateway with a stream service on port 53 (2 connections, 5 s idle) and one client
+/// connected to it from sequence number 1000; returns the gateway and the server's sequence.
+fn stream_client(t: Instant) -> (Gateway, u32) {
     let mut gw = gateway(t);
     gw.enable_stream_service(t, 53, 2, Duration::from_secs(5));
     // The gateway must know the client's MAC to answer: it learns it from ARP.
@@ -166,6 +166,13 @@ fn stream_service_accepts_frames_messages_and_answers() {
     let (syn, ack, rst, srv_seq, ackno, _) = tcp_of(&synack).expect("tcp");
     assert!(syn && ack && !rst, "got a SYN-ACK");
     assert_eq!(ackno, 1001);
+    (gw, srv_seq)
+}
+
+#[test]
+fn stream_service_accepts_frames_messages_and_answers() {
+    let t = Instant::now();
+    let (mut gw, srv_seq) = stream_client(t);
     // One length-prefixed message in two pieces.
     let msg = b"\x00\x05hello";
     gw.handle_frame(t, &tcp_frame(1001, Some(srv_seq + 1), false, &msg[..3]));
@@ -583,13 +590,7 @@ fn one_container_cannot_take_more_than_half_of_the_flow_table() {
 #[test]
 fn stream_messages_left_unanswered_do_not_pin_the_connection() {
     let t = Instant::now();
-    let mut gw = gateway(t);
-    gw.enable_stream_service(t, 53, 2, Duration::from_secs(5));
-    gw.handle_frame(t, &arp_request(GW));
-    let _ = gw.poll_transmit();
-    gw.handle_frame(t, &tcp_frame(1000, None, true, b""));
-    let synack = gw.poll_transmit().expect("SYN-ACK");
-    let srv_seq = tcp_of(&synack).expect("tcp").3;
+    let (mut gw, srv_seq) = stream_client(t);
     // Twenty pipelined messages in one segment: only MAX_PENDING are taken while unanswered.
     let msgs: Vec<u8> = (0..20).flat_map(|_| *b"\x00\x02ab").collect();
     gw.handle_frame(t, &tcp_frame(1001, Some(srv_seq + 1), false, &msgs));
