@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::ErrorBody;
+use vswitch_daemon::api::ErrorBody;
 
 /// A failed request, ready to be printed as one line.
 #[derive(Debug, thiserror::Error)]

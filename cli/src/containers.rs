@@ -7,7 +7,7 @@ use std::time::Duration;
 use nix::sched::{CloneFlags, setns};
 
 use crate::RunArgs;
-use crate::api::{ContainerInfo, LogChunk, RunRequest};
+use vswitch_daemon::api::{ContainerInfo, LogChunk, RunRequest};
 use crate::client::{Client, ClientError, seg};
 
 /// `vswitch run`: `-d` prints the id; otherwise streams the output and returns CMD's exit code,

@@ -8,37 +8,11 @@
 
 use std::ffi::CString;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, setns, unshare};
-use serde::{Deserialize, Serialize};
-
-/// What the daemon asks of the init process.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InitConfig {
-    pub cmd: Vec<String>,
-    /// `None`: keep the host's hostname (host network mode).
-    pub hostname: Option<String>,
-    pub net: InitNet,
-    /// Files bound over /etc/resolv.conf and /etc/hosts.
-    pub resolv_conf: Option<PathBuf>,
-    pub hosts: Option<PathBuf>,
-    /// Rootless: the daemon writes the user namespace's ID maps (with newuidmap/newgidmap and
-    /// the user's /etc/subuid ranges) instead of the single-ID map the process can write itself.
-    #[serde(default)]
-    pub maps_by_parent: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum InitNet {
-    /// A fresh network namespace (attached by the daemon, or only `lo` for `none`).
-    New { lo_only: bool },
-    /// The daemon's namespace.
-    Host,
-    /// Another container's namespace (`container:X`).
-    Join(PathBuf),
-}
+use vswitch_daemon::container_init::{InitConfig, InitNet};
 
 /// Runs the init steps and execs CMD; returns only on failure, with the exit code to use
 /// (127 when CMD does not exist, 126 when it cannot be run, like a shell).
@@ -171,7 +145,7 @@ fn bring_lo_up() -> anyhow::Result<()> {
     rt.block_on(async {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         let task = tokio::spawn(conn);
-        let r = crate::daemon::plumb::set_up(&handle, "lo").await;
+        let r = vswitch_daemon::plumb::set_up(&handle, "lo").await;
         task.abort();
         r
     })

@@ -1,11 +1,11 @@
 //! `vswitch`: a userspace virtual switch for containers, with a Docker-shaped CLI.
 //!
 //! `vswitch daemon` runs the daemon; every other subcommand is a client of its control socket.
+//! The daemon itself is the `vswitch-daemon` library; this binary holds the command line, the
+//! client, the container client side (`run`, `exec`, ...), the demo and the container init.
 
-mod api;
 mod client;
 mod containers;
-mod daemon;
 mod demo;
 mod init;
 
@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use api::{
+use vswitch_daemon::api::{
     AttachRequest, Created, DisconnectRequest, EndpointInfo, FdbRow, NetworkCreate, NetworkInspect,
     NetworkStats, Target,
 };
@@ -280,7 +280,7 @@ fn main() -> ExitCode {
     };
     if let Command::TapHelper { pid, spec } = &cli.command {
         // Single-threaded on purpose: it enters a user namespace.
-        return match daemon::plumb::tap_helper(*pid, spec) {
+        return match vswitch_daemon::plumb::tap_helper(*pid, spec) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("Error: {e:#}");
@@ -290,7 +290,7 @@ fn main() -> ExitCode {
     }
     if let Command::SocketHelper { pid, netns_inode } = &cli.command {
         // Single-threaded on purpose: it enters a user namespace.
-        return match daemon::direct::socket_helper(*pid, *netns_inode) {
+        return match vswitch_daemon::direct::socket_helper(*pid, *netns_inode) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("Error: {e:#}");
@@ -376,10 +376,10 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Resul
             vswitch_dns::upstream::MAX_UPSTREAMS
         );
     }
-    let opts = daemon::Options {
+    let opts = vswitch_daemon::Options {
         socket,
         state_dir,
-        dns: daemon::RuntimeOptions {
+        dns: vswitch_daemon::RuntimeOptions {
             upstreams: args.dns_upstream,
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             ttl: args.dns_ttl,
@@ -390,7 +390,7 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Resul
         },
         dns_listen: args.dns_listen,
     };
-    rt.block_on(daemon::serve(opts))?;
+    rt.block_on(vswitch_daemon::serve(opts))?;
     Ok(ExitCode::SUCCESS)
 }
 

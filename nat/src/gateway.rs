@@ -10,7 +10,7 @@ use smoltcp::wire::{
     ArpPacket, EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpCidr,
     IpProtocol, Ipv4Address, Ipv6Address, Ipv6Packet,
 };
-use vswitch_netdev::vnet::VNET_HDR_LEN;
+use vswitch_switch::vnet::VNET_HDR_LEN;
 
 use crate::stream::{StreamMessage, StreamService};
 use crate::tcp::{FlowId, FlowState, Flows, TcpEvent};
@@ -726,7 +726,7 @@ impl phy::TxToken for TxToken<'_> {
 /// the device (see `capabilities`), so every TCP frame it emits comes through here.
 fn offload_tcp(frame: &mut [u8], mss: Option<std::num::NonZeroU16>) {
     use smoltcp::wire::checksum;
-    use vswitch_netdev::vnet::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VnetHdr};
+    use vswitch_switch::vnet::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VnetHdr};
     let Some(eth) = frame.get(VNET_HDR_LEN..) else {
         return;
     };

@@ -2,7 +2,6 @@
 //!
 //! - [`tap`]: TAP devices opened with `IFF_VNET_HDR` and offloads, so the kernel hands over (and
 //!   accepts) 64 KiB GSO frames with a virtio-net header in front.
-//! - [`vnet`]: the virtio-net header itself (a plain byte view, no unsafe).
 //! - [`ns`]: entering network namespaces from a dedicated thread.
 //! - [`set_thread_nice`]: the scheduling weight of the datapath threads.
 //! - [`AsyncOwnedFd`]: an owned fd (a pidfd, an inotify instance) made awaitable on tokio.
@@ -14,7 +13,6 @@ pub mod fdpass;
 pub mod ns;
 mod sys;
 pub mod tap;
-pub mod vnet;
 
 pub use tap::{Tap, TapError};
 

@@ -4,7 +4,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::sys;
-use crate::vnet::VNET_HDR_LEN;
+use vswitch_switch::vnet::VNET_HDR_LEN;
 
 /// Why a TAP could not be opened or configured.
 #[derive(Debug, thiserror::Error)]

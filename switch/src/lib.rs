@@ -12,9 +12,13 @@
 //!
 //! One `Bridge` is one broadcast domain. Isolation between networks comes from giving each
 //! network its own `Bridge`: there is no code path that could carry a frame across.
+//!
+//! [`vnet`] describes the virtio-net header that every frame of a vswitch port carries in front
+//! of its Ethernet header (the switch skips it; the gateway reads and writes it).
 
 mod fdb;
 mod mac;
+pub mod vnet;
 
 use std::time::{Duration, Instant};
 

@@ -5,6 +5,8 @@
 //! mutex: a request either completes every step (namespace plumbing, datapath port, DNS names,
 //! persisted state) or undoes the ones it did, and no other request sees the half-way state.
 
+pub mod api;
+pub mod container_init;
 mod containers;
 pub mod datapath;
 pub mod direct;

@@ -30,7 +30,7 @@ use vswitch_dns::{Asker, Outcome, Responder, Transport};
 use vswitch_nat::{FlowId, FlowState, Gateway, GatewayConfig, TcpEvent};
 
 use super::nat::{FlowChannel, FlowReceive, NatJob, ReceiveKind};
-use vswitch_netdev::vnet::{VNET_HDR_LEN, VnetHdr};
+use vswitch_switch::vnet::{VNET_HDR_LEN, VnetHdr};
 use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, PortId};
 
 use crate::api::{FdbRow, NetworkStats, PortStatsRow};

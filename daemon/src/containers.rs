@@ -19,7 +19,7 @@ use vswitch_netdev::ns::NetNs;
 use super::state::Container;
 use super::{ApiError, ApiResult, Daemon, Inner, check_name, find_network, now_rfc3339, random_id};
 use crate::api::{AttachRequest, ContainerInfo, LogChunk, RunRequest, Target};
-use crate::init::{InitConfig, InitNet};
+use crate::container_init::{InitConfig, InitNet};
 
 /// How long a stopped container gets between SIGTERM and SIGKILL.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
