@@ -2,7 +2,6 @@
 //! bytes, with 1000 names on the network (what the datapath thread pays per UDP query).
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, RwLock};
 
 use divan::Bencher;
 use hickory_proto::op::{Message, Query};
@@ -32,7 +31,7 @@ fn responder() -> Responder {
             },
         );
     }
-    Responder::new(Arc::new(RwLock::new(catalog)), 5)
+    Responder::new(catalog.shared(), 5)
 }
 
 fn query(name: &str, qtype: RecordType) -> Vec<u8> {

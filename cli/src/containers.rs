@@ -7,8 +7,8 @@ use std::time::Duration;
 use nix::sched::{CloneFlags, setns};
 
 use crate::RunArgs;
-use vswitch_daemon::api::{ContainerInfo, LogChunk, RunRequest};
 use crate::client::{Client, ClientError, seg};
+use vswitch_daemon::api::{ContainerInfo, LogChunk, RunRequest};
 
 /// `vswitch run`: `-d` prints the id; otherwise streams the output and returns CMD's exit code,
 /// passing Ctrl-C and SIGTERM on to the container.

@@ -139,14 +139,6 @@ fn setup(config_path: &Path) -> Result<Never, (i32, String)> {
 }
 
 fn bring_lo_up() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        let task = tokio::spawn(conn);
-        let r = vswitch_daemon::plumb::set_up(&handle, "lo").await;
-        task.abort();
-        r
-    })
+    use vswitch_daemon::netns::plumb::{set_up, with_rtnetlink};
+    with_rtnetlink(|handle| async move { set_up(&handle, "lo").await })
 }

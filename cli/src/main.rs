@@ -14,11 +14,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use client::{Client, seg};
 use vswitch_daemon::api::{
     AttachRequest, Created, DisconnectRequest, EndpointInfo, FdbRow, NetworkCreate, NetworkInspect,
     NetworkStats, Target,
 };
-use client::{Client, seg};
 
 #[derive(Parser)]
 #[command(
@@ -280,7 +280,7 @@ fn main() -> ExitCode {
     };
     if let Command::TapHelper { pid, spec } = &cli.command {
         // Single-threaded on purpose: it enters a user namespace.
-        return match vswitch_daemon::plumb::tap_helper(*pid, spec) {
+        return match vswitch_daemon::netns::plumb::tap_helper(*pid, spec) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("Error: {e:#}");
@@ -290,7 +290,7 @@ fn main() -> ExitCode {
     }
     if let Command::SocketHelper { pid, netns_inode } = &cli.command {
         // Single-threaded on purpose: it enters a user namespace.
-        return match vswitch_daemon::direct::socket_helper(*pid, *netns_inode) {
+        return match vswitch_daemon::host::direct::socket_helper(*pid, *netns_inode) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("Error: {e:#}");

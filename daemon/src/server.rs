@@ -23,8 +23,9 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-use super::{ApiError, Daemon};
 use crate::api::{AttachRequest, DisconnectRequest, ErrorBody, NetworkCreate, RunRequest};
+use crate::control::{Daemon, RuntimeOptions};
+use crate::error::{Error, ErrorKind};
 
 const MAX_BODY: usize = 1 << 20;
 const MAX_HEADERS: usize = 64 << 10;
@@ -33,7 +34,7 @@ const MAX_CONNECTIONS: usize = 256;
 pub struct Options {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
-    pub dns: super::RuntimeOptions,
+    pub dns: RuntimeOptions,
     /// `--dns-listen`: serve `<name>.<network>` to the host on this address.
     pub dns_listen: Option<std::net::SocketAddr>,
 }
@@ -212,7 +213,7 @@ async fn route(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Reply {
     }
 }
 
-async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply, ApiError> {
+async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply, Error> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
@@ -270,8 +271,8 @@ async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply,
             let t = match query_param(&query, "t")? {
                 Some(t) => t
                     .parse::<u64>()
-                    .map_err(|_| ApiError::bad_request(format!("invalid timeout {t:?}")))?,
-                None => super::containers::STOP_TIMEOUT.as_secs(),
+                    .map_err(|_| Error::bad_request(format!("invalid timeout {t:?}")))?,
+                None => crate::control::STOP_TIMEOUT.as_secs(),
             };
             json(
                 StatusCode::OK,
@@ -292,7 +293,7 @@ async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply,
             let offset = query_param(&query, "offset")?
                 .map(|o| {
                     o.parse::<u64>()
-                        .map_err(|_| ApiError::bad_request("invalid offset"))
+                        .map_err(|_| Error::bad_request("invalid offset"))
                 })
                 .transpose()?
                 .unwrap_or(0);
@@ -302,24 +303,24 @@ async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply,
             let network = query_param(&query, "network")?;
             json(StatusCode::OK, &daemon.stats(network.as_deref()).await?)
         }
-        _ => Err(ApiError::not_found(format!("no such API: {method} {path}"))),
+        _ => Err(Error::not_found(format!("no such API: {method} {path}"))),
     }
 }
 
 /// How long a request body may take to arrive.
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Error> {
     let declared = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return Err(ApiError {
-            status: 413,
-            message: format!("request body too large (limit {MAX_BODY} bytes)"),
-        });
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!("request body too large (limit {MAX_BODY} bytes)"),
+        ));
     }
     // Bounded in time as in size: a client that stops halfway must not hold its connection
     // slot (there are 256) for ever.
@@ -328,20 +329,22 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
         Limited::new(req.into_body(), MAX_BODY).collect(),
     )
     .await
-    .map_err(|_| ApiError {
-        status: 408,
-        message: format!(
-            "request body not received within {} s",
-            BODY_TIMEOUT.as_secs()
-        ),
+    .map_err(|_| {
+        Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "request body not received within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )
     })?
-    .map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?
+    .map_err(|e| Error::bad_request(format!("cannot read request body: {e}")))?
     .to_bytes();
     serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+        .map_err(|e| Error::bad_request(format!("invalid request body: {e}")))
 }
 
-fn query_param(query: &str, key: &str) -> Result<Option<String>, ApiError> {
+fn query_param(query: &str, key: &str) -> Result<Option<String>, Error> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k == key {
@@ -351,7 +354,7 @@ fn query_param(query: &str, key: &str) -> Result<Option<String>, ApiError> {
     Ok(None)
 }
 
-fn percent_decode(s: &str) -> Result<String, ApiError> {
+fn percent_decode(s: &str) -> Result<String, Error> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -362,7 +365,7 @@ fn percent_decode(s: &str) -> Result<String, ApiError> {
                     .get(i + 1..i + 3)
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| ApiError::bad_request("bad percent-encoding in the path"))?;
+                    .ok_or_else(|| Error::bad_request("bad percent-encoding in the path"))?;
                 out.push(hex);
                 i += 3;
             }
@@ -372,7 +375,7 @@ fn percent_decode(s: &str) -> Result<String, ApiError> {
             }
         }
     }
-    String::from_utf8(out).map_err(|_| ApiError::bad_request("path is not UTF-8"))
+    String::from_utf8(out).map_err(|_| Error::bad_request("path is not UTF-8"))
 }
 
 fn text(status: StatusCode, body: &'static str) -> Reply {
@@ -381,8 +384,8 @@ fn text(status: StatusCode, body: &'static str) -> Reply {
     r
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Reply, ApiError> {
-    let body = serde_json::to_vec(value).map_err(|e| ApiError::internal(e.to_string()))?;
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Reply, Error> {
+    let body = serde_json::to_vec(value).map_err(|e| Error::failed("cannot encode", e))?;
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -392,8 +395,10 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Reply, ApiError> 
     Ok(r)
 }
 
-fn error_reply(e: ApiError) -> Reply {
-    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = ErrorBody { message: e.message };
+fn error_reply(e: Error) -> Reply {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = ErrorBody {
+        message: e.message().to_owned(),
+    };
     json(status, &body).unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "error"))
 }

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// One endpoint's records on one network.
 #[derive(Debug, Clone)]
@@ -125,6 +126,10 @@ fn in_subnet(net: IpAddr, len: u8, ip: IpAddr) -> bool {
     }
 }
 
+/// The catalog as the control plane (which writes it on attach, detach and GC) and the
+/// responders (which read it per query) share it.
+pub type SharedCatalog = Arc<parking_lot::RwLock<Catalog>>;
+
 /// Every network's zone, and which client sees which networks.
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
@@ -137,6 +142,11 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// This catalog, ready to be shared.
+    pub fn shared(self) -> SharedCatalog {
+        Arc::new(parking_lot::RwLock::new(self))
+    }
+
     pub fn add_network(&mut self, id: &str, zone: Zone) {
         self.zones.insert(id.to_owned(), zone);
     }

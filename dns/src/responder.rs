@@ -11,13 +11,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
-use crate::catalog::{Catalog, Zone};
+use crate::catalog::{Catalog, SharedCatalog, Zone};
 
 /// Default TTL of container records, in seconds. Short, because a container that restarts may
 /// come back with another address and clients that cache should notice soon; not zero, so a
@@ -61,13 +60,13 @@ pub enum Outcome {
 /// Answers queries from a shared catalog.
 #[derive(Debug)]
 pub struct Responder {
-    catalog: Arc<RwLock<Catalog>>,
+    catalog: SharedCatalog,
     ttl: u32,
     rotation: AtomicU32,
 }
 
 impl Responder {
-    pub fn new(catalog: Arc<RwLock<Catalog>>, ttl: u32) -> Self {
+    pub fn new(catalog: SharedCatalog, ttl: u32) -> Self {
         Self {
             catalog,
             ttl,
@@ -75,7 +74,7 @@ impl Responder {
         }
     }
 
-    pub fn catalog(&self) -> &Arc<RwLock<Catalog>> {
+    pub fn catalog(&self) -> &SharedCatalog {
         &self.catalog
     }
 
@@ -100,10 +99,7 @@ impl Responder {
         let [question] = request.queries.as_slice() else {
             return Outcome::Reply(error(id, ResponseCode::FormErr));
         };
-        let catalog = match self.catalog.read() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let catalog = self.catalog.read();
         let decision = self.resolve(&catalog, asker, question);
         drop(catalog);
         match decision {

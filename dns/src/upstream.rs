@@ -11,8 +11,10 @@
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use hickory_proto::op::{Message, ResponseCode};
@@ -80,10 +82,7 @@ impl Upstreams {
         if !self.fixed.is_empty() {
             return self.fixed.clone();
         }
-        let mut cache = match self.cache.lock() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let mut cache = self.cache.lock();
         let now = Instant::now();
         if cache
             .checked
@@ -283,7 +282,7 @@ mod tests {
         let u = Upstreams::new(vec![], path.clone());
         assert_eq!(u.current(), vec!["10.0.0.1:53".parse().expect("sa")]);
         std::fs::write(&path, "nameserver 10.0.0.2\nnameserver 10.0.0.3\n").expect("write");
-        u.cache.lock().expect("lock").checked = None; // skip the recheck interval
+        u.cache.lock().checked = None; // skip the recheck interval
         assert_eq!(u.current().len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -9,12 +9,16 @@
 //! Like the switch core, the gateway is sans-IO: it is fed `(now, frame)` and drained with
 //! [`Gateway::poll_transmit`]; it owns no file descriptor and reads no clock.
 
+pub mod flows;
+pub mod frame;
 mod gateway;
 pub mod mapping;
+pub mod policy;
 mod stream;
 pub mod tcp;
 
 pub use gateway::{Gateway, GatewayConfig, GatewayStats};
 pub use mapping::{PortMapping, Proto, parse_publish};
+pub use policy::Policy;
 pub use stream::StreamMessage;
 pub use tcp::{FlowId, FlowState, TcpEvent};

@@ -20,6 +20,13 @@ pub struct NsId {
     pub ino: u64,
 }
 
+impl std::fmt::Display for NsId {
+    /// `dev:ino`, as `lsns` and `/proc/PID/ns/net` links show the inode.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.dev, self.ino)
+    }
+}
+
 /// An open handle to a network namespace. Holding it keeps the namespace alive, so hold it only
 /// for the duration of an operation.
 #[derive(Debug)]

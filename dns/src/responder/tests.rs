@@ -49,7 +49,7 @@ fn responder() -> Responder {
     c.add_endpoint(BLUE, &ep("e4", "ns1", "Tomcat81", &[], &["10.2.0.3"]));
     c.add_endpoint(BRIDGE, &ep("e5", "ns5", "plain", &[], &["172.17.0.2"]));
     c.add_endpoint(SEALED, &ep("e6", "ns6", "vault", &[], &["10.3.0.2"]));
-    Responder::new(Arc::new(RwLock::new(c)), DEFAULT_TTL)
+    Responder::new(c.shared(), DEFAULT_TTL)
 }
 
 fn query(name: &str, qtype: RecordType) -> Vec<u8> {
@@ -192,7 +192,7 @@ fn a_network_name_does_not_hide_the_public_domain_of_that_name() {
         Zone::new("dev", true, false, vec![(ip("10.9.0.0"), 16)]),
     );
     c.add_endpoint("dev-id", &ep("e9", "ns9", "web", &[], &["10.9.0.2"]));
-    let r = Responder::new(Arc::new(RwLock::new(c)), DEFAULT_TTL);
+    let r = Responder::new(c.shared(), DEFAULT_TTL);
     for name in ["pkg.go.dev", "go.dev", "api.web.dev"] {
         let q = query(name, RecordType::A);
         assert_eq!(
@@ -265,7 +265,7 @@ fn internal_networks_do_not_forward() {
 fn a_namespace_also_on_an_outside_network_forwards_from_the_internal_one() {
     let r = responder();
     {
-        let mut c = r.catalog.write().expect("catalog");
+        let mut c = r.catalog.write();
         c.add_endpoint(SEALED, &ep("e7", "ns7", "both", &[], &["10.3.0.7"]));
         c.add_endpoint(RED, &ep("e8", "ns7", "both", &[], &["10.1.0.7"]));
     }
@@ -314,22 +314,15 @@ fn names_follow_attach_and_detach() {
     let r = responder();
     r.catalog()
         .write()
-        .expect("lock")
         .add_endpoint(RED, &ep("e9", "ns9", "late", &[], &["10.1.0.9"]));
     assert_eq!(
         addrs(&ask(&r, from(RED, "10.1.0.2"), "late", RecordType::A)),
         vec!["10.1.0.9"]
     );
-    r.catalog()
-        .write()
-        .expect("lock")
-        .remove_endpoint(RED, "e9");
+    r.catalog().write().remove_endpoint(RED, "e9");
     let m = ask(&r, from(RED, "10.1.0.2"), "late", RecordType::A);
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-    r.catalog()
-        .write()
-        .expect("lock")
-        .remove_endpoint(RED, "e2");
+    r.catalog().write().remove_endpoint(RED, "e2");
     assert_eq!(
         addrs(&ask(&r, from(RED, "10.1.0.2"), "web", RecordType::A)),
         vec!["10.1.0.2"]
@@ -418,7 +411,7 @@ fn big_answers_are_truncated_over_udp_only() {
             ),
         );
     }
-    let r = Responder::new(Arc::new(RwLock::new(c)), DEFAULT_TTL);
+    let r = Responder::new(c.shared(), DEFAULT_TTL);
     let q = query("farm-that-is-long-enough-to-matter", RecordType::A);
     let _ = q;
     let q = query("farm", RecordType::A);

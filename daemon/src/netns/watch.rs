@@ -19,7 +19,9 @@ use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -27,8 +29,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use vswitch_netdev::AsyncOwnedFd;
 use vswitch_netdev::ns::NsId;
 
-use super::containers::start_ticks;
-use super::datapath::Event;
+use super::target::start_ticks;
+use crate::datapath::Event;
 
 /// How often namespace files are re-checked without an inotify event.
 const PATH_RECHECK: Duration = Duration::from_secs(2);
@@ -57,7 +59,7 @@ pub struct TargetWatch {
 impl Drop for TargetWatch {
     fn drop(&mut self) {
         self.path_task.abort();
-        for h in lock(&self.processes).values() {
+        for h in self.processes.lock().values() {
             h.abort();
         }
     }
@@ -104,7 +106,9 @@ impl TargetWatch {
                     endpoint_id.to_owned(),
                     self.events.clone(),
                 ));
-                lock(&self.processes).insert(endpoint_id.to_owned(), task.abort_handle());
+                self.processes
+                    .lock()
+                    .insert(endpoint_id.to_owned(), task.abort_handle());
             }
             Anchor::Path(path) => {
                 if let (Some(fd), Some(dir)) = (&self.inotify, path.parent()) {
@@ -118,10 +122,12 @@ impl TargetWatch {
                     );
                 }
                 // Registered before the first check, so a removal in between is not missed.
-                lock(&self.paths).insert(endpoint_id.to_owned(), (path.clone(), ns));
+                self.paths
+                    .lock()
+                    .insert(endpoint_id.to_owned(), (path.clone(), ns));
                 self.added.notify_one();
                 if !names(&path, ns) {
-                    lock(&self.paths).remove(endpoint_id);
+                    self.paths.lock().remove(endpoint_id);
                     self.gone(endpoint_id);
                 }
             }
@@ -130,10 +136,10 @@ impl TargetWatch {
 
     /// Stops watching for `endpoint_id` (detached or collected otherwise).
     pub fn forget(&self, endpoint_id: &str) {
-        if let Some(h) = lock(&self.processes).remove(endpoint_id) {
+        if let Some(h) = self.processes.lock().remove(endpoint_id) {
             h.abort();
         }
-        lock(&self.paths).remove(endpoint_id);
+        self.paths.lock().remove(endpoint_id);
     }
 
     fn gone(&self, endpoint_id: &str) {
@@ -185,7 +191,7 @@ async fn check_paths(
     loop {
         // Nothing to check: no timer either, until a path is registered (`notify_one` keeps a
         // permit, so a registration just before this wait is not lost).
-        if lock(&paths).is_empty() {
+        if paths.lock().is_empty() {
             added.notified().await;
             tick.reset();
         }
@@ -209,7 +215,7 @@ async fn check_paths(
             }
         }
         let gone: Vec<String> = {
-            let mut map = lock(&paths);
+            let mut map = paths.lock();
             let gone: Vec<String> = map
                 .iter()
                 .filter(|(_, (path, ns))| !names(path, *ns))
@@ -230,8 +236,4 @@ async fn check_paths(
 fn drain(fd: std::os::fd::BorrowedFd<'_>) {
     let mut buf = [0u8; 4096];
     while matches!(rustix::io::read(fd, &mut buf), Ok(n) if n > 0) {}
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -57,6 +57,45 @@ pub struct Made {
     pub route_metric: Option<u32>,
 }
 
+/// Failures of plumbing that the request, not the daemon, is to blame for.
+#[derive(Debug, thiserror::Error)]
+pub enum PlumbError {
+    #[error("interface {0} already exists in the target namespace (choose another with --ifname)")]
+    NameTaken(String),
+    #[error(
+        "as an unprivileged user, attach needs a PID (or /proc/PID/ns/net) whose user namespace is yours"
+    )]
+    NeedsPid,
+}
+
+impl PlumbError {
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            Self::NameTaken(_) => crate::error::ErrorKind::Conflict,
+            Self::NeedsPid => crate::error::ErrorKind::BadRequest,
+        }
+    }
+}
+
+/// Runs `work` with an rtnetlink handle on a current-thread runtime of its own, in the calling
+/// thread's network namespace (netlink sockets belong to the namespace they are made in).
+pub fn with_rtnetlink<T, F, Fut>(work: F) -> anyhow::Result<T>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(conn);
+        let r = work(handle).await;
+        task.abort();
+        r
+    })
+}
+
 /// Creates the TAP inside `target` and configures it. Closing the returned fd removes the
 /// device again. On error nothing is left behind.
 pub fn plumb(target: &NetNs, p: &Plumbing) -> anyhow::Result<Plumbed> {
@@ -71,16 +110,7 @@ fn plumb_on_this_thread(target: &NetNs, p: &Plumbing) -> anyhow::Result<Plumbed>
     target
         .enter()
         .context("cannot enter the target network namespace")?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (tap, made) = rt.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        let task = tokio::spawn(conn);
-        let r = create_inside(&handle, p).await;
-        task.abort();
-        r
-    })?;
+    let (tap, made) = with_rtnetlink(|handle| async move { create_inside(&handle, p).await })?;
     Ok(Plumbed {
         fd: tap.into_fd(),
         made,
@@ -104,9 +134,7 @@ async fn create_inside(handle: &Handle, p: &Plumbing) -> anyhow::Result<(Tap, Ma
         }
         match next_eth(&ifname) {
             Some(next) if p.ifname_auto => ifname = next,
-            _ => bail!(
-                "interface {ifname} already exists in the target namespace (choose another with --ifname)"
-            ),
+            _ => return Err(PlumbError::NameTaken(ifname).into()),
         }
     }
     let tap = Tap::create(&ifname)?;
@@ -350,16 +378,7 @@ pub fn tap_helper(pid: u32, spec: &str) -> anyhow::Result<()> {
     use std::os::fd::AsFd;
     let p: Plumbing = serde_json::from_str(spec).context("bad helper spec")?;
     enter_namespaces_of(pid, None)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (tap, made) = rt.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        let task = tokio::spawn(conn);
-        let r = create_inside(&handle, &p).await;
-        task.abort();
-        r
-    })?;
+    let (tap, made) = with_rtnetlink(|handle| async move { create_inside(&handle, &p).await })?;
     println!("{}", serde_json::to_string(&made)?);
     let sock = std::io::stdin();
     vswitch_netdev::fdpass::send_fd(sock.as_fd(), tap.as_fd())

@@ -299,7 +299,7 @@ fn ask_helper(sock: &std::os::unix::net::UnixStream, family: AddressFamily) -> i
 /// request byte on stdin (`4` or `6`) with a new non-blocking TCP socket, until stdin closes.
 pub fn socket_helper(pid: u32, netns_inode: u64) -> anyhow::Result<()> {
     use std::io::Read;
-    super::plumb::enter_namespaces_of(pid, Some(netns_inode))?;
+    crate::netns::plumb::enter_namespaces_of(pid, Some(netns_inode))?;
     let stdin = std::io::stdin();
     let mut conn = stdin.lock();
     let mut byte = [0u8; 1];

@@ -1,0 +1,455 @@
+//! Containers without an engine: `vswitch run` and friends.
+//!
+//! A container is a process (`vswitch __init`, which execs CMD) in fresh network, mount and UTS
+//! namespaces, running the host's filesystem. The daemon starts it, waits until it has made its
+//! namespaces, attaches its network namespace like any other, writes the container's
+//! resolv.conf and hosts files, and only then lets it exec CMD, so CMD's first packet already
+//! has `eth0`. Output goes to a log file in the state directory. When the process exits, the
+//! daemon detaches its endpoints at once (which is what leaves `container:` dependants with only
+//! `lo`, as in Docker) and records the exit code.
+//!
+//! A start takes the control lock twice: once to check the request and start the process, once
+//! to attach it. In between, while the process makes its namespaces, the lock is free and the
+//! container's name and id are held in `Inner::starting`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::process::{Init, SubIds, container_dir, subordinate_ranges};
+use super::{Daemon, Inner, find_network, ids, render};
+use crate::api::{AttachRequest, ContainerInfo, LogChunk, RunRequest, Target};
+use crate::container_init::{InitConfig, InitNet};
+use crate::error::{Error, Result};
+use crate::netns::target::{proc_netns, start_ticks};
+use crate::nsfiles;
+use crate::plan::{self, Mode};
+use crate::state::{Container, Network};
+
+/// How long a stopped container gets between SIGTERM and SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest log slice returned at once.
+const LOG_CHUNK: u64 = 256 * 1024;
+/// How often a container adopted after a restart (no longer our child) is checked for exit.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
+
+/// A container whose process runs but has not been let go yet.
+struct Launch {
+    c: Container,
+    init: Init,
+    mode: Mode,
+    /// Rootless: the subordinate ID ranges the daemon maps into the container's user namespace.
+    id_maps: Option<SubIds>,
+    hostname: Option<String>,
+    hosts: PathBuf,
+}
+
+impl Daemon {
+    fn find_container<'a>(inner: &'a Inner, key: &str) -> Result<&'a Container> {
+        plan::find_container(&inner.store, key)
+            .ok_or_else(|| Error::not_found(format!("no such container: {key}")))
+    }
+
+    /// `vswitch run`: creates and starts a container.
+    pub async fn run_container(self: &Arc<Self>, req: RunRequest) -> Result<ContainerInfo> {
+        let c = {
+            let inner = self.inner.lock().await;
+            let busy: Vec<String> = inner.starting.values().cloned().collect();
+            plan::check_run(&inner.store, &busy, req, ids::random_id(), ids::now())?
+        };
+        self.start_container_record(c).await
+    }
+
+    /// `vswitch start`.
+    pub async fn start_container(self: &Arc<Self>, key: &str) -> Result<ContainerInfo> {
+        let c = {
+            let inner = self.inner.lock().await;
+            let c = Self::find_container(&inner, key)?.clone();
+            if c.pid.is_some() || inner.starting.contains_key(&c.id) {
+                return Err(Error::conflict(format!(
+                    "container {} is already running",
+                    c.name
+                )));
+            }
+            c
+        };
+        self.start_container_record(c).await
+    }
+
+    /// Starts `c` (new, or stopped) and records it running.
+    async fn start_container_record(self: &Arc<Self>, c: Container) -> Result<ContainerInfo> {
+        let id = c.id.clone();
+        let mut launch = {
+            let mut inner = self.inner.lock().await;
+            if inner.starting.contains_key(&id) {
+                return Err(Error::conflict(format!(
+                    "container {} is already starting",
+                    c.name
+                )));
+            }
+            let launch = self.launch(&inner, c)?;
+            inner.starting.insert(id.clone(), launch.c.name.clone());
+            launch
+        };
+        let ready = launch
+            .init
+            .wait_ready(
+                launch.id_maps.as_ref(),
+                self.own_netns,
+                !matches!(launch.mode, Mode::Host),
+            )
+            .await;
+        let mut inner = self.inner.lock().await;
+        inner.starting.remove(&id);
+        let settled = match ready {
+            Ok(()) => self.settle(&mut inner, &mut launch).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = settled {
+            launch.init.kill();
+            return Err(e);
+        }
+        let Launch { c, init, .. } = launch;
+        self.watch_exit(&mut inner, &c.id, init);
+        tracing::info!(container = %c.name, pid = ?c.pid, network = %c.network, "container started");
+        inner.store.containers.insert(c.id.clone(), c.clone());
+        self.persist(&inner.store)?;
+        Ok(render::container_info(&inner.store, &c))
+    }
+
+    /// Writes the container's files and starts its init process (under the lock; quick).
+    fn launch(&self, inner: &Inner, c: Container) -> Result<Launch> {
+        let dir = container_dir(self.state_dir.path(), &c.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::failed(&format!("cannot create {}", dir.display()), e))?;
+        let resolv = dir.join("resolv.conf");
+        let hosts = dir.join("hosts");
+        let mode = Mode::of(&c.network);
+        let (net, init_net) = match &mode {
+            Mode::Network(n) => (
+                Some(find_network(&inner.store, n)?.clone()),
+                InitNet::New { lo_only: false },
+            ),
+            Mode::None => (None, InitNet::New { lo_only: true }),
+            Mode::Host => (None, InitNet::Host),
+            Mode::Container(x) => match Self::find_container(inner, x)?.pid {
+                Some(p) => (None, InitNet::Join(proc_netns(p))),
+                None => {
+                    return Err(Error::conflict(format!(
+                        "cannot start {}: it shares the network of {x}, which is not running",
+                        c.name
+                    )));
+                }
+            },
+        };
+        std::fs::write(&resolv, self.resolv_conf_of(inner, &mode, net.as_ref())?)
+            .map_err(|e| Error::failed("cannot write the container's resolv.conf", e))?;
+        let hostname = match &mode {
+            Mode::Host => None,
+            _ => Some(c.hostname.clone().unwrap_or_else(|| c.name.clone())),
+        };
+        nsfiles::write_hosts(
+            &hosts,
+            None,
+            hostname.as_deref().unwrap_or(&c.name),
+            &c.name,
+        )?;
+        let id_maps = (self.rootless && !matches!(mode, Mode::Container(_)))
+            .then(subordinate_ranges)
+            .flatten();
+        let config = InitConfig {
+            cmd: c.cmd.clone(),
+            hostname: hostname.clone(),
+            net: init_net,
+            resolv_conf: Some(resolv),
+            hosts: Some(hosts.clone()),
+            maps_by_parent: id_maps.is_some(),
+        };
+        let init = Init::spawn(&dir, &config)?;
+        Ok(Launch {
+            c,
+            init,
+            mode,
+            id_maps,
+            hostname,
+            hosts,
+        })
+    }
+
+    /// The container's resolv.conf: the gateway on networks; a copy of the host's otherwise (so
+    /// the host's file is never touched); container:X shares X's.
+    fn resolv_conf_of(&self, inner: &Inner, mode: &Mode, net: Option<&Network>) -> Result<String> {
+        Ok(match (mode, net) {
+            (Mode::Network(_), Some(n)) => nsfiles::resolv_conf_text(n),
+            (Mode::Container(x), _) => {
+                let parent = Self::find_container(inner, x)?;
+                let dir = container_dir(self.state_dir.path(), &parent.id);
+                std::fs::read_to_string(dir.join("resolv.conf")).unwrap_or_default()
+            }
+            _ => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        })
+    }
+
+    /// Attaches a launched container's networks, writes its hosts file and lets it go.
+    async fn settle(&self, inner: &mut Inner, l: &mut Launch) -> Result<()> {
+        let pid = l.init.pid;
+        let c = &mut l.c;
+        if let Mode::Network(n) = &l.mode {
+            let req = container_attach(pid, &c.name, c.ip, c.aliases.clone(), c.ports.clone());
+            let ep = self.attach_locked(inner, n, req).await?;
+            let ip = ep.ipv4_address.split('/').next().unwrap_or("");
+            let hostname = l.hostname.as_deref().unwrap_or(&c.name);
+            nsfiles::write_hosts(&l.hosts, Some(ip), hostname, &c.name)?;
+            // Networks joined later with `network connect`; one that is gone is left out.
+            for conn in c.connected.clone() {
+                let Some(net) = inner.store.networks.get(&conn.network_id).cloned() else {
+                    tracing::warn!(container = %c.name, "a connected network is gone");
+                    c.connected.retain(|x| x.network_id != conn.network_id);
+                    continue;
+                };
+                let req = container_attach(pid, &c.name, conn.ip, conn.aliases, Vec::new());
+                if let Err(e) = self.attach_locked(inner, &net.id, req).await {
+                    tracing::warn!(container = %c.name, network = %net.name, error = %e, "cannot connect the container again");
+                }
+            }
+        }
+        // Go: CMD may start now.
+        l.init.go().await;
+        c.pid = Some(pid);
+        c.start_ticks = start_ticks(pid);
+        c.exit_code = None;
+        Ok(())
+    }
+
+    /// Records the container's exit when its init process exits.
+    fn watch_exit(self: &Arc<Self>, inner: &mut Inner, id: &str, init: Init) {
+        let daemon = self.clone();
+        let id_owned = id.to_owned();
+        let mut child = init.child;
+        let watcher = tokio::spawn(async move {
+            let code = match child.wait().await {
+                Ok(status) => status.code().or_else(|| {
+                    std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s)
+                }),
+                Err(_) => None,
+            };
+            daemon.container_exited(&id_owned, code).await;
+        });
+        inner.watchers.insert(id.to_owned(), watcher.abort_handle());
+    }
+
+    /// After a restart: keep watching containers that are still running (they are no longer our
+    /// children, so their exit is noticed by polling and its code is unknown).
+    pub(super) fn adopt_containers(self: &Arc<Self>, inner: &mut Inner) {
+        let running: Vec<(String, u32, Option<u64>)> = inner
+            .store
+            .containers
+            .values()
+            .filter_map(|c| Some((c.id.clone(), c.pid?, c.start_ticks)))
+            .collect();
+        for (id, pid, ticks) in running {
+            let alive = move || start_ticks(pid).is_some() && start_ticks(pid) == ticks;
+            if !alive() {
+                if let Some(c) = inner.store.containers.get_mut(&id) {
+                    c.pid = None;
+                    c.start_ticks = None;
+                }
+                continue;
+            }
+            let daemon = self.clone();
+            let id_owned = id.clone();
+            let watcher = tokio::spawn(async move {
+                while alive() {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+                daemon.container_exited(&id_owned, None).await;
+            });
+            inner.watchers.insert(id, watcher.abort_handle());
+        }
+    }
+
+    async fn container_exited(self: &Arc<Self>, id: &str, code: Option<i32>) {
+        let mut inner = self.inner.lock().await;
+        inner.watchers.remove(id);
+        let Some(c) = inner.store.containers.get_mut(id) else {
+            return;
+        };
+        if let Some(pid) = c.pid.and_then(|p| i32::try_from(p).ok()) {
+            // The main process is gone: so is the container, as when PID 1 of a PID namespace
+            // exits. What it started lives on in its process group (the init made itself a
+            // session and group leader), so that group gets SIGKILL. Containers in another
+            // container's network namespace have their own groups and are left alone.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        c.pid = None;
+        c.start_ticks = None;
+        c.exit_code = code;
+        let name = c.name.clone();
+        tracing::info!(container = %name, code = ?code, "container exited");
+        // Detach at once: the namespace may live on in `container:` dependants, which must be
+        // left with only lo.
+        let eps: Vec<_> = inner
+            .store
+            .endpoints
+            .values()
+            .filter(|e| e.name == name)
+            .cloned()
+            .collect();
+        for ep in &eps {
+            self.unplug(&mut inner, ep).await;
+        }
+        self.persist_or_log(&inner.store);
+    }
+
+    pub async fn containers(&self) -> Vec<ContainerInfo> {
+        let inner = self.inner.lock().await;
+        inner
+            .store
+            .containers
+            .values()
+            .map(|c| render::container_info(&inner.store, c))
+            .collect()
+    }
+
+    pub async fn container(&self, key: &str) -> Result<ContainerInfo> {
+        let inner = self.inner.lock().await;
+        Ok(render::container_info(
+            &inner.store,
+            Self::find_container(&inner, key)?,
+        ))
+    }
+
+    /// Sends a signal to a running container's process.
+    pub async fn kill_container(&self, key: &str, signal: &str) -> Result<()> {
+        let inner = self.inner.lock().await;
+        let c = Self::find_container(&inner, key)?;
+        let Some(pid) = c.pid else {
+            return Err(Error::conflict(format!(
+                "container {} is not running",
+                c.name
+            )));
+        };
+        let sig: nix::sys::signal::Signal = signal
+            .parse()
+            .or_else(|_| format!("SIG{signal}").parse())
+            .map_err(|_| Error::bad_request(format!("unknown signal {signal}")))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+            .map_err(|e| Error::failed(&format!("cannot signal {}", c.name), e))
+    }
+
+    /// `vswitch stop`: SIGTERM, then SIGKILL after `timeout`; returns once it has exited.
+    pub async fn stop_container(&self, key: &str, timeout: Duration) -> Result<ContainerInfo> {
+        let id = {
+            let inner = self.inner.lock().await;
+            Self::find_container(&inner, key)?.id.clone()
+        };
+        if self.kill_container(&id, "SIGTERM").await.is_ok()
+            && !self.wait_stopped(&id, timeout).await
+        {
+            let _ = self.kill_container(&id, "SIGKILL").await;
+            self.wait_stopped(&id, Duration::from_secs(5)).await;
+        }
+        self.container(&id).await
+    }
+
+    /// Waits until container `id` has exited (or is gone), taking the lock only to look.
+    async fn wait_stopped(&self, id: &str, timeout: Duration) -> bool {
+        // A timeout too long to add (`stop -t` with a huge value) means no deadline.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
+        loop {
+            {
+                let inner = self.inner.lock().await;
+                if inner
+                    .store
+                    .containers
+                    .get(id)
+                    .is_none_or(|c| c.pid.is_none())
+                {
+                    return true;
+                }
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `vswitch rm [-f]`.
+    pub async fn remove_container(&self, key: &str, force: bool) -> Result<()> {
+        let c = {
+            let inner = self.inner.lock().await;
+            let c = Self::find_container(&inner, key)?.clone();
+            if inner.starting.contains_key(&c.id) {
+                return Err(Error::conflict(format!(
+                    "container {} is starting: remove it once it runs",
+                    c.name
+                )));
+            }
+            c
+        };
+        if c.pid.is_some() {
+            if !force {
+                return Err(Error::conflict(format!(
+                    "container {} is running: stop it first or use rm -f",
+                    c.name
+                )));
+            }
+            let _ = self.kill_container(&c.id, "SIGKILL").await;
+            self.wait_stopped(&c.id, Duration::from_secs(5)).await;
+        }
+        let mut inner = self.inner.lock().await;
+        inner.store.containers.remove(&c.id);
+        self.persist(&inner.store)?;
+        let _ = std::fs::remove_dir_all(container_dir(self.state_dir.path(), &c.id));
+        Ok(())
+    }
+
+    pub async fn container_logs(&self, key: &str, offset: u64) -> Result<LogChunk> {
+        let id = {
+            let inner = self.inner.lock().await;
+            Self::find_container(&inner, key)?.id.clone()
+        };
+        let path = container_dir(self.state_dir.path(), &id).join("log");
+        let Ok(mut f) = std::fs::File::open(&path) else {
+            return Ok(LogChunk {
+                data: String::new(),
+                next_offset: offset,
+            });
+        };
+        use std::io::Seek;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = offset.min(len);
+        let _ = f.seek(std::io::SeekFrom::Start(start));
+        let mut buf = Vec::new();
+        let _ = f.take(LOG_CHUNK).read_to_end(&mut buf);
+        Ok(LogChunk {
+            next_offset: start + buf.len() as u64,
+            data: String::from_utf8_lossy(&buf).into_owned(),
+        })
+    }
+}
+
+/// How a container's init process joins a network: under the container's name.
+fn container_attach(
+    pid: u32,
+    name: &str,
+    ip: Option<std::net::Ipv4Addr>,
+    aliases: Vec<String>,
+    ports: Vec<String>,
+) -> AttachRequest {
+    AttachRequest {
+        target: Target::Pid(pid),
+        name: Some(name.to_owned()),
+        ipv4_address: ip.map(|ip| ip.to_string()),
+        ipv6_address: None,
+        aliases,
+        mac_address: None,
+        ifname: None,
+        ports,
+    }
+}

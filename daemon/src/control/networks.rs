@@ -1,0 +1,126 @@
+//! Networks: create, remove, list and inspect, and each datapath's FDB and counters.
+
+use super::{Daemon, find_network, ids, render, subnets};
+use crate::api::{Created, FdbRow, NetworkCreate, NetworkInspect, NetworkStats};
+use crate::error::{Error, Result};
+use crate::ipam;
+use crate::plan::{self, DEFAULT_NETWORK};
+use crate::state::Network;
+
+/// The IPv4 routes of the daemon's network namespace, which automatic subnets stay clear of
+/// (empty if they cannot be read).
+fn host_routes() -> Vec<ipnet::Ipv4Net> {
+    std::fs::read_to_string("/proc/net/route")
+        .map(|t| ipam::parse_proc_net_route(&t))
+        .unwrap_or_default()
+}
+
+impl Daemon {
+    pub async fn networks(&self) -> Vec<NetworkInspect> {
+        let inner = self.inner.lock().await;
+        let mut nets: Vec<&Network> = inner.store.networks.values().collect();
+        nets.sort_by(|a, b| {
+            (a.name != DEFAULT_NETWORK, &a.name).cmp(&(b.name != DEFAULT_NETWORK, &b.name))
+        });
+        nets.into_iter()
+            .map(|n| render::inspect(&inner.store, n))
+            .collect()
+    }
+
+    pub async fn network(&self, key: &str) -> Result<NetworkInspect> {
+        let inner = self.inner.lock().await;
+        let net = find_network(&inner.store, key)?;
+        Ok(render::inspect(&inner.store, net))
+    }
+
+    pub async fn create_network(&self, req: NetworkCreate) -> Result<Created> {
+        let mut inner = self.inner.lock().await;
+        let net = plan::plan_network(
+            &inner.store,
+            req,
+            &host_routes(),
+            ids::random_id(),
+            ids::now(),
+        )?;
+        let live = self.start_network(&net)?;
+        inner.live.insert(net.id.clone(), live);
+        inner.store.networks.insert(net.id.clone(), net.clone());
+        if let Err(e) = self.persist(&inner.store) {
+            inner.store.networks.remove(&net.id);
+            inner.live.remove(&net.id);
+            self.forget_network(&net);
+            return Err(e);
+        }
+        tracing::info!(name = %net.name, id = %net.id, subnet = %net.subnet, "network created");
+        Ok(Created { id: net.id })
+    }
+
+    pub async fn remove_network(&self, key: &str) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let net = find_network(&inner.store, key)?.clone();
+        if net.name == DEFAULT_NETWORK {
+            return Err(Error::forbidden(
+                "bridge is a pre-defined network and cannot be removed",
+            ));
+        }
+        if inner.store.endpoints_of(&net.id).next().is_some() {
+            return Err(Error::forbidden(format!(
+                "network {} has active endpoints",
+                net.name
+            )));
+        }
+        inner.store.networks.remove(&net.id);
+        if let Err(e) = self.persist(&inner.store) {
+            inner.store.networks.insert(net.id.clone(), net);
+            return Err(e);
+        }
+        inner.live.remove(&net.id);
+        self.forget_network(&net);
+        tracing::info!(name = %net.name, "network removed");
+        Ok(())
+    }
+
+    /// Takes a network out of the DNS catalog and the NAT policy.
+    fn forget_network(&self, net: &Network) {
+        self.catalog.write().remove_network(&net.id);
+        let gone: Vec<ipnet::IpNet> = subnets(net).collect();
+        self.policy.write().subnets.retain(|s| !gone.contains(s));
+    }
+
+    pub async fn fdb(&self, key: &str) -> Result<Vec<FdbRow>> {
+        let inner = self.inner.lock().await;
+        let net = find_network(&inner.store, key)?;
+        let live = inner
+            .live
+            .get(&net.id)
+            .ok_or_else(|| Error::internal("network has no datapath"))?;
+        live.datapath
+            .fdb()
+            .await
+            .map_err(|e| Error::failed("cannot read the FDB", e))
+    }
+
+    pub async fn stats(&self, key: Option<&str>) -> Result<Vec<NetworkStats>> {
+        let inner = self.inner.lock().await;
+        let ids: Vec<String> = match key {
+            Some(k) => vec![find_network(&inner.store, k)?.id.clone()],
+            None => {
+                let mut nets: Vec<&Network> = inner.store.networks.values().collect();
+                nets.sort_by(|a, b| a.name.cmp(&b.name));
+                nets.into_iter().map(|n| n.id.clone()).collect()
+            }
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(live) = inner.live.get(&id) {
+                let stats = live
+                    .datapath
+                    .stats()
+                    .await
+                    .map_err(|e| Error::failed("cannot read the counters", e))?;
+                out.push(stats);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,478 @@
+//! How the rest of the daemon talks to a datapath thread, and what the thread hands out.
+//!
+//! In: [`Command`]s through an mpsc queue, each followed by a write to the thread's eventfd
+//! (which wakes its `epoll_wait`). The control plane sends port changes and queries; tokio
+//! tasks on the host side send frames and TCP stream data through an [`Injector`].
+//!
+//! Out: [`Event`]s to the control plane, [`ForwardJob`]s to the DNS forwarder and
+//! [`NatJob`]s to the host side of NAT, each over a tokio channel.
+//!
+//! Frames from host sockets (UDP datagrams, echo replies, DNS answers over UDP and TCP) can be
+//! sent by anyone on the network faster than the datapath takes them, so they queue under a
+//! byte budget ([`Backlog`]): past it they are dropped and counted, as a NIC drops on a full
+//! ring. TCP data of NAT flows has its own per-flow credits instead ([`FlowShared`]).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use nix::sys::eventfd::EventFd;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use vswitch_nat::flows::{IcmpKey, UdpKey};
+use vswitch_nat::{FlowId, Policy};
+use vswitch_switch::PortId;
+
+use crate::api::{FdbRow, NetworkStats};
+
+/// The NAT policy as the datapaths and dial tasks share it (read once per new flow).
+pub type SharedPolicy = Arc<parking_lot::RwLock<Policy>>;
+
+/// Bytes of frames from host sockets queued for one datapath at most.
+pub const MAX_BACKLOG_BYTES: usize = 4 * 1024 * 1024;
+
+/// Something the datapath tells the control plane.
+#[derive(Debug)]
+pub enum Event {
+    /// The TAP of this endpoint reported an error: its device is gone (somebody deleted the
+    /// interface). The port has been removed already.
+    PortGone {
+        network_id: String,
+        endpoint_id: String,
+    },
+    /// What an endpoint was attached through is gone: its process exited, or its namespace
+    /// file was removed (see `netns::watch`). The port is still plugged.
+    TargetGone { endpoint_id: String },
+}
+
+pub(super) enum Command {
+    AddPort {
+        fd: OwnedFd,
+        endpoint_id: String,
+        endpoint_name: String,
+        /// The endpoint's assigned MAC, pinned to its port.
+        mac: [u8; 6],
+        reply: oneshot::Sender<io::Result<PortId>>,
+    },
+    RemovePort {
+        port: PortId,
+        /// Gets the port's fd back: closing a TAP unregisters its device, which takes the kernel
+        /// tens of milliseconds (RCU grace periods) that must not stall the datapath.
+        reply: oneshot::Sender<Option<OwnedFd>>,
+    },
+    Fdb(oneshot::Sender<Vec<FdbRow>>),
+    Stats(oneshot::Sender<NetworkStats>),
+    /// A frame from the gateway (a forwarded DNS answer) to switch into the network.
+    InjectFrame(Vec<u8>),
+    /// A forwarded answer for a DNS-over-TCP connection of the gateway.
+    StreamReply {
+        conn: u64,
+        answer: Vec<u8>,
+    },
+    /// Open a TCP connection to a container for a published port.
+    NatOpen {
+        local: SocketAddr,
+        remote: SocketAddr,
+        channel: FlowChannel,
+        reply: oneshot::Sender<Option<FlowId>>,
+    },
+    /// The outcome of dialling an outbound destination: a channel to splice, or refusal.
+    NatDialed {
+        flow: FlowId,
+        channel: Option<FlowChannel>,
+    },
+    /// Bytes from the host side of a flow (credits for them were taken).
+    NatHostData {
+        flow: FlowId,
+        data: Vec<u8>,
+    },
+    /// The host side closed its sending half.
+    NatHostEof {
+        flow: FlowId,
+    },
+    /// The host side failed or reset: reset the container side.
+    NatHostReset {
+        flow: FlowId,
+    },
+    /// The host side drained its queue: reading from the container may resume.
+    NatResume {
+        flow: FlowId,
+    },
+    /// A datagram from the host side of a UDP flow, as a frame ready for the container.
+    UdpIn {
+        key: UdpKey,
+        frame: Vec<u8>,
+        /// For published ports, the flow to create if it is new (listener socket, client).
+        published: Option<(Arc<std::net::UdpSocket>, SocketAddr)>,
+    },
+    /// An echo reply for a container's ping, as a frame.
+    IcmpIn {
+        key: IcmpKey,
+        frame: Vec<u8>,
+    },
+    Shutdown,
+}
+
+/// The sending half of a datapath's command queue: wakes the thread after each command.
+#[derive(Clone)]
+pub(super) struct Commands {
+    queue: mpsc::Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+impl Commands {
+    pub(super) fn new(queue: mpsc::Sender<Command>, wake: Arc<EventFd>) -> Self {
+        Self { queue, wake }
+    }
+
+    /// False if the datapath is gone.
+    pub(super) fn send(&self, cmd: Command) -> bool {
+        if self.queue.send(cmd).is_err() {
+            return false;
+        }
+        let _ = self.wake.write(1);
+        true
+    }
+}
+
+/// Frames from host sockets waiting for the datapath, and those dropped because the budget
+/// was spent.
+#[derive(Default)]
+struct Backlog {
+    bytes: AtomicUsize,
+    dropped: AtomicU64,
+}
+
+/// Hands frames and stream data to a datapath thread from elsewhere (tokio tasks of published
+/// ports, NAT and the DNS forwarder).
+#[derive(Clone)]
+pub struct Injector {
+    commands: Commands,
+    backlog: Arc<Backlog>,
+}
+
+impl Injector {
+    pub(super) fn new(commands: Commands) -> Self {
+        Self {
+            commands,
+            backlog: Arc::default(),
+        }
+    }
+
+    /// An injector with no datapath behind it, and the queue its commands land in, for tests
+    /// of what the host side hands over.
+    #[cfg(test)]
+    pub(crate) fn capturing() -> io::Result<(Self, Captured)> {
+        use nix::sys::eventfd::EfdFlags;
+        let (queue, rx) = mpsc::channel();
+        let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK)?);
+        Ok((Self::new(Commands::new(queue, wake)), Captured(rx)))
+    }
+
+    fn send(&self, cmd: Command) -> bool {
+        self.commands.send(cmd)
+    }
+
+    /// Queues a command carrying `len` bytes of frame or answer, or drops it (counted) when the
+    /// backlog is full. False only if the datapath is gone.
+    fn send_charged(&self, len: usize, cmd: Command) -> bool {
+        if self.backlog.bytes.fetch_add(len, Ordering::Relaxed) + len > MAX_BACKLOG_BYTES {
+            self.backlog.bytes.fetch_sub(len, Ordering::Relaxed);
+            self.backlog.dropped.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        if self.send(cmd) {
+            return true;
+        }
+        self.backlog.bytes.fetch_sub(len, Ordering::Relaxed);
+        false
+    }
+
+    /// The datapath took `len` charged bytes off the backlog.
+    pub(super) fn taken(&self, len: usize) {
+        self.backlog.bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// Frames from host sockets dropped so far because the backlog was full.
+    pub fn dropped(&self) -> u64 {
+        self.backlog.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Asks the datapath to open a flow to a container; `None` if it cannot (table full, gone).
+    pub async fn nat_open(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        channel: FlowChannel,
+    ) -> Option<FlowId> {
+        let (reply, rx) = oneshot::channel();
+        if !self.send(Command::NatOpen {
+            local,
+            remote,
+            channel,
+            reply,
+        }) {
+            return None;
+        }
+        rx.await.ok().flatten()
+    }
+
+    pub fn nat_dialed(&self, flow: FlowId, channel: Option<FlowChannel>) {
+        self.send(Command::NatDialed { flow, channel });
+    }
+
+    pub fn host_data(&self, flow: FlowId, data: Vec<u8>) -> bool {
+        self.send(Command::NatHostData { flow, data })
+    }
+
+    pub fn host_eof(&self, flow: FlowId) {
+        self.send(Command::NatHostEof { flow });
+    }
+
+    pub fn host_reset(&self, flow: FlowId) {
+        self.send(Command::NatHostReset { flow });
+    }
+
+    pub fn resume(&self, flow: FlowId) {
+        self.send(Command::NatResume { flow });
+    }
+
+    /// Hands an echo reply (as a frame) for the ping flow `key` to the datapath.
+    pub fn icmp_in(&self, key: IcmpKey, frame: Vec<u8>) -> bool {
+        self.send_charged(frame.len(), Command::IcmpIn { key, frame })
+    }
+
+    /// Hands a datagram for a container to the datapath. `key` is (container, peer as the
+    /// container sees it); `published` registers the flow of a published port.
+    pub fn udp_in(
+        &self,
+        key: UdpKey,
+        frame: Vec<u8>,
+        published: Option<(Arc<std::net::UdpSocket>, SocketAddr)>,
+    ) -> bool {
+        self.send_charged(
+            frame.len(),
+            Command::UdpIn {
+                key,
+                frame,
+                published,
+            },
+        )
+    }
+
+    /// Delivers a forwarded DNS answer to whoever asked.
+    pub fn deliver(&self, to: ReplyTo, answer: Vec<u8>) {
+        match to {
+            ReplyTo::Udp(peer) => {
+                if let Some(frame) = peer.frame(&answer) {
+                    self.send_charged(frame.len(), Command::InjectFrame(frame));
+                }
+            }
+            ReplyTo::Tcp(conn) => {
+                self.send_charged(answer.len(), Command::StreamReply { conn, answer });
+            }
+        }
+    }
+}
+
+/// What an [`Injector`] made by [`Injector::capturing`] sent.
+#[cfg(test)]
+pub(crate) struct Captured(mpsc::Receiver<Command>);
+
+#[cfg(test)]
+impl Captured {
+    /// The next chunk of host data a flow handed over, waiting up to `timeout`; `None` if none
+    /// came (or something else did).
+    pub(crate) fn next_data(&self, timeout: std::time::Duration) -> Option<Vec<u8>> {
+        match self.0.recv_timeout(timeout) {
+            Ok(Command::NatHostData { data, .. }) => Some(data),
+            _ => None,
+        }
+    }
+}
+
+/// Where a forwarded DNS answer goes.
+#[derive(Debug, Clone)]
+pub enum ReplyTo {
+    /// As a UDP datagram from the gateway to the client that asked.
+    Udp(UdpPeer),
+    /// On the gateway's TCP connection with this id.
+    Tcp(u64),
+}
+
+impl ReplyTo {
+    pub fn is_tcp(&self) -> bool {
+        matches!(self, ReplyTo::Tcp(_))
+    }
+}
+
+/// A DNS client on the network that asked over UDP, and the gateway address it asked.
+#[derive(Debug, Clone)]
+pub struct UdpPeer {
+    pub(super) client_mac: [u8; 6],
+    pub(super) client: SocketAddr,
+    pub(super) gw_mac: [u8; 6],
+    pub(super) gw_ip: IpAddr,
+}
+
+/// The port DNS is served on.
+pub(super) const DNS_PORT: u16 = 53;
+
+impl UdpPeer {
+    /// An answer as a datagram from the gateway's port 53 to the client.
+    pub(super) fn frame(&self, payload: &[u8]) -> Option<Vec<u8>> {
+        vswitch_nat::frame::udp_frame(
+            self.gw_mac,
+            self.client_mac,
+            SocketAddr::new(self.gw_ip, DNS_PORT),
+            self.client,
+            payload,
+        )
+    }
+}
+
+/// A query to relay upstream; the answer goes back through `injector`.
+pub struct ForwardJob {
+    pub query: Vec<u8>,
+    pub reply: ReplyTo,
+    pub injector: Injector,
+    /// Held until the answer is delivered: bounds the forwards in flight.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Work the datapath hands to the host side of NAT.
+pub enum NatJob {
+    /// Receive the answers of an outbound UDP or ping flow and hand them back as frames.
+    Receive(FlowReceive),
+    /// A container's SYN to `dst` is held; dial it and report back.
+    Dial {
+        flow: FlowId,
+        src: SocketAddr,
+        dst: SocketAddr,
+        /// The network's gateway addresses: a dial to one of them means the daemon's host side.
+        gateway: Vec<IpAddr>,
+        policy: SharedPolicy,
+        injector: Injector,
+    },
+}
+
+/// An outbound UDP or ping flow's host socket, whose answers a task turns into frames for the
+/// container until the datapath lets the flow expire (`alive` false).
+pub struct FlowReceive {
+    pub socket: Arc<std::net::UdpSocket>,
+    pub kind: ReceiveKind,
+    pub container_mac: [u8; 6],
+    pub gateway_mac: [u8; 6],
+    pub alive: Arc<AtomicBool>,
+    pub injector: Injector,
+}
+
+pub enum ReceiveKind {
+    /// (container, peer as the container sees it).
+    Udp { key: UdpKey },
+    /// (container, echo id, destination); raw sockets see IP headers and everybody's replies.
+    Icmp { key: IcmpKey, raw: bool },
+}
+
+/// Bytes of one TCP flow in flight from the host side to the datapath at most.
+pub const FLOW_WINDOW: usize = 1024 * 1024;
+/// What a queued chunk costs beyond its bytes (allocation, queue slot, command), charged
+/// against the window: a peer trickling 1-byte segments can queue 4096 chunks, not a million.
+pub const CHUNK_OVERHEAD: usize = 256;
+/// Chunks of one flow queued from the datapath to the host side.
+const CHANNEL_CHUNKS: usize = 8;
+
+/// State shared by the two halves of a TCP flow's splice.
+#[derive(Debug)]
+pub struct FlowShared {
+    /// Bytes the host side may still hand over ([`FLOW_WINDOW`] at first); the datapath
+    /// returns them as they enter the container's socket.
+    pub credits: Semaphore,
+    /// The datapath stopped reading from the container because the host side's queue was full.
+    pub blocked: AtomicBool,
+    /// The container reset the connection.
+    pub reset: AtomicBool,
+}
+
+/// What the datapath keeps of a flow's host side.
+#[derive(Debug)]
+pub struct FlowChannel {
+    pub to_host: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pub shared: Arc<FlowShared>,
+}
+
+impl FlowChannel {
+    /// A new flow's channel, the host side's receiver of chunks, and the shared state.
+    pub fn new() -> (Self, tokio::sync::mpsc::Receiver<Vec<u8>>, Arc<FlowShared>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CHUNKS);
+        let shared = Arc::new(FlowShared {
+            credits: Semaphore::new(FLOW_WINDOW),
+            blocked: AtomicBool::new(false),
+            reset: AtomicBool::new(false),
+        });
+        (
+            Self {
+                to_host: tx,
+                shared: shared.clone(),
+            },
+            rx,
+            shared,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Datagrams from anywhere on the network queue up to a byte budget for the datapath;
+    /// past it they are dropped and counted, and a slow datapath never means unbounded memory.
+    #[test]
+    fn frames_from_host_sockets_queue_a_bounded_backlog() {
+        let (injector, captured) = Injector::capturing().expect("injector");
+        let sa = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let key = (sa("10.0.0.2:5353"), sa("192.0.2.1:53"));
+        let frame = vec![0u8; 1500];
+        let fit = MAX_BACKLOG_BYTES / frame.len();
+        for _ in 0..fit {
+            assert!(injector.udp_in(key, frame.clone(), None));
+        }
+        assert_eq!(injector.dropped(), 0);
+        for _ in 0..100 {
+            assert!(
+                injector.udp_in(key, frame.clone(), None),
+                "dropped, not dead"
+            );
+        }
+        assert_eq!(injector.dropped(), 100);
+        assert_eq!(
+            captured.0.try_iter().count(),
+            fit,
+            "only what fits was queued"
+        );
+        // What the datapath takes makes room again.
+        injector.taken(frame.len());
+        assert!(injector.udp_in(key, frame.clone(), None));
+        assert_eq!(injector.dropped(), 100);
+        // With the datapath gone, the sender learns it.
+        drop(captured);
+        injector.taken(fit * frame.len());
+        assert!(!injector.udp_in(key, frame, None));
+    }
+
+    /// DNS answers for TCP clients are charged like frames: a flood of forwarded queries over
+    /// TCP cannot queue more than the budget either.
+    #[test]
+    fn stream_answers_are_charged_to_the_backlog() {
+        let (injector, captured) = Injector::capturing().expect("injector");
+        let answer = vec![0u8; 64 * 1024];
+        let fit = MAX_BACKLOG_BYTES / answer.len();
+        for _ in 0..fit + 10 {
+            injector.deliver(ReplyTo::Tcp(1), answer.clone());
+        }
+        assert_eq!(injector.dropped(), 10);
+        assert_eq!(captured.0.try_iter().count(), fit);
+    }
+}

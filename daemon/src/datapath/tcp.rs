@@ -1,0 +1,126 @@
+//! NAT's TCP flows as the datapath sees them: bytes move between a flow's smoltcp socket in the
+//! gateway and its host side (a tokio task in `host::splice`), with backpressure both ways.
+//!
+//! - container -> host: chunks go through a bounded channel; when it is full the chunk waits
+//!   in `stash`, reading from the socket stops (the container's window closes) and `blocked`
+//!   tells the host side to send [`Command::NatResume`](super::protocol::Command) once it has
+//!   made room.
+//! - host -> container: chunks wait in `from_host` until the socket's send buffer takes them;
+//!   their credits go back to the host side as they do.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::sync::mpsc::error::TrySendError;
+use vswitch_nat::{FlowId, FlowState};
+
+use super::protocol::{CHUNK_OVERHEAD, FlowChannel, FlowShared};
+use super::worker::Worker;
+
+/// Largest chunk read from a flow's socket at once.
+const CHUNK_FROM_CONTAINER: usize = 64 * 1024;
+
+/// The datapath's half of a TCP flow's splice.
+pub(super) struct FlowIo {
+    /// Chunks for the host side; `None` once the container closed its sending half.
+    to_host: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    /// A chunk read from the container that the host side had no room for yet.
+    stash: Option<Vec<u8>>,
+    /// Host bytes waiting for room in the socket, and how much of the first is sent.
+    from_host: VecDeque<Vec<u8>>,
+    offset: usize,
+    host_eof: bool,
+    fin_sent: bool,
+    shared: Arc<FlowShared>,
+}
+
+impl FlowIo {
+    pub(super) fn new(ch: FlowChannel) -> Self {
+        Self {
+            to_host: Some(ch.to_host),
+            stash: None,
+            from_host: VecDeque::new(),
+            offset: 0,
+            host_eof: false,
+            fin_sent: false,
+            shared: ch.shared,
+        }
+    }
+
+    /// The host side hands over `data` (its credits were taken).
+    pub(super) fn push_from_host(&mut self, data: Vec<u8>) {
+        self.from_host.push_back(data);
+    }
+
+    /// The host side is done sending.
+    pub(super) fn host_eof(&mut self) {
+        self.host_eof = true;
+    }
+
+    /// The flow is gone: the host side stops waiting for credits.
+    pub(super) fn close(&self) {
+        self.shared.credits.close();
+    }
+}
+
+impl Worker {
+    /// Moves bytes between a flow's smoltcp socket and its host side, both ways, as far as
+    /// the other side can take them, and propagates closes.
+    pub(super) fn service_flow(&mut self, now: Instant, flow: FlowId) {
+        let Some(io) = self.flows.get_mut(&flow) else {
+            return;
+        };
+        // Container -> host, while the host side's queue has room.
+        loop {
+            if let Some(chunk) = io.stash.take() {
+                match io.to_host.as_ref().map(|t| t.try_send(chunk)) {
+                    Some(Ok(())) => {}
+                    Some(Err(TrySendError::Full(c))) => {
+                        io.stash = Some(c);
+                        io.shared.blocked.store(true, Ordering::Release);
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            let Some(chunk) = self.gateway.tcp_recv_chunk(now, flow, CHUNK_FROM_CONTAINER) else {
+                break;
+            };
+            io.stash = Some(chunk);
+        }
+        // Host -> container, as far as the socket's send buffer allows.
+        while let Some(front) = io.from_host.front() {
+            let n = self.gateway.tcp_send(now, flow, &front[io.offset..]);
+            io.shared.credits.add_permits(n);
+            io.offset += n;
+            if io.offset < front.len() {
+                break;
+            }
+            io.from_host.pop_front();
+            io.offset = 0;
+            io.shared.credits.add_permits(CHUNK_OVERHEAD);
+        }
+        if io.host_eof && io.from_host.is_empty() && !io.fin_sent {
+            io.fin_sent = true;
+            self.gateway.tcp_close(now, flow);
+        }
+        match self.gateway.tcp_state(flow) {
+            FlowState::PeerClosed if io.stash.is_none() => {
+                // The container is done sending: closing our end of the queue lets the host
+                // side shut down its write half after the last byte.
+                io.to_host = None;
+            }
+            FlowState::Closed => {
+                if let Some(io) = self.flows.remove(&flow) {
+                    if !io.fin_sent || io.stash.is_some() {
+                        io.shared.reset.store(true, Ordering::Release);
+                    }
+                    io.close();
+                }
+            }
+            _ => {}
+        }
+    }
+}

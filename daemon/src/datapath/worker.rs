@@ -1,0 +1,624 @@
+//! The datapath thread: its epoll loop over the ports and the command eventfd, switching, and
+//! the commands of [`super::protocol`].
+
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use vswitch_nat::flows::{IcmpFlows, UdpFlows, UdpKind};
+use vswitch_nat::frame::slice_udp;
+use vswitch_nat::{FlowId, Gateway, TcpEvent};
+use vswitch_switch::vnet::VNET_HDR_LEN;
+use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, MacAddr, PortId};
+
+use super::protocol::{Command, Commands, DNS_PORT, Event, Injector, NatJob, ReplyTo};
+use super::services::{IcmpFlow, UdpFlow};
+use super::tcp::FlowIo;
+use super::{DatapathSpec, Links};
+use crate::api::{FdbRow, NetworkStats, PortStatsRow};
+
+/// Frames read from one port before the loop looks at the others.
+const BATCH: usize = 64;
+/// Largest frame a vnet TAP hands over: a 64 KiB GSO frame plus Ethernet and virtio headers.
+const FRAME_BUF: usize = VNET_HDR_LEN + 14 + 65_535 + 64;
+const WAKE_TOKEN: u64 = u64::MAX;
+const GATEWAY_NAME: &str = "(gateway)";
+/// DNS over TCP on the virtual network: connections per network, and how long a client may take
+/// to send a complete query.
+const DNS_TCP_CONNS: usize = 32;
+const DNS_TCP_IDLE: Duration = Duration::from_secs(5);
+
+/// Busy-polling after traffic: for `window` after the last event the thread polls epoll
+/// without sleeping, so the next frame of a conversation finds it awake. Going to sleep and
+/// being woken costs a context switch on each side and, on an idle CPU of a VM, an IPI to a
+/// halted vCPU: tens of microseconds per frame that a request/response exchange pays every
+/// time. The kernel's `net.core.busy_poll` makes the same trade. An idle network still sleeps.
+#[derive(Debug, Clone, Copy)]
+struct BusyPoll {
+    window: Duration,
+    last_traffic: Option<Instant>,
+}
+
+impl BusyPoll {
+    fn new(window: Duration) -> Self {
+        Self {
+            window,
+            last_traffic: None,
+        }
+    }
+
+    /// Whether the thread should poll rather than sleep at `now`.
+    fn spinning(&self, now: Instant) -> bool {
+        !self.window.is_zero()
+            && self
+                .last_traffic
+                .is_some_and(|t| now.saturating_duration_since(t) < self.window)
+    }
+
+    fn traffic(&mut self, now: Instant) {
+        self.last_traffic = Some(now);
+    }
+}
+
+struct PortIo {
+    fd: OwnedFd,
+    endpoint_id: String,
+    endpoint_name: String,
+}
+
+/// Everything one network's datapath thread owns.
+pub(super) struct Worker {
+    pub(super) network_id: String,
+    pub(super) network_name: String,
+    nice: i32,
+    busy_poll: BusyPoll,
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    commands: mpsc::Receiver<Command>,
+    /// The sending half of `commands`, for the injectors this thread hands out.
+    injector: Injector,
+    pub(super) links: Links,
+    bridge: Bridge,
+    pub(super) gateway: Gateway,
+    pub(super) gateway_port: PortId,
+    pub(super) gateway_mac: [u8; 6],
+    pub(super) gateway_ips: Vec<IpAddr>,
+    pub(super) nat_enabled: bool,
+    /// The host side of each TCP flow terminated on the gateway.
+    pub(super) flows: HashMap<FlowId, FlowIo>,
+    pub(super) udp: UdpFlows<UdpFlow>,
+    pub(super) icmp: IcmpFlows<IcmpFlow>,
+    /// Indexed by `PortId::index()`; `None` for the gateway port and free slots.
+    ports: Vec<Option<PortIo>>,
+    /// Reused list of flood targets, so flooding allocates nothing.
+    scratch: Vec<PortId>,
+    running: bool,
+}
+
+impl Worker {
+    /// A worker for `spec`'s network, and the queue that commands it.
+    pub(super) fn new(spec: DatapathSpec, links: Links) -> io::Result<(Self, Commands)> {
+        let DatapathSpec {
+            network_id,
+            network_name,
+            gateway,
+            nice,
+            busy_poll,
+        } = spec;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let wake = Arc::new(EventFd::from_flags(
+            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+        )?);
+        epoll.add(
+            wake.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
+        )?;
+        let (tx, rx) = mpsc::channel();
+        let commands = Commands::new(tx, wake.clone());
+        let now = Instant::now();
+        let mut bridge = Bridge::new(BridgeConfig {
+            frame_offset: VNET_HDR_LEN,
+            ..BridgeConfig::default()
+        });
+        let gateway_port = bridge.add_port();
+        // The gateway's MAC is its own for good: a container sending from it is dropped rather
+        // than taking the others' traffic to the gateway (NAT, DNS) for itself.
+        bridge.pin(now, MacAddr(gateway.mac), gateway_port);
+        let gateway_ips: Vec<IpAddr> = gateway
+            .ipv4
+            .map(|(ip, _)| IpAddr::V4(ip))
+            .into_iter()
+            .chain(gateway.ipv6.map(|(ip, _)| IpAddr::V6(ip)))
+            .collect();
+        let mut gw = Gateway::new(&gateway, now);
+        if links.dns.is_some() {
+            gw.enable_stream_service(now, DNS_PORT, DNS_TCP_CONNS, DNS_TCP_IDLE);
+        }
+        let mut ports = Vec::new();
+        ports.resize_with(gateway_port.index() + 1, || None);
+        let worker = Self {
+            network_id,
+            network_name,
+            nice,
+            busy_poll: BusyPoll::new(busy_poll),
+            epoll,
+            wake,
+            commands: rx,
+            injector: Injector::new(commands.clone()),
+            links,
+            bridge,
+            gateway: gw,
+            gateway_port,
+            gateway_mac: gateway.mac,
+            gateway_ips,
+            nat_enabled: gateway.nat,
+            flows: HashMap::new(),
+            udp: UdpFlows::default(),
+            icmp: IcmpFlows::default(),
+            ports,
+            scratch: Vec::new(),
+            running: true,
+        };
+        Ok((worker, commands))
+    }
+
+    pub(super) fn injector(&self) -> Injector {
+        self.injector.clone()
+    }
+
+    /// Runs the worker on a thread of its own until [`Command::Shutdown`].
+    pub(super) fn spawn(mut self) -> io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("dp-{}", self.network_name))
+            .spawn(move || {
+                // Forwarding ahead of the containers' threads, as the kernel's softirqs would:
+                // on a busy machine a datapath that waits behind the senders it serves slows
+                // them all down (measured in ARCHITECTURE.md).
+                if self.nice != 0
+                    && let Err(e) = vswitch_netdev::set_thread_nice(self.nice)
+                {
+                    tracing::debug!(nice = self.nice, error = %e, "datapath keeps the default priority");
+                }
+                self.run();
+            })
+    }
+
+    fn run(&mut self) {
+        tracing::debug!(network = %self.network_name, "datapath started");
+        let mut buf = vec![0u8; FRAME_BUF];
+        let mut events = vec![EpollEvent::empty(); 64];
+        while self.running {
+            let now = Instant::now();
+            let spinning = self.busy_poll.spinning(now);
+            let timeout = if spinning {
+                EpollTimeout::ZERO
+            } else {
+                self.next_timeout(now)
+            };
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => {
+                    tracing::error!(network = %self.network_name, error = %e, "epoll_wait failed; datapath stops");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == WAKE_TOKEN {
+                    let _ = self.wake.read();
+                    self.drain_commands();
+                    continue;
+                }
+                let Some(port) = usize::try_from(token)
+                    .ok()
+                    .and_then(|i| self.bridge.port_at(i))
+                else {
+                    continue;
+                };
+                if ev
+                    .events()
+                    .intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP)
+                {
+                    self.port_gone(port);
+                    continue;
+                }
+                self.read_port(port, &mut buf);
+            }
+            if n == 0 && spinning {
+                // Nothing yet: poll again, leaving timers for when the thread goes to sleep
+                // (their deadlines are whole milliseconds, the spin a few microseconds). Yield
+                // first: the process whose answer we wait for may have been woken on this very
+                // CPU, and spinning over it would delay the answer we spin for.
+                std::thread::yield_now();
+                continue;
+            }
+            let now = Instant::now();
+            if n > 0 {
+                // The window opens when the frames have been handled, not when the wait began:
+                // after a long sleep that would already be over, and the answer to the frame
+                // just forwarded would have to wake the thread again.
+                self.busy_poll.traffic(now);
+            }
+            self.bridge.handle_timeout(now);
+            self.gateway.handle_timeout(now);
+            self.udp.sweep(now);
+            self.icmp.sweep(now);
+            self.flush_gateway(now);
+        }
+        tracing::debug!(network = %self.network_name, "datapath stopped");
+    }
+
+    fn next_timeout(&mut self, now: Instant) -> EpollTimeout {
+        let due = [
+            self.bridge.poll_timeout(),
+            self.gateway.poll_timeout(now),
+            self.udp.next_sweep(),
+            self.icmp.next_sweep(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        match due {
+            None => EpollTimeout::NONE,
+            Some(t) => {
+                let wait = t.saturating_duration_since(now);
+                // Round up to whole milliseconds so we never wake just before the deadline.
+                let ms = wait.as_micros().div_ceil(1000).min(60_000) as u16;
+                EpollTimeout::from(ms)
+            }
+        }
+    }
+
+    fn read_port(&mut self, port: PortId, buf: &mut [u8]) {
+        for _ in 0..BATCH {
+            let Some(Some(io)) = self.ports.get(port.index()) else {
+                return;
+            };
+            match nix::unistd::read(&io.fd, buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let now = Instant::now();
+                    self.switch(now, port, &buf[..n]);
+                    self.flush_gateway(now);
+                }
+                Err(Errno::EAGAIN) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    // EBADFD (device gone) and friends: the port is dead.
+                    tracing::debug!(network = %self.network_name, error = %e, "read failed");
+                    self.port_gone(port);
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn switch(&mut self, now: Instant, ingress: PortId, frame: &[u8]) {
+        match self.bridge.handle_frame(now, ingress, frame) {
+            Decision::Forward(p) => self.deliver(now, p, frame),
+            Decision::Flood => {
+                let mut targets = std::mem::take(&mut self.scratch);
+                targets.clear();
+                targets.extend(self.bridge.flood_ports(ingress));
+                for &p in &targets {
+                    self.deliver(now, p, frame);
+                }
+                self.scratch = targets;
+            }
+            Decision::Drop(_) => {}
+        }
+    }
+
+    fn deliver(&mut self, now: Instant, port: PortId, frame: &[u8]) {
+        if port == self.gateway_port {
+            let handled = match slice_udp(frame) {
+                Some(u) => self.dns_udp(now, &u) || self.nat_udp(now, &u),
+                None => self.nat_icmp(now, frame),
+            };
+            if !handled {
+                self.gateway.handle_frame(now, frame);
+            }
+            return;
+        }
+        let Some(Some(io)) = self.ports.get(port.index()) else {
+            return;
+        };
+        match nix::unistd::write(&io.fd, frame) {
+            Ok(n) if n == frame.len() => {}
+            _ => self.bridge.note_tx_failed(port, frame.len()),
+        }
+    }
+
+    /// Answers DNS-over-TCP queries the gateway collected, hands new outbound TCP flows to the
+    /// host side, services flows with activity, then sends what the gateway emitted into the
+    /// network, as frames from the gateway port.
+    fn flush_gateway(&mut self, now: Instant) {
+        for m in self.gateway.poll_stream_messages() {
+            let outcome = match &self.links.dns {
+                Some(hook) => hook.responder.answer(
+                    vswitch_dns::Asker::Network {
+                        network_id: &self.network_id,
+                        client: m.peer,
+                    },
+                    vswitch_dns::Transport::Tcp,
+                    &m.message,
+                ),
+                None => vswitch_dns::Outcome::Drop,
+            };
+            match outcome {
+                vswitch_dns::Outcome::Reply(answer) => {
+                    self.gateway.stream_reply(now, m.conn, &answer)
+                }
+                vswitch_dns::Outcome::Forward => self.forward(now, m.message, ReplyTo::Tcp(m.conn)),
+                vswitch_dns::Outcome::Drop => self.gateway.stream_unanswered(now, m.conn),
+            }
+        }
+        for ev in self.gateway.poll_tcp_events() {
+            match ev {
+                TcpEvent::Syn { flow, src, dst } => {
+                    let _ = self.links.nat_jobs.send(NatJob::Dial {
+                        flow,
+                        src,
+                        dst,
+                        gateway: self.gateway_ips.clone(),
+                        policy: self.links.policy.clone(),
+                        injector: self.injector(),
+                    });
+                }
+                TcpEvent::Activity(flow) => self.service_flow(now, flow),
+            }
+        }
+        while let Some(frame) = self.gateway.poll_transmit() {
+            self.switch(now, self.gateway_port, &frame);
+        }
+    }
+
+    fn port_gone(&mut self, port: PortId) {
+        let Some(io) = self.unplug(port) else { return };
+        tracing::info!(network = %self.network_name, endpoint = %io.endpoint_name, "endpoint's device is gone");
+        let _ = self.links.events.send(Event::PortGone {
+            network_id: self.network_id.clone(),
+            endpoint_id: io.endpoint_id,
+        });
+    }
+
+    fn unplug(&mut self, port: PortId) -> Option<PortIo> {
+        let io = self.ports.get_mut(port.index())?.take()?;
+        let _ = self.epoll.delete(io.fd.as_fd());
+        self.bridge.remove_port(port);
+        Some(io)
+    }
+
+    /// Plugs `io` in as a new port, with the endpoint's MAC pinned to it.
+    fn add_port(&mut self, io: PortIo, mac: [u8; 6]) -> io::Result<PortId> {
+        let port = self.bridge.add_port();
+        self.bridge.pin(Instant::now(), MacAddr(mac), port);
+        let token = port.index() as u64;
+        if let Err(e) = self
+            .epoll
+            .add(io.fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
+        {
+            self.bridge.remove_port(port);
+            return Err(e.into());
+        }
+        if self.ports.len() <= port.index() {
+            self.ports.resize_with(port.index() + 1, || None);
+        }
+        self.ports[port.index()] = Some(io);
+        Ok(port)
+    }
+
+    fn drain_commands(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            self.command(cmd);
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        let now = Instant::now();
+        match cmd {
+            Command::AddPort {
+                fd,
+                endpoint_id,
+                endpoint_name,
+                mac,
+                reply,
+            } => {
+                let io = PortIo {
+                    fd,
+                    endpoint_id,
+                    endpoint_name,
+                };
+                let r = self.add_port(io, mac);
+                let _ = reply.send(r);
+                return;
+            }
+            Command::RemovePort { port, reply } => {
+                // If the control plane is gone, the fd is closed here after all.
+                let _ = reply.send(self.unplug(port).map(|io| io.fd));
+                return;
+            }
+            Command::Fdb(reply) => {
+                let _ = reply.send(self.fdb_rows(now));
+                return;
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(self.stats());
+                return;
+            }
+            Command::InjectFrame(frame) => {
+                self.injector.taken(frame.len());
+                self.switch(now, self.gateway_port, &frame);
+                return;
+            }
+            Command::StreamReply { conn, answer } => {
+                self.injector.taken(answer.len());
+                self.gateway.stream_reply(now, conn, &answer);
+            }
+            Command::NatOpen {
+                local,
+                remote,
+                channel,
+                reply,
+            } => {
+                let flow = self.gateway.tcp_connect(now, local, remote);
+                if let Some(f) = flow {
+                    self.flows.insert(f, FlowIo::new(channel));
+                }
+                let _ = reply.send(flow);
+            }
+            Command::NatDialed { flow, channel } => match channel {
+                Some(ch) => {
+                    self.flows.insert(flow, FlowIo::new(ch));
+                    self.gateway.tcp_established(now, flow);
+                }
+                None => self.gateway.tcp_abort(now, flow),
+            },
+            Command::NatHostData { flow, data } => {
+                if let Some(io) = self.flows.get_mut(&flow) {
+                    io.push_from_host(data);
+                    self.service_flow(now, flow);
+                }
+            }
+            Command::NatHostEof { flow } => {
+                if let Some(io) = self.flows.get_mut(&flow) {
+                    io.host_eof();
+                    self.service_flow(now, flow);
+                }
+            }
+            Command::NatHostReset { flow } => {
+                if let Some(io) = self.flows.remove(&flow) {
+                    io.close();
+                }
+                self.gateway.tcp_abort(now, flow);
+            }
+            Command::NatResume { flow } => self.service_flow(now, flow),
+            Command::IcmpIn { key, frame } => {
+                self.injector.taken(frame.len());
+                if self.icmp.touch(now, &key).is_some() {
+                    self.switch(now, self.gateway_port, &frame);
+                }
+                return;
+            }
+            Command::UdpIn {
+                key,
+                frame,
+                published,
+            } => {
+                self.injector.taken(frame.len());
+                if self.udp.touch(now, &key).is_none() {
+                    // A late datagram of an expired outbound flow is dropped; a published
+                    // port's new client becomes a flow.
+                    let Some((socket, client)) = published else {
+                        return;
+                    };
+                    let flow = UdpFlow::published(socket, client);
+                    self.udp.insert(now, key, UdpKind::Published, flow);
+                }
+                self.switch(now, self.gateway_port, &frame);
+                return;
+            }
+            Command::Shutdown => {
+                self.running = false;
+                return;
+            }
+        }
+        self.flush_gateway(now);
+    }
+
+    fn fdb_rows(&self, now: Instant) -> Vec<FdbRow> {
+        let mut rows: Vec<FdbRow> = self
+            .bridge
+            .fdb()
+            .iter(now)
+            .map(|(mac, port, age)| FdbRow {
+                mac_address: mac.to_string(),
+                port: port.index() as u32,
+                endpoint: self.port_name(port),
+                age_seconds: (age.as_millis() as f64) / 1000.0,
+            })
+            .collect();
+        rows.sort_by(|a, b| a.port.cmp(&b.port).then(a.mac_address.cmp(&b.mac_address)));
+        rows
+    }
+
+    fn stats(&self) -> NetworkStats {
+        let ports = self
+            .bridge
+            .ports()
+            .filter_map(|p| {
+                let s = self.bridge.port_stats(p)?;
+                // The gateway's frames from host sockets that never got in count as drops on
+                // its way into the switch.
+                let backlog_drops = if p == self.gateway_port {
+                    self.injector.dropped()
+                } else {
+                    0
+                };
+                Some(PortStatsRow {
+                    port: p.index() as u32,
+                    endpoint: self.port_name(p),
+                    rx_frames: s.rx_frames,
+                    rx_bytes: s.rx_bytes,
+                    rx_dropped: s.rx_dropped + backlog_drops,
+                    tx_frames: s.tx_frames,
+                    tx_bytes: s.tx_bytes,
+                    tx_dropped: s.tx_dropped,
+                })
+            })
+            .collect();
+        let b = self.bridge.stats();
+        NetworkStats {
+            network: self.network_name.clone(),
+            ports,
+            malformed: b.malformed,
+            invalid_source: b.invalid_source,
+            learn_refused: b.learn_refused,
+            flooded: b.flooded,
+            fdb_entries: self.bridge.fdb().len(),
+        }
+    }
+
+    fn port_name(&self, port: PortId) -> String {
+        if port == self.gateway_port {
+            return GATEWAY_NAME.to_owned();
+        }
+        match self.ports.get(port.index()) {
+            Some(Some(io)) => io.endpoint_name.clone(),
+            _ => String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_poll_spins_only_within_its_window_after_traffic() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let mut bp = BusyPoll::new(us(50));
+        assert!(!bp.spinning(t0), "no traffic yet: sleep");
+        bp.traffic(t0);
+        assert!(bp.spinning(t0));
+        assert!(bp.spinning(t0 + us(49)));
+        assert!(!bp.spinning(t0 + us(50)), "window over: sleep");
+        bp.traffic(t0 + us(200));
+        assert!(bp.spinning(t0 + us(230)), "new traffic opens a new window");
+        // A clock that seems to go backwards still counts as inside the window.
+        assert!(bp.spinning(t0 + us(100)));
+
+        let mut off = BusyPoll::new(Duration::ZERO);
+        off.traffic(t0);
+        assert!(!off.spinning(t0), "0 turns it off");
+    }
+}

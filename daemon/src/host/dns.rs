@@ -1,0 +1,21 @@
+//! Relaying the queries the embedded DNS server cannot answer to the upstream servers.
+
+use vswitch_dns::upstream::Forwarder;
+
+use crate::datapath::ForwardJob;
+
+/// Relays queries upstream as the datapaths hand them over, one task per query; each answer
+/// goes back to the datapath that asked.
+pub async fn run_forwarder(
+    forwarder: Forwarder,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<ForwardJob>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let f = forwarder.clone();
+        tokio::spawn(async move {
+            let answer = f.forward(&job.query, job.reply.is_tcp()).await;
+            job.injector.deliver(job.reply, answer);
+            drop(job.permit);
+        });
+    }
+}

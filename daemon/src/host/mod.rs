@@ -1,0 +1,17 @@
+//! The daemon's host side: the sockets in its own network namespace that carry containers'
+//! traffic to and from the outside, as tokio tasks.
+//!
+//! - [`published`]: published ports' accept loops;
+//! - [`outbound`]: dialling containers' TCP destinations, receiving their UDP and ping answers;
+//! - [`splice`]: moving a TCP flow's bytes between a host socket and the datapath;
+//! - [`direct`]: the in-kernel path of published ports for loopback clients;
+//! - [`dns`]: relaying DNS queries upstream.
+//!
+//! Everything here feeds the datapaths through their [`Injector`](crate::datapath::Injector);
+//! nothing here is reached from the datapath except through the jobs it hands out.
+
+pub mod direct;
+pub mod dns;
+pub mod outbound;
+pub mod published;
+pub mod splice;

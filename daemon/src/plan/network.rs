@@ -1,0 +1,373 @@
+//! `network create`: validating the request and choosing the subnets and gateways.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::{DEFAULT_NETWORK, check_name};
+use crate::api::NetworkCreate;
+use crate::error::{Error, Result};
+use crate::ipam;
+use crate::state::{Network, Store};
+
+pub const DEFAULT_MTU: u32 = 1500;
+
+/// The default `bridge` network (172.17.0.0/16, no names), as docker0.
+pub fn default_bridge(id: String, created: String) -> Network {
+    Network {
+        id,
+        name: DEFAULT_NETWORK.to_owned(),
+        created,
+        subnet: ipnet::Ipv4Net::new_assert(Ipv4Addr::new(172, 17, 0, 0), 16),
+        gateway: Ipv4Addr::new(172, 17, 0, 1),
+        ip_range: None,
+        subnet6: None,
+        gateway6: None,
+        internal: false,
+        mtu: DEFAULT_MTU,
+        dns_names: false,
+    }
+}
+
+/// Validates a `network create` request against the current state and builds the network
+/// with the given id and creation time. `host_routes`: the daemon namespace's routes, which
+/// automatic subnets stay clear of.
+pub fn plan_network(
+    store: &Store,
+    req: NetworkCreate,
+    host_routes: &[ipnet::Ipv4Net],
+    id: String,
+    created: String,
+) -> Result<Network> {
+    check_name("network", &req.name)?;
+    if matches!(req.name.as_str(), "host" | "none") || req.name.starts_with("container:") {
+        return Err(Error::forbidden(format!(
+            "network name {} is reserved for a network mode",
+            req.name
+        )));
+    }
+    if store
+        .find_network(&req.name)
+        .is_some_and(|n| n.name == req.name)
+    {
+        return Err(Error::conflict(format!(
+            "network with name {} already exists",
+            req.name
+        )));
+    }
+    let (v4, v6) = subnets(&req.subnets)?;
+    let (gw4, gw6) = gateways(&req.gateways)?;
+    if v6.is_some() && !req.enable_ipv6 {
+        return Err(Error::bad_request("an IPv6 --subnet needs --ipv6"));
+    }
+    if gw4.is_some() && v4.is_none() {
+        return Err(Error::bad_request("--gateway needs --subnet"));
+    }
+    if gw6.is_some() && v6.is_none() {
+        return Err(Error::bad_request(
+            "an IPv6 --gateway needs an IPv6 --subnet",
+        ));
+    }
+    // Automatic picks avoid other networks and whatever the host already routes (a LAN or VPN
+    // on 172.18/16 would otherwise become unreachable from every container), as Docker does.
+    let taken4: Vec<_> = store
+        .networks
+        .values()
+        .map(|n| n.subnet)
+        .chain(host_routes.iter().copied())
+        .collect();
+    let subnet = match v4 {
+        Some(s) => {
+            if let Some(other) = store
+                .networks
+                .values()
+                .find(|n| ipam::overlaps4(n.subnet, s))
+            {
+                return Err(Error::conflict(format!(
+                    "subnet {s} overlaps with network {} ({})",
+                    other.name, other.subnet
+                )));
+            }
+            s
+        }
+        None => ipam::pick_subnet(&taken4).ok_or_else(|| {
+            Error::conflict("no free subnet left in the default pools; give one with --subnet")
+        })?,
+    };
+    let gateway = match gw4 {
+        Some(g) if ipam::is_host4(subnet, g) => g,
+        Some(g) => {
+            return Err(Error::bad_request(format!(
+                "gateway {g} is not a host address of subnet {subnet}"
+            )));
+        }
+        None => Ipv4Addr::from(u32::from(subnet.network()) + 1),
+    };
+    let ip_range = match &req.ip_range {
+        None => None,
+        Some(_) if v4.is_none() => return Err(Error::bad_request("--ip-range needs --subnet")),
+        Some(r) => {
+            let range: ipnet::Ipv4Net = r.parse().map_err(|_| {
+                Error::bad_request(format!("invalid --ip-range {r:?}: expected IPv4 CIDR"))
+            })?;
+            if !subnet.contains(&range) {
+                return Err(Error::bad_request(format!(
+                    "ip-range {range} is not inside subnet {subnet}"
+                )));
+            }
+            Some(range.trunc())
+        }
+    };
+    let (subnet6, gateway6) = if req.enable_ipv6 {
+        let s6 = v6.unwrap_or_else(|| ipam::ula_for(&id));
+        if let Some(other) = store
+            .networks
+            .values()
+            .find(|n| n.subnet6.is_some_and(|o| ipam::overlaps6(o, s6)))
+        {
+            return Err(Error::conflict(format!(
+                "subnet {s6} overlaps with network {}",
+                other.name
+            )));
+        }
+        let g6 = match gw6 {
+            Some(g) if ipam::is_host6(s6, g) => g,
+            Some(g) => {
+                return Err(Error::bad_request(format!(
+                    "gateway {g} is not a host address of subnet {s6}"
+                )));
+            }
+            None => Ipv6Addr::from(u128::from(s6.network()) + 1),
+        };
+        (Some(s6), Some(g6))
+    } else {
+        (None, None)
+    };
+    let mtu = req.mtu.unwrap_or(DEFAULT_MTU);
+    let min_mtu = if req.enable_ipv6 { 1280 } else { 576 };
+    if !(min_mtu..=65_520).contains(&mtu) {
+        return Err(Error::bad_request(format!(
+            "invalid MTU {mtu}: expected {min_mtu} to 65520"
+        )));
+    }
+    Ok(Network {
+        id,
+        name: req.name,
+        created,
+        subnet,
+        gateway,
+        ip_range,
+        subnet6,
+        gateway6,
+        internal: req.internal,
+        mtu,
+        dns_names: true,
+    })
+}
+
+/// At most one IPv4 and one IPv6 subnet, told apart by their text.
+fn subnets(given: &[String]) -> Result<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)> {
+    let (mut v4, mut v6) = (None, None);
+    for s in given {
+        if s.contains(':') {
+            if v6
+                .replace(ipam::parse_subnet6(s).map_err(Error::bad_request)?)
+                .is_some()
+            {
+                return Err(Error::bad_request("at most one IPv6 --subnet"));
+            }
+        } else if v4
+            .replace(ipam::parse_subnet4(s).map_err(Error::bad_request)?)
+            .is_some()
+        {
+            return Err(Error::bad_request("at most one IPv4 --subnet"));
+        }
+    }
+    Ok((v4, v6))
+}
+
+/// At most one gateway per address family.
+fn gateways(given: &[String]) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
+    let (mut gw4, mut gw6) = (None, None);
+    for g in given {
+        match g.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) if gw4.is_none() => gw4 = Some(a),
+            Ok(IpAddr::V6(a)) if gw6.is_none() => gw6 = Some(a),
+            Ok(_) => {
+                return Err(Error::bad_request(
+                    "at most one --gateway per address family",
+                ));
+            }
+            Err(_) => {
+                return Err(Error::bad_request(format!("invalid gateway address {g:?}")));
+            }
+        }
+    }
+    Ok((gw4, gw6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind::{self, BadRequest, Conflict, Forbidden};
+
+    fn store_with(nets: &[(&str, &str)]) -> Store {
+        let mut store = Store::default();
+        let bridge = default_bridge("b".repeat(64), String::new());
+        store.networks.insert(bridge.id.clone(), bridge);
+        for (i, (name, subnet)) in nets.iter().enumerate() {
+            let req = NetworkCreate {
+                name: (*name).to_owned(),
+                subnets: vec![(*subnet).to_owned()],
+                ..Default::default()
+            };
+            let n = plan_network(&store, req, &[], format!("{i:064}"), String::new())
+                .expect("fixture network");
+            store.networks.insert(n.id.clone(), n);
+        }
+        store
+    }
+
+    fn req(name: &str) -> NetworkCreate {
+        NetworkCreate {
+            name: name.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn plan(store: &Store, r: NetworkCreate) -> Result<Network> {
+        plan_network(store, r, &[], "a".repeat(64), "now".into())
+    }
+
+    #[test]
+    fn bad_requests_get_their_status_and_change_nothing() {
+        let store = store_with(&[("dev", "10.1.0.0/16")]);
+        let with = |f: &dyn Fn(&mut NetworkCreate)| {
+            let mut r = req("new");
+            f(&mut r);
+            r
+        };
+        let cases: Vec<(NetworkCreate, ErrorKind, &str)> = vec![
+            (req("bad name"), BadRequest, "invalid network name"),
+            (req("host"), Forbidden, "reserved"),
+            (req("container:x"), BadRequest, "invalid network name"),
+            (req("dev"), Conflict, "already exists"),
+            (
+                with(&|r| r.subnets = vec!["10.1.5.0/24".into()]),
+                Conflict,
+                "overlaps with network dev",
+            ),
+            (
+                with(&|r| r.subnets = vec!["10.9.0.1/16".into()]),
+                BadRequest,
+                "should be 10.9.0.0/16",
+            ),
+            (
+                with(&|r| r.subnets = vec!["10.9.0.0/16".into(), "10.8.0.0/16".into()]),
+                BadRequest,
+                "at most one IPv4",
+            ),
+            (
+                with(&|r| r.gateways = vec!["10.9.0.1".into()]),
+                BadRequest,
+                "--gateway needs --subnet",
+            ),
+            (
+                with(&|r| {
+                    r.subnets = vec!["10.9.0.0/16".into()];
+                    r.gateways = vec!["10.10.0.1".into()];
+                }),
+                BadRequest,
+                "not a host address",
+            ),
+            (
+                with(&|r| r.gateways = vec!["banana".into()]),
+                BadRequest,
+                "invalid gateway",
+            ),
+            (
+                with(&|r| r.subnets = vec!["fd00::/64".into()]),
+                BadRequest,
+                "needs --ipv6",
+            ),
+            (
+                with(&|r| r.ip_range = Some("10.9.1.0/24".into())),
+                BadRequest,
+                "--ip-range needs --subnet",
+            ),
+            (
+                with(&|r| {
+                    r.subnets = vec!["10.9.0.0/16".into()];
+                    r.ip_range = Some("10.10.1.0/24".into());
+                }),
+                BadRequest,
+                "not inside subnet",
+            ),
+            (with(&|r| r.mtu = Some(100)), BadRequest, "invalid MTU"),
+            (
+                with(&|r| {
+                    r.enable_ipv6 = true;
+                    r.mtu = Some(1000);
+                }),
+                BadRequest,
+                "expected 1280",
+            ),
+        ];
+        for (r, kind, text) in cases {
+            let what = format!("{r:?}");
+            let e = plan(&store, r).expect_err(&what);
+            assert_eq!(e.kind(), kind, "{what}: {e}");
+            assert!(e.message().contains(text), "{what}: {e}");
+        }
+    }
+
+    #[test]
+    fn automatic_choices() {
+        let store = store_with(&[("a", "172.18.0.0/16")]);
+        let n = plan(&store, req("new")).expect("plan");
+        assert_eq!(n.subnet.to_string(), "172.19.0.0/16", "next free /16");
+        assert_eq!(n.gateway, Ipv4Addr::new(172, 19, 0, 1));
+        assert_eq!((n.mtu, n.dns_names, n.internal), (1500, true, false));
+        assert_eq!((n.id.len(), n.created.as_str()), (64, "now"));
+        assert_eq!(n.subnet6, None);
+        // Routes of the host push automatic picks further.
+        let routes = ["172.19.0.0/16".parse().expect("net")];
+        let n = plan_network(&store, req("new"), &routes, "a".into(), String::new()).expect("plan");
+        assert_eq!(n.subnet.to_string(), "172.20.0.0/16");
+        // IPv6 without a subnet gets a ULA /64 from the id, gateway ::1.
+        let mut r = req("six");
+        r.enable_ipv6 = true;
+        let n = plan(&store, r).expect("plan");
+        let s6 = n.subnet6.expect("v6");
+        assert_eq!(s6.prefix_len(), 64);
+        assert_eq!(s6.network().segments()[0] >> 8, 0xfd);
+        assert_eq!(
+            n.gateway6,
+            Some(Ipv6Addr::from(u128::from(s6.network()) + 1))
+        );
+    }
+
+    #[test]
+    fn given_values_are_kept() {
+        let store = store_with(&[]);
+        let r = NetworkCreate {
+            name: "lab".into(),
+            subnets: vec!["10.80.0.0/16".into(), "fd00:80::/64".into()],
+            gateways: vec!["10.80.0.254".into(), "fd00:80::fe".into()],
+            ip_range: Some("10.80.5.7/24".into()),
+            internal: true,
+            mtu: Some(9000),
+            enable_ipv6: true,
+        };
+        let n = plan(&store, r).expect("plan");
+        assert_eq!(n.gateway, Ipv4Addr::new(10, 80, 0, 254));
+        assert_eq!(
+            n.ip_range.map(|r| r.to_string()).as_deref(),
+            Some("10.80.5.0/24")
+        );
+        assert_eq!(
+            n.gateway6.map(|g| g.to_string()).as_deref(),
+            Some("fd00:80::fe")
+        );
+        assert!(n.internal);
+        assert_eq!(n.mtu, 9000);
+    }
+}

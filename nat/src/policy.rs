@@ -1,0 +1,102 @@
+//! Where containers may go through NAT: a pure decision per new flow.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::Proto;
+
+/// Where containers may go through NAT. The daemon keeps one current and shares it with the
+/// datapaths and dial tasks, which consult it once per new flow (never per packet).
+///
+/// - The gateway's own address means "the host": only the published ports are reachable there
+///   (that is hairpin), unless the daemon runs with `--allow-host-loopback`, which opens every
+///   service listening on the host's loopback. Safe by default: a container cannot reach a
+///   database or admin socket bound to 127.0.0.1 on the host.
+/// - Addresses inside any vswitch network are refused: networks stay isolated even through
+///   NAT, and such traffic never leaks to a LAN that happens to use the same range.
+/// - Everything else is dialled from the daemon's namespace.
+#[derive(Debug, Default)]
+pub struct Policy {
+    pub subnets: Vec<ipnet::IpNet>,
+    pub published: HashSet<(Proto, u16)>,
+    pub host_loopback: bool,
+}
+
+impl Policy {
+    /// The host address to dial for a container's connection to `dst`, or `None` if refused.
+    pub fn outbound_target(
+        &self,
+        proto: Proto,
+        dst: SocketAddr,
+        gateway: &[IpAddr],
+    ) -> Option<SocketAddr> {
+        let ip = dst.ip();
+        if gateway.contains(&ip) {
+            if !self.host_loopback && !self.published.contains(&(proto, dst.port())) {
+                return None;
+            }
+            let lo: IpAddr = match ip {
+                IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            };
+            return Some(SocketAddr::new(lo, dst.port()));
+        }
+        if self.is_network(ip) || ip.is_loopback() || ip.is_unspecified() {
+            return None;
+        }
+        Some(dst)
+    }
+
+    /// Whether `ip` lies inside a vswitch network (isolated: never reached through NAT).
+    pub fn is_network(&self, ip: IpAddr) -> bool {
+        self.subnets.iter().any(|n| n.contains(&ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy() {
+        let gw: Vec<IpAddr> = vec!["10.1.0.1".parse().expect("ip")];
+        let mut p = Policy {
+            subnets: vec![
+                "10.1.0.0/24".parse().expect("net"),
+                "10.2.0.0/24".parse().expect("net"),
+            ],
+            ..Default::default()
+        };
+        p.published.insert((Proto::Tcp, 8081));
+        let sa = |s: &str| s.parse::<SocketAddr>().expect("sa");
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("10.1.0.1:8081"), &gw),
+            Some(sa("127.0.0.1:8081"))
+        );
+        assert_eq!(
+            p.outbound_target(Proto::Udp, sa("10.1.0.1:8081"), &gw),
+            None,
+            "UDP 8081 not published"
+        );
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("10.1.0.1:22"), &gw),
+            None,
+            "host loopback closed"
+        );
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("10.2.0.5:80"), &gw),
+            None,
+            "other network"
+        );
+        assert_eq!(p.outbound_target(Proto::Tcp, sa("127.0.0.1:80"), &gw), None);
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("192.0.2.2:80"), &gw),
+            Some(sa("192.0.2.2:80"))
+        );
+        p.host_loopback = true;
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("10.1.0.1:22"), &gw),
+            Some(sa("127.0.0.1:22"))
+        );
+    }
+}
