@@ -1,22 +1,26 @@
-//! The gateway's smoltcp interface and the queue device that connects it to the switch.
+//! The gateway's smoltcp interface: which frames it takes, its shards of sockets, its timers.
+//!
+//! - `classify`: which connection a TCP frame belongs to (its shard);
+//! - `device`: the queue device between the stack and the switch, and TCP offloads;
+//! - `flows`: the TCP flow API its caller drives (published ports, outbound NAT).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+use std::net::IpAddr;
+
 use smoltcp::iface::{Config, Interface, SocketSet};
-use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::wire::{
     ArpPacket, EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpCidr,
-    IpProtocol, Ipv4Address, Ipv6Address, Ipv6Packet,
+    IpProtocol, Ipv4Address, Ipv4Packet, Ipv6Address, Ipv6Packet,
 };
 use vswitch_switch::vnet::VNET_HDR_LEN;
 
 use crate::stream::{StreamMessage, StreamService};
-use crate::tcp::{FlowId, FlowState, Flows, TcpEvent};
-use smoltcp::socket::tcp;
-use smoltcp::wire::{IpEndpoint, IpListenEndpoint, Ipv4Packet, TcpPacket};
-use std::net::{IpAddr, SocketAddr};
+use crate::tcp::{FlowId, Flows, TcpEvent};
+use classify::{Classified, is_icmpv6, tcp_segment};
+use device::QueueDevice;
 
 /// Frames waiting for the stack beyond this many are dropped (the stack is polled after every
 /// frame, so the queue only fills if something is badly wrong).
@@ -161,217 +165,6 @@ impl Gateway {
             IpAddr::V4(v4) => self.ipv4 == Some(v4),
             IpAddr::V6(v6) => self.ipv6 == Some(v6),
         }
-    }
-
-    /// Events of TCP flows since the last call.
-    pub fn poll_tcp_events(&mut self) -> Vec<TcpEvent> {
-        std::mem::take(&mut self.tcp_events)
-    }
-
-    /// Opens a connection to a container (`remote`) from `local` (the client's address, or the
-    /// gateway's). `None` if the flow table is full or the addresses do not fit.
-    pub fn tcp_connect(
-        &mut self,
-        now: Instant,
-        local: SocketAddr,
-        remote: SocketAddr,
-    ) -> Option<FlowId> {
-        if !self.room_for_flow(remote.ip()) {
-            return None;
-        }
-        let mut s = crate::tcp::new_socket();
-        s.connect(
-            self.iface.context(),
-            IpEndpoint::from(remote),
-            IpEndpoint::from(local),
-        )
-        .ok()?;
-        let state = s.state();
-        let k = self.shard_for(local, remote);
-        let id = self.add_flow(k, s, state, remote.ip());
-        self.poll(now, k);
-        Some(id)
-    }
-
-    /// Which shard holds the connection between `a` and `b` (either order).
-    fn shard_for(&self, a: SocketAddr, b: SocketAddr) -> usize {
-        use std::hash::BuildHasher;
-        let svc = self.stream.as_ref().map(StreamService::port);
-        let own_svc = |e: SocketAddr| svc == Some(e.port()) && self.is_own(e.ip());
-        if own_svc(a) || own_svc(b) {
-            return 0;
-        }
-        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-        (self.hasher.hash_one((lo, hi)) % SHARDS as u64) as usize
-    }
-
-    fn add_flow(
-        &mut self,
-        k: usize,
-        s: tcp::Socket<'static>,
-        state: tcp::State,
-        container: IpAddr,
-    ) -> FlowId {
-        self.next_flow += 1;
-        let id = FlowId((self.next_flow << SHARD_BITS) | k as u64);
-        let shard = &mut self.shards[k];
-        let h = shard.sockets.add(s);
-        shard.flows.insert(id, h, state, container);
-        *self.per_container.entry(container).or_default() += 1;
-        id
-    }
-
-    /// Whether one more flow of `container` fits: in the table, and in the container's share.
-    fn room_for_flow(&self, container: IpAddr) -> bool {
-        self.tcp_flows() < crate::tcp::MAX_FLOWS
-            && self.per_container.get(&container).copied().unwrap_or(0)
-                < crate::tcp::MAX_FLOWS_PER_CONTAINER
-    }
-
-    /// Open TCP flows of the container at `addr`.
-    pub fn tcp_flows_of(&self, addr: IpAddr) -> u32 {
-        self.per_container.get(&addr).copied().unwrap_or(0)
-    }
-
-    /// The shard and socket of a flow.
-    fn flow_socket(&mut self, flow: FlowId) -> Option<(usize, &mut tcp::Socket<'static>)> {
-        let k = shard_of(flow);
-        let shard = self.shards.get_mut(k)?;
-        let f = shard.flows.flows.get(&flow)?;
-        Some((k, shard.sockets.get_mut::<tcp::Socket>(f.handle)))
-    }
-
-    /// Lets an intercepted outbound connection complete its handshake (the dial succeeded).
-    pub fn tcp_established(&mut self, now: Instant, flow: FlowId) {
-        if let Some((k, s)) = self.flow_socket(flow) {
-            s.pause_synack(false);
-            self.poll(now, k);
-        }
-    }
-
-    /// Moves up to `data.len()` bytes into the flow's send buffer; returns how many it took.
-    /// If it took less, the flow reports activity once there is room again.
-    pub fn tcp_send(&mut self, now: Instant, flow: FlowId, data: &[u8]) -> usize {
-        let k = shard_of(flow);
-        let Some(shard) = self.shards.get_mut(k) else {
-            return 0;
-        };
-        let Some(f) = shard.flows.flows.get_mut(&flow) else {
-            return 0;
-        };
-        let s = shard.sockets.get_mut::<tcp::Socket>(f.handle);
-        let n = if s.may_send() {
-            s.send_slice(data).unwrap_or(0)
-        } else {
-            0
-        };
-        if n < data.len() {
-            f.want_write = true;
-        }
-        if n > 0 {
-            self.poll(now, k);
-        }
-        n
-    }
-
-    /// Reads what the container sent, up to `buf.len()` bytes.
-    pub fn tcp_recv(&mut self, now: Instant, flow: FlowId, buf: &mut [u8]) -> usize {
-        let Some((k, s)) = self.flow_socket(flow) else {
-            return 0;
-        };
-        let n = if s.can_recv() {
-            s.recv_slice(buf).unwrap_or(0)
-        } else {
-            0
-        };
-        if n > 0 {
-            // Window updates go out with the next poll; do it now so the sender is not stalled.
-            self.poll(now, k);
-        }
-        n
-    }
-
-    /// Takes up to `max` bytes the container sent as one new buffer (one copy, no zeroing);
-    /// `None` if there is nothing to read.
-    pub fn tcp_recv_chunk(&mut self, now: Instant, flow: FlowId, max: usize) -> Option<Vec<u8>> {
-        let (k, s) = self.flow_socket(flow)?;
-        if !s.can_recv() {
-            return None;
-        }
-        let chunk = s
-            .recv(|data| {
-                let n = data.len().min(max);
-                (n, data[..n].to_vec())
-            })
-            .ok()
-            .filter(|c| !c.is_empty())?;
-        self.poll(now, k);
-        Some(chunk)
-    }
-
-    /// Half-closes the flow towards the container (FIN after the queued data).
-    pub fn tcp_close(&mut self, now: Instant, flow: FlowId) {
-        if let Some((k, s)) = self.flow_socket(flow) {
-            s.close();
-            self.poll(now, k);
-        }
-    }
-
-    /// Resets the flow (RST to the container) and forgets it.
-    pub fn tcp_abort(&mut self, now: Instant, flow: FlowId) {
-        if let Some((k, s)) = self.flow_socket(flow) {
-            s.abort();
-            self.poll(now, k);
-        }
-    }
-
-    pub fn tcp_state(&self, flow: FlowId) -> FlowState {
-        let Some(shard) = self.shards.get(shard_of(flow)) else {
-            return FlowState::Closed;
-        };
-        match shard.flows.flows.get(&flow) {
-            Some(f) => crate::tcp::flow_state(shard.sockets.get::<tcp::Socket>(f.handle)),
-            None => FlowState::Closed,
-        }
-    }
-
-    /// Number of open TCP flows.
-    pub fn tcp_flows(&self) -> usize {
-        self.shards.iter().map(|s| s.flows.flows.len()).sum()
-    }
-
-    /// An outbound SYN (to an address that is not the gateway's, or to a gateway port other
-    /// than DNS): set up a paused listener for exactly that destination, in shard `k`, and tell
-    /// the caller.
-    fn intercept_syn(&mut self, src: SocketAddr, dst: SocketAddr) {
-        if !self.nat || !self.room_for_flow(src.ip()) {
-            return;
-        }
-        if self.is_own(dst.ip()) && self.stream.as_ref().is_some_and(|s| s.port() == dst.port()) {
-            return;
-        }
-        let k = self.shard_for(src, dst);
-        let shard = &self.shards[k];
-        if shard.flows.has_listener_for(
-            &shard.sockets,
-            IpEndpoint::from(src),
-            IpEndpoint::from(dst),
-        ) {
-            return;
-        }
-        let mut s = crate::tcp::new_socket();
-        s.pause_synack(true);
-        if s.listen(IpListenEndpoint {
-            addr: Some(dst.ip().into()),
-            port: dst.port(),
-        })
-        .is_err()
-        {
-            return;
-        }
-        let state = s.state();
-        let flow = self.add_flow(k, s, state, src.ip());
-        self.tcp_events.push(TcpEvent::Syn { flow, src, dst });
     }
 
     /// Accepts length-prefixed messages (DNS over TCP) on `port` of the gateway's addresses, at
@@ -598,70 +391,6 @@ fn shard_of(flow: FlowId) -> usize {
     (flow.0 & (SHARDS as u64 - 1)) as usize
 }
 
-/// What [`Gateway::handle_frame`] needs to know to pick a shard.
-enum Classified {
-    Tcp(Segment),
-    /// IPv4 TCP that is fragmented: no ports to hash.
-    TcpFragment,
-    Other,
-}
-
-fn is_icmpv6(eth_payload: &[u8], ethertype: EthernetProtocol) -> bool {
-    ethertype == EthernetProtocol::Ipv6
-        && Ipv6Packet::new_checked(eth_payload)
-            .is_ok_and(|ip| ip.next_header() == IpProtocol::Icmpv6)
-}
-
-/// The endpoints of a TCP segment in an IP packet, and whether it is a bare SYN.
-struct Segment {
-    src: SocketAddr,
-    dst: SocketAddr,
-    syn_only: bool,
-}
-
-fn tcp_segment(eth_payload: &[u8], ethertype: EthernetProtocol) -> Classified {
-    let (src_ip, dst_ip, tcp_bytes): (IpAddr, IpAddr, &[u8]) = match ethertype {
-        EthernetProtocol::Ipv4 => {
-            let Ok(ip) = Ipv4Packet::new_checked(eth_payload) else {
-                return Classified::Other;
-            };
-            if ip.next_header() != IpProtocol::Tcp {
-                return Classified::Other;
-            }
-            if ip.more_frags() || ip.frag_offset() != 0 {
-                return Classified::TcpFragment;
-            }
-            (
-                IpAddr::V4(ip.src_addr()),
-                IpAddr::V4(ip.dst_addr()),
-                ip.payload(),
-            )
-        }
-        EthernetProtocol::Ipv6 => {
-            let Ok(ip) = Ipv6Packet::new_checked(eth_payload) else {
-                return Classified::Other;
-            };
-            if ip.next_header() != IpProtocol::Tcp {
-                return Classified::Other;
-            }
-            (
-                IpAddr::V6(ip.src_addr()),
-                IpAddr::V6(ip.dst_addr()),
-                ip.payload(),
-            )
-        }
-        _ => return Classified::Other,
-    };
-    let Ok(tcp) = TcpPacket::new_checked(tcp_bytes) else {
-        return Classified::Other;
-    };
-    Classified::Tcp(Segment {
-        src: SocketAddr::new(src_ip, tcp.src_port()),
-        dst: SocketAddr::new(dst_ip, tcp.dst_port()),
-        syn_only: tcp.syn() && !tcp.ack() && !tcp.rst(),
-    })
-}
-
 fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
     let micros = now.saturating_duration_since(epoch).as_micros();
     smoltcp::time::Instant::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
@@ -677,156 +406,9 @@ fn seed(now: Instant, mac: [u8; 6]) -> u64 {
     h.finish()
 }
 
-/// A smoltcp device backed by two queues: frames in from the switch, frames out to it.
-struct QueueDevice {
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
-    mtu: usize,
-}
-
-impl QueueDevice {
-    fn new(mtu: usize) -> Self {
-        Self {
-            rx: VecDeque::new(),
-            tx: VecDeque::new(),
-            mtu,
-        }
-    }
-}
-
-struct RxToken(Vec<u8>);
-
-struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>, smoltcp::phy::PacketMeta);
-
-impl phy::RxToken for RxToken {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-
-impl phy::TxToken for TxToken<'_> {
-    fn set_meta(&mut self, meta: smoltcp::phy::PacketMeta) {
-        self.1 = meta;
-    }
-
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut frame = vec![0u8; VNET_HDR_LEN + len];
-        let r = f(&mut frame[VNET_HDR_LEN..]);
-        offload_tcp(&mut frame, self.1.segmentation_offload_size);
-        if self.0.len() < TX_QUEUE_LIMIT {
-            self.0.push_back(frame);
-        }
-        r
-    }
-}
-
-/// Hands TCP checksumming (and, for super-segments, segmentation) to the receiving kernel
-/// through the virtio-net header, as a NIC driver would: the checksum field gets the
-/// pseudo-header sum and the header says where to finish it. smoltcp leaves TCP checksums to
-/// the device (see `capabilities`), so every TCP frame it emits comes through here.
-fn offload_tcp(frame: &mut [u8], mss: Option<std::num::NonZeroU16>) {
-    use smoltcp::wire::checksum;
-    use vswitch_switch::vnet::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VnetHdr};
-    let Some(eth) = frame.get(VNET_HDR_LEN..) else {
-        return;
-    };
-    let Ok(e) = EthernetFrame::new_checked(eth) else {
-        return;
-    };
-    let (ip_len, seed, gso) = match e.ethertype() {
-        EthernetProtocol::Ipv4 => {
-            let Ok(ip) = Ipv4Packet::new_checked(e.payload()) else {
-                return;
-            };
-            if ip.next_header() != IpProtocol::Tcp {
-                return;
-            }
-            let tcp_len = ip.payload().len() as u32;
-            let seed = checksum::pseudo_header_v4(
-                &ip.src_addr(),
-                &ip.dst_addr(),
-                IpProtocol::Tcp,
-                tcp_len,
-            );
-            (usize::from(ip.header_len()), seed, GSO_TCPV4)
-        }
-        EthernetProtocol::Ipv6 => {
-            let Ok(ip) = Ipv6Packet::new_checked(e.payload()) else {
-                return;
-            };
-            if ip.next_header() != IpProtocol::Tcp {
-                return;
-            }
-            let tcp_len = ip.payload().len() as u32;
-            let seed = checksum::pseudo_header_v6(
-                &ip.src_addr(),
-                &ip.dst_addr(),
-                IpProtocol::Tcp,
-                tcp_len,
-            );
-            (40, seed, GSO_TCPV6)
-        }
-        _ => return,
-    };
-    let l4 = 14 + ip_len;
-    let Some(tcp) = frame.get_mut(VNET_HDR_LEN + l4..) else {
-        return;
-    };
-    let Ok(mut t) = TcpPacket::new_checked(&mut *tcp) else {
-        return;
-    };
-    let tcp_hdr = usize::from(t.header_len());
-    t.set_checksum(seed);
-    let mut hdr = VnetHdr {
-        flags: F_NEEDS_CSUM,
-        csum_start: l4 as u16,
-        csum_offset: 16,
-        ..VnetHdr::default()
-    };
-    if let Some(mss) = mss
-        && frame.len() - VNET_HDR_LEN - l4 - tcp_hdr > usize::from(mss.get())
-    {
-        hdr.gso_type = gso;
-        hdr.gso_size = mss.get();
-        hdr.hdr_len = (l4 + tcp_hdr) as u16;
-    }
-    let _ = hdr.write(frame);
-}
-
-impl phy::Device for QueueDevice {
-    type RxToken<'a> = RxToken;
-    type TxToken<'a> = TxToken<'a>;
-
-    fn receive(
-        &mut self,
-        _timestamp: smoltcp::time::Instant,
-    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let frame = self.rx.pop_front()?;
-        Some((RxToken(frame), TxToken(&mut self.tx, Default::default())))
-    }
-
-    fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
-        Some(TxToken(&mut self.tx, Default::default()))
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = self.mtu + 14;
-        // Frames from a TAP may carry partial TCP/UDP checksums (the sender left them to
-        // "hardware"); verifying those would reject good packets. IP and ICMP checksums are
-        // always complete and are checked.
-        caps.checksum = ChecksumCapabilities::default();
-        // TCP: not verified on receive, and left to the kernel on transmit (`offload_tcp`).
-        caps.checksum.tcp = Checksum::None;
-        caps.checksum.udp = Checksum::Tx;
-        // TSO: smoltcp may emit TCP super-segments up to 64 KiB; the receiving kernel segments
-        // them (or delivers them whole to a local socket, which is the common case here).
-        caps.segmentation.tcpv4 = std::num::NonZeroUsize::new(14 + 65_535 - 100);
-        caps.segmentation.tcpv6 = std::num::NonZeroUsize::new(14 + 65_535 - 100);
-        caps
-    }
-}
+mod classify;
+mod device;
+mod flows;
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 use super::*;
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket as EpArp, EtherType, PacketBuilder};
 use etherparse::{LinkSlice, NetSlice, SlicedPacket, TransportSlice};
+use std::net::SocketAddr;
 
 const GW_MAC: [u8; 6] = [0x02, 0x42, 10, 88, 0, 1];
 const CTR_MAC: [u8; 6] = [0x02, 0x42, 10, 88, 0, 2];

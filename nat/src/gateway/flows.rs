@@ -1,0 +1,226 @@
+//! The gateway's TCP flows as its caller drives them: connections it opens to containers
+//! (published ports), SYNs it holds for outbound NAT, and the bytes moved through them (see
+//! `crate::tcp`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use smoltcp::socket::tcp;
+use smoltcp::wire::{IpEndpoint, IpListenEndpoint};
+
+use super::{Gateway, SHARD_BITS, SHARDS, shard_of};
+use crate::stream::StreamService;
+use crate::tcp::{FlowId, FlowState, TcpEvent};
+
+impl Gateway {
+    /// Events of TCP flows since the last call.
+    pub fn poll_tcp_events(&mut self) -> Vec<TcpEvent> {
+        std::mem::take(&mut self.tcp_events)
+    }
+
+    /// Opens a connection to a container (`remote`) from `local` (the client's address, or the
+    /// gateway's). `None` if the flow table is full or the addresses do not fit.
+    pub fn tcp_connect(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Option<FlowId> {
+        if !self.room_for_flow(remote.ip()) {
+            return None;
+        }
+        let mut s = crate::tcp::new_socket();
+        s.connect(
+            self.iface.context(),
+            IpEndpoint::from(remote),
+            IpEndpoint::from(local),
+        )
+        .ok()?;
+        let state = s.state();
+        let k = self.shard_for(local, remote);
+        let id = self.add_flow(k, s, state, remote.ip());
+        self.poll(now, k);
+        Some(id)
+    }
+
+    /// Which shard holds the connection between `a` and `b` (either order).
+    pub(super) fn shard_for(&self, a: SocketAddr, b: SocketAddr) -> usize {
+        use std::hash::BuildHasher;
+        let svc = self.stream.as_ref().map(StreamService::port);
+        let own_svc = |e: SocketAddr| svc == Some(e.port()) && self.is_own(e.ip());
+        if own_svc(a) || own_svc(b) {
+            return 0;
+        }
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        (self.hasher.hash_one((lo, hi)) % SHARDS as u64) as usize
+    }
+
+    fn add_flow(
+        &mut self,
+        k: usize,
+        s: tcp::Socket<'static>,
+        state: tcp::State,
+        container: IpAddr,
+    ) -> FlowId {
+        self.next_flow += 1;
+        let id = FlowId((self.next_flow << SHARD_BITS) | k as u64);
+        let shard = &mut self.shards[k];
+        let h = shard.sockets.add(s);
+        shard.flows.insert(id, h, state, container);
+        *self.per_container.entry(container).or_default() += 1;
+        id
+    }
+
+    /// Whether one more flow of `container` fits: in the table, and in the container's share.
+    fn room_for_flow(&self, container: IpAddr) -> bool {
+        self.tcp_flows() < crate::tcp::MAX_FLOWS
+            && self.per_container.get(&container).copied().unwrap_or(0)
+                < crate::tcp::MAX_FLOWS_PER_CONTAINER
+    }
+
+    /// Open TCP flows of the container at `addr`.
+    pub fn tcp_flows_of(&self, addr: IpAddr) -> u32 {
+        self.per_container.get(&addr).copied().unwrap_or(0)
+    }
+
+    /// The shard and socket of a flow.
+    fn flow_socket(&mut self, flow: FlowId) -> Option<(usize, &mut tcp::Socket<'static>)> {
+        let k = shard_of(flow);
+        let shard = self.shards.get_mut(k)?;
+        let f = shard.flows.flows.get(&flow)?;
+        Some((k, shard.sockets.get_mut::<tcp::Socket>(f.handle)))
+    }
+
+    /// Lets an intercepted outbound connection complete its handshake (the dial succeeded).
+    pub fn tcp_established(&mut self, now: Instant, flow: FlowId) {
+        if let Some((k, s)) = self.flow_socket(flow) {
+            s.pause_synack(false);
+            self.poll(now, k);
+        }
+    }
+
+    /// Moves up to `data.len()` bytes into the flow's send buffer; returns how many it took.
+    /// If it took less, the flow reports activity once there is room again.
+    pub fn tcp_send(&mut self, now: Instant, flow: FlowId, data: &[u8]) -> usize {
+        let k = shard_of(flow);
+        let Some(shard) = self.shards.get_mut(k) else {
+            return 0;
+        };
+        let Some(f) = shard.flows.flows.get_mut(&flow) else {
+            return 0;
+        };
+        let s = shard.sockets.get_mut::<tcp::Socket>(f.handle);
+        let n = if s.may_send() {
+            s.send_slice(data).unwrap_or(0)
+        } else {
+            0
+        };
+        if n < data.len() {
+            f.want_write = true;
+        }
+        if n > 0 {
+            self.poll(now, k);
+        }
+        n
+    }
+
+    /// Reads what the container sent, up to `buf.len()` bytes.
+    pub fn tcp_recv(&mut self, now: Instant, flow: FlowId, buf: &mut [u8]) -> usize {
+        let Some((k, s)) = self.flow_socket(flow) else {
+            return 0;
+        };
+        let n = if s.can_recv() {
+            s.recv_slice(buf).unwrap_or(0)
+        } else {
+            0
+        };
+        if n > 0 {
+            // Window updates go out with the next poll; do it now so the sender is not stalled.
+            self.poll(now, k);
+        }
+        n
+    }
+
+    /// Takes up to `max` bytes the container sent as one new buffer (one copy, no zeroing);
+    /// `None` if there is nothing to read.
+    pub fn tcp_recv_chunk(&mut self, now: Instant, flow: FlowId, max: usize) -> Option<Vec<u8>> {
+        let (k, s) = self.flow_socket(flow)?;
+        if !s.can_recv() {
+            return None;
+        }
+        let chunk = s
+            .recv(|data| {
+                let n = data.len().min(max);
+                (n, data[..n].to_vec())
+            })
+            .ok()
+            .filter(|c| !c.is_empty())?;
+        self.poll(now, k);
+        Some(chunk)
+    }
+
+    /// Half-closes the flow towards the container (FIN after the queued data).
+    pub fn tcp_close(&mut self, now: Instant, flow: FlowId) {
+        if let Some((k, s)) = self.flow_socket(flow) {
+            s.close();
+            self.poll(now, k);
+        }
+    }
+
+    /// Resets the flow (RST to the container) and forgets it.
+    pub fn tcp_abort(&mut self, now: Instant, flow: FlowId) {
+        if let Some((k, s)) = self.flow_socket(flow) {
+            s.abort();
+            self.poll(now, k);
+        }
+    }
+
+    pub fn tcp_state(&self, flow: FlowId) -> FlowState {
+        let Some(shard) = self.shards.get(shard_of(flow)) else {
+            return FlowState::Closed;
+        };
+        match shard.flows.flows.get(&flow) {
+            Some(f) => crate::tcp::flow_state(shard.sockets.get::<tcp::Socket>(f.handle)),
+            None => FlowState::Closed,
+        }
+    }
+
+    /// Number of open TCP flows.
+    pub fn tcp_flows(&self) -> usize {
+        self.shards.iter().map(|s| s.flows.flows.len()).sum()
+    }
+
+    /// An outbound SYN (to an address that is not the gateway's, or to a gateway port other
+    /// than DNS): set up a paused listener for exactly that destination, in shard `k`, and tell
+    /// the caller.
+    pub(super) fn intercept_syn(&mut self, src: SocketAddr, dst: SocketAddr) {
+        if !self.nat || !self.room_for_flow(src.ip()) {
+            return;
+        }
+        if self.is_own(dst.ip()) && self.stream.as_ref().is_some_and(|s| s.port() == dst.port()) {
+            return;
+        }
+        let k = self.shard_for(src, dst);
+        let shard = &self.shards[k];
+        if shard.flows.has_listener_for(
+            &shard.sockets,
+            IpEndpoint::from(src),
+            IpEndpoint::from(dst),
+        ) {
+            return;
+        }
+        let mut s = crate::tcp::new_socket();
+        s.pause_synack(true);
+        if s.listen(IpListenEndpoint {
+            addr: Some(dst.ip().into()),
+            port: dst.port(),
+        })
+        .is_err()
+        {
+            return;
+        }
+        let state = s.state();
+        let flow = self.add_flow(k, s, state, src.ip());
+        self.tcp_events.push(TcpEvent::Syn { flow, src, dst });
+    }
+}
