@@ -1,0 +1,157 @@
+//! Property tests: whatever frames arrive, on whatever ports, at whatever times, the bridge
+//! never panics, never sends a frame back where it came from or to a port that is gone, keeps
+//! its table within its bound, and its counters add up.
+
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use vswitch_switch::vnet::{VNET_HDR_LEN, VnetHdr};
+use vswitch_switch::{Bridge, Config, Decision, DropReason, MacAddr, PortId};
+
+/// A few MACs, so that frames meet each other's addresses: unicast, broadcast, multicast,
+/// zero.
+fn mac() -> impl Strategy<Value = [u8; 6]> {
+    prop_oneof![
+        (0u8..6).prop_map(|i| [0x02, 0x42, 0, 0, 0, i]),
+        Just([0xff; 6]),
+        Just([0x01, 0x00, 0x5e, 0, 0, 1]),
+        Just([0; 6]),
+        any::<[u8; 6]>(),
+    ]
+}
+
+/// A frame: arbitrary bytes, or a virtio-net header and Ethernet header with some payload,
+/// possibly cut short.
+fn frame() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..40),
+        (
+            mac(),
+            mac(),
+            prop::collection::vec(any::<u8>(), 0..64),
+            any::<usize>()
+        )
+            .prop_map(|(dst, src, payload, cut)| {
+                let mut f = vec![0u8; VNET_HDR_LEN];
+                f.extend_from_slice(&dst);
+                f.extend_from_slice(&src);
+                f.extend_from_slice(&[0x08, 0x00]);
+                f.extend_from_slice(&payload);
+                if cut % 4 == 0 {
+                    f.truncate(cut % (f.len() + 1));
+                }
+                f
+            }),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Frame { port: usize, frame: Vec<u8> },
+    Wait(u64),
+    AddPort,
+    RemovePort(usize),
+    Pin { port: usize, mac: [u8; 6] },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0usize..6, frame()).prop_map(|(port, frame)| Op::Frame { port, frame }),
+        1 => (0u64..400_000).prop_map(Op::Wait),
+        1 => Just(Op::AddPort),
+        1 => (0usize..6).prop_map(Op::RemovePort),
+        1 => (0usize..6, mac()).prop_map(|(port, mac)| Op::Pin { port, mac }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    #[test]
+    fn any_sequence_of_frames_keeps_the_bridge_consistent(ops in prop::collection::vec(op(), 1..64)) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut bridge = Bridge::new(Config {
+            frame_offset: VNET_HDR_LEN,
+            fdb_capacity: 4,
+            aging: Duration::from_secs(300),
+        });
+        let mut ports: Vec<Option<PortId>> = (0..3).map(|_| Some(bridge.add_port())).collect();
+        // Per live port: frames in, frames dropped on the way in.
+        let mut rx = std::collections::HashMap::<PortId, (u64, u64)>::new();
+        let mut floods = 0u64;
+        let mut pins = 0usize;
+        for op in ops {
+            match op {
+                Op::Frame { port, frame } => {
+                    let Some(Some(p)) = ports.get(port).copied() else {
+                        // A port that is not there: refused, nothing counted.
+                        continue;
+                    };
+                    let d = bridge.handle_frame(now, p, &frame);
+                    let e = rx.entry(p).or_default();
+                    e.0 += 1;
+                    match d {
+                        Decision::Forward(out) => {
+                            prop_assert_ne!(out, p, "hairpin");
+                            prop_assert!(ports.contains(&Some(out)), "to a port that is gone");
+                        }
+                        Decision::Flood => {
+                            floods += 1;
+                            prop_assert!(bridge.flood_ports(p).all(|q| q != p));
+                        }
+                        Decision::Drop(DropReason::UnknownPort) => {
+                            prop_assert!(false, "a live port is unknown");
+                        }
+                        Decision::Drop(_) => e.1 += 1,
+                    }
+                }
+                Op::Wait(ms) => {
+                    now += Duration::from_millis(ms);
+                    bridge.handle_timeout(now);
+                }
+                Op::AddPort => ports.push(Some(bridge.add_port())),
+                Op::RemovePort(i) => {
+                    if let Some(slot) = ports.get_mut(i)
+                        && let Some(p) = slot.take()
+                    {
+                        bridge.remove_port(p);
+                        rx.remove(&p);
+                        prop_assert!(bridge.fdb().iter(now).all(|(_, q, _)| q != p));
+                    }
+                }
+                Op::Pin { port, mac } => {
+                    if let Some(Some(p)) = ports.get(port).copied() {
+                        let _ = bridge.pin(now, MacAddr(mac), p);
+                        pins += 1;
+                    }
+                }
+            }
+            for (p, (frames, dropped)) in &rx {
+                let s = bridge.port_stats(*p).expect("live port has stats");
+                prop_assert_eq!(s.rx_frames, *frames);
+                prop_assert_eq!(s.rx_dropped, *dropped);
+            }
+            prop_assert_eq!(bridge.stats().flooded, floods);
+            // Learning stops at the capacity; only pins (the daemon's own addresses) go past it.
+            let entries = bridge.fdb().len();
+            prop_assert!(entries <= 4 + pins, "{entries} entries, capacity 4, {pins} pins");
+        }
+    }
+
+    #[test]
+    fn virtio_net_headers_round_trip(bytes in any::<[u8; VNET_HDR_LEN]>()) {
+        let h = VnetHdr::parse(&bytes).expect("long enough");
+        let mut out = [0u8; VNET_HDR_LEN];
+        h.write(&mut out).expect("fits");
+        prop_assert_eq!(&out[..10], &bytes[..10], "every field but num_buffers survives");
+        prop_assert_eq!(VnetHdr::parse(&out), Some(h));
+    }
+
+    #[test]
+    fn short_buffers_are_not_headers(bytes in prop::collection::vec(any::<u8>(), 0..VNET_HDR_LEN)) {
+        prop_assert_eq!(VnetHdr::parse(&bytes), None);
+        let mut out = bytes.clone();
+        prop_assert_eq!(VnetHdr::default().write(&mut out), None);
+    }
+}
