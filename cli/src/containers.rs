@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::RunArgs;
+use crate::args::RunArgs;
 use crate::client::{Client, ClientError, seg};
 use vswitch_daemon::api::{ContainerInfo, LogChunk, RunRequest};
 
@@ -155,7 +155,7 @@ pub fn ps(client: &Client, all: bool) -> anyhow::Result<ExitCode> {
             c.cmd.join(" "),
         ]);
     }
-    crate::print_table(&rows);
+    crate::commands::print_table(&rows);
     Ok(ExitCode::SUCCESS)
 }
 

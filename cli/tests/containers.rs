@@ -1,13 +1,7 @@
 //! `vswitch run` and friends: every network mode, exit codes, exec, stop/start/rm, logs,
 //! container:X semantics, and containers surviving a daemon restart.
 
-use std::time::Duration;
-
-use vswitch_tests::{Daemon, curl, require_root, text, wait_until};
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
+use vswitch_tests::{Daemon, curl, require_root, secs, text, wait_until};
 
 /// Runs the client and returns (exit code, stdout, stderr).
 fn vs(d: &Daemon, args: &[&str]) -> (i32, String, String) {

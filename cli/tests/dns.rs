@@ -3,13 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use vswitch_tests::{Daemon, Netns, NsDaemon, NsProcess, require_root, text, wait_until};
+use vswitch_tests::{Daemon, Netns, NsDaemon, NsProcess, require_root, secs, text, wait_until};
 
 const UPSTREAM_PORT: &str = "5399";
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 /// A daemon whose upstream is a dnsmasq on 127.0.0.1:5399 in the daemon's namespace, which
 /// answers example.test and says NXDOMAIN for nx.test. Also serves the host on 127.0.0.1:5398.

@@ -2,11 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use vswitch_tests::{Daemon, HttpServer, Netns, Outside, curl, require_root, text};
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
+use vswitch_tests::{Daemon, HttpServer, Netns, Outside, curl, require_root, secs, text};
 
 /// A directory with an index and a 5 MB file of random bytes; returns it and the file's sha256.
 fn webroot(d: &Daemon) -> (std::path::PathBuf, String) {

@@ -8,17 +8,12 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use vswitch_tests::{
-    Netns, NsDaemon, curl, require_root, run, text, unique, vswitch_bin, wait_until,
+    Netns, NsDaemon, curl, require_root, run, secs, text, unique, vswitch_bin, wait_until,
 };
 
 const USER: &str = "vswitch-rootless";
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 fn id_of(flag: &str) -> String {
     let out = run(Command::new("id").args([flag, USER]), secs(5));

@@ -3,11 +3,7 @@
 
 use std::time::Duration;
 
-use vswitch_tests::{Daemon, Netns, NsProcess, require_root, text, wait_until};
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
+use vswitch_tests::{Daemon, Netns, NsProcess, require_root, secs, text, wait_until};
 
 #[test]
 #[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]

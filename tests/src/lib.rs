@@ -71,6 +71,11 @@ impl Drop for TempDir {
     }
 }
 
+/// `s` seconds, for bounds on waits.
+pub fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
 /// Runs a command with a timeout; returns its output.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
     let mut child = cmd

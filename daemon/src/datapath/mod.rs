@@ -18,6 +18,7 @@
 //! front: a TAP in production, one end of a `socketpair(SOCK_SEQPACKET)` in the simulation
 //! tests (`daemon/tests/sim`).
 
+mod busy_poll;
 pub mod protocol;
 mod services;
 mod tcp;

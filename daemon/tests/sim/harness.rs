@@ -21,9 +21,7 @@ use vswitch_nat::{GatewayConfig, Policy};
 use vswitch_switch::vnet::VNET_HDR_LEN;
 use vswitch_switch::{MacAddr, PortId};
 
-pub fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
+pub use vswitch_tests::secs;
 
 pub fn ms(m: u64) -> Duration {
     Duration::from_millis(m)

@@ -1,0 +1,268 @@
+//! The client commands: each one request (or a few) to the daemon, printed.
+
+use std::process::ExitCode;
+
+use vswitch_daemon::api::{
+    AttachRequest, Created, DisconnectRequest, EndpointInfo, FdbRow, NetworkCreate, NetworkInspect,
+    NetworkStats, Target,
+};
+
+use crate::args::{AttachOpts, Command, NetworkCommand};
+use crate::client::{Client, seg};
+use crate::containers;
+
+fn attach_request(target: &str, opts: AttachOpts) -> anyhow::Result<AttachRequest> {
+    Ok(AttachRequest {
+        target: Target::parse(target).map_err(anyhow::Error::msg)?,
+        name: opts.name,
+        ipv4_address: opts.ip,
+        ipv6_address: opts.ip6,
+        aliases: opts.aliases,
+        mac_address: opts.mac,
+        ifname: opts.ifname,
+        ports: opts.publish,
+    })
+}
+
+pub(crate) fn run_client(command: Command, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let client = Client::new(socket)?;
+    match command {
+        Command::Daemon(_)
+        | Command::Init { .. }
+        | Command::Demo { .. }
+        | Command::TapHelper { .. }
+        | Command::SocketHelper { .. } => {
+            unreachable!("handled by main")
+        }
+        Command::Run(args) => containers::run(&client, args),
+        Command::Exec { name, cmd } => containers::exec(client, &name, &cmd),
+        Command::Ps { all } => containers::ps(&client, all),
+        Command::Stop { names, time } => containers::each(&names, |n| {
+            client.post_empty_reply(&format!("/containers/{}/stop?t={time}", seg(n)), &())
+        }),
+        Command::Start { names } => containers::each(&names, |n| {
+            client.post_empty_reply(&format!("/containers/{}/start", seg(n)), &())
+        }),
+        Command::Rm { names, force } => containers::each(&names, |n| {
+            client.delete(&format!("/containers/{}?force={}", seg(n), u8::from(force)))
+        }),
+        Command::Logs { name } => containers::logs(&client, &name),
+        Command::Attach {
+            network,
+            opts,
+            target,
+        } => attach(&client, &network, &target, opts),
+        Command::Detach { name } => {
+            client.delete(&format!("/endpoints/{}", seg(&name)))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fdb { network } => {
+            let rows: Vec<FdbRow> = client.get(&format!("/networks/{}/fdb", seg(&network)))?;
+            let mut table = vec![vec![
+                "MAC ADDRESS".to_owned(),
+                "PORT".to_owned(),
+                "ENDPOINT".to_owned(),
+                "AGE".to_owned(),
+            ]];
+            for r in rows {
+                table.push(vec![
+                    r.mac_address,
+                    r.port.to_string(),
+                    r.endpoint,
+                    format!("{:.1}s", r.age_seconds),
+                ]);
+            }
+            print_table(&table);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats { network } => {
+            let path = match &network {
+                Some(n) => format!("/stats?network={}", seg(n)),
+                None => "/stats".to_owned(),
+            };
+            let nets: Vec<NetworkStats> = client.get(&path)?;
+            let mut table = vec![
+                [
+                    "NETWORK",
+                    "PORT",
+                    "ENDPOINT",
+                    "RX FRAMES",
+                    "RX BYTES",
+                    "RX DROPPED",
+                    "TX FRAMES",
+                    "TX BYTES",
+                    "TX DROPPED",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            for n in nets {
+                for p in n.ports {
+                    table.push(vec![
+                        n.network.clone(),
+                        p.port.to_string(),
+                        p.endpoint,
+                        p.rx_frames.to_string(),
+                        p.rx_bytes.to_string(),
+                        p.rx_dropped.to_string(),
+                        p.tx_frames.to_string(),
+                        p.tx_bytes.to_string(),
+                        p.tx_dropped.to_string(),
+                    ]);
+                }
+            }
+            print_table(&table);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Port { name } => {
+            let eps: Vec<EndpointInfo> = client.get("/endpoints")?;
+            let mine: Vec<&EndpointInfo> = eps.iter().filter(|e| e.name == name).collect();
+            if mine.is_empty() {
+                anyhow::bail!("endpoint {name} not found");
+            }
+            let mut lines: Vec<String> = mine
+                .iter()
+                .flat_map(|e| e.ports.iter().map(ToString::to_string))
+                .collect();
+            lines.sort();
+            lines.dedup();
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Network(cmd) => network(&client, cmd),
+    }
+}
+
+fn attach(
+    client: &Client,
+    network: &str,
+    target: &str,
+    opts: AttachOpts,
+) -> anyhow::Result<ExitCode> {
+    let req = attach_request(target, opts)?;
+    let ep: EndpointInfo = client.post(&format!("/networks/{}/connect", seg(network)), &req)?;
+    println!("{}", ep.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        NetworkCommand::Create {
+            name,
+            subnet,
+            gateway,
+            ip_range,
+            internal,
+            mtu,
+            ipv6,
+        } => {
+            let req = NetworkCreate {
+                name,
+                subnets: subnet,
+                gateways: gateway,
+                ip_range,
+                internal,
+                mtu,
+                enable_ipv6: ipv6,
+            };
+            let created: Created = client.post("/networks/create", &req)?;
+            println!("{}", created.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        NetworkCommand::Ls { quiet, format } => {
+            let nets: Vec<NetworkInspect> = client.get("/networks")?;
+            match (quiet, format.as_str()) {
+                (true, _) => nets.iter().for_each(|n| println!("{}", &n.id[..12])),
+                (false, "json") => {
+                    for n in &nets {
+                        let line = serde_json::json!({
+                            "ID": &n.id[..12], "Name": n.name, "Driver": n.driver,
+                            "Scope": n.scope, "IPv6": n.enable_ipv6, "Internal": n.internal,
+                            "CreatedAt": n.created,
+                        });
+                        println!("{line}");
+                    }
+                }
+                (false, "table") => {
+                    let mut table = vec![
+                        ["NETWORK ID", "NAME", "DRIVER", "SCOPE"]
+                            .map(String::from)
+                            .to_vec(),
+                    ];
+                    for n in &nets {
+                        table.push(vec![
+                            n.id[..12].to_owned(),
+                            n.name.clone(),
+                            n.driver.clone(),
+                            n.scope.clone(),
+                        ]);
+                    }
+                    print_table(&table);
+                }
+                (false, other) => anyhow::bail!("unknown --format {other:?}: use table or json"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        NetworkCommand::Inspect { networks } => {
+            let mut found = Vec::new();
+            let mut failed = false;
+            for n in &networks {
+                match client.get::<NetworkInspect>(&format!("/networks/{}", seg(n))) {
+                    Ok(net) => found.push(net),
+                    Err(e) => {
+                        eprintln!("Error: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&found)?);
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        NetworkCommand::Rm { networks } => containers::each(&networks, |n| {
+            client.delete(&format!("/networks/{}", seg(n)))
+        }),
+        NetworkCommand::Connect {
+            network,
+            target,
+            opts,
+        } => attach(client, &network, &target, opts),
+        NetworkCommand::Disconnect { network, name } => {
+            client.post_empty_reply(
+                &format!("/networks/{}/disconnect", seg(&network)),
+                &DisconnectRequest { container: name },
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints rows as left-aligned columns separated by at least three spaces, like `docker`.
+pub(crate) fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
+            }
+        }
+        println!("{line}");
+    }
+}
