@@ -10,6 +10,7 @@ use vswitch_daemon::api::{
 use crate::args::{AttachOpts, Command, NetworkCommand};
 use crate::client::{Client, seg};
 use crate::containers;
+use crate::table::print_table;
 
 fn attach_request(target: &str, opts: AttachOpts) -> anyhow::Result<AttachRequest> {
     Ok(AttachRequest {
@@ -239,30 +240,5 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-/// Prints rows as left-aligned columns separated by at least three spaces, like `docker`.
-pub(crate) fn print_table(rows: &[Vec<String>]) {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(String::len)
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for row in rows {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
-            }
-        }
-        println!("{line}");
     }
 }

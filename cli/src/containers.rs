@@ -155,7 +155,7 @@ pub fn ps(client: &Client, all: bool) -> anyhow::Result<ExitCode> {
             c.cmd.join(" "),
         ]);
     }
-    crate::commands::print_table(&rows);
+    crate::table::print_table(&rows);
     Ok(ExitCode::SUCCESS)
 }
 

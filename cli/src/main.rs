@@ -10,6 +10,7 @@ mod commands;
 mod containers;
 mod demo;
 mod init;
+mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

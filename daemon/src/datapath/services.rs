@@ -1,10 +1,12 @@
 //! What the gateway port does with a frame before (or instead of) its TCP/IP stack: DNS over
-//! UDP answered inline, and UDP and ping NAT carried through host sockets.
+//! UDP answered inline, and UDP and ping NAT carried through host sockets; and the DNS and NAT
+//! work the stack hands back (queries over TCP, new outbound connections).
 //!
 //! These detours never reach smoltcp: the frame is sliced once ([`vswitch_nat::frame`]), the
 //! flow looked up in a bounded table ([`vswitch_nat::flows`]) and the payload sent through the
 //! flow's host socket. Answers come back from tokio tasks as frames, through the command queue.
-//! The NAT policy (a lock shared with the control plane) is read once per new flow.
+//! The NAT policy (a lock shared with the control plane) is read once per new flow. The
+//! services decide; the worker sends what they return into the network.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -12,11 +14,45 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use vswitch_dns::{Asker, Outcome, Transport};
-use vswitch_nat::flows::UdpKind;
+use vswitch_nat::flows::{IcmpFlows, UdpFlows, UdpKind};
 use vswitch_nat::frame::{UdpView, slice_echo_request};
+use vswitch_nat::{FlowId, StreamMessage};
 
-use super::protocol::{DNS_PORT, FlowReceive, ForwardJob, NatJob, ReceiveKind, ReplyTo, UdpPeer};
-use super::worker::Worker;
+use super::DnsHook;
+use super::protocol::{
+    DNS_PORT, FlowReceive, ForwardJob, Injector, NatJob, ReceiveKind, ReplyTo, SharedPolicy,
+    UdpPeer,
+};
+
+/// What became of a frame offered to a service.
+#[derive(Debug)]
+pub(super) enum Detour {
+    /// Not this service's: the frame goes on (to the next service, then the stack).
+    Pass,
+    /// Taken; nothing to send now.
+    Taken,
+    /// Taken; this frame goes into the network from the gateway port.
+    Send(Vec<u8>),
+}
+
+/// What to do with a DNS message that came over TCP.
+#[derive(Debug)]
+pub(super) enum StreamAnswer {
+    /// Send this answer on the connection.
+    Reply(Vec<u8>),
+    /// Handed upstream: the answer comes later, through the command queue.
+    Forwarded,
+    /// No answer will come: the connection may move on.
+    Unanswered,
+}
+
+/// What became of a query for upstream.
+enum Forwarded {
+    /// On its way: the answer comes back through the command queue.
+    Queued,
+    /// Too many in flight: the REFUSED answer to send, if the query can be answered at all.
+    Refused(Option<Vec<u8>>),
+}
 
 /// A UDP conversation between a container address and a peer, carried by a host socket.
 pub(super) struct UdpFlow {
@@ -26,17 +62,6 @@ pub(super) struct UdpFlow {
     reply_to: Option<SocketAddr>,
     /// Tells the flow's receive task (outbound flows) to stop once the flow is gone.
     alive: Arc<AtomicBool>,
-}
-
-impl UdpFlow {
-    /// The flow of a published port's client, on the port's listening socket.
-    pub(super) fn published(socket: Arc<std::net::UdpSocket>, client: SocketAddr) -> Self {
-        Self {
-            socket,
-            reply_to: Some(client),
-            alive: Arc::new(AtomicBool::new(true)),
-        }
-    }
 }
 
 impl Drop for UdpFlow {
@@ -57,15 +82,29 @@ impl Drop for IcmpFlow {
     }
 }
 
-impl Worker {
-    /// Answers a UDP query to the gateway's port 53 in place. Returns false if the frame is not
-    /// one (it then goes on to NAT or the gateway's stack).
-    pub(super) fn dns_udp(&mut self, now: Instant, u: &UdpView<'_>) -> bool {
-        let Some(hook) = &self.links.dns else {
-            return false;
+/// The gateway's services of one network.
+pub(super) struct Services {
+    pub(super) network_id: String,
+    pub(super) dns: Option<DnsHook>,
+    pub(super) nat_jobs: tokio::sync::mpsc::UnboundedSender<NatJob>,
+    pub(super) policy: SharedPolicy,
+    pub(super) injector: Injector,
+    pub(super) gateway_mac: [u8; 6],
+    pub(super) gateway_ips: Vec<IpAddr>,
+    /// Off on internal networks: no way out.
+    pub(super) nat: bool,
+    pub(super) udp: UdpFlows<UdpFlow>,
+    pub(super) icmp: IcmpFlows<IcmpFlow>,
+}
+
+impl Services {
+    /// Answers a UDP query to the gateway's port 53 in place.
+    pub(super) fn dns_udp(&mut self, u: &UdpView<'_>) -> Detour {
+        let Some(hook) = &self.dns else {
+            return Detour::Pass;
         };
         if u.dst.port() != DNS_PORT || !self.gateway_ips.contains(&u.dst.ip()) {
-            return false;
+            return Detour::Pass;
         }
         let peer = UdpPeer {
             client_mac: u.src_mac,
@@ -77,60 +116,81 @@ impl Worker {
             network_id: &self.network_id,
             client: u.src.ip(),
         };
-        match hook.responder.answer(asker, Transport::Udp, u.payload) {
-            Outcome::Reply(answer) => {
-                if let Some(f) = peer.frame(&answer) {
-                    self.switch(now, self.gateway_port, &f);
+        let answer = match hook.responder.answer(asker, Transport::Udp, u.payload) {
+            Outcome::Reply(answer) => Some(answer),
+            Outcome::Forward => {
+                match self.forward(u.payload.to_vec(), ReplyTo::Udp(peer.clone())) {
+                    Forwarded::Queued => None,
+                    Forwarded::Refused(answer) => answer,
                 }
             }
-            Outcome::Forward => self.forward(now, u.payload.to_vec(), ReplyTo::Udp(peer)),
-            Outcome::Drop => {}
+            Outcome::Drop => None,
+        };
+        match answer.and_then(|a| peer.frame(&a)) {
+            Some(frame) => Detour::Send(frame),
+            None => Detour::Taken,
         }
-        true
     }
 
-    /// Hands a query to the forwarder task, or answers REFUSED if too many are in flight.
-    pub(super) fn forward(&mut self, now: Instant, query: Vec<u8>, reply: ReplyTo) {
-        let Some(hook) = &self.links.dns else {
-            if let ReplyTo::Tcp(conn) = reply {
-                self.gateway.stream_unanswered(now, conn);
-            }
-            return;
+    /// Answers a DNS message that came over TCP on connection `m.conn`.
+    pub(super) fn dns_stream(&mut self, m: StreamMessage) -> StreamAnswer {
+        let Some(hook) = &self.dns else {
+            return StreamAnswer::Unanswered;
+        };
+        let asker = Asker::Network {
+            network_id: &self.network_id,
+            client: m.peer,
+        };
+        match hook.responder.answer(asker, Transport::Tcp, &m.message) {
+            Outcome::Reply(answer) => StreamAnswer::Reply(answer),
+            Outcome::Forward => match self.forward(m.message, ReplyTo::Tcp(m.conn)) {
+                Forwarded::Queued => StreamAnswer::Forwarded,
+                Forwarded::Refused(Some(refused)) => StreamAnswer::Reply(refused),
+                Forwarded::Refused(None) => StreamAnswer::Unanswered,
+            },
+            Outcome::Drop => StreamAnswer::Unanswered,
+        }
+    }
+
+    /// Hands a query to the forwarder task, or refuses it if too many are in flight.
+    fn forward(&mut self, query: Vec<u8>, reply: ReplyTo) -> Forwarded {
+        let Some(hook) = self.dns.as_ref() else {
+            return Forwarded::Refused(None);
         };
         let Some(permit) = hook.forwarder.try_acquire() else {
-            tracing::debug!(network = %self.network_name, "too many DNS forwards in flight; REFUSED");
-            match (hook.responder.refuse(&query), reply) {
-                (Some(answer), ReplyTo::Udp(peer)) => {
-                    if let Some(f) = peer.frame(&answer) {
-                        self.switch(now, self.gateway_port, &f);
-                    }
-                }
-                (Some(answer), ReplyTo::Tcp(conn)) => {
-                    self.gateway.stream_reply(now, conn, &answer);
-                }
-                (None, ReplyTo::Tcp(conn)) => self.gateway.stream_unanswered(now, conn),
-                (None, ReplyTo::Udp(_)) => {}
-            }
-            return;
+            tracing::debug!(network = %self.network_id, "too many DNS forwards in flight; REFUSED");
+            return Forwarded::Refused(hook.responder.refuse(&query));
         };
         let _ = hook.jobs.send(ForwardJob {
             query,
             reply,
-            injector: self.injector(),
+            injector: self.injector.clone(),
             permit,
+        });
+        Forwarded::Queued
+    }
+
+    /// Hands a container's held SYN to the host side, which dials its destination.
+    pub(super) fn dial(&self, flow: FlowId, src: SocketAddr, dst: SocketAddr) {
+        let _ = self.nat_jobs.send(NatJob::Dial {
+            flow,
+            src,
+            dst,
+            gateway: self.gateway_ips.clone(),
+            policy: self.policy.clone(),
+            injector: self.injector.clone(),
         });
     }
 
     /// Carries a container's UDP datagram to its peer through the flow's host socket,
-    /// creating an outbound flow for a new destination. Returns false if the frame is not UDP
-    /// for NAT (it then goes to the gateway's stack).
-    pub(super) fn nat_udp(&mut self, now: Instant, u: &UdpView<'_>) -> bool {
-        if !self.nat_enabled {
-            return false;
+    /// creating an outbound flow for a new destination.
+    pub(super) fn nat_udp(&mut self, now: Instant, u: &UdpView<'_>) -> Detour {
+        if !self.nat {
+            return Detour::Pass;
         }
         let (src, dst) = (u.src, u.dst);
         if dst.ip().is_multicast() || matches!(dst.ip(), IpAddr::V4(v4) if v4.is_broadcast()) {
-            return false;
+            return Detour::Pass;
         }
         let key = (src, dst);
         if let Some(flow) = self.udp.touch(now, &key) {
@@ -138,15 +198,14 @@ impl Worker {
                 Some(client) => flow.socket.send_to(u.payload, client),
                 None => flow.socket.send(u.payload),
             };
-            return true;
+            return Detour::Taken;
         }
-        let target = self.links.policy.read().outbound_target(
-            vswitch_nat::Proto::Udp,
-            dst,
-            &self.gateway_ips,
-        );
+        let target =
+            self.policy
+                .read()
+                .outbound_target(vswitch_nat::Proto::Udp, dst, &self.gateway_ips);
         let Some(target) = target else {
-            return true; // not allowed: dropped
+            return Detour::Taken; // not allowed: dropped
         };
         let bind: SocketAddr = match dst.ip() {
             IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -159,65 +218,84 @@ impl Worker {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::debug!(%dst, error = %e, "cannot open an outbound UDP socket");
-                return true;
+                return Detour::Taken;
             }
         };
         let _ = socket.send(u.payload);
-        let alive = Arc::new(AtomicBool::new(true));
-        let _ = self.links.nat_jobs.send(NatJob::Receive(FlowReceive {
-            socket: socket.clone(),
-            kind: ReceiveKind::Udp { key },
-            container_mac: u.src_mac,
-            gateway_mac: self.gateway_mac,
-            alive: alive.clone(),
-            injector: self.injector(),
-        }));
+        let alive = self.receive(socket.clone(), ReceiveKind::Udp { key }, u.src_mac);
         let flow = UdpFlow {
             socket,
             reply_to: None,
             alive,
         };
         self.udp.insert(now, key, UdpKind::Outbound, flow);
-        true
+        Detour::Taken
+    }
+
+    /// A published UDP port's new client: its datagrams and the container's answers go
+    /// through the port's listening socket.
+    pub(super) fn published_udp(
+        &mut self,
+        now: Instant,
+        key: (SocketAddr, SocketAddr),
+        socket: Arc<std::net::UdpSocket>,
+        client: SocketAddr,
+    ) {
+        let flow = UdpFlow {
+            socket,
+            reply_to: Some(client),
+            alive: Arc::new(AtomicBool::new(true)),
+        };
+        self.udp.insert(now, key, UdpKind::Published, flow);
     }
 
     /// Sends a container's echo request to the outside through a host ICMP socket (an
     /// unprivileged ping socket, or a raw socket when those are not allowed and we are root).
-    /// Returns false if the frame is not an outbound IPv4 echo request.
-    pub(super) fn nat_icmp(&mut self, now: Instant, frame: &[u8]) -> bool {
-        if !self.nat_enabled {
-            return false;
+    pub(super) fn nat_icmp(&mut self, now: Instant, frame: &[u8]) -> Detour {
+        if !self.nat {
+            return Detour::Pass;
         }
         let Some(echo) = slice_echo_request(frame) else {
-            return false;
+            return Detour::Pass;
         };
         let (src, dst) = (IpAddr::V4(echo.src), IpAddr::V4(echo.dst));
         if self.gateway_ips.contains(&dst) || dst.is_multicast() {
-            return false;
+            return Detour::Pass;
         }
         let key = (src, echo.id, dst);
         if let Some(flow) = self.icmp.touch(now, &key) {
             let _ = flow.socket.send(&echo.message);
-            return true;
+            return Detour::Taken;
         }
-        if self.icmp.is_full() || self.links.policy.read().is_network(dst) {
-            return true; // over the bound, or another vswitch network (isolated): dropped
+        if self.icmp.is_full() || self.policy.read().is_network(dst) {
+            return Detour::Taken; // over the bound, or another vswitch network: dropped
         }
         let Some((socket, raw)) = icmp_socket(echo.dst) else {
-            return true;
+            return Detour::Taken;
         };
         let _ = socket.send(&echo.message);
+        let alive = self.receive(socket.clone(), ReceiveKind::Icmp { key, raw }, echo.src_mac);
+        let _ = self.icmp.insert(now, key, IcmpFlow { socket, alive });
+        Detour::Taken
+    }
+
+    /// Has the host side receive a new flow's answers; returns the flag that stops it.
+    fn receive(
+        &self,
+        socket: Arc<std::net::UdpSocket>,
+        kind: ReceiveKind,
+        container_mac: [u8; 6],
+    ) -> Arc<AtomicBool> {
         let alive = Arc::new(AtomicBool::new(true));
-        let _ = self.links.nat_jobs.send(NatJob::Receive(FlowReceive {
-            socket: socket.clone(),
-            kind: ReceiveKind::Icmp { key, raw },
-            container_mac: echo.src_mac,
+        let _ = self.nat_jobs.send(NatJob::Receive(FlowReceive {
+            socket,
+            kind,
+            container_mac,
             gateway_mac: self.gateway_mac,
             alive: alive.clone(),
-            injector: self.injector(),
+            injector: self.injector.clone(),
         }));
-        let _ = self.icmp.insert(now, key, IcmpFlow { socket, alive });
-        true
+        alive
     }
 }
 

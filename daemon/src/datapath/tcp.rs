@@ -3,27 +3,25 @@
 //!
 //! - container -> host: chunks go through a bounded channel; when it is full the chunk waits
 //!   in `stash`, reading from the socket stops (the container's window closes) and `blocked`
-//!   tells the host side to send [`Command::NatResume`](super::protocol::Command) once it has
-//!   made room.
+//!   tells the host side to ask for a resume once it has made room.
 //! - host -> container: chunks wait in `from_host` until the socket's send buffer takes them;
 //!   their credits go back to the host side as they do.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::sync::mpsc::error::TrySendError;
-use vswitch_nat::{FlowId, FlowState};
+use vswitch_nat::{FlowId, FlowState, Gateway};
 
 use super::protocol::{CHUNK_OVERHEAD, FlowChannel, FlowShared};
-use super::worker::Worker;
 
 /// Largest chunk read from a flow's socket at once.
 const CHUNK_FROM_CONTAINER: usize = 64 * 1024;
 
 /// The datapath's half of a TCP flow's splice.
-pub(super) struct FlowIo {
+struct FlowIo {
     /// Chunks for the host side; `None` once the container closed its sending half.
     to_host: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
     /// A chunk read from the container that the host side had no room for yet.
@@ -37,7 +35,7 @@ pub(super) struct FlowIo {
 }
 
 impl FlowIo {
-    pub(super) fn new(ch: FlowChannel) -> Self {
+    fn new(ch: FlowChannel) -> Self {
         Self {
             to_host: Some(ch.to_host),
             stash: None,
@@ -48,27 +46,53 @@ impl FlowIo {
             shared: ch.shared,
         }
     }
+}
+
+/// The host sides of the flows the gateway terminates, by flow.
+#[derive(Default)]
+pub(super) struct TcpFlows {
+    flows: HashMap<FlowId, FlowIo>,
+}
+
+impl TcpFlows {
+    /// Splices `flow` to the host side behind `channel`.
+    pub(super) fn insert(&mut self, flow: FlowId, channel: FlowChannel) {
+        self.flows.insert(flow, FlowIo::new(channel));
+    }
 
     /// The host side hands over `data` (its credits were taken).
-    pub(super) fn push_from_host(&mut self, data: Vec<u8>) {
-        self.from_host.push_back(data);
+    pub(super) fn host_data(
+        &mut self,
+        gw: &mut Gateway,
+        now: Instant,
+        flow: FlowId,
+        data: Vec<u8>,
+    ) {
+        if let Some(io) = self.flows.get_mut(&flow) {
+            io.from_host.push_back(data);
+            self.service(gw, now, flow);
+        }
     }
 
     /// The host side is done sending.
-    pub(super) fn host_eof(&mut self) {
-        self.host_eof = true;
+    pub(super) fn host_eof(&mut self, gw: &mut Gateway, now: Instant, flow: FlowId) {
+        if let Some(io) = self.flows.get_mut(&flow) {
+            io.host_eof = true;
+            self.service(gw, now, flow);
+        }
     }
 
-    /// The flow is gone: the host side stops waiting for credits.
-    pub(super) fn close(&self) {
-        self.shared.credits.close();
+    /// The host side failed: the flow is reset, and the host side stops waiting for credits.
+    pub(super) fn host_reset(&mut self, gw: &mut Gateway, now: Instant, flow: FlowId) {
+        if let Some(io) = self.flows.remove(&flow) {
+            io.shared.credits.close();
+        }
+        gw.tcp_abort(now, flow);
     }
-}
 
-impl Worker {
     /// Moves bytes between a flow's smoltcp socket and its host side, both ways, as far as
     /// the other side can take them, and propagates closes.
-    pub(super) fn service_flow(&mut self, now: Instant, flow: FlowId) {
+    pub(super) fn service(&mut self, gw: &mut Gateway, now: Instant, flow: FlowId) {
         let Some(io) = self.flows.get_mut(&flow) else {
             return;
         };
@@ -85,14 +109,14 @@ impl Worker {
                     _ => break,
                 }
             }
-            let Some(chunk) = self.gateway.tcp_recv_chunk(now, flow, CHUNK_FROM_CONTAINER) else {
+            let Some(chunk) = gw.tcp_recv_chunk(now, flow, CHUNK_FROM_CONTAINER) else {
                 break;
             };
             io.stash = Some(chunk);
         }
         // Host -> container, as far as the socket's send buffer allows.
         while let Some(front) = io.from_host.front() {
-            let n = self.gateway.tcp_send(now, flow, &front[io.offset..]);
+            let n = gw.tcp_send(now, flow, &front[io.offset..]);
             io.shared.credits.add_permits(n);
             io.offset += n;
             if io.offset < front.len() {
@@ -104,9 +128,9 @@ impl Worker {
         }
         if io.host_eof && io.from_host.is_empty() && !io.fin_sent {
             io.fin_sent = true;
-            self.gateway.tcp_close(now, flow);
+            gw.tcp_close(now, flow);
         }
-        match self.gateway.tcp_state(flow) {
+        match gw.tcp_state(flow) {
             FlowState::PeerClosed if io.stash.is_none() => {
                 // The container is done sending: closing our end of the queue lets the host
                 // side shut down its write half after the last byte.
@@ -117,7 +141,7 @@ impl Worker {
                     if !io.fin_sent || io.stash.is_some() {
                         io.shared.reset.store(true, Ordering::Release);
                     }
-                    io.close();
+                    io.shared.credits.close();
                 }
             }
             _ => {}

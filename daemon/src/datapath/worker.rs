@@ -1,7 +1,6 @@
 //! The datapath thread: its epoll loop over the ports and the command eventfd, switching, and
 //! the commands of [`super::protocol`].
 
-use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -12,16 +11,16 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use vswitch_nat::flows::{IcmpFlows, UdpFlows, UdpKind};
+use vswitch_nat::flows::{IcmpFlows, UdpFlows};
 use vswitch_nat::frame::slice_udp;
-use vswitch_nat::{FlowId, Gateway, TcpEvent};
+use vswitch_nat::{Gateway, TcpEvent};
 use vswitch_switch::vnet::VNET_HDR_LEN;
 use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, MacAddr, PortId};
 
 use super::busy_poll::BusyPoll;
-use super::protocol::{Command, Commands, DNS_PORT, Event, Injector, NatJob, ReplyTo};
-use super::services::{IcmpFlow, UdpFlow};
-use super::tcp::FlowIo;
+use super::protocol::{Command, Commands, DNS_PORT, Event, Injector};
+use super::services::{Detour, Services, StreamAnswer};
+use super::tcp::TcpFlows;
 use super::{DatapathSpec, Links};
 use crate::api::{FdbRow, NetworkStats, PortStatsRow};
 
@@ -44,8 +43,8 @@ struct PortIo {
 
 /// Everything one network's datapath thread owns.
 pub(super) struct Worker {
-    pub(super) network_id: String,
-    pub(super) network_name: String,
+    network_id: String,
+    network_name: String,
     nice: i32,
     busy_poll: BusyPoll,
     epoll: Epoll,
@@ -53,17 +52,14 @@ pub(super) struct Worker {
     commands: mpsc::Receiver<Command>,
     /// The sending half of `commands`, for the injectors this thread hands out.
     injector: Injector,
-    pub(super) links: Links,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
     bridge: Bridge,
-    pub(super) gateway: Gateway,
-    pub(super) gateway_port: PortId,
-    pub(super) gateway_mac: [u8; 6],
-    pub(super) gateway_ips: Vec<IpAddr>,
-    pub(super) nat_enabled: bool,
-    /// The host side of each TCP flow terminated on the gateway.
-    pub(super) flows: HashMap<FlowId, FlowIo>,
-    pub(super) udp: UdpFlows<UdpFlow>,
-    pub(super) icmp: IcmpFlows<IcmpFlow>,
+    gateway: Gateway,
+    gateway_port: PortId,
+    /// DNS over UDP and UDP and ping NAT, ahead of the gateway's stack.
+    services: Services,
+    /// The host sides of the TCP flows the gateway terminates.
+    tcp: TcpFlows,
     /// Indexed by `PortId::index()`; `None` for the gateway port and free slots.
     ports: Vec<Option<PortIo>>,
     /// Reused list of flood targets, so flooding allocates nothing.
@@ -112,6 +108,19 @@ impl Worker {
         }
         let mut ports = Vec::new();
         ports.resize_with(gateway_port.index() + 1, || None);
+        let injector = Injector::new(commands.clone());
+        let services = Services {
+            network_id: network_id.clone(),
+            dns: links.dns,
+            nat_jobs: links.nat_jobs,
+            policy: links.policy,
+            injector: injector.clone(),
+            gateway_mac: gateway.mac,
+            gateway_ips,
+            nat: gateway.nat,
+            udp: UdpFlows::default(),
+            icmp: IcmpFlows::default(),
+        };
         let worker = Self {
             network_id,
             network_name,
@@ -120,17 +129,13 @@ impl Worker {
             epoll,
             wake,
             commands: rx,
-            injector: Injector::new(commands.clone()),
-            links,
+            injector,
+            events: links.events,
             bridge,
             gateway: gw,
             gateway_port,
-            gateway_mac: gateway.mac,
-            gateway_ips,
-            nat_enabled: gateway.nat,
-            flows: HashMap::new(),
-            udp: UdpFlows::default(),
-            icmp: IcmpFlows::default(),
+            services,
+            tcp: TcpFlows::default(),
             ports,
             scratch: Vec::new(),
             running: true,
@@ -218,8 +223,8 @@ impl Worker {
             }
             self.bridge.handle_timeout(now);
             self.gateway.handle_timeout(now);
-            self.udp.sweep(now);
-            self.icmp.sweep(now);
+            self.services.udp.sweep(now);
+            self.services.icmp.sweep(now);
             self.flush_gateway(now);
         }
         tracing::debug!(network = %self.network_name, "datapath stopped");
@@ -229,8 +234,8 @@ impl Worker {
         let due = [
             self.bridge.poll_timeout(),
             self.gateway.poll_timeout(now),
-            self.udp.next_sweep(),
-            self.icmp.next_sweep(),
+            self.services.udp.next_sweep(),
+            self.services.icmp.next_sweep(),
         ]
         .into_iter()
         .flatten()
@@ -288,12 +293,17 @@ impl Worker {
 
     fn deliver(&mut self, now: Instant, port: PortId, frame: &[u8]) {
         if port == self.gateway_port {
-            let handled = match slice_udp(frame) {
-                Some(u) => self.dns_udp(now, &u) || self.nat_udp(now, &u),
-                None => self.nat_icmp(now, frame),
+            let detour = match slice_udp(frame) {
+                Some(u) => match self.services.dns_udp(&u) {
+                    Detour::Pass => self.services.nat_udp(now, &u),
+                    taken => taken,
+                },
+                None => self.services.nat_icmp(now, frame),
             };
-            if !handled {
-                self.gateway.handle_frame(now, frame);
+            match detour {
+                Detour::Pass => self.gateway.handle_frame(now, frame),
+                Detour::Taken => {}
+                Detour::Send(reply) => self.switch(now, self.gateway_port, &reply),
             }
             return;
         }
@@ -311,38 +321,17 @@ impl Worker {
     /// network, as frames from the gateway port.
     fn flush_gateway(&mut self, now: Instant) {
         for m in self.gateway.poll_stream_messages() {
-            let outcome = match &self.links.dns {
-                Some(hook) => hook.responder.answer(
-                    vswitch_dns::Asker::Network {
-                        network_id: &self.network_id,
-                        client: m.peer,
-                    },
-                    vswitch_dns::Transport::Tcp,
-                    &m.message,
-                ),
-                None => vswitch_dns::Outcome::Drop,
-            };
-            match outcome {
-                vswitch_dns::Outcome::Reply(answer) => {
-                    self.gateway.stream_reply(now, m.conn, &answer)
-                }
-                vswitch_dns::Outcome::Forward => self.forward(now, m.message, ReplyTo::Tcp(m.conn)),
-                vswitch_dns::Outcome::Drop => self.gateway.stream_unanswered(now, m.conn),
+            let conn = m.conn;
+            match self.services.dns_stream(m) {
+                StreamAnswer::Reply(answer) => self.gateway.stream_reply(now, conn, &answer),
+                StreamAnswer::Forwarded => {}
+                StreamAnswer::Unanswered => self.gateway.stream_unanswered(now, conn),
             }
         }
         for ev in self.gateway.poll_tcp_events() {
             match ev {
-                TcpEvent::Syn { flow, src, dst } => {
-                    let _ = self.links.nat_jobs.send(NatJob::Dial {
-                        flow,
-                        src,
-                        dst,
-                        gateway: self.gateway_ips.clone(),
-                        policy: self.links.policy.clone(),
-                        injector: self.injector(),
-                    });
-                }
-                TcpEvent::Activity(flow) => self.service_flow(now, flow),
+                TcpEvent::Syn { flow, src, dst } => self.services.dial(flow, src, dst),
+                TcpEvent::Activity(flow) => self.tcp.service(&mut self.gateway, now, flow),
             }
         }
         while let Some(frame) = self.gateway.poll_transmit() {
@@ -353,7 +342,7 @@ impl Worker {
     fn port_gone(&mut self, port: PortId) {
         let Some(io) = self.unplug(port) else { return };
         tracing::info!(network = %self.network_name, endpoint = %io.endpoint_name, "endpoint's device is gone");
-        let _ = self.links.events.send(Event::PortGone {
+        let _ = self.events.send(Event::PortGone {
             network_id: self.network_id.clone(),
             endpoint_id: io.endpoint_id,
         });
@@ -440,39 +429,26 @@ impl Worker {
             } => {
                 let flow = self.gateway.tcp_connect(now, local, remote);
                 if let Some(f) = flow {
-                    self.flows.insert(f, FlowIo::new(channel));
+                    self.tcp.insert(f, channel);
                 }
                 let _ = reply.send(flow);
             }
             Command::NatDialed { flow, channel } => match channel {
                 Some(ch) => {
-                    self.flows.insert(flow, FlowIo::new(ch));
+                    self.tcp.insert(flow, ch);
                     self.gateway.tcp_established(now, flow);
                 }
                 None => self.gateway.tcp_abort(now, flow),
             },
             Command::NatHostData { flow, data } => {
-                if let Some(io) = self.flows.get_mut(&flow) {
-                    io.push_from_host(data);
-                    self.service_flow(now, flow);
-                }
+                self.tcp.host_data(&mut self.gateway, now, flow, data)
             }
-            Command::NatHostEof { flow } => {
-                if let Some(io) = self.flows.get_mut(&flow) {
-                    io.host_eof();
-                    self.service_flow(now, flow);
-                }
-            }
-            Command::NatHostReset { flow } => {
-                if let Some(io) = self.flows.remove(&flow) {
-                    io.close();
-                }
-                self.gateway.tcp_abort(now, flow);
-            }
-            Command::NatResume { flow } => self.service_flow(now, flow),
+            Command::NatHostEof { flow } => self.tcp.host_eof(&mut self.gateway, now, flow),
+            Command::NatHostReset { flow } => self.tcp.host_reset(&mut self.gateway, now, flow),
+            Command::NatResume { flow } => self.tcp.service(&mut self.gateway, now, flow),
             Command::IcmpIn { key, frame } => {
                 self.injector.taken(frame.len());
-                if self.icmp.touch(now, &key).is_some() {
+                if self.services.icmp.touch(now, &key).is_some() {
                     self.switch(now, self.gateway_port, &frame);
                 }
                 return;
@@ -483,14 +459,13 @@ impl Worker {
                 published,
             } => {
                 self.injector.taken(frame.len());
-                if self.udp.touch(now, &key).is_none() {
+                if self.services.udp.touch(now, &key).is_none() {
                     // A late datagram of an expired outbound flow is dropped; a published
                     // port's new client becomes a flow.
                     let Some((socket, client)) = published else {
                         return;
                     };
-                    let flow = UdpFlow::published(socket, client);
-                    self.udp.insert(now, key, UdpKind::Published, flow);
+                    self.services.published_udp(now, key, socket, client);
                 }
                 self.switch(now, self.gateway_port, &frame);
                 return;
