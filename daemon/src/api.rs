@@ -15,9 +15,21 @@
 //! | `DELETE /endpoints/{name}` | | 204 (detached from every network) |
 //! | `GET /networks/{name-or-id}/fdb` | | `[FdbRow]` |
 //! | `GET /stats[?network=NAME]` | | `[NetworkStats]` |
+//! | `POST /containers/run` | [`RunRequest`] | 201 [`ContainerInfo`] |
+//! | `GET /containers` | | `[ContainerInfo]` |
+//! | `GET /containers/{name-or-id}` | | [`ContainerInfo`] |
+//! | `POST /containers/{name-or-id}/start` | | [`ContainerInfo`] |
+//! | `POST /containers/{name-or-id}/stop[?t=SECONDS]` | | [`ContainerInfo`] (once exited) |
+//! | `POST /containers/{name-or-id}/kill[?signal=SIG]` | | 204 |
+//! | `DELETE /containers/{name-or-id}[?force=1]` | | 204 |
+//! | `GET /containers/{name-or-id}/logs[?offset=N]` | | [`LogChunk`] |
 //!
-//! Errors carry a status (400 bad request, 404 unknown, 409 conflict, 500 failure) and an
-//! [`ErrorBody`] whose message is the one line the client prints.
+//! Paths may carry a Docker-style version prefix (`/v1.45/networks`). Errors carry a status
+//! and an [`ErrorBody`] whose message is the one line the client prints: 400 bad request, 403
+//! not allowed (removing `bridge`, a network with endpoints, a reserved name), 404 unknown, 408
+//! a request body that did not arrive within 5 s, 409 conflict (a name, address or port in
+//! use; a container not running), 413 a body over 1 MiB, 500 a failure of the daemon, 503 over
+//! the connection limit.
 
 use std::collections::BTreeMap;
 

@@ -349,8 +349,10 @@ impl Gateway {
         [stack, idle].into_iter().flatten().min()
     }
 
-    /// The next frame the gateway sends, virtio-net header first (all zeros: checksums are
-    /// complete and nothing is segmented).
+    /// The next frame the gateway sends, virtio-net header first: for TCP it asks the
+    /// receiving kernel to finish the checksum (`F_NEEDS_CSUM`) and, for a segment longer than
+    /// the MSS, to segment it (TSO); for everything else it is all zeros (complete checksums,
+    /// no segmentation).
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         let frame = self.device.tx.pop_front()?;
         self.stats.emitted += 1;
