@@ -636,6 +636,11 @@ fn a_daemon_that_cannot_start_leaves_no_socket_behind() {
         "{}",
         text(&out.stderr)
     );
+    assert!(
+        text(&out.stderr).contains("state.json"),
+        "the error names the file: {}",
+        text(&out.stderr)
+    );
     assert!(!socket.exists(), "no socket left for clients to find dead");
 }
 
