@@ -30,7 +30,9 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("Error: {e:#}");
-                ExitCode::FAILURE
+                // The kind of failure (a taken name, a namespace not ours) goes back in the
+                // status.
+                ExitCode::from(vswitch_daemon::netns::plumb::helper_exit_code(&e))
             }
         };
     }

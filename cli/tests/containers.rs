@@ -615,3 +615,58 @@ fn what_a_container_started_goes_with_it() {
         count()
     );
 }
+
+/// A start checks the name and starts the process in one hold of the daemon's lock, then lets
+/// go of it while the process makes its namespaces: two `run`s of one name at once still make
+/// one container, and the other gets a conflict. The requests are sent raw, released together.
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn two_runs_of_one_name_at_once_make_one_container() {
+    use std::io::{Read, Write};
+    require_root();
+    let d = Daemon::start();
+    for round in 0..10 {
+        let name = format!("twin{round}");
+        let body = format!(r#"{{"Name":"{name}","Network":"none","Cmd":["sleep","60"]}}"#);
+        let request = format!(
+            "POST /containers/run HTTP/1.1\r\nHost: d\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                let mut conn = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+                conn.set_read_timeout(Some(secs(30))).expect("timeout");
+                let (gate, request) = (gate.clone(), request.clone());
+                std::thread::spawn(move || {
+                    gate.wait();
+                    conn.write_all(request.as_bytes()).expect("send");
+                    let mut answer = String::new();
+                    let _ = conn.read_to_string(&mut answer);
+                    answer
+                })
+            })
+            .collect();
+        let answers: Vec<String> = runs
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        let created = answers
+            .iter()
+            .filter(|a| a.starts_with("HTTP/1.1 201"))
+            .count();
+        let refused = answers
+            .iter()
+            .filter(|a| a.starts_with("HTTP/1.1 409"))
+            .count();
+        assert_eq!((created, refused), (1, 1), "round {round}: {answers:?}");
+        let listed = d
+            .ok(&["ps", "-a"])
+            .lines()
+            .filter(|l| l.split_whitespace().any(|w| w == name))
+            .count();
+        assert_eq!(listed, 1, "round {round}: one container called {name}");
+        d.ok(&["rm", "-f", &name]);
+    }
+}

@@ -24,13 +24,15 @@ pub struct Policy {
 
 impl Policy {
     /// The host address to dial for a container's connection to `dst`, or `None` if refused.
+    /// An IPv4 address written as IPv6 (`::ffff:127.0.0.1`) is judged as the IPv4 address it
+    /// is: a dual-stack host socket would reach that one.
     pub fn outbound_target(
         &self,
         proto: Proto,
         dst: SocketAddr,
         gateway: &[IpAddr],
     ) -> Option<SocketAddr> {
-        let ip = dst.ip();
+        let ip = dst.ip().to_canonical();
         if gateway.contains(&ip) {
             if !self.host_loopback && !self.published.contains(&(proto, dst.port())) {
                 return None;
@@ -41,14 +43,23 @@ impl Policy {
             };
             return Some(SocketAddr::new(lo, dst.port()));
         }
-        if self.is_network(ip) || ip.is_loopback() || ip.is_unspecified() {
+        if !self.may_reach(ip) {
             return None;
         }
         Some(dst)
     }
 
+    /// Whether a container may reach `ip` through NAT at all (ping included): not the host's
+    /// loopback, not "any address", not a vswitch network. (The gateway's own addresses are
+    /// the gateway's: see [`Policy::outbound_target`].)
+    pub fn may_reach(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        !(self.is_network(ip) || ip.is_loopback() || ip.is_unspecified())
+    }
+
     /// Whether `ip` lies inside a vswitch network (isolated: never reached through NAT).
     pub fn is_network(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         self.subnets.iter().any(|n| n.contains(&ip))
     }
 }
@@ -97,6 +108,44 @@ mod tests {
         assert_eq!(
             p.outbound_target(Proto::Tcp, sa("10.1.0.1:22"), &gw),
             Some(sa("127.0.0.1:22"))
+        );
+    }
+
+    /// `::ffff:a.b.c.d` is a.b.c.d to a dual-stack socket: it gets no further than a.b.c.d.
+    #[test]
+    fn ipv4_addresses_written_as_ipv6_get_no_further() {
+        let gw: Vec<IpAddr> = vec!["10.1.0.1".parse().expect("ip")];
+        let p = Policy {
+            subnets: vec!["10.2.0.0/24".parse().expect("net")],
+            ..Default::default()
+        };
+        let sa = |s: &str| s.parse::<SocketAddr>().expect("sa");
+        for refused in [
+            "[::ffff:127.0.0.1]:22",
+            "[::ffff:0.0.0.0]:22",
+            "[::ffff:10.2.0.5]:80",
+            "[::ffff:10.1.0.1]:22",
+            "[::]:22",
+            "[::1]:22",
+        ] {
+            assert_eq!(
+                p.outbound_target(Proto::Tcp, sa(refused), &gw),
+                None,
+                "{refused}"
+            );
+            assert_eq!(
+                p.outbound_target(Proto::Udp, sa(refused), &gw),
+                None,
+                "{refused}"
+            );
+        }
+        assert!(!p.may_reach("::ffff:127.0.0.1".parse().expect("ip")));
+        assert!(!p.may_reach("127.0.0.1".parse().expect("ip")));
+        assert!(!p.may_reach("10.2.0.9".parse().expect("ip")));
+        assert!(p.may_reach("::ffff:192.0.2.1".parse().expect("ip")));
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("[::ffff:192.0.2.1]:80"), &gw),
+            Some(sa("[::ffff:192.0.2.1]:80"))
         );
     }
 }

@@ -37,6 +37,8 @@ const ADOPTED_POLL: Duration = Duration::from_millis(250);
 /// A container whose process runs but has not been let go yet.
 struct Launch {
     c: Container,
+    /// `c` was in the store before (`start`), not new (`run`).
+    stored: bool,
     init: Init,
     mode: Mode,
     /// Rootless: the subordinate ID ranges the daemon maps into the container's user namespace.
@@ -53,45 +55,55 @@ impl Daemon {
 
     /// `vswitch run`: creates and starts a container.
     pub async fn run_container(self: &Arc<Self>, req: RunRequest) -> Result<ContainerInfo> {
-        let c = {
-            let inner = self.inner.lock().await;
+        self.start_detached(move |daemon, inner| {
             let busy: Vec<String> = inner.starting.values().cloned().collect();
-            plan::check_run(&inner.store, &busy, req, ids::random_id(), ids::now())?
-        };
-        self.start_container_record(c).await
+            let c = plan::check_run(&inner.store, &busy, req, ids::random_id(), ids::now())?;
+            daemon.launch(inner, c, false)
+        })
+        .await
     }
 
     /// `vswitch start`.
     pub async fn start_container(self: &Arc<Self>, key: &str) -> Result<ContainerInfo> {
-        let c = {
-            let inner = self.inner.lock().await;
-            let c = Self::find_container(&inner, key)?.clone();
+        let key = key.to_owned();
+        self.start_detached(move |daemon, inner| {
+            let c = Self::find_container(inner, &key)?.clone();
             if c.pid.is_some() || inner.starting.contains_key(&c.id) {
                 return Err(Error::conflict(format!(
                     "container {} is already running",
                     c.name
                 )));
             }
-            c
-        };
-        self.start_container_record(c).await
+            daemon.launch(inner, c, true)
+        })
+        .await
     }
 
-    /// Starts `c` (new, or stopped) and records it running.
-    async fn start_container_record(self: &Arc<Self>, c: Container) -> Result<ContainerInfo> {
-        let id = c.id.clone();
-        let mut launch = {
-            let mut inner = self.inner.lock().await;
-            if inner.starting.contains_key(&id) {
-                return Err(Error::conflict(format!(
-                    "container {} is already starting",
-                    c.name
-                )));
-            }
-            let launch = self.launch(&inner, c)?;
-            inner.starting.insert(id.clone(), launch.c.name.clone());
-            launch
-        };
+    /// Starts a container on a task of its own, so that a client that goes away half-way
+    /// leaves neither a half-started container nor its name held: `launch` checks the request
+    /// and starts the process (under the lock, like everything that follows).
+    async fn start_detached(
+        self: &Arc<Self>,
+        launch: impl FnOnce(&Self, &mut Inner) -> Result<Launch> + Send + 'static,
+    ) -> Result<ContainerInfo> {
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            let launched = {
+                let mut inner = daemon.inner.lock().await;
+                let l = launch(&daemon, &mut inner)?;
+                inner.starting.insert(l.c.id.clone(), l.c.name.clone());
+                l
+            };
+            daemon.finish_start(launched).await
+        })
+        .await
+        .map_err(|e| Error::failed("the start failed", e))?
+    }
+
+    /// Waits (without the lock) until the launched process stands in its namespaces, then
+    /// attaches it, lets it go and records it running.
+    async fn finish_start(self: &Arc<Self>, mut launch: Launch) -> Result<ContainerInfo> {
+        let id = launch.c.id.clone();
         let ready = launch
             .init
             .wait_ready(
@@ -119,7 +131,8 @@ impl Daemon {
     }
 
     /// Writes the container's files and starts its init process (under the lock; quick).
-    fn launch(&self, inner: &Inner, c: Container) -> Result<Launch> {
+    /// `stored`: `c` is a stopped container of the store, not a new one.
+    fn launch(&self, inner: &Inner, c: Container, stored: bool) -> Result<Launch> {
         let dir = container_dir(self.state_dir.path(), &c.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::failed(&format!("cannot create {}", dir.display()), e))?;
@@ -169,6 +182,7 @@ impl Daemon {
         let init = Init::spawn(&dir, &config)?;
         Ok(Launch {
             c,
+            stored,
             init,
             mode,
             id_maps,
@@ -191,8 +205,21 @@ impl Daemon {
         })
     }
 
-    /// Attaches a launched container's networks, writes its hosts file and lets it go.
+    /// Attaches a launched container's networks, writes its hosts file and lets it go. A
+    /// stopped container is taken as the store has it now: it may have left a network while
+    /// the lock was free.
     async fn settle(&self, inner: &mut Inner, l: &mut Launch) -> Result<()> {
+        if l.stored {
+            match inner.store.containers.get(&l.c.id) {
+                Some(now) => l.c = now.clone(),
+                None => {
+                    return Err(Error::not_found(format!(
+                        "container {} was removed while it started",
+                        l.c.name
+                    )));
+                }
+            }
+        }
         let pid = l.init.pid;
         let c = &mut l.c;
         if let Mode::Network(n) = &l.mode {
@@ -345,7 +372,14 @@ impl Daemon {
     pub async fn stop_container(&self, key: &str, timeout: Duration) -> Result<ContainerInfo> {
         let id = {
             let inner = self.inner.lock().await;
-            Self::find_container(&inner, key)?.id.clone()
+            let c = Self::find_container(&inner, key)?;
+            if inner.starting.contains_key(&c.id) {
+                return Err(Error::conflict(format!(
+                    "container {} is starting: stop it once it runs",
+                    c.name
+                )));
+            }
+            c.id.clone()
         };
         if self.kill_container(&id, "SIGTERM").await.is_ok()
             && !self.wait_stopped(&id, timeout).await
@@ -384,28 +418,39 @@ impl Daemon {
         let c = {
             let inner = self.inner.lock().await;
             let c = Self::find_container(&inner, key)?.clone();
-            if inner.starting.contains_key(&c.id) {
-                return Err(Error::conflict(format!(
-                    "container {} is starting: remove it once it runs",
-                    c.name
-                )));
-            }
+            Self::removable(&inner, &c, force)?;
             c
         };
         if c.pid.is_some() {
-            if !force {
-                return Err(Error::conflict(format!(
-                    "container {} is running: stop it first or use rm -f",
-                    c.name
-                )));
-            }
             let _ = self.kill_container(&c.id, "SIGKILL").await;
             self.wait_stopped(&c.id, Duration::from_secs(5)).await;
         }
         let mut inner = self.inner.lock().await;
+        // Checked again: the lock was free while it stopped, and a start may have begun.
+        let Some(now) = inner.store.containers.get(&c.id).cloned() else {
+            return Ok(());
+        };
+        Self::removable(&inner, &now, force)?;
         inner.store.containers.remove(&c.id);
         self.persist(&inner.store)?;
         let _ = std::fs::remove_dir_all(container_dir(self.state_dir.path(), &c.id));
+        Ok(())
+    }
+
+    /// Refuses to remove a container that is starting, or running without `force`.
+    fn removable(inner: &Inner, c: &Container, force: bool) -> Result<()> {
+        if inner.starting.contains_key(&c.id) {
+            return Err(Error::conflict(format!(
+                "container {} is starting: remove it once it runs",
+                c.name
+            )));
+        }
+        if c.pid.is_some() && !force {
+            return Err(Error::conflict(format!(
+                "container {} is running: stop it first or use rm -f",
+                c.name
+            )));
+        }
         Ok(())
     }
 

@@ -71,6 +71,11 @@ pub(super) enum Command {
         conn: u64,
         answer: Vec<u8>,
     },
+    /// A forwarded answer for a DNS-over-TCP connection that was dropped (the backlog was
+    /// full): the connection must not wait for it.
+    StreamUnanswered {
+        conn: u64,
+    },
     /// Open a TCP connection to a container for a published port.
     NatOpen {
         local: SocketAddr,
@@ -178,16 +183,22 @@ impl Injector {
     /// Queues a command carrying `len` bytes of frame or answer, or drops it (counted) when the
     /// backlog is full. False only if the datapath is gone.
     fn send_charged(&self, len: usize, cmd: Command) -> bool {
+        self.try_send_charged(len, cmd).unwrap_or(true)
+    }
+
+    /// Like [`Injector::send_charged`], but says whether it was queued: `None` if it was
+    /// dropped for the budget.
+    fn try_send_charged(&self, len: usize, cmd: Command) -> Option<bool> {
         if self.backlog.bytes.fetch_add(len, Ordering::Relaxed) + len > MAX_BACKLOG_BYTES {
             self.backlog.bytes.fetch_sub(len, Ordering::Relaxed);
             self.backlog.dropped.fetch_add(1, Ordering::Relaxed);
-            return true;
+            return None;
         }
         if self.send(cmd) {
-            return true;
+            return Some(true);
         }
         self.backlog.bytes.fetch_sub(len, Ordering::Relaxed);
-        false
+        Some(false)
     }
 
     /// The datapath took `len` charged bytes off the backlog.
@@ -271,7 +282,15 @@ impl Injector {
                 }
             }
             ReplyTo::Tcp(conn) => {
-                self.send_charged(answer.len(), Command::StreamReply { conn, answer });
+                let len = answer.len();
+                if self
+                    .try_send_charged(len, Command::StreamReply { conn, answer })
+                    .is_none()
+                {
+                    // Dropped for the budget: the connection is told, so that it does not
+                    // wait for the answer (its bounded queue of questions moves on).
+                    self.send(Command::StreamUnanswered { conn });
+                }
             }
         }
     }
@@ -473,6 +492,19 @@ mod tests {
             injector.deliver(ReplyTo::Tcp(1), answer.clone());
         }
         assert_eq!(injector.dropped(), 10);
-        assert_eq!(captured.0.try_iter().count(), fit);
+        let queued: Vec<Command> = captured.0.try_iter().collect();
+        let replies = queued
+            .iter()
+            .filter(|c| matches!(c, Command::StreamReply { .. }))
+            .count();
+        let unanswered = queued
+            .iter()
+            .filter(|c| matches!(c, Command::StreamUnanswered { conn: 1 }))
+            .count();
+        assert_eq!(replies, fit);
+        assert_eq!(
+            unanswered, 10,
+            "a dropped answer still frees its connection"
+        );
     }
 }

@@ -267,8 +267,9 @@ impl Services {
             let _ = flow.socket.send(&echo.message);
             return Detour::Taken;
         }
-        if self.icmp.is_full() || self.policy.read().is_network(dst) {
-            return Detour::Taken; // over the bound, or another vswitch network: dropped
+        if self.icmp.is_full() || !self.policy.read().may_reach(dst) {
+            // Over the bound; or the host's loopback, or another vswitch network: dropped.
+            return Detour::Taken;
         }
         let Some((socket, raw)) = icmp_socket(echo.dst) else {
             return Detour::Taken;

@@ -417,6 +417,7 @@ impl Worker {
                 self.switch(now, self.gateway_port, &frame);
                 return;
             }
+            Command::StreamUnanswered { conn } => self.gateway.stream_unanswered(now, conn),
             Command::StreamReply { conn, answer } => {
                 self.injector.taken(answer.len());
                 self.gateway.stream_reply(now, conn, &answer);

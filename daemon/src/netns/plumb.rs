@@ -21,6 +21,8 @@ use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use vswitch_netdev::Tap;
 use vswitch_netdev::ns::NetNs;
 
+use crate::error::ErrorKind;
+
 /// What the device inside the namespace should look like.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plumbing {
@@ -66,14 +68,41 @@ pub enum PlumbError {
         "as an unprivileged user, attach needs a PID (or /proc/PID/ns/net) whose user namespace is yours"
     )]
     NeedsPid,
+    #[error("cannot enter the target's user namespace (is it yours?): {0}")]
+    NotYours(String),
+    /// One of the above, as the rootless helper process reported it (its exit status).
+    #[error("{message}")]
+    Helper { kind: ErrorKind, message: String },
 }
 
 impl PlumbError {
-    pub fn kind(&self) -> crate::error::ErrorKind {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::NameTaken(_) => crate::error::ErrorKind::Conflict,
-            Self::NeedsPid => crate::error::ErrorKind::BadRequest,
+            Self::NameTaken(_) => ErrorKind::Conflict,
+            Self::NeedsPid => ErrorKind::BadRequest,
+            Self::NotYours(_) => ErrorKind::Forbidden,
+            Self::Helper { kind, .. } => *kind,
         }
+    }
+}
+
+/// The exit status of a helper process that failed with `e`: a [`PlumbError`]'s kind travels
+/// back to the daemon in it (1 for anything else).
+pub fn helper_exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<PlumbError>().map(PlumbError::kind) {
+        Some(ErrorKind::Conflict) => 3,
+        Some(ErrorKind::BadRequest) => 4,
+        Some(ErrorKind::Forbidden) => 5,
+        _ => 1,
+    }
+}
+
+fn kind_of_exit_code(code: Option<i32>) -> Option<ErrorKind> {
+    match code? {
+        3 => Some(ErrorKind::Conflict),
+        4 => Some(ErrorKind::BadRequest),
+        5 => Some(ErrorKind::Forbidden),
+        _ => None,
     }
 }
 
@@ -346,7 +375,13 @@ pub fn plumb_via_helper(pid: u32, p: &Plumbing) -> anyhow::Result<Plumbed> {
             // The helper prints what it settled on as one JSON line.
             made: serde_json::from_str(out.trim()).context("bad answer from the TAP helper")?,
         }),
-        _ => bail!("{}", err.trim().trim_start_matches("Error: ")),
+        _ => {
+            let message = err.trim().trim_start_matches("Error: ").to_owned();
+            match kind_of_exit_code(status.code()) {
+                Some(kind) => Err(PlumbError::Helper { kind, message }.into()),
+                None => bail!("{message}"),
+            }
+        }
     }
 }
 
@@ -366,8 +401,7 @@ pub fn enter_namespaces_of(pid: u32, netns_inode: Option<u64>) -> anyhow::Result
     }
     let own_user = std::fs::metadata("/proc/self/ns/user")?.ino();
     if user.metadata()?.ino() != own_user {
-        setns(&user, CloneFlags::CLONE_NEWUSER)
-            .context("cannot enter the target's user namespace (is it yours?)")?;
+        setns(&user, CloneFlags::CLONE_NEWUSER).map_err(|e| PlumbError::NotYours(e.to_string()))?;
     }
     setns(&net, CloneFlags::CLONE_NEWNET).context("cannot enter the target's network namespace")?;
     Ok(())
@@ -384,4 +418,26 @@ pub fn tap_helper(pid: u32, spec: &str) -> anyhow::Result<()> {
     vswitch_netdev::fdpass::send_fd(sock.as_fd(), tap.as_fd())
         .context("cannot pass the TAP back")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the rootless helper's failure was keeps its kind through the exit status.
+    #[test]
+    fn helper_failures_keep_their_kind() {
+        for e in [
+            PlumbError::NameTaken("eth0".into()),
+            PlumbError::NeedsPid,
+            PlumbError::NotYours("EPERM".into()),
+        ] {
+            let kind = e.kind();
+            let code = helper_exit_code(&anyhow::Error::from(e).context("while plumbing"));
+            assert_eq!(kind_of_exit_code(Some(i32::from(code))), Some(kind));
+        }
+        assert_eq!(helper_exit_code(&anyhow!("netlink said no")), 1);
+        assert_eq!(kind_of_exit_code(Some(1)), None);
+        assert_eq!(kind_of_exit_code(None), None, "killed by a signal");
+    }
 }
