@@ -1,9 +1,10 @@
 # Shared by scripts/*.sh: install the Debian packages vswitch's tests and demo use, and find cargo.
 
-# Packages: iproute2 (ip netns), iputils-ping, dnsutils (dig), dnsmasq-base (a DNS upstream in
-# tests), curl, python3, iperf3, procps, util-linux (unshare, nsenter, setpriv), uidmap
-# (newuidmap for rootless containers).
-VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base curl python3 iperf3 procps util-linux uidmap"
+# Packages: iproute2 (ip netns), iputils-ping, dnsutils (dig, delv), dnsmasq-base (a DNS upstream in
+# tests), ldnsutils (a signed zone and a fake authoritative server for the DNSSEC test), curl,
+# python3, iperf3, procps, util-linux (unshare, nsenter, setpriv), uidmap (newuidmap for
+# rootless containers).
+VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap"
 
 install_packages() {
     local missing=() p

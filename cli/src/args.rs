@@ -224,6 +224,10 @@ pub(crate) enum NetworkCommand {
         /// Enable IPv6 (a ULA /64 is chosen without an IPv6 --subnet)
         #[arg(long)]
         ipv6: bool,
+        /// Upstream DNS server (IP or IP:PORT) for this network's names from outside, instead
+        /// of the daemon's; repeatable, up to 3
+        #[arg(long = "dns", value_name = "IP")]
+        dns: Vec<String>,
     },
     /// List networks
     #[command(alias = "list")]

@@ -158,6 +158,7 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
             internal,
             mtu,
             ipv6,
+            dns,
         } => {
             let req = NetworkCreate {
                 name,
@@ -167,6 +168,7 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
                 internal,
                 mtu,
                 enable_ipv6: ipv6,
+                dns_servers: dns,
             };
             let created: Created = client.post("/networks/create", &req)?;
             println!("{}", created.id);

@@ -59,6 +59,9 @@ pub struct NetworkCreate {
     pub mtu: Option<u32>,
     #[serde(default, rename = "EnableIPv6")]
     pub enable_ipv6: bool,
+    /// The network's own upstream DNS servers, `IP` or `IP:PORT` (`network create --dns`).
+    #[serde(default, rename = "DNSServers")]
+    pub dns_servers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

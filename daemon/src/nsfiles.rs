@@ -5,7 +5,10 @@
 //! A resolv.conf vswitch writes starts with [`RESOLV_CONF_HEADER`]; one without it is somebody
 //! else's and is never replaced or removed.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+
+use vswitch_dns::responder::HOST_NAMES;
 
 use crate::api::Target;
 use crate::error::{Error, Result};
@@ -19,14 +22,11 @@ fn netns_resolv_conf(netns: &str) -> PathBuf {
     PathBuf::from("/etc/netns").join(netns).join("resolv.conf")
 }
 
-/// What a namespace on `net` resolves with: the gateway as nameserver.
+/// What a namespace on `net` resolves with: the gateway as nameserver. No `search` line: the
+/// gateway answers bare container names itself (as Docker's resolver does), and a search
+/// domain would send every unknown short name upstream as `<name>.<network>`.
 pub fn resolv_conf_text(net: &Network) -> String {
-    let mut text = format!("nameserver {}\n", net.gateway);
-    if net.dns_names {
-        text.push_str(&format!("search {}\n", net.name));
-    }
-    text.push_str("options ndots:0\n");
-    text
+    format!("nameserver {}\noptions ndots:0\n", net.gateway)
 }
 
 fn ours(path: &Path) -> bool {
@@ -44,15 +44,29 @@ pub fn write_netns_resolv_conf(netns: &str, net: &Network) -> std::io::Result<bo
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let text = format!(
-        "{RESOLV_CONF_HEADER} for network {}\n{}",
-        net.name,
-        resolv_conf_text(net)
-    );
+    let text = netns_resolv_conf_text(net);
     let tmp = path.with_extension("vswitch-tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &path)?;
     Ok(true)
+}
+
+/// The text of an `ip netns` namespace's resolv.conf for `net`: ours, marked as such.
+fn netns_resolv_conf_text(net: &Network) -> String {
+    format!(
+        "{RESOLV_CONF_HEADER} for network {}\n{}",
+        net.name,
+        resolv_conf_text(net)
+    )
+}
+
+/// After a restart: the resolv.conf of `ip netns` namespace `netns`, which this daemon wrote
+/// for `net`, is rewritten if an earlier version wrote it otherwise.
+pub fn refresh_netns_resolv_conf(netns: &str, net: &Network) {
+    let path = netns_resolv_conf(netns);
+    if ours(&path) {
+        refresh_in_place(&path, &netns_resolv_conf_text(net));
+    }
 }
 
 /// Gives a newly attached endpoint its namespace's resolv.conf, if it is the `ip netns`
@@ -108,19 +122,86 @@ pub fn release_resolv_conf(store: &mut Store, ep: &Endpoint) {
     }
 }
 
-/// A container's /etc/hosts: localhost, and its hostname and name on its address (127.0.1.1
-/// until it has one).
-pub fn write_hosts(path: &Path, ip: Option<&str>, hostname: &str, name: &str) -> Result<()> {
+/// What a container's /etc/hosts says.
+#[derive(Debug, Clone, Copy)]
+pub struct Hosts<'a> {
+    pub hostname: &'a str,
+    pub name: &'a str,
+    /// The container's address (127.0.1.1 until it has one).
+    pub ip: Option<Ipv4Addr>,
+    /// The gateway of its network, if that has a way out: `host.containers.internal` and
+    /// `host.docker.internal`, as podman writes them.
+    pub host_gateway: Option<Ipv4Addr>,
+}
+
+/// The text of a container's /etc/hosts: localhost, its hostname and name on its address, and
+/// the names of its host.
+pub fn hosts_text(h: &Hosts<'_>) -> String {
     let mut t = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    let names = if hostname == name {
-        name.to_owned()
+    let names = if h.hostname == h.name {
+        h.name.to_owned()
     } else {
-        format!("{hostname} {name}")
+        format!("{} {}", h.hostname, h.name)
     };
-    match ip {
-        Some(ip) => t.push_str(&format!("{ip}\t{names}\n")),
-        None => t.push_str(&format!("127.0.1.1\t{names}\n")),
+    let ip = h.ip.unwrap_or(Ipv4Addr::new(127, 0, 1, 1));
+    t.push_str(&format!("{ip}\t{names}\n"));
+    if let Some(gw) = h.host_gateway {
+        t.push_str(&format!("{gw}\t{}\n", HOST_NAMES.join(" ")));
     }
-    std::fs::write(path, t)
+    t
+}
+
+/// Writes a container's /etc/hosts in place (it may be bound into the container already).
+pub fn write_hosts(path: &Path, h: &Hosts<'_>) -> Result<()> {
+    std::fs::write(path, hosts_text(h))
         .map_err(|e| Error::failed(&format!("cannot write {}", path.display()), e))
+}
+
+/// Rewrites a resolv.conf that vswitch wrote earlier if its text is not `text` any more (an
+/// older version wrote a `search` line), in place: processes that have it bound over
+/// /etc/resolv.conf (`ip netns exec`, a running container) see the new text.
+pub fn refresh_in_place(path: &Path, text: &str) {
+    match std::fs::read_to_string(path) {
+        Ok(old) if old != text => match std::fs::write(path, text) {
+            Ok(()) => tracing::info!(path = %path.display(), "resolv.conf rewritten"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot rewrite resolv.conf")
+            }
+        },
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_name_the_container_and_its_host() {
+        let mut h = Hosts {
+            hostname: "web",
+            name: "web",
+            ip: None,
+            host_gateway: None,
+        };
+        assert!(hosts_text(&h).contains("127.0.1.1\tweb\n"));
+        assert!(!hosts_text(&h).contains("host."));
+        h.ip = Some(Ipv4Addr::new(10, 0, 0, 2));
+        h.hostname = "box";
+        h.host_gateway = Some(Ipv4Addr::new(10, 0, 0, 1));
+        let t = hosts_text(&h);
+        assert!(t.contains("10.0.0.2\tbox web\n"), "{t}");
+        assert!(
+            t.contains("10.0.0.1\thost.containers.internal host.docker.internal\n"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn resolv_conf_names_the_gateway_and_no_search_domain() {
+        let net = crate::plan::default_bridge("b".repeat(64), String::new());
+        let text = resolv_conf_text(&net);
+        assert_eq!(text, "nameserver 172.17.0.1\noptions ndots:0\n");
+        assert!(!text.contains("search"));
+    }
 }

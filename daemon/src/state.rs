@@ -39,6 +39,9 @@ pub struct Network {
     pub mtu: u32,
     /// Container names resolve on this network (every network but the default `bridge`).
     pub dns_names: bool,
+    /// The network's own upstream DNS servers (`network create --dns`); empty: the daemon's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<std::net::SocketAddr>,
 }
 
 impl Network {

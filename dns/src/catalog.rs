@@ -34,6 +34,8 @@ pub struct Zone {
     /// The network's subnets (address, prefix length), to keep reverse lookups of its private
     /// addresses from leaking upstream.
     pub subnets: Vec<(IpAddr, u8)>,
+    /// The gateway's addresses: what `host.containers.internal` resolves to.
+    pub gateways: Vec<IpAddr>,
     records: BTreeMap<String, Vec<(String, IpAddr)>>,
     reverse: HashMap<IpAddr, String>,
 }
@@ -45,9 +47,21 @@ impl Zone {
             names,
             internal,
             subnets,
+            gateways: Vec::new(),
             records: BTreeMap::new(),
             reverse: HashMap::new(),
         }
+    }
+
+    /// The zone with its gateway's addresses.
+    pub fn with_gateways(mut self, gateways: Vec<IpAddr>) -> Self {
+        self.gateways = gateways;
+        self
+    }
+
+    /// Whether any name lives under the zone.
+    pub fn has_names(&self) -> bool {
+        !self.records.is_empty()
     }
 
     /// Addresses under `name` (lower-case, no trailing dot), with their owners.

@@ -18,6 +18,10 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 use crate::catalog::{Catalog, SharedCatalog, Zone};
 
+mod special;
+
+pub use special::HOST_NAMES;
+
 /// Default TTL of container records, in seconds. Short, because a container that restarts may
 /// come back with another address and clients that cache should notice soon; not zero, so a
 /// burst of lookups by one client (happy eyeballs: A and AAAA, then a retry) is answered from
@@ -93,40 +97,38 @@ impl Responder {
             Ok(m) => m,
             Err(_) => return Outcome::Reply(error(id, ResponseCode::FormErr)),
         };
+        // Every error below echoes the opcode, the RD bit and the question (RFC 1035 4.1.1),
+        // and an OPT record to a query that had one.
+        let all = request.queries.clone();
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            // RFC 6891 6.1.3: only version 0 is spoken here.
+            return self.reply(&request, &all, ResponseCode::BADVERS, vec![], transport);
+        }
         if request.metadata.op_code != OpCode::Query {
-            return Outcome::Reply(error(id, ResponseCode::NotImp));
+            return self.reply(&request, &all, ResponseCode::NotImp, vec![], transport);
         }
         let [question] = request.queries.as_slice() else {
-            return Outcome::Reply(error(id, ResponseCode::FormErr));
+            return self.reply(&request, &all, ResponseCode::FormErr, vec![], transport);
         };
         let catalog = self.catalog.read();
         let decision = self.resolve(&catalog, asker, question);
         drop(catalog);
-        match decision {
+        let (rcode, answers) = match decision {
             Resolution::Forward => match asker {
-                Asker::Host => {
-                    self.reply(&request, question, ResponseCode::Refused, vec![], transport)
-                }
-                Asker::Network { .. } => Outcome::Forward,
+                Asker::Host => (ResponseCode::Refused, vec![]),
+                Asker::Network { .. } => return Outcome::Forward,
             },
-            Resolution::Refused => {
-                self.reply(&request, question, ResponseCode::Refused, vec![], transport)
-            }
-            Resolution::NxDomain => self.reply(
-                &request,
-                question,
-                ResponseCode::NXDomain,
-                vec![],
-                transport,
-            ),
-            Resolution::Answer(records) => self.reply(
-                &request,
-                question,
-                ResponseCode::NoError,
-                records,
-                transport,
-            ),
-        }
+            Resolution::Refused => (ResponseCode::Refused, vec![]),
+            Resolution::NxDomain => (ResponseCode::NXDomain, vec![]),
+            Resolution::Answer(records) => (ResponseCode::NoError, records),
+        };
+        self.reply(
+            &request,
+            std::slice::from_ref(question),
+            rcode,
+            answers,
+            transport,
+        )
     }
 
     /// A REFUSED answer to `query` (for example when too many forwards are in flight), or
@@ -136,7 +138,7 @@ impl Responder {
         let question = request.queries.first()?.clone();
         match self.reply(
             &request,
-            &question,
+            &[question],
             ResponseCode::Refused,
             vec![],
             Transport::Tcp,
@@ -150,13 +152,33 @@ impl Responder {
         if q.query_class() != DNSClass::IN {
             return Resolution::Forward;
         }
+        let qtype = q.query_type();
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            // No zone transfers, of our zones or through us.
+            return Resolution::Refused;
+        }
         let name = q.name().to_lowercase().to_ascii();
         let name = name.strip_suffix('.').unwrap_or(&name);
-        let qtype = q.query_type();
         let zones: Vec<&Zone> = match asker {
             Asker::Network { network_id, client } => catalog.scope(network_id, client),
             Asker::Host => catalog.zones().collect(),
         };
+        if name.is_empty() {
+            // The root (its NS, DNSKEY, SOA...) is the upstream's, whatever the type: a
+            // validating resolver in a container starts there.
+            return way_out(asker, &zones);
+        }
+        if let Some(special) = special::resolve(name, qtype, asker, &zones) {
+            return match special {
+                special::Special::Addresses(addrs) => Resolution::Answer(
+                    addrs
+                        .into_iter()
+                        .map(|rdata| Record::from_rdata(q.name().clone(), self.ttl, rdata))
+                        .collect(),
+                ),
+                special::Special::Nothing => Resolution::NxDomain,
+            };
+        }
 
         if let Some(ip) = reverse_name_to_ip(name) {
             if matches!(qtype, RecordType::PTR | RecordType::ANY) {
@@ -215,6 +237,15 @@ impl Responder {
             // NXDOMAIN: NXDOMAIN would make resolvers give up on the A record too.
             return Resolution::Answer(records);
         }
+        // A network's own name, with names under it, exists (an empty non-terminal): NODATA
+        // for every type. NXDOMAIN would deny every name under it (RFC 8020).
+        if zones
+            .iter()
+            .filter(|z| visible(z))
+            .any(|z| z.name == name && z.has_names())
+        {
+            return Resolution::Answer(vec![]);
+        }
 
         // Not found in any zone the asker can see. A name another network holds does not
         // exist for this asker: NXDOMAIN here, never forwarded (upstream could be the host's
@@ -233,26 +264,25 @@ impl Responder {
             Asker::Network { .. } if held_elsewhere() => Resolution::NxDomain,
             Asker::Network { .. } => {
                 let first = zones.first();
-                // A single label is a container name or nothing: answer at once on networks with
-                // names; the default bridge has none and forwards everything, like Docker.
-                if !name.contains('.') && first.is_some_and(|z| z.names) {
+                // A single label asked as an address is a container name or nothing: answered
+                // at once on networks with names (the default bridge has none and forwards
+                // everything, like Docker). Any other type (DS, NS, DNSKEY of a TLD) is the
+                // upstream's: an NXDOMAIN for `com` would deny every name under it.
+                let address = matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY);
+                if address && !name.contains('.') && first.is_some_and(|z| z.names) {
                     return Resolution::NxDomain;
                 }
-                // An internal network has no way out, but a namespace also on another network
-                // does: its queries are forwarded whichever gateway they were sent to (as
-                // Docker forwards when any of the container's networks has external access).
-                if !zones.is_empty() && zones.iter().all(|z| z.internal) {
-                    return Resolution::Refused;
-                }
-                Resolution::Forward
+                way_out(asker, &zones)
             }
         }
     }
 
+    /// The answer to `request`: its id, opcode and RD bit, the `questions` echoed, and an OPT
+    /// record if it had one (version 0, our buffer size).
     fn reply(
         &self,
         request: &Message,
-        question: &Query,
+        questions: &[Query],
         rcode: ResponseCode,
         answers: Vec<Record>,
         transport: Transport,
@@ -263,7 +293,7 @@ impl Responder {
         msg.metadata.authoritative =
             matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain);
         msg.metadata.response_code = rcode;
-        msg.add_query(question.clone());
+        msg.add_queries(questions.iter().cloned());
         msg.insert_answers(answers);
         let limit = match (&request.edns, transport) {
             (_, Transport::Tcp) => usize::from(u16::MAX),
@@ -297,6 +327,21 @@ enum Resolution {
     NxDomain,
     Refused,
     Forward,
+}
+
+/// What leaves the network for a name that is not ours: forwarded upstream, unless every
+/// network of the asker's namespace is internal. An internal network has no way out, but a
+/// namespace also on another network does: its queries are forwarded whichever gateway they
+/// were sent to (as Docker forwards when any of the container's networks has external
+/// access). The host never gets anything forwarded.
+fn way_out(asker: Asker<'_>, zones: &[&Zone]) -> Resolution {
+    match asker {
+        Asker::Host => Resolution::Refused,
+        Asker::Network { .. } if !zones.is_empty() && zones.iter().all(|z| z.internal) => {
+            Resolution::Refused
+        }
+        Asker::Network { .. } => Resolution::Forward,
+    }
 }
 
 /// A bare error response (no question section) for queries too broken to echo.

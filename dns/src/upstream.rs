@@ -131,11 +131,15 @@ impl Forwarder {
 
     /// Relays `query` and returns the answer for the client: the upstream's, or SERVFAIL.
     pub async fn forward(&self, query: &[u8], tcp: bool) -> Vec<u8> {
+        self.forward_to(&self.upstreams.current(), query, tcp).await
+    }
+
+    /// Relays `query` to `servers` (a network's own upstreams, say) rather than the daemon's.
+    pub async fn forward_to(&self, servers: &[SocketAddr], query: &[u8], tcp: bool) -> Vec<u8> {
         let Some(orig) = query.first_chunk::<2>().copied() else {
             return Vec::new();
         };
         let deadline = Instant::now() + self.deadline;
-        let servers = self.upstreams.current();
         let mut fallback: Option<Vec<u8>> = None;
         let mut q = query.to_vec();
         for (i, server) in servers.iter().enumerate() {
@@ -208,7 +212,8 @@ async fn tcp_exchange(server: SocketAddr, q: &[u8]) -> std::io::Result<Vec<u8>> 
     Ok(buf)
 }
 
-/// A SERVFAIL answer echoing the query's question (or a bare one if the query does not parse).
+/// A SERVFAIL answer echoing the query's question, with an OPT record if the query had one (or
+/// a bare one if the query does not parse).
 pub fn servfail(query: &[u8]) -> Vec<u8> {
     match Message::from_vec(query) {
         Ok(req) => {
@@ -217,6 +222,11 @@ pub fn servfail(query: &[u8]) -> Vec<u8> {
             m.metadata.recursion_available = true;
             m.metadata.response_code = ResponseCode::ServFail;
             m.add_queries(req.queries);
+            if req.edns.is_some() {
+                let mut edns = hickory_proto::op::Edns::new();
+                edns.set_max_payload(1232);
+                m.set_edns(edns);
+            }
             m.to_vec().unwrap_or_default()
         }
         Err(_) => {
@@ -302,6 +312,12 @@ mod tests {
             (7, ResponseCode::ServFail)
         );
         assert_eq!(m.queries.len(), 1);
+        assert!(m.edns.is_none(), "no OPT to a query without one");
+        // To an EDNS query, with an OPT record (RFC 6891).
+        q.set_edns(hickory_proto::op::Edns::new());
+        let m = Message::from_vec(&servfail(&q.to_vec().expect("enc"))).expect("parse");
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert!(m.edns.is_some(), "OPT record in the SERVFAIL");
     }
 
     #[tokio::test]

@@ -43,6 +43,8 @@ struct Launch {
     mode: Mode,
     /// Rootless: the subordinate ID ranges the daemon maps into the container's user namespace.
     id_maps: Option<SubIds>,
+    /// Its network's gateway, if that has a way out (the host's names in /etc/hosts).
+    host_gateway: Option<std::net::Ipv4Addr>,
     hostname: Option<String>,
     hosts: PathBuf,
 }
@@ -162,11 +164,15 @@ impl Daemon {
             Mode::Host => None,
             _ => Some(c.hostname.clone().unwrap_or_else(|| c.name.clone())),
         };
+        let host_gateway = net.as_ref().filter(|n| !n.internal).map(|n| n.gateway);
         nsfiles::write_hosts(
             &hosts,
-            None,
-            hostname.as_deref().unwrap_or(&c.name),
-            &c.name,
+            &nsfiles::Hosts {
+                hostname: hostname.as_deref().unwrap_or(&c.name),
+                name: &c.name,
+                ip: None,
+                host_gateway,
+            },
         )?;
         let id_maps = (self.rootless && !matches!(mode, Mode::Container(_)))
             .then(subordinate_ranges)
@@ -186,6 +192,7 @@ impl Daemon {
             init,
             mode,
             id_maps,
+            host_gateway,
             hostname,
             hosts,
         })
@@ -225,9 +232,17 @@ impl Daemon {
         if let Mode::Network(n) = &l.mode {
             let req = container_attach(pid, &c.name, c.ip, c.aliases.clone(), c.ports.clone());
             let ep = self.attach_locked(inner, n, req).await?;
-            let ip = ep.ipv4_address.split('/').next().unwrap_or("");
-            let hostname = l.hostname.as_deref().unwrap_or(&c.name);
-            nsfiles::write_hosts(&l.hosts, Some(ip), hostname, &c.name)?;
+            let hosts = nsfiles::Hosts {
+                hostname: l.hostname.as_deref().unwrap_or(&c.name),
+                name: &c.name,
+                ip: ep
+                    .ipv4_address
+                    .split('/')
+                    .next()
+                    .and_then(|ip| ip.parse().ok()),
+                host_gateway: l.host_gateway,
+            };
+            nsfiles::write_hosts(&l.hosts, &hosts)?;
             // Networks joined later with `network connect`; one that is gone is left out.
             for conn in c.connected.clone() {
                 let Some(net) = inner.store.networks.get(&conn.network_id).cloned() else {
@@ -284,6 +299,7 @@ impl Daemon {
                 }
                 continue;
             }
+            self.refresh_resolv_conf(inner, &id);
             let daemon = self.clone();
             let id_owned = id.clone();
             let watcher = tokio::spawn(async move {
@@ -294,6 +310,27 @@ impl Daemon {
             });
             inner.watchers.insert(id, watcher.abort_handle());
         }
+    }
+
+    /// A running container's resolv.conf, written by an earlier version (with a `search`
+    /// line), is rewritten in place: the container has it bound over /etc/resolv.conf.
+    fn refresh_resolv_conf(&self, inner: &Inner, id: &str) {
+        let Some(c) = inner.store.containers.get(id) else {
+            return;
+        };
+        // A container in another's namespace has a copy of that one's file.
+        let network = match Mode::of(&c.network) {
+            Mode::Container(x) => plan::find_container(&inner.store, &x).map(|p| p.network.clone()),
+            _ => Some(c.network.clone()),
+        };
+        let Some(Mode::Network(n)) = network.as_deref().map(Mode::of) else {
+            return;
+        };
+        let Some(net) = inner.store.find_network(&n) else {
+            return;
+        };
+        let path = container_dir(self.state_dir.path(), id).join("resolv.conf");
+        nsfiles::refresh_in_place(&path, &nsfiles::resolv_conf_text(net));
     }
 
     async fn container_exited(self: &Arc<Self>, id: &str, code: Option<i32>) {

@@ -318,7 +318,10 @@ impl Daemon {
             };
             match self.replumb(inner, &net, &ep).await {
                 Ok(()) => {
-                    tracing::info!(endpoint = %ep.name, network = %net.name, "endpoint restored")
+                    tracing::info!(endpoint = %ep.name, network = %net.name, "endpoint restored");
+                    if let (true, Target::Name(netns)) = (ep.wrote_resolv_conf, &ep.target) {
+                        nsfiles::refresh_netns_resolv_conf(netns, &net);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(endpoint = %ep.name, network = %net.name, error = %e, "endpoint dropped at restart: its namespace is gone");

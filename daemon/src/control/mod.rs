@@ -23,7 +23,7 @@ mod publish;
 mod render;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -210,6 +210,7 @@ impl Daemon {
             network_id: net.id.clone(),
             network_name: net.name.clone(),
             gateway,
+            dns_upstreams: net.dns.clone(),
             nice: self.datapath_nice,
             busy_poll: self.datapath_busy_poll,
         };
@@ -232,9 +233,12 @@ impl Daemon {
         let zone_subnets = subnets(net)
             .map(|n| (n.network(), n.prefix_len()))
             .collect();
+        let gateways = std::iter::once(IpAddr::V4(net.gateway))
+            .chain(net.gateway6.map(IpAddr::V6))
+            .collect();
         self.catalog.write().add_network(
             &net.id,
-            Zone::new(&net.name, net.dns_names, net.internal, zone_subnets),
+            Zone::new(&net.name, net.dns_names, net.internal, zone_subnets).with_gateways(gateways),
         );
         Ok(LiveNetwork {
             datapath,

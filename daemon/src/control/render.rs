@@ -7,6 +7,9 @@ use crate::api::{ContainerEntry, ContainerInfo, EndpointInfo, Ipam, IpamConfig, 
 use crate::plan::DEFAULT_NETWORK;
 use crate::state::{Container, Endpoint, Network, Store};
 
+/// The inspect option that lists a network's own upstream DNS servers.
+pub const DNS_OPTION: &str = "com.vswitch.network.dns";
+
 pub(super) fn inspect(store: &Store, net: &Network) -> NetworkInspect {
     let mut config = vec![IpamConfig {
         subnet: net.subnet.to_string(),
@@ -41,6 +44,10 @@ pub(super) fn inspect(store: &Store, net: &Network) -> NetworkInspect {
         "com.docker.network.driver.mtu".to_owned(),
         net.mtu.to_string(),
     );
+    if !net.dns.is_empty() {
+        let servers: Vec<String> = net.dns.iter().map(ToString::to_string).collect();
+        options.insert(DNS_OPTION.to_owned(), servers.join(","));
+    }
     if net.name == DEFAULT_NETWORK {
         options.insert(
             "com.docker.network.bridge.default_bridge".to_owned(),

@@ -356,6 +356,8 @@ impl UdpPeer {
 pub struct ForwardJob {
     pub query: Vec<u8>,
     pub reply: ReplyTo,
+    /// The network's own upstream servers (`network create --dns`); `None`: the daemon's.
+    pub upstreams: Option<Arc<[SocketAddr]>>,
     pub injector: Injector,
     /// Held until the answer is delivered: bounds the forwards in flight.
     pub permit: OwnedSemaphorePermit,

@@ -86,6 +86,8 @@ impl Drop for IcmpFlow {
 pub(super) struct Services {
     pub(super) network_id: String,
     pub(super) dns: Option<DnsHook>,
+    /// The network's own upstream DNS servers; `None`: the daemon's.
+    pub(super) upstreams: Option<Arc<[SocketAddr]>>,
     pub(super) nat_jobs: tokio::sync::mpsc::UnboundedSender<NatJob>,
     pub(super) policy: SharedPolicy,
     pub(super) injector: Injector,
@@ -164,6 +166,7 @@ impl Services {
         let _ = hook.jobs.send(ForwardJob {
             query,
             reply,
+            upstreams: self.upstreams.clone(),
             injector: self.injector.clone(),
             permit,
         });

@@ -13,7 +13,11 @@ pub async fn run_forwarder(
     while let Some(job) = jobs.recv().await {
         let f = forwarder.clone();
         tokio::spawn(async move {
-            let answer = f.forward(&job.query, job.reply.is_tcp()).await;
+            let tcp = job.reply.is_tcp();
+            let answer = match &job.upstreams {
+                Some(servers) => f.forward_to(servers, &job.query, tcp).await,
+                None => f.forward(&job.query, tcp).await,
+            };
             job.injector.deliver(job.reply, answer);
             drop(job.permit);
         });

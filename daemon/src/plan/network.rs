@@ -24,6 +24,7 @@ pub fn default_bridge(id: String, created: String) -> Network {
         internal: false,
         mtu: DEFAULT_MTU,
         dns_names: false,
+        dns: Vec::new(),
     }
 }
 
@@ -148,6 +149,7 @@ pub fn plan_network(
             "invalid MTU {mtu}: expected {min_mtu} to 65520"
         )));
     }
+    let dns = dns_servers(&req.dns_servers, req.internal)?;
     Ok(Network {
         id,
         name: req.name,
@@ -160,7 +162,28 @@ pub fn plan_network(
         internal: req.internal,
         mtu,
         dns_names: true,
+        dns,
     })
+}
+
+/// The network's own upstream DNS servers: `IP` or `IP:PORT`, at most as many as the daemon
+/// takes; an internal network forwards nothing, so it takes none.
+fn dns_servers(given: &[String], internal: bool) -> Result<Vec<std::net::SocketAddr>> {
+    if !given.is_empty() && internal {
+        return Err(Error::bad_request(
+            "an internal network forwards no DNS: --dns needs a network with a way out",
+        ));
+    }
+    if given.len() > vswitch_dns::upstream::MAX_UPSTREAMS {
+        return Err(Error::bad_request(format!(
+            "at most {} --dns servers",
+            vswitch_dns::upstream::MAX_UPSTREAMS
+        )));
+    }
+    given
+        .iter()
+        .map(|s| vswitch_dns::upstream::parse_upstream(s).map_err(Error::bad_request))
+        .collect()
 }
 
 /// At most one IPv4 and one IPv6 subnet, told apart by their text.
@@ -303,6 +326,24 @@ mod tests {
             ),
             (with(&|r| r.mtu = Some(100)), BadRequest, "invalid MTU"),
             (
+                with(&|r| r.dns_servers = vec!["dns.example".into()]),
+                BadRequest,
+                "invalid DNS upstream",
+            ),
+            (
+                with(&|r| r.dns_servers = vec!["192.0.2.1".into(); 4]),
+                BadRequest,
+                "at most 3",
+            ),
+            (
+                with(&|r| {
+                    r.internal = true;
+                    r.dns_servers = vec!["192.0.2.1".into()];
+                }),
+                BadRequest,
+                "internal network forwards no DNS",
+            ),
+            (
                 with(&|r| {
                     r.enable_ipv6 = true;
                     r.mtu = Some(1000);
@@ -356,6 +397,7 @@ mod tests {
             internal: true,
             mtu: Some(9000),
             enable_ipv6: true,
+            dns_servers: vec![],
         };
         let n = plan(&store, r).expect("plan");
         assert_eq!(n.gateway, Ipv4Addr::new(10, 80, 0, 254));
@@ -369,5 +411,11 @@ mod tests {
         );
         assert!(n.internal);
         assert_eq!(n.mtu, 9000);
+        // A network's own upstreams, port 53 unless given.
+        let mut r = req("out");
+        r.dns_servers = vec!["192.0.2.53".into(), "[2001:db8::53]:5353".into()];
+        let n = plan(&store, r).expect("plan");
+        let dns: Vec<String> = n.dns.iter().map(ToString::to_string).collect();
+        assert_eq!(dns, ["192.0.2.53:53", "[2001:db8::53]:5353"]);
     }
 }

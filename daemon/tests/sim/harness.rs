@@ -90,6 +90,7 @@ impl Sim {
                 mtu: 1500,
                 nat: true,
             },
+            dns_upstreams: vec![],
             nice: 0,
             busy_poll: Duration::ZERO,
         };
@@ -97,7 +98,8 @@ impl Sim {
         self.policy.write().subnets.push(subnet);
         self.catalog.write().add_network(
             &spec.network_id,
-            Zone::new(name, true, false, vec![(subnet.network(), 24)]),
+            Zone::new(name, true, false, vec![(subnet.network(), 24)])
+                .with_gateways(vec![gateway.into()]),
         );
         let dp = Datapath::new(spec.clone(), self.links.clone()).expect("datapath");
         Net {

@@ -25,7 +25,8 @@ fn responder() -> Responder {
     let mut c = Catalog::default();
     c.add_network(
         RED,
-        Zone::new("red", true, false, vec![(ip("10.1.0.0"), 16)]),
+        Zone::new("red", true, false, vec![(ip("10.1.0.0"), 16)])
+            .with_gateways(vec![ip("10.1.0.1"), ip("fd00::1")]),
     );
     c.add_network(
         BLUE,
@@ -33,11 +34,13 @@ fn responder() -> Responder {
     );
     c.add_network(
         BRIDGE,
-        Zone::new("bridge", false, false, vec![(ip("172.17.0.0"), 16)]),
+        Zone::new("bridge", false, false, vec![(ip("172.17.0.0"), 16)])
+            .with_gateways(vec![ip("172.17.0.1")]),
     );
     c.add_network(
         SEALED,
-        Zone::new("sealed", true, true, vec![(ip("10.3.0.0"), 16)]),
+        Zone::new("sealed", true, true, vec![(ip("10.3.0.0"), 16)])
+            .with_gateways(vec![ip("10.3.0.1")]),
     );
     c.add_endpoint(
         RED,
@@ -427,4 +430,187 @@ fn big_answers_are_truncated_over_udp_only() {
     let m = Message::from_vec(&tcp).expect("parse");
     assert!(!m.metadata.truncation);
     assert_eq!(m.answers.len(), 60);
+}
+
+fn forwarded(r: &Responder, asker: Asker<'_>, name: &str, qtype: RecordType) -> bool {
+    r.answer(asker, Transport::Udp, &query(name, qtype)) == Outcome::Forward
+}
+
+/// A validating resolver starts at the root and walks down: the root and the delegations of
+/// one-label names (`com DS`) are the upstream's. Only an address query for an unknown single
+/// label (a container name that is not there) is answered NXDOMAIN at once.
+#[test]
+fn the_root_and_one_label_names_other_than_addresses_go_upstream() {
+    let r = responder();
+    let asker = from(RED, "10.1.0.2");
+    for (name, qtype) in [
+        (".", RecordType::NS),
+        (".", RecordType::DNSKEY),
+        (".", RecordType::SOA),
+        (".", RecordType::A),
+        ("com", RecordType::DS),
+        ("com", RecordType::NS),
+        ("arpa", RecordType::NS),
+        ("nosuch", RecordType::MX),
+        ("nosuch", RecordType::TXT),
+    ] {
+        assert!(forwarded(&r, asker, name, qtype), "{name} {qtype}");
+    }
+    for qtype in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
+        let m = ask(&r, asker, "nosuch", qtype);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{qtype}");
+    }
+    // From an internal network the root is not forwarded either.
+    let m = ask(&r, from(SEALED, "10.3.0.2"), ".", RecordType::NS);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+}
+
+/// RFC 6761: localhost names are the loopback addresses, answered here, never asked upstream.
+#[test]
+fn localhost_is_the_loopback_address() {
+    let r = responder();
+    let asker = from(RED, "10.1.0.2");
+    for name in ["localhost", "LocalHost.", "db.localhost"] {
+        assert_eq!(
+            addrs(&ask(&r, asker, name, RecordType::A)),
+            vec!["127.0.0.1"]
+        );
+        assert_eq!(addrs(&ask(&r, asker, name, RecordType::AAAA)), vec!["::1"]);
+    }
+    let m = ask(&r, asker, "localhost", RecordType::MX);
+    assert_eq!(
+        (m.metadata.response_code, m.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
+}
+
+/// `host.containers.internal` and `host.docker.internal` are the gateway of a network with a
+/// way out; a namespace with none has no host to reach.
+#[test]
+fn the_host_names_are_the_gateway_of_a_network_with_a_way_out() {
+    let r = responder();
+    for name in ["host.containers.internal", "host.docker.internal"] {
+        let m = ask(&r, from(RED, "10.1.0.2"), name, RecordType::A);
+        assert_eq!(addrs(&m), vec!["10.1.0.1"], "{name}");
+        let m = ask(&r, from(RED, "10.1.0.2"), name, RecordType::AAAA);
+        assert_eq!(addrs(&m), vec!["fd00::1"], "{name}");
+        let m = ask(&r, from(BRIDGE, "172.17.0.2"), name, RecordType::A);
+        assert_eq!(addrs(&m), vec!["172.17.0.1"], "the default bridge too");
+        let m = ask(&r, from(SEALED, "10.3.0.2"), name, RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "internal");
+    }
+    // The host itself asks through --dns-listen: nothing special for it.
+    let m = ask(&r, Asker::Host, "host.docker.internal", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+}
+
+/// RFC 1035 4.1.1: an answer carries the query's opcode, RD bit and question, NOTIMP included
+/// (`dig +opcode=notify` checks them).
+#[test]
+fn errors_echo_the_opcode_the_rd_bit_and_the_question() {
+    let r = responder();
+    let asker = from(RED, "10.1.0.2");
+    let mut notify = Message::new(0x77, MessageType::Query, OpCode::Notify);
+    notify.metadata.recursion_desired = true;
+    notify.add_query(Query::query(
+        Name::from_ascii("red.").expect("n"),
+        RecordType::SOA,
+    ));
+    let Outcome::Reply(b) = r.answer(asker, Transport::Udp, &notify.to_vec().expect("enc")) else {
+        panic!("no answer to NOTIFY");
+    };
+    let m = Message::from_vec(&b).expect("parse");
+    assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+    assert_eq!(m.metadata.op_code, OpCode::Notify);
+    assert!(m.metadata.recursion_desired);
+    assert_eq!(m.queries, notify.queries);
+    // FORMERR for two questions echoes both.
+    let mut two = Message::query();
+    for n in ["a.", "b."] {
+        two.add_query(Query::query(Name::from_ascii(n).expect("n"), RecordType::A));
+    }
+    let Outcome::Reply(b) = r.answer(asker, Transport::Udp, &two.to_vec().expect("enc")) else {
+        panic!("formerr");
+    };
+    let m = Message::from_vec(&b).expect("parse");
+    assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(m.queries.len(), 2);
+}
+
+/// RFC 6891: a query of an EDNS version above 0 gets BADVERS, with an OPT record of version 0.
+#[test]
+fn an_edns_version_above_zero_gets_badvers() {
+    let r = responder();
+    let mut q = Message::query();
+    q.metadata.id = 9;
+    q.add_query(Query::query(
+        Name::from_ascii("tomcat81.").expect("n"),
+        RecordType::A,
+    ));
+    let mut edns = Edns::new();
+    edns.set_version(1);
+    q.set_edns(edns);
+    let Outcome::Reply(b) = r.answer(
+        from(RED, "10.1.0.3"),
+        Transport::Udp,
+        &q.to_vec().expect("enc"),
+    ) else {
+        panic!("no answer");
+    };
+    let m = Message::from_vec(&b).expect("parse");
+    // 16 on the wire: BADVERS in a response to a query with OPT (hickory reads it as BADSIG,
+    // which shares the number).
+    assert_eq!(u16::from(m.metadata.response_code), 16);
+    assert!(m.answers.is_empty());
+    assert_eq!(m.edns.as_ref().map(Edns::version), Some(0));
+    // Version 0 is answered as usual, with an OPT record back.
+    q.set_edns(Edns::new());
+    let Outcome::Reply(b) = r.answer(
+        from(RED, "10.1.0.3"),
+        Transport::Udp,
+        &q.to_vec().expect("enc"),
+    ) else {
+        panic!("no answer");
+    };
+    let m = Message::from_vec(&b).expect("parse");
+    assert_eq!(addrs(&m), vec!["10.1.0.2"]);
+    assert!(m.edns.is_some());
+}
+
+#[test]
+fn zone_transfers_are_refused() {
+    let r = responder();
+    for name in ["red.", "example.com.", "tomcat81."] {
+        for qtype in [RecordType::AXFR, RecordType::IXFR] {
+            let m = ask(&r, from(RED, "10.1.0.2"), name, qtype);
+            assert_eq!(
+                m.metadata.response_code,
+                ResponseCode::Refused,
+                "{name} {qtype}"
+            );
+        }
+    }
+}
+
+/// RFC 8020: a network's name with names under it exists, so it is NODATA, never NXDOMAIN
+/// (which would deny `tomcat81.red` too).
+#[test]
+fn a_network_name_with_names_under_it_is_nodata() {
+    let r = responder();
+    for qtype in [
+        RecordType::A,
+        RecordType::SOA,
+        RecordType::NS,
+        RecordType::AAAA,
+    ] {
+        let m = ask(&r, from(RED, "10.1.0.2"), "red", qtype);
+        assert_eq!(
+            (m.metadata.response_code, m.answers.len()),
+            (ResponseCode::NoError, 0),
+            "{qtype}"
+        );
+    }
+    // Another network's name is not visible from here: its container names are not either.
+    let m = ask(&r, from(RED, "10.1.0.3"), "db.blue", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
 }
