@@ -22,10 +22,10 @@ if [ "$(id -u)" -eq 0 ]; then
     chmod 0666 /dev/net/tun
     trap 'chmod "$TUN_MODE" /dev/net/tun; rm -f "$LOG"' EXIT
 fi
-cargo test --workspace --locked 2>&1 | tee -a "$LOG"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee -a "$LOG"
 if [ "$(id -u)" -eq 0 ]; then
     echo "== privileged integration tests (root)"
-    cargo test --workspace --locked -- --ignored --test-threads 4 2>&1 | tee -a "$LOG"
+    cargo test --workspace --locked --no-fail-fast -- --ignored --test-threads 4 2>&1 | tee -a "$LOG"
     skipped=0
 else
     echo "== privileged integration tests SKIPPED: not root (run: sudo scripts/test.sh)" >&2

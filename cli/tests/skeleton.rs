@@ -151,7 +151,7 @@ fn detach_removes_the_device_names_and_address() {
     let resolv = std::fs::read_to_string(format!("/etc/netns/{}/resolv.conf", a.name))
         .expect("resolv.conf written for ip netns names");
     assert!(resolv.contains("nameserver 172.18.0.1"), "{resolv}");
-    assert!(resolv.contains("search blue"), "{resolv}");
+    assert!(!resolv.contains("search"), "no search domain: {resolv}");
     assert!(resolv.contains("options ndots:0"), "{resolv}");
 
     d.ok(&["detach", &a.name]);
@@ -485,7 +485,7 @@ fn resolv_conf_follows_the_namespace_and_spares_files_not_ours() {
     d.ok(&["network", "disconnect", "one", &m.name]);
     let text = read(&m.name).expect("resolv.conf kept while the namespace has a network");
     assert!(text.contains("nameserver 10.82.2.1"), "{text}");
-    assert!(text.contains("search two"), "{text}");
+    assert!(!text.contains("search"), "{text}");
     d.ok(&["network", "disconnect", "two", &m.name]);
     assert_eq!(read(&m.name), None, "removed with the last endpoint");
 
