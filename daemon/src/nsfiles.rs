@@ -5,7 +5,7 @@
 //! A resolv.conf vswitch writes starts with [`RESOLV_CONF_HEADER`]; one without it is somebody
 //! else's and is never replaced or removed.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use vswitch_dns::responder::HOST_NAMES;
@@ -129,9 +129,9 @@ pub struct Hosts<'a> {
     pub name: &'a str,
     /// The container's address (127.0.1.1 until it has one).
     pub ip: Option<Ipv4Addr>,
-    /// The gateway of its network, if that has a way out: `host.containers.internal` and
+    /// The gateway's addresses, if its network has a way out: `host.containers.internal` and
     /// `host.docker.internal`, as podman writes them.
-    pub host_gateway: Option<Ipv4Addr>,
+    pub host_gateways: &'a [IpAddr],
 }
 
 /// The text of a container's /etc/hosts: localhost, its hostname and name on its address, and
@@ -145,7 +145,7 @@ pub fn hosts_text(h: &Hosts<'_>) -> String {
     };
     let ip = h.ip.unwrap_or(Ipv4Addr::new(127, 0, 1, 1));
     t.push_str(&format!("{ip}\t{names}\n"));
-    if let Some(gw) = h.host_gateway {
+    for gw in h.host_gateways {
         t.push_str(&format!("{gw}\t{}\n", HOST_NAMES.join(" ")));
     }
     t
@@ -182,17 +182,25 @@ mod tests {
             hostname: "web",
             name: "web",
             ip: None,
-            host_gateway: None,
+            host_gateways: &[],
         };
         assert!(hosts_text(&h).contains("127.0.1.1\tweb\n"));
         assert!(!hosts_text(&h).contains("host."));
         h.ip = Some(Ipv4Addr::new(10, 0, 0, 2));
         h.hostname = "box";
-        h.host_gateway = Some(Ipv4Addr::new(10, 0, 0, 1));
+        let gateways = [
+            "10.0.0.1".parse().expect("ip"),
+            "fd00::1".parse().expect("ip"),
+        ];
+        h.host_gateways = &gateways;
         let t = hosts_text(&h);
         assert!(t.contains("10.0.0.2\tbox web\n"), "{t}");
         assert!(
             t.contains("10.0.0.1\thost.containers.internal host.docker.internal\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("fd00::1\thost.containers.internal host.docker.internal\n"),
             "{t}"
         );
     }

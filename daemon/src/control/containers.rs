@@ -44,7 +44,7 @@ struct Launch {
     /// Rootless: the subordinate ID ranges the daemon maps into the container's user namespace.
     id_maps: Option<SubIds>,
     /// Its network's gateway, if that has a way out (the host's names in /etc/hosts).
-    host_gateway: Option<std::net::Ipv4Addr>,
+    host_gateways: Vec<std::net::IpAddr>,
     hostname: Option<String>,
     hosts: PathBuf,
 }
@@ -164,14 +164,19 @@ impl Daemon {
             Mode::Host => None,
             _ => Some(c.hostname.clone().unwrap_or_else(|| c.name.clone())),
         };
-        let host_gateway = net.as_ref().filter(|n| !n.internal).map(|n| n.gateway);
+        let host_gateways: Vec<std::net::IpAddr> = match net.as_ref().filter(|n| !n.internal) {
+            Some(n) => std::iter::once(n.gateway.into())
+                .chain(n.gateway6.map(Into::into))
+                .collect(),
+            None => Vec::new(),
+        };
         nsfiles::write_hosts(
             &hosts,
             &nsfiles::Hosts {
                 hostname: hostname.as_deref().unwrap_or(&c.name),
                 name: &c.name,
                 ip: None,
-                host_gateway,
+                host_gateways: &host_gateways,
             },
         )?;
         let id_maps = (self.rootless && !matches!(mode, Mode::Container(_)))
@@ -192,7 +197,7 @@ impl Daemon {
             init,
             mode,
             id_maps,
-            host_gateway,
+            host_gateways,
             hostname,
             hosts,
         })
@@ -240,7 +245,7 @@ impl Daemon {
                     .split('/')
                     .next()
                     .and_then(|ip| ip.parse().ok()),
-                host_gateway: l.host_gateway,
+                host_gateways: &l.host_gateways,
             };
             nsfiles::write_hosts(&l.hosts, &hosts)?;
             // Networks joined later with `network connect`; one that is gone is left out.
