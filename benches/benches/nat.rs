@@ -86,7 +86,8 @@ fn data_segment_with_other_flows(bencher: Bencher, others: u16) {
             nat: true,
         },
         now,
-    );
+    )
+    .expect("a valid gateway");
     gw.handle_frame(now, &arp_from_container());
     while gw.poll_transmit().is_some() {}
     // Idle flows: held outbound connections.

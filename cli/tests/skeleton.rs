@@ -865,6 +865,23 @@ fn bad_input_is_one_line_nonzero_and_changes_nothing() {
             "overlaps with network bridge",
         ),
         (vec!["network", "create", "taken"], "already exists"),
+        // Special-purpose ranges (a multicast subnet panicked the control thread).
+        (
+            vec!["network", "create", "x", "--subnet", "224.0.0.0/24"],
+            "overlaps multicast",
+        ),
+        (
+            vec!["network", "create", "x", "--subnet", "127.0.0.0/16"],
+            "overlaps loopback",
+        ),
+        (
+            vec!["network", "create", "x", "--subnet", "169.254.0.0/16"],
+            "overlaps link-local",
+        ),
+        (
+            vec!["network", "create", "x", "--ipv6", "--subnet", "ff02::/64"],
+            "overlaps multicast",
+        ),
         (
             vec!["network", "create", "bad name"],
             "invalid network name",

@@ -73,7 +73,79 @@ pub fn parse_subnet4(s: &str) -> Result<Ipv4Net, String> {
             "subnet {s} is too small: at most /29 (a gateway and a few endpoints)"
         ));
     }
+    check_usable4(net)?;
     Ok(net)
+}
+
+/// IPv4 ranges no network may overlap: they mean something else on every host.
+const RESERVED4: [(Ipv4Addr, u8, &str); 5] = [
+    (Ipv4Addr::new(0, 0, 0, 0), 8, "\"this network\" (0.0.0.0/8)"),
+    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback (127.0.0.0/8)"),
+    (
+        Ipv4Addr::new(169, 254, 0, 0),
+        16,
+        "link-local (169.254.0.0/16)",
+    ),
+    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast (224.0.0.0/4)"),
+    (
+        Ipv4Addr::new(240, 0, 0, 0),
+        4,
+        "reserved (240.0.0.0/4, broadcast included)",
+    ),
+];
+
+/// IPv6 ranges no network may overlap.
+const RESERVED6: [(Ipv6Addr, u8, &str); 5] = [
+    (
+        Ipv6Addr::UNSPECIFIED,
+        127,
+        "the unspecified or loopback address",
+    ),
+    (
+        Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0),
+        96,
+        "IPv4-mapped (::ffff:0:0/96)",
+    ),
+    (
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+        10,
+        "link-local (fe80::/10)",
+    ),
+    (
+        Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
+        8,
+        "multicast (ff00::/8)",
+    ),
+    (
+        Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0),
+        10,
+        "site-local (fec0::/10, deprecated)",
+    ),
+];
+
+/// Refuses an IPv4 subnet that overlaps a special-purpose range (multicast, loopback,
+/// link-local, "this network", reserved): its addresses cannot be a network's hosts.
+pub fn check_usable4(net: Ipv4Net) -> Result<(), String> {
+    for (addr, len, what) in RESERVED4 {
+        if overlaps4(net, Ipv4Net::new_assert(addr, len)) {
+            return Err(format!(
+                "subnet {net} overlaps {what}: not usable for a network"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an IPv6 subnet that overlaps a special-purpose range.
+pub fn check_usable6(net: Ipv6Net) -> Result<(), String> {
+    for (addr, len, what) in RESERVED6 {
+        if overlaps6(net, Ipv6Net::new_assert(addr, len)) {
+            return Err(format!(
+                "subnet {net} overlaps {what}: not usable for a network"
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub fn parse_subnet6(s: &str) -> Result<Ipv6Net, String> {
@@ -86,6 +158,7 @@ pub fn parse_subnet6(s: &str) -> Result<Ipv6Net, String> {
     if net.prefix_len() > 120 {
         return Err(format!("IPv6 subnet {s} is too small: at most /120"));
     }
+    check_usable6(net)?;
     Ok(net)
 }
 
@@ -199,6 +272,44 @@ mod tests {
         assert!(parse_subnet4("10.1.0.0/33").is_err());
         assert!(parse_subnet6("fd00:1::/64").is_ok());
         assert!(parse_subnet6("fd00:1::1/64").is_err());
+    }
+
+    #[test]
+    fn special_purpose_ranges_are_not_networks() {
+        for bad in [
+            "224.0.0.0/24",
+            "239.1.0.0/16",
+            "127.0.0.0/16",
+            "0.0.0.0/16",
+            "169.254.0.0/16",
+            "240.0.0.0/8",
+            "255.255.255.0/24",
+            "224.0.0.0/3",
+        ] {
+            let e = parse_subnet4(bad).expect_err(bad);
+            assert!(e.contains("not usable"), "{bad}: {e}");
+        }
+        for ok in [
+            "10.0.0.0/8",
+            "172.17.0.0/16",
+            "100.64.0.0/10",
+            "192.0.2.0/24",
+        ] {
+            assert!(parse_subnet4(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "ff02::/64",
+            "fe80::/64",
+            "::/120",
+            "::ffff:10.0.0.0/120",
+            "fec0::/64",
+        ] {
+            let e = parse_subnet6(bad).expect_err(bad);
+            assert!(e.contains("not usable"), "{bad}: {e}");
+        }
+        for ok in ["fd00:1::/64", "2001:db8::/64", "64:ff9b::/96"] {
+            assert!(parse_subnet6(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

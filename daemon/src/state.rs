@@ -178,6 +178,18 @@ impl Store {
             if key != &n.id {
                 problems.push(format!("network {} is stored under the key {key}", n.id));
             }
+            // What a network's gateway could not be (smoltcp panicked on a multicast subnet).
+            let usable = crate::ipam::check_usable4(n.subnet)
+                .and_then(|()| n.subnet6.map_or(Ok(()), crate::ipam::check_usable6));
+            if let Err(e) = usable {
+                problems.push(format!("network {}: {e}", n.name));
+            }
+            if !crate::ipam::is_host4(n.subnet, n.gateway) {
+                problems.push(format!(
+                    "network {}: gateway {} is not a host address of {}",
+                    n.name, n.gateway, n.subnet
+                ));
+            }
         }
         let mut ids = HashSet::new();
         for (key, e) in &self.endpoints {
@@ -393,6 +405,15 @@ mod tests {
         assert!(e.contains("ns_ino"), "{e}");
         let e = broken(|v| first_endpoint(v)["network_id"] = "f00".into());
         assert!(e.contains("not in the file"), "{e}");
+        let e = broken(|v| {
+            let net = v["networks"]
+                .as_object_mut()
+                .and_then(|m| m.values_mut().next())
+                .expect("a network");
+            net["subnet"] = "224.0.0.0/24".into();
+            net["gateway"] = "224.0.0.1".into();
+        });
+        assert!(e.contains("multicast"), "{e}");
         let e = broken(|v| v["version"] = 9.into());
         assert!(e.contains("version 9"), "{e}");
         let truncated = &CURRENT[..CURRENT.len() / 2];

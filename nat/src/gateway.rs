@@ -101,12 +101,37 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
+/// A gateway that cannot be: smoltcp takes only unicast addresses for an interface.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the gateway's MAC address {0:02x?} is not a unicast address")]
+    Mac([u8; 6]),
+    #[error("the gateway's address {0} is not a unicast address")]
+    Address(IpAddr),
+}
+
 impl Gateway {
-    /// Builds the gateway. `now` becomes the stack's time origin.
-    ///
-    /// # Panics
-    /// If `config.mac` is not a unicast address (smoltcp refuses those).
-    pub fn new(config: &GatewayConfig, now: Instant) -> Self {
+    /// Builds the gateway. `now` becomes the stack's time origin. Refuses addresses an
+    /// interface cannot have (multicast, broadcast, unspecified), which smoltcp would panic on.
+    pub fn new(config: &GatewayConfig, now: Instant) -> Result<Self, GatewayError> {
+        let unicast_mac = config.mac[0] & 1 == 0 && config.mac != [0; 6];
+        if !unicast_mac {
+            return Err(GatewayError::Mac(config.mac));
+        }
+        for ip in config
+            .ipv4
+            .map(|(ip, _)| IpAddr::V4(ip))
+            .into_iter()
+            .chain(config.ipv6.map(|(ip, _)| IpAddr::V6(ip)))
+        {
+            let bad = match ip {
+                IpAddr::V4(v4) => v4.is_multicast() || v4.is_broadcast() || v4.is_unspecified(),
+                IpAddr::V6(v6) => v6.is_multicast() || v6.is_unspecified(),
+            };
+            if bad {
+                return Err(GatewayError::Address(ip));
+            }
+        }
         let mac = EthernetAddress(config.mac);
         let mut device = QueueDevice::new(config.mtu);
         let mut iface_config = Config::new(HardwareAddress::Ethernet(mac));
@@ -135,7 +160,7 @@ impl Gateway {
             }
             iface.set_any_ip(true);
         }
-        Self {
+        Ok(Self {
             iface,
             device,
             shards: (0..SHARDS)
@@ -156,7 +181,7 @@ impl Gateway {
             nat: config.nat,
             tcp_events: Vec::new(),
             per_container: HashMap::new(),
-        }
+        })
     }
 
     /// Whether `ip` is one of the gateway's own addresses.

@@ -17,7 +17,7 @@ pub mod policy;
 mod stream;
 pub mod tcp;
 
-pub use gateway::{Gateway, GatewayConfig, GatewayStats};
+pub use gateway::{Gateway, GatewayConfig, GatewayError, GatewayStats};
 pub use mapping::{PortMapping, Proto, parse_publish};
 pub use policy::Policy;
 pub use stream::StreamMessage;

@@ -29,7 +29,8 @@ fn gateway(now: Instant) -> Gateway {
             nat: true,
         },
         now,
-    );
+    )
+    .expect("a valid gateway");
     gw.enable_stream_service(now, 53, 4, Duration::from_secs(5));
     gw
 }

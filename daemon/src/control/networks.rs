@@ -1,18 +1,32 @@
 //! Networks: create, remove, list and inspect, and each datapath's FDB and counters.
 
+use std::net::IpAddr;
+
 use super::{Daemon, find_network, ids, render, subnets};
 use crate::api::{Created, FdbRow, NetworkCreate, NetworkInspect, NetworkStats};
 use crate::error::{Error, Result};
 use crate::ipam;
-use crate::plan::{self, DEFAULT_NETWORK};
+use crate::plan::{self, DEFAULT_NETWORK, HostFacts};
 use crate::state::Network;
 
-/// The IPv4 routes of the daemon's network namespace, which automatic subnets stay clear of
-/// (empty if they cannot be read).
-fn host_routes() -> Vec<ipnet::Ipv4Net> {
-    std::fs::read_to_string("/proc/net/route")
+/// What the daemon's network namespace has: its IPv4 routes, which automatic subnets stay
+/// clear of, and its addresses, which no subnet may contain (empty if they cannot be read).
+fn host_facts() -> HostFacts {
+    let routes = std::fs::read_to_string("/proc/net/route")
         .map(|t| ipam::parse_proc_net_route(&t))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map(|ifs| {
+            ifs.filter_map(|i| {
+                let a = i.address?;
+                a.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    HostFacts { routes, addrs }
 }
 
 impl Daemon {
@@ -38,7 +52,7 @@ impl Daemon {
         let net = plan::plan_network(
             &inner.store,
             req,
-            &host_routes(),
+            &host_facts(),
             ids::random_id(),
             ids::now(),
         )?;

@@ -103,7 +103,7 @@ impl Worker {
             .into_iter()
             .chain(gateway.ipv6.map(|(ip, _)| IpAddr::V6(ip)))
             .collect();
-        let mut gw = Gateway::new(&gateway, now);
+        let mut gw = Gateway::new(&gateway, now).map_err(io::Error::other)?;
         if links.dns.is_some() {
             gw.enable_stream_service(now, DNS_PORT, DNS_TCP_CONNS, DNS_TCP_IDLE);
         }

@@ -145,7 +145,7 @@ mod tests {
     use super::*;
     use crate::api::NetworkCreate;
     use crate::error::ErrorKind::{self, BadRequest, Conflict, NotFound};
-    use crate::plan::{default_bridge, plan_network};
+    use crate::plan::{HostFacts, default_bridge, plan_network};
 
     fn run(network: Option<&str>) -> RunRequest {
         RunRequest {
@@ -169,7 +169,7 @@ mod tests {
                 name: "app".into(),
                 ..Default::default()
             },
-            &[],
+            &HostFacts::default(),
             "a".repeat(64),
             String::new(),
         )

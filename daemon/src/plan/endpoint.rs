@@ -233,7 +233,7 @@ mod tests {
     use super::*;
     use crate::api::NetworkCreate;
     use crate::error::ErrorKind::{self, BadRequest, Conflict};
-    use crate::plan::{default_bridge, plan_network};
+    use crate::plan::{HostFacts, default_bridge, plan_network};
 
     const NS_A: NsId = NsId { dev: 4, ino: 1 };
     const NS_B: NsId = NsId { dev: 4, ino: 2 };
@@ -252,7 +252,7 @@ mod tests {
                 enable_ipv6: true,
                 ..Default::default()
             },
-            &[],
+            &HostFacts::default(),
             "1".repeat(64),
             String::new(),
         )
@@ -265,7 +265,7 @@ mod tests {
                 internal: true,
                 ..Default::default()
             },
-            &[],
+            &HostFacts::default(),
             "2".repeat(64),
             String::new(),
         )

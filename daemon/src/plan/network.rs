@@ -28,13 +28,22 @@ pub fn default_bridge(id: String, created: String) -> Network {
     }
 }
 
+/// What the daemon's own network namespace has, which new networks stay clear of.
+#[derive(Debug, Clone, Default)]
+pub struct HostFacts {
+    /// Its IPv4 routes: automatic subnets avoid them (a LAN or VPN stays reachable).
+    pub routes: Vec<ipnet::Ipv4Net>,
+    /// Its own addresses: no subnet may contain one (the host would route its own address
+    /// into the network).
+    pub addrs: Vec<IpAddr>,
+}
+
 /// Validates a `network create` request against the current state and builds the network
-/// with the given id and creation time. `host_routes`: the daemon namespace's routes, which
-/// automatic subnets stay clear of.
+/// with the given id and creation time.
 pub fn plan_network(
     store: &Store,
     req: NetworkCreate,
-    host_routes: &[ipnet::Ipv4Net],
+    host: &HostFacts,
     id: String,
     created: String,
 ) -> Result<Network> {
@@ -73,7 +82,7 @@ pub fn plan_network(
         .networks
         .values()
         .map(|n| n.subnet)
-        .chain(host_routes.iter().copied())
+        .chain(host.routes.iter().copied())
         .collect();
     let subnet = match v4 {
         Some(s) => {
@@ -142,6 +151,15 @@ pub fn plan_network(
     } else {
         (None, None)
     };
+    let own = |net: ipnet::IpNet| host.addrs.iter().find(|a| net.contains(*a)).copied();
+    let subnets = std::iter::once(ipnet::IpNet::V4(subnet)).chain(subnet6.map(ipnet::IpNet::V6));
+    for net in subnets {
+        if let Some(a) = own(net) {
+            return Err(Error::conflict(format!(
+                "subnet {net} contains {a}, an address of this host"
+            )));
+        }
+    }
     let mtu = req.mtu.unwrap_or(DEFAULT_MTU);
     let min_mtu = if req.enable_ipv6 { 1280 } else { 576 };
     if !(min_mtu..=65_520).contains(&mtu) {
@@ -231,6 +249,7 @@ fn gateways(given: &[String]) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
 mod tests {
     use super::*;
     use crate::error::ErrorKind::{self, BadRequest, Conflict, Forbidden};
+    use crate::plan::HostFacts;
 
     fn store_with(nets: &[(&str, &str)]) -> Store {
         let mut store = Store::default();
@@ -242,8 +261,14 @@ mod tests {
                 subnets: vec![(*subnet).to_owned()],
                 ..Default::default()
             };
-            let n = plan_network(&store, req, &[], format!("{i:064}"), String::new())
-                .expect("fixture network");
+            let n = plan_network(
+                &store,
+                req,
+                &HostFacts::default(),
+                format!("{i:064}"),
+                String::new(),
+            )
+            .expect("fixture network");
             store.networks.insert(n.id.clone(), n);
         }
         store
@@ -257,7 +282,13 @@ mod tests {
     }
 
     fn plan(store: &Store, r: NetworkCreate) -> Result<Network> {
-        plan_network(store, r, &[], "a".repeat(64), "now".into())
+        plan_network(
+            store,
+            r,
+            &HostFacts::default(),
+            "a".repeat(64),
+            "now".into(),
+        )
     }
 
     #[test]
@@ -370,9 +401,21 @@ mod tests {
         assert_eq!((n.id.len(), n.created.as_str()), (64, "now"));
         assert_eq!(n.subnet6, None);
         // Routes of the host push automatic picks further.
-        let routes = ["172.19.0.0/16".parse().expect("net")];
-        let n = plan_network(&store, req("new"), &routes, "a".into(), String::new()).expect("plan");
+        let host = HostFacts {
+            routes: vec!["172.19.0.0/16".parse().expect("net")],
+            addrs: vec!["10.0.2.15".parse().expect("ip")],
+        };
+        let n = plan_network(&store, req("new"), &host, "a".into(), String::new()).expect("plan");
         assert_eq!(n.subnet.to_string(), "172.20.0.0/16");
+        // A subnet with one of the host's addresses in it is refused.
+        let mut r = req("lan");
+        r.subnets = vec!["10.0.2.0/24".into()];
+        let e = plan_network(&store, r, &host, "b".into(), String::new()).expect_err("own address");
+        assert_eq!(e.kind(), crate::error::ErrorKind::Conflict);
+        assert!(
+            e.message().contains("10.0.2.15, an address of this host"),
+            "{e}"
+        );
         // IPv6 without a subnet gets a ULA /64 from the id, gateway ::1.
         let mut r = req("six");
         r.enable_ipv6 = true;

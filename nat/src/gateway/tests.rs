@@ -19,6 +19,7 @@ fn gateway(now: Instant) -> Gateway {
         },
         now,
     )
+    .expect("a valid gateway")
 }
 
 fn with_vnet(eth: Vec<u8>) -> Vec<u8> {
@@ -614,4 +615,38 @@ fn stream_messages_left_unanswered_do_not_pin_the_connection() {
     while gw.poll_transmit().is_some() {}
     gw.handle_timeout(later + Duration::from_millis(10));
     assert_eq!(gw.stream_connections(), 0);
+}
+
+/// Addresses an interface cannot have are refused, not a panic in smoltcp.
+#[test]
+fn a_gateway_needs_unicast_addresses() {
+    let t = Instant::now();
+    let config = |mac: [u8; 6], ip: [u8; 4]| GatewayConfig {
+        mac,
+        ipv4: Some((Ipv4Addr::from(ip), 24)),
+        ipv6: None,
+        mtu: 1500,
+        nat: true,
+    };
+    for ip in [[224, 0, 0, 1], [255, 255, 255, 255], [0, 0, 0, 0]] {
+        assert!(matches!(
+            Gateway::new(&config(GW_MAC, ip), t),
+            Err(GatewayError::Address(_))
+        ));
+    }
+    let v6 = GatewayConfig {
+        ipv6: Some(("ff02::1".parse().expect("ip"), 64)),
+        ..config(GW_MAC, GW)
+    };
+    assert!(matches!(
+        Gateway::new(&v6, t),
+        Err(GatewayError::Address(_))
+    ));
+    for mac in [[0xff; 6], [0x01, 0, 0x5e, 0, 0, 1], [0; 6]] {
+        assert!(matches!(
+            Gateway::new(&config(mac, GW), t),
+            Err(GatewayError::Mac(_))
+        ));
+    }
+    assert!(Gateway::new(&config(GW_MAC, GW), t).is_ok());
 }
