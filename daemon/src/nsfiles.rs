@@ -60,12 +60,35 @@ fn netns_resolv_conf_text(net: &Network) -> String {
     )
 }
 
-/// After a restart: the resolv.conf of `ip netns` namespace `netns`, which this daemon wrote
-/// for `net`, is rewritten if an earlier version wrote it otherwise.
+/// What versions before 2026-12 wrote into a resolv.conf for `net`: a `search` line on
+/// networks with names.
+fn old_resolv_conf_text(net: &Network) -> Option<String> {
+    net.dns_names.then(|| {
+        format!(
+            "nameserver {}\nsearch {}\noptions ndots:0\n",
+            net.gateway, net.name
+        )
+    })
+}
+
+/// After a restart: the resolv.conf of `ip netns` namespace `netns`, if an earlier version
+/// wrote it for `net` (with a `search` line), is rewritten as this one writes it.
 pub fn refresh_netns_resolv_conf(netns: &str, net: &Network) {
-    let path = netns_resolv_conf(netns);
-    if ours(&path) {
-        refresh_in_place(&path, &netns_resolv_conf_text(net));
+    if let Some(old) = old_resolv_conf_text(net) {
+        let old = format!("{RESOLV_CONF_HEADER} for network {}\n{old}", net.name);
+        rewrite_if(
+            &netns_resolv_conf(netns),
+            &old,
+            &netns_resolv_conf_text(net),
+        );
+    }
+}
+
+/// After a restart: a running container's resolv.conf, if an earlier version wrote it for
+/// `net`, is rewritten as this one writes it.
+pub fn refresh_container_resolv_conf(path: &Path, net: &Network) {
+    if let Some(old) = old_resolv_conf_text(net) {
+        rewrite_if(path, &old, &resolv_conf_text(net));
     }
 }
 
@@ -157,18 +180,31 @@ pub fn write_hosts(path: &Path, h: &Hosts<'_>) -> Result<()> {
         .map_err(|e| Error::failed(&format!("cannot write {}", path.display()), e))
 }
 
-/// Rewrites a resolv.conf that vswitch wrote earlier if its text is not `text` any more (an
-/// older version wrote a `search` line), in place: processes that have it bound over
-/// /etc/resolv.conf (`ip netns exec`, a running container) see the new text.
-pub fn refresh_in_place(path: &Path, text: &str) {
-    match std::fs::read_to_string(path) {
-        Ok(old) if old != text => match std::fs::write(path, text) {
-            Ok(()) => tracing::info!(path = %path.display(), "resolv.conf rewritten"),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot rewrite resolv.conf")
-            }
-        },
-        _ => {}
+/// Replaces the text of the file at `path` with `new` if it is exactly `old` (so a file
+/// somebody edited is left alone), in place: processes that have it bound over
+/// /etc/resolv.conf (`ip netns exec`, a running container) see the new text. The new text is
+/// written over the old from the start and the file cut after it, so a reader never finds
+/// it empty (`new` is never longer here); a symlink is not followed.
+fn rewrite_if(path: &Path, old: &str, new: &str) {
+    use std::io::{Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::read_to_string(path).ok().as_deref() != Some(old) {
+        return;
+    }
+    let done = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| {
+            f.seek(std::io::SeekFrom::Start(0))?;
+            f.write_all(new.as_bytes())?;
+            f.set_len(new.len() as u64)
+        });
+    match done {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "resolv.conf rewritten without its search line")
+        }
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot rewrite resolv.conf"),
     }
 }
 
@@ -203,6 +239,34 @@ mod tests {
             t.contains("fd00::1\thost.containers.internal host.docker.internal\n"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn only_the_old_text_is_rewritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut net = crate::plan::default_bridge("b".repeat(64), String::new());
+        net.name = "dev".into();
+        net.dns_names = true;
+        let path = dir.path().join("resolv.conf");
+        let old = "nameserver 172.17.0.1\nsearch dev\noptions ndots:0\n";
+        std::fs::write(&path, old).expect("write");
+        refresh_container_resolv_conf(&path, &net);
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "nameserver 172.17.0.1\noptions ndots:0\n"
+        );
+        // Edited by somebody: left alone.
+        let edited = "nameserver 172.17.0.1\nsearch dev corp.example\noptions ndots:0\n";
+        std::fs::write(&path, edited).expect("write");
+        refresh_container_resolv_conf(&path, &net);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), edited);
+        // A symlink is not followed.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, old).expect("write");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        refresh_container_resolv_conf(&link, &net);
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), old);
     }
 
     #[test]

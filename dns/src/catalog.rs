@@ -6,7 +6,7 @@
 //! namespace it belongs to (`scope` key), and for every namespace the networks it is on.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 /// One endpoint's records on one network.
@@ -36,6 +36,8 @@ pub struct Zone {
     pub subnets: Vec<(IpAddr, u8)>,
     /// The gateway's addresses: what `host.containers.internal` resolves to.
     pub gateways: Vec<IpAddr>,
+    /// The network's own upstream servers (`network create --dns`); `None`: the daemon's.
+    pub upstreams: Option<Upstreams>,
     records: BTreeMap<String, Vec<(String, IpAddr)>>,
     reverse: HashMap<IpAddr, String>,
 }
@@ -48,6 +50,7 @@ impl Zone {
             internal,
             subnets,
             gateways: Vec::new(),
+            upstreams: None,
             records: BTreeMap::new(),
             reverse: HashMap::new(),
         }
@@ -56,6 +59,12 @@ impl Zone {
     /// The zone with its gateway's addresses.
     pub fn with_gateways(mut self, gateways: Vec<IpAddr>) -> Self {
         self.gateways = gateways;
+        self
+    }
+
+    /// The zone with the network's own upstream servers (none given: the daemon's).
+    pub fn with_upstreams(mut self, servers: &[SocketAddr]) -> Self {
+        self.upstreams = (!servers.is_empty()).then(|| servers.into());
         self
     }
 
@@ -139,6 +148,9 @@ fn in_subnet(net: IpAddr, len: u8, ip: IpAddr) -> bool {
         _ => false,
     }
 }
+
+/// Upstream DNS servers, shared cheaply with every forward that uses them.
+pub type Upstreams = Arc<[SocketAddr]>;
 
 /// The catalog as the control plane (which writes it on attach, detach and GC) and the
 /// responders (which read it per query) share it.

@@ -14,5 +14,5 @@ pub mod responder;
 pub mod server;
 pub mod upstream;
 
-pub use catalog::{Catalog, EndpointRecords, SharedCatalog, Zone};
+pub use catalog::{Catalog, EndpointRecords, SharedCatalog, Upstreams, Zone};
 pub use responder::{Asker, Outcome, Responder, Transport};

@@ -16,7 +16,7 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode}
 use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
-use crate::catalog::{Catalog, SharedCatalog, Zone};
+use crate::catalog::{Catalog, SharedCatalog, Upstreams, Zone};
 
 mod special;
 
@@ -55,8 +55,9 @@ pub enum Transport {
 pub enum Outcome {
     /// Send these bytes back.
     Reply(Vec<u8>),
-    /// Not ours: relay the query upstream (unchanged, keeping the transport).
-    Forward,
+    /// Not ours: relay the query upstream (unchanged, keeping the transport), to these
+    /// servers (a network's own), or to the daemon's (`None`).
+    Forward(Option<Upstreams>),
     /// Not a query at all (a response, or too short to answer): send nothing.
     Drop,
 }
@@ -114,9 +115,9 @@ impl Responder {
         let decision = self.resolve(&catalog, asker, question);
         drop(catalog);
         let (rcode, answers) = match decision {
-            Resolution::Forward => match asker {
+            Resolution::Forward(via) => match asker {
                 Asker::Host => (ResponseCode::Refused, vec![]),
-                Asker::Network { .. } => return Outcome::Forward,
+                Asker::Network { .. } => return Outcome::Forward(via),
             },
             Resolution::Refused => (ResponseCode::Refused, vec![]),
             Resolution::NxDomain => (ResponseCode::NXDomain, vec![]),
@@ -149,20 +150,27 @@ impl Responder {
     }
 
     fn resolve(&self, catalog: &Catalog, asker: Asker<'_>, q: &Query) -> Resolution {
-        if q.query_class() != DNSClass::IN {
-            return Resolution::Forward;
-        }
         let qtype = q.query_type();
         if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
-            // No zone transfers, of our zones or through us.
+            // No zone transfers, of our zones or through us, in any class.
             return Resolution::Refused;
         }
-        let name = q.name().to_lowercase().to_ascii();
-        let name = name.strip_suffix('.').unwrap_or(&name);
         let zones: Vec<&Zone> = match asker {
             Asker::Network { network_id, client } => catalog.scope(network_id, client),
             Asker::Host => catalog.zones().collect(),
         };
+        if q.query_class() != DNSClass::IN {
+            // Not ours (CH, HS, ANY...), but no way out of an internal network either.
+            return way_out(asker, &zones);
+        }
+        let name = q.name().to_lowercase().to_ascii();
+        let name = name.strip_suffix('.').unwrap_or(&name);
+        // Asked as an address: a single label is then a container name or nothing. Any other
+        // type of a single label (DS, NS, DNSKEY of a TLD) is the upstream's, even when a
+        // network or container has that name: an NXDOMAIN or NODATA for `com` would deny or
+        // break the validation of every name under it.
+        let address = matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY);
+        let ours_to_answer = address || name.contains('.');
         if name.is_empty() {
             // The root (its NS, DNSKEY, SOA...) is the upstream's, whatever the type: a
             // validating resolver in a container starts there.
@@ -200,7 +208,7 @@ impl Responder {
             if catalog.zones().any(|z| z.contains_addr(ip)) {
                 return Resolution::NxDomain;
             }
-            return Resolution::Forward;
+            return way_out(asker, &zones);
         }
 
         let visible = |z: &&&Zone| match asker {
@@ -237,12 +245,12 @@ impl Responder {
             // NXDOMAIN: NXDOMAIN would make resolvers give up on the A record too.
             return Resolution::Answer(records);
         }
-        // A network's own name, with names under it, exists (an empty non-terminal): NODATA
-        // for every type. NXDOMAIN would deny every name under it (RFC 8020).
-        if zones
-            .iter()
-            .filter(|z| visible(z))
-            .any(|z| z.name == name && z.has_names())
+        // A network's own name, with names under it, exists (an empty non-terminal): NODATA.
+        // NXDOMAIN would deny every name under it (RFC 8020).
+        if ours_to_answer
+            && zones
+                .iter()
+                .any(|z| z.names && z.name == name && z.has_names())
         {
             return Resolution::Answer(vec![]);
         }
@@ -261,15 +269,12 @@ impl Responder {
         match asker {
             Asker::Host if own_domain => Resolution::NxDomain,
             Asker::Host => Resolution::Refused,
-            Asker::Network { .. } if held_elsewhere() => Resolution::NxDomain,
+            Asker::Network { .. } if ours_to_answer && held_elsewhere() => Resolution::NxDomain,
             Asker::Network { .. } => {
-                let first = zones.first();
-                // A single label asked as an address is a container name or nothing: answered
-                // at once on networks with names (the default bridge has none and forwards
-                // everything, like Docker). Any other type (DS, NS, DNSKEY of a TLD) is the
-                // upstream's: an NXDOMAIN for `com` would deny every name under it.
-                let address = matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY);
-                if address && !name.contains('.') && first.is_some_and(|z| z.names) {
+                // An unknown single label asked as an address: answered at once on networks
+                // with names (the default bridge has none and forwards everything, like
+                // Docker).
+                if address && !name.contains('.') && zones.first().is_some_and(|z| z.names) {
                     return Resolution::NxDomain;
                 }
                 way_out(asker, &zones)
@@ -326,7 +331,7 @@ enum Resolution {
     Answer(Vec<Record>),
     NxDomain,
     Refused,
-    Forward,
+    Forward(Option<Upstreams>),
 }
 
 /// What leaves the network for a name that is not ours: forwarded upstream, unless every
@@ -334,13 +339,21 @@ enum Resolution {
 /// namespace also on another network does: its queries are forwarded whichever gateway they
 /// were sent to (as Docker forwards when any of the container's networks has external
 /// access). The host never gets anything forwarded.
+///
+/// The way out is through the first of those networks that has one, so its own upstreams
+/// (`network create --dns`), if it has any, are the ones asked.
 fn way_out(asker: Asker<'_>, zones: &[&Zone]) -> Resolution {
     match asker {
         Asker::Host => Resolution::Refused,
         Asker::Network { .. } if !zones.is_empty() && zones.iter().all(|z| z.internal) => {
             Resolution::Refused
         }
-        Asker::Network { .. } => Resolution::Forward,
+        Asker::Network { .. } => Resolution::Forward(
+            zones
+                .iter()
+                .find(|z| !z.internal)
+                .and_then(|z| z.upstreams.clone()),
+        ),
     }
 }
 

@@ -144,7 +144,7 @@ proptest! {
                     prop_assert!(answer.len() <= 1232, "{} bytes over UDP", answer.len());
                 }
             }
-            Outcome::Forward => {
+            Outcome::Forward(_) => {
                 prop_assert!(Message::from_vec(&bytes).is_ok(), "forwarded garbage");
             }
             Outcome::Drop => {}

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::netns::target::{proc_netns, start_ticks};
 use crate::nsfiles;
 use crate::plan::{self, Mode};
-use crate::state::{Container, Network};
+use crate::state::{Container, Network, Store};
 
 /// How long a stopped container gets between SIGTERM and SIGKILL.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,8 +43,6 @@ struct Launch {
     mode: Mode,
     /// Rootless: the subordinate ID ranges the daemon maps into the container's user namespace.
     id_maps: Option<SubIds>,
-    /// Its network's gateway, if that has a way out (the host's names in /etc/hosts).
-    host_gateways: Vec<std::net::IpAddr>,
     hostname: Option<String>,
     hosts: PathBuf,
 }
@@ -164,12 +162,7 @@ impl Daemon {
             Mode::Host => None,
             _ => Some(c.hostname.clone().unwrap_or_else(|| c.name.clone())),
         };
-        let host_gateways: Vec<std::net::IpAddr> = match net.as_ref().filter(|n| !n.internal) {
-            Some(n) => std::iter::once(n.gateway.into())
-                .chain(n.gateway6.map(Into::into))
-                .collect(),
-            None => Vec::new(),
-        };
+        let host_gateways = host_gateways(&inner.store, &c);
         nsfiles::write_hosts(
             &hosts,
             &nsfiles::Hosts {
@@ -197,7 +190,6 @@ impl Daemon {
             init,
             mode,
             id_maps,
-            host_gateways,
             hostname,
             hosts,
         })
@@ -237,17 +229,11 @@ impl Daemon {
         if let Mode::Network(n) = &l.mode {
             let req = container_attach(pid, &c.name, c.ip, c.aliases.clone(), c.ports.clone());
             let ep = self.attach_locked(inner, n, req).await?;
-            let hosts = nsfiles::Hosts {
-                hostname: l.hostname.as_deref().unwrap_or(&c.name),
-                name: &c.name,
-                ip: ep
-                    .ipv4_address
-                    .split('/')
-                    .next()
-                    .and_then(|ip| ip.parse().ok()),
-                host_gateways: &l.host_gateways,
-            };
-            nsfiles::write_hosts(&l.hosts, &hosts)?;
+            let ip = ep
+                .ipv4_address
+                .split('/')
+                .next()
+                .and_then(|ip| ip.parse().ok());
             // Networks joined later with `network connect`; one that is gone is left out.
             for conn in c.connected.clone() {
                 let Some(net) = inner.store.networks.get(&conn.network_id).cloned() else {
@@ -260,6 +246,13 @@ impl Daemon {
                     tracing::warn!(container = %c.name, network = %net.name, error = %e, "cannot connect the container again");
                 }
             }
+            let hosts = nsfiles::Hosts {
+                hostname: l.hostname.as_deref().unwrap_or(&c.name),
+                name: &c.name,
+                ip,
+                host_gateways: &host_gateways(&inner.store, c),
+            };
+            nsfiles::write_hosts(&l.hosts, &hosts)?;
         }
         // Go: CMD may start now.
         l.init.go().await;
@@ -335,7 +328,7 @@ impl Daemon {
             return;
         };
         let path = container_dir(self.state_dir.path(), id).join("resolv.conf");
-        nsfiles::refresh_in_place(&path, &nsfiles::resolv_conf_text(net));
+        nsfiles::refresh_container_resolv_conf(&path, net);
     }
 
     async fn container_exited(self: &Arc<Self>, id: &str, code: Option<i32>) {
@@ -519,6 +512,36 @@ impl Daemon {
             data: String::from_utf8_lossy(&buf).into_owned(),
         })
     }
+}
+
+/// Where a container finds its host (`host.containers.internal`): the gateway of the first of
+/// its networks with a way out (its own, then those it joined later; a container in another's
+/// namespace has that one's networks); none if it has no way out.
+fn host_gateways(store: &Store, c: &Container) -> Vec<std::net::IpAddr> {
+    let owner = match Mode::of(&c.network) {
+        Mode::Container(x) => match plan::find_container(store, &x) {
+            Some(parent) => parent,
+            None => return Vec::new(),
+        },
+        _ => c,
+    };
+    let main = match Mode::of(&owner.network) {
+        Mode::Network(n) => store.find_network(&n),
+        _ => None,
+    };
+    let joined = owner
+        .connected
+        .iter()
+        .filter_map(|x| store.networks.get(&x.network_id));
+    main.into_iter()
+        .chain(joined)
+        .find(|n| !n.internal)
+        .map(|n| {
+            std::iter::once(n.gateway.into())
+                .chain(n.gateway6.map(Into::into))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// How a container's init process joins a network: under the container's name.

@@ -210,7 +210,6 @@ impl Daemon {
             network_id: net.id.clone(),
             network_name: net.name.clone(),
             gateway,
-            dns_upstreams: net.dns.clone(),
             nice: self.datapath_nice,
             busy_poll: self.datapath_busy_poll,
         };
@@ -238,7 +237,9 @@ impl Daemon {
             .collect();
         self.catalog.write().add_network(
             &net.id,
-            Zone::new(&net.name, net.dns_names, net.internal, zone_subnets).with_gateways(gateways),
+            Zone::new(&net.name, net.dns_names, net.internal, zone_subnets)
+                .with_gateways(gateways)
+                .with_upstreams(&net.dns),
         );
         Ok(LiveNetwork {
             datapath,

@@ -11,7 +11,7 @@ use crate::state::Network;
 
 /// What the daemon's network namespace has: its IPv4 routes, which automatic subnets stay
 /// clear of, and its addresses, which no subnet may contain (empty if they cannot be read).
-fn host_facts() -> HostFacts {
+fn host_facts(loopback_open: bool) -> HostFacts {
     let routes = std::fs::read_to_string("/proc/net/route")
         .map(|t| ipam::parse_proc_net_route(&t))
         .unwrap_or_default();
@@ -26,7 +26,11 @@ fn host_facts() -> HostFacts {
             .collect()
         })
         .unwrap_or_default();
-    HostFacts { routes, addrs }
+    HostFacts {
+        routes,
+        addrs,
+        loopback_open,
+    }
 }
 
 impl Daemon {
@@ -52,7 +56,7 @@ impl Daemon {
         let net = plan::plan_network(
             &inner.store,
             req,
-            &host_facts(),
+            &host_facts(self.policy.read().host_loopback),
             ids::random_id(),
             ids::now(),
         )?;

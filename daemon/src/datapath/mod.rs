@@ -50,9 +50,6 @@ pub struct DatapathSpec {
     pub network_id: String,
     pub network_name: String,
     pub gateway: GatewayConfig,
-    /// Where the network's DNS forwards (`network create --dns`); empty: the daemon's
-    /// upstreams.
-    pub dns_upstreams: Vec<std::net::SocketAddr>,
     pub nice: i32,
     pub busy_poll: Duration,
 }

@@ -357,7 +357,7 @@ pub struct ForwardJob {
     pub query: Vec<u8>,
     pub reply: ReplyTo,
     /// The network's own upstream servers (`network create --dns`); `None`: the daemon's.
-    pub upstreams: Option<Arc<[SocketAddr]>>,
+    pub upstreams: Option<vswitch_dns::Upstreams>,
     pub injector: Injector,
     /// Held until the answer is delivered: bounds the forwards in flight.
     pub permit: OwnedSemaphorePermit,

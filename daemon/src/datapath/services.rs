@@ -86,8 +86,6 @@ impl Drop for IcmpFlow {
 pub(super) struct Services {
     pub(super) network_id: String,
     pub(super) dns: Option<DnsHook>,
-    /// The network's own upstream DNS servers; `None`: the daemon's.
-    pub(super) upstreams: Option<Arc<[SocketAddr]>>,
     pub(super) nat_jobs: tokio::sync::mpsc::UnboundedSender<NatJob>,
     pub(super) policy: SharedPolicy,
     pub(super) injector: Injector,
@@ -120,8 +118,8 @@ impl Services {
         };
         let answer = match hook.responder.answer(asker, Transport::Udp, u.payload) {
             Outcome::Reply(answer) => Some(answer),
-            Outcome::Forward => {
-                match self.forward(u.payload.to_vec(), ReplyTo::Udp(peer.clone())) {
+            Outcome::Forward(via) => {
+                match self.forward(u.payload.to_vec(), ReplyTo::Udp(peer.clone()), via) {
                     Forwarded::Queued => None,
                     Forwarded::Refused(answer) => answer,
                 }
@@ -145,7 +143,7 @@ impl Services {
         };
         match hook.responder.answer(asker, Transport::Tcp, &m.message) {
             Outcome::Reply(answer) => StreamAnswer::Reply(answer),
-            Outcome::Forward => match self.forward(m.message, ReplyTo::Tcp(m.conn)) {
+            Outcome::Forward(via) => match self.forward(m.message, ReplyTo::Tcp(m.conn), via) {
                 Forwarded::Queued => StreamAnswer::Forwarded,
                 Forwarded::Refused(Some(refused)) => StreamAnswer::Reply(refused),
                 Forwarded::Refused(None) => StreamAnswer::Unanswered,
@@ -155,7 +153,12 @@ impl Services {
     }
 
     /// Hands a query to the forwarder task, or refuses it if too many are in flight.
-    fn forward(&mut self, query: Vec<u8>, reply: ReplyTo) -> Forwarded {
+    fn forward(
+        &mut self,
+        query: Vec<u8>,
+        reply: ReplyTo,
+        upstreams: Option<vswitch_dns::Upstreams>,
+    ) -> Forwarded {
         let Some(hook) = self.dns.as_ref() else {
             return Forwarded::Refused(None);
         };
@@ -166,7 +169,7 @@ impl Services {
         let _ = hook.jobs.send(ForwardJob {
             query,
             reply,
-            upstreams: self.upstreams.clone(),
+            upstreams,
             injector: self.injector.clone(),
             permit,
         });

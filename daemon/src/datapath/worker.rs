@@ -74,7 +74,6 @@ impl Worker {
             network_id,
             network_name,
             gateway,
-            dns_upstreams,
             nice,
             busy_poll,
         } = spec;
@@ -113,7 +112,6 @@ impl Worker {
         let services = Services {
             network_id: network_id.clone(),
             dns: links.dns,
-            upstreams: (!dns_upstreams.is_empty()).then(|| dns_upstreams.into()),
             nat_jobs: links.nat_jobs,
             policy: links.policy,
             injector: injector.clone(),

@@ -36,6 +36,9 @@ pub struct HostFacts {
     /// Its own addresses: no subnet may contain one (the host would route its own address
     /// into the network).
     pub addrs: Vec<IpAddr>,
+    /// The daemon runs with `--allow-host-loopback`: a network may also forward DNS to the
+    /// host's loopback.
+    pub loopback_open: bool,
 }
 
 /// Validates a `network create` request against the current state and builds the network
@@ -51,6 +54,18 @@ pub fn plan_network(
     if matches!(req.name.as_str(), "host" | "none") || req.name.starts_with("container:") {
         return Err(Error::forbidden(format!(
             "network name {} is reserved for a network mode",
+            req.name
+        )));
+    }
+    // Names the DNS server answers itself: a network of that name could never resolve its
+    // containers (`web.localhost` is 127.0.0.1, RFC 6761).
+    let lower = req.name.to_ascii_lowercase();
+    if lower == "localhost"
+        || lower.ends_with(".localhost")
+        || matches!(lower.as_str(), "containers.internal" | "docker.internal")
+    {
+        return Err(Error::forbidden(format!(
+            "network name {} is reserved: the DNS server answers it itself",
             req.name
         )));
     }
@@ -167,7 +182,7 @@ pub fn plan_network(
             "invalid MTU {mtu}: expected {min_mtu} to 65520"
         )));
     }
-    let dns = dns_servers(&req.dns_servers, req.internal)?;
+    let dns = dns_servers(&req.dns_servers, req.internal, host.loopback_open)?;
     Ok(Network {
         id,
         name: req.name,
@@ -185,8 +200,14 @@ pub fn plan_network(
 }
 
 /// The network's own upstream DNS servers: `IP` or `IP:PORT`, at most as many as the daemon
-/// takes; an internal network forwards nothing, so it takes none.
-fn dns_servers(given: &[String], internal: bool) -> Result<Vec<std::net::SocketAddr>> {
+/// takes; an internal network forwards nothing, so it takes none. Queries are sent from the
+/// daemon's namespace, so the host's loopback is a server only where containers may reach it
+/// anyway (`--allow-host-loopback`); "any address", multicast and port 0 are never one.
+fn dns_servers(
+    given: &[String],
+    internal: bool,
+    loopback_open: bool,
+) -> Result<Vec<std::net::SocketAddr>> {
     if !given.is_empty() && internal {
         return Err(Error::bad_request(
             "an internal network forwards no DNS: --dns needs a network with a way out",
@@ -198,10 +219,24 @@ fn dns_servers(given: &[String], internal: bool) -> Result<Vec<std::net::SocketA
             vswitch_dns::upstream::MAX_UPSTREAMS
         )));
     }
-    given
-        .iter()
-        .map(|s| vswitch_dns::upstream::parse_upstream(s).map_err(Error::bad_request))
-        .collect()
+    let mut out = Vec::new();
+    for s in given {
+        let sa = vswitch_dns::upstream::parse_upstream(s).map_err(Error::bad_request)?;
+        let ip = sa.ip().to_canonical();
+        if ip.is_unspecified() || ip.is_multicast() || sa.port() == 0 {
+            return Err(Error::bad_request(format!(
+                "--dns {s}: not an address a DNS server can have"
+            )));
+        }
+        if ip.is_loopback() && !loopback_open {
+            return Err(Error::bad_request(format!(
+                "--dns {s}: the host's loopback is closed to containers (the daemon runs \
+                 without --allow-host-loopback)"
+            )));
+        }
+        out.push(sa);
+    }
+    Ok(out)
 }
 
 /// At most one IPv4 and one IPv6 subnet, told apart by their text.
@@ -302,6 +337,8 @@ mod tests {
         let cases: Vec<(NetworkCreate, ErrorKind, &str)> = vec![
             (req("bad name"), BadRequest, "invalid network name"),
             (req("host"), Forbidden, "reserved"),
+            (req("localhost"), Forbidden, "answers it itself"),
+            (req("docker.internal"), Forbidden, "answers it itself"),
             (req("container:x"), BadRequest, "invalid network name"),
             (req("dev"), Conflict, "already exists"),
             (
@@ -375,6 +412,31 @@ mod tests {
                 "internal network forwards no DNS",
             ),
             (
+                with(&|r| r.dns_servers = vec!["127.0.0.1:5353".into()]),
+                BadRequest,
+                "loopback is closed",
+            ),
+            (
+                with(&|r| r.dns_servers = vec!["[::ffff:127.0.0.1]:53".into()]),
+                BadRequest,
+                "loopback is closed",
+            ),
+            (
+                with(&|r| r.dns_servers = vec!["0.0.0.0".into()]),
+                BadRequest,
+                "not an address",
+            ),
+            (
+                with(&|r| r.dns_servers = vec!["224.0.0.251:5353".into()]),
+                BadRequest,
+                "not an address",
+            ),
+            (
+                with(&|r| r.dns_servers = vec!["192.0.2.1:0".into()]),
+                BadRequest,
+                "not an address",
+            ),
+            (
                 with(&|r| {
                     r.enable_ipv6 = true;
                     r.mtu = Some(1000);
@@ -404,7 +466,12 @@ mod tests {
         let host = HostFacts {
             routes: vec!["172.19.0.0/16".parse().expect("net")],
             addrs: vec!["10.0.2.15".parse().expect("ip")],
+            loopback_open: true,
         };
+        // With the host's loopback open to containers, a network may use a server there.
+        let mut r = req("local");
+        r.dns_servers = vec!["127.0.0.1:5353".into()];
+        assert!(plan_network(&store, r, &host, "c".into(), String::new()).is_ok());
         let n = plan_network(&store, req("new"), &host, "a".into(), String::new()).expect("plan");
         assert_eq!(n.subnet.to_string(), "172.20.0.0/16");
         // A subnet with one of the host's addresses in it is refused.

@@ -90,7 +90,6 @@ impl Sim {
                 mtu: 1500,
                 nat: true,
             },
-            dns_upstreams: vec![],
             nice: 0,
             busy_poll: Duration::ZERO,
         };

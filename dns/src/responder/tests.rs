@@ -163,7 +163,7 @@ fn ptr_points_to_name_dot_network_once() {
     let q = query("8.8.8.8.in-addr.arpa", RecordType::PTR);
     assert_eq!(
         r.answer(from(RED, "10.1.0.3"), Transport::Udp, &q),
-        Outcome::Forward
+        Outcome::Forward(None)
     );
     // IPv6 reverse.
     let v6 = "2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa";
@@ -181,7 +181,7 @@ fn unknown_single_label_is_nxdomain_at_once_and_the_rest_is_forwarded() {
         let q = query(name, RecordType::A);
         assert_eq!(
             r.answer(from(RED, "10.1.0.2"), Transport::Udp, &q),
-            Outcome::Forward,
+            Outcome::Forward(None),
             "{name}"
         );
     }
@@ -200,7 +200,7 @@ fn a_network_name_does_not_hide_the_public_domain_of_that_name() {
         let q = query(name, RecordType::A);
         assert_eq!(
             r.answer(from("dev-id", "10.9.0.2"), Transport::Udp, &q),
-            Outcome::Forward,
+            Outcome::Forward(None),
             "{name}"
         );
     }
@@ -224,7 +224,7 @@ fn scoping_hides_other_networks() {
     let q = query("nosuch.blue", RecordType::A);
     assert_eq!(
         r.answer(from(RED, "10.1.0.3"), Transport::Udp, &q),
-        Outcome::Forward
+        Outcome::Forward(None)
     );
     // tomcat81's namespace is on red and blue: it sees both.
     let m = ask(&r, from(RED, "10.1.0.2"), "db", RecordType::A);
@@ -249,7 +249,7 @@ fn default_bridge_has_no_names_but_forwards() {
         let q = query(name, RecordType::A);
         assert_eq!(
             r.answer(from(BRIDGE, "172.17.0.2"), Transport::Udp, &q),
-            Outcome::Forward,
+            Outcome::Forward(None),
             "{name}"
         );
     }
@@ -275,7 +275,7 @@ fn a_namespace_also_on_an_outside_network_forwards_from_the_internal_one() {
     let q = query("example.com", RecordType::A);
     assert_eq!(
         r.answer(from(SEALED, "10.3.0.7"), Transport::Udp, &q),
-        Outcome::Forward,
+        Outcome::Forward(None),
         "asked on the internal network, but red leads out"
     );
     // Its neighbour on the internal network alone still gets REFUSED.
@@ -433,7 +433,7 @@ fn big_answers_are_truncated_over_udp_only() {
 }
 
 fn forwarded(r: &Responder, asker: Asker<'_>, name: &str, qtype: RecordType) -> bool {
-    r.answer(asker, Transport::Udp, &query(name, qtype)) == Outcome::Forward
+    r.answer(asker, Transport::Udp, &query(name, qtype)) == Outcome::Forward(None)
 }
 
 /// A validating resolver starts at the root and walks down: the root and the delegations of
@@ -593,24 +593,112 @@ fn zone_transfers_are_refused() {
 }
 
 /// RFC 8020: a network's name with names under it exists, so it is NODATA, never NXDOMAIN
-/// (which would deny `tomcat81.red` too).
+/// (which would deny `tomcat81.red` too), for the host as well. Asked as anything but an
+/// address it goes upstream: a network called `dev` must not break `dev DS` for validators.
 #[test]
 fn a_network_name_with_names_under_it_is_nodata() {
     let r = responder();
-    for qtype in [
-        RecordType::A,
-        RecordType::SOA,
-        RecordType::NS,
-        RecordType::AAAA,
-    ] {
+    for qtype in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
         let m = ask(&r, from(RED, "10.1.0.2"), "red", qtype);
         assert_eq!(
             (m.metadata.response_code, m.answers.len()),
             (ResponseCode::NoError, 0),
             "{qtype}"
         );
+        let m = ask(&r, Asker::Host, "red", qtype);
+        assert_eq!(
+            m.metadata.response_code,
+            ResponseCode::NoError,
+            "host {qtype}"
+        );
+    }
+    for qtype in [
+        RecordType::DS,
+        RecordType::NS,
+        RecordType::SOA,
+        RecordType::DNSKEY,
+    ] {
+        assert!(
+            forwarded(&r, from(RED, "10.1.0.2"), "red", qtype),
+            "{qtype}"
+        );
     }
     // Another network's name is not visible from here: its container names are not either.
     let m = ask(&r, from(RED, "10.1.0.3"), "db.blue", RecordType::A);
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    // A container called like a TLD on another network does not deny that TLD's delegation.
+    assert!(forwarded(&r, from(RED, "10.1.0.3"), "db", RecordType::DS));
+    let m = ask(&r, from(RED, "10.1.0.3"), "db", RecordType::A);
+    assert_eq!(
+        m.metadata.response_code,
+        ResponseCode::NXDomain,
+        "as an address it is ours"
+    );
+}
+
+/// Other classes go upstream like other names, but never out of an internal network, and a
+/// zone transfer is refused in any class.
+#[test]
+fn other_classes_follow_the_way_out_and_no_class_transfers_zones() {
+    let r = responder();
+    let class_query = |name: &str, qtype: RecordType, class: DNSClass| {
+        let mut m = Message::query();
+        m.metadata.id = 5;
+        let mut q = Query::query(Name::from_ascii(name).expect("name"), qtype);
+        q.set_query_class(class);
+        m.add_query(q);
+        m.to_vec().expect("encode")
+    };
+    let q = class_query("version.bind.", RecordType::TXT, DNSClass::CH);
+    assert_eq!(
+        r.answer(from(RED, "10.1.0.2"), Transport::Udp, &q),
+        Outcome::Forward(None)
+    );
+    let Outcome::Reply(b) = r.answer(from(SEALED, "10.3.0.2"), Transport::Udp, &q) else {
+        panic!("an internal network forwarded a CH query");
+    };
+    let m = Message::from_vec(&b).expect("parse");
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    let q = class_query("red.", RecordType::AXFR, DNSClass::CH);
+    let Outcome::Reply(b) = r.answer(from(RED, "10.1.0.2"), Transport::Tcp, &q) else {
+        panic!("a CH zone transfer was forwarded");
+    };
+    let m = Message::from_vec(&b).expect("parse");
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+}
+
+/// A network's own upstreams are the ones asked, and for a namespace on an internal network
+/// too, those of its network with a way out, whichever gateway it asked.
+#[test]
+fn forwards_go_to_the_upstreams_of_the_network_with_the_way_out() {
+    let own: Vec<std::net::SocketAddr> = vec!["192.0.2.53:53".parse().expect("sa")];
+    let mut c = Catalog::default();
+    c.add_network(
+        "out",
+        Zone::new("out", true, false, vec![(ip("10.5.0.0"), 16)]).with_upstreams(&own),
+    );
+    c.add_network(
+        "in",
+        Zone::new("in", true, true, vec![(ip("10.6.0.0"), 16)]),
+    );
+    c.add_network(
+        "plain",
+        Zone::new("plain", true, false, vec![(ip("10.7.0.0"), 16)]),
+    );
+    c.add_endpoint("out", &ep("e1", "both", "a", &[], &["10.5.0.2"]));
+    c.add_endpoint("in", &ep("e2", "both", "a", &[], &["10.6.0.2"]));
+    c.add_endpoint("plain", &ep("e3", "p", "b", &[], &["10.7.0.2"]));
+    let r = Responder::new(c.shared(), DEFAULT_TTL);
+    let q = query("example.com", RecordType::A);
+    let via = |net: &str, client: &str| match r.answer(from(net, client), Transport::Udp, &q) {
+        Outcome::Forward(via) => via.map(|v| v.to_vec()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(via("out", "10.5.0.2"), Some(own.clone()));
+    assert_eq!(
+        via("in", "10.6.0.2"),
+        Some(own),
+        "asked on the internal network"
+    );
+    assert_eq!(via("plain", "10.7.0.2"), None, "the daemon's");
 }
