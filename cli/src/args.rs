@@ -228,6 +228,10 @@ pub(crate) enum NetworkCommand {
         /// of the daemon's; repeatable, up to 3
         #[arg(long = "dns", value_name = "IP")]
         dns: Vec<String>,
+        /// Driver option KEY=VALUE: port-security=strict (the default: a container sends
+        /// only from its own MAC and addresses) or off; repeatable
+        #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
+        opt: Vec<String>,
     },
     /// List networks
     #[command(alias = "list")]

@@ -159,7 +159,15 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
             mtu,
             ipv6,
             dns,
+            opt,
         } => {
+            let mut options = std::collections::BTreeMap::new();
+            for o in opt {
+                let Some((k, v)) = o.split_once('=') else {
+                    anyhow::bail!("invalid --opt {o:?}: expected KEY=VALUE");
+                };
+                options.insert(k.to_owned(), v.to_owned());
+            }
             let req = NetworkCreate {
                 name,
                 subnets: subnet,
@@ -169,6 +177,7 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
                 mtu,
                 enable_ipv6: ipv6,
                 dns_servers: dns,
+                options,
             };
             let created: Created = client.post("/networks/create", &req)?;
             println!("{}", created.id);

@@ -62,6 +62,9 @@ pub struct NetworkCreate {
     /// The network's own upstream DNS servers, `IP` or `IP:PORT` (`network create --dns`).
     #[serde(default, rename = "DNSServers")]
     pub dns_servers: Vec<String>,
+    /// Driver options (`network create -o KEY=VALUE`): `port-security=strict|off`.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -247,6 +250,12 @@ pub struct NetworkStats {
     pub learn_refused: u64,
     pub flooded: u64,
     pub fdb_entries: usize,
+    /// Frames a port sent from a MAC or address it was not given (port security).
+    #[serde(default)]
+    pub spoofed: u64,
+    /// Frames longer than the network's MTU.
+    #[serde(default)]
+    pub too_big: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -42,6 +42,39 @@ pub struct Network {
     /// The network's own upstream DNS servers (`network create --dns`); empty: the daemon's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<std::net::SocketAddr>,
+    /// Whether a port may send only from its own MAC and addresses (`--opt port-security`).
+    /// Networks stored before the option existed get the default.
+    #[serde(default, skip_serializing_if = "PortSecurity::is_strict")]
+    pub port_security: PortSecurity,
+}
+
+/// What a network's ports may send from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortSecurity {
+    /// Only from the MAC and addresses the endpoint was given: a frame that claims anything
+    /// else (an IP or ARP or neighbour-discovery source, a router advertisement) is dropped
+    /// and counted, between containers as towards the gateway.
+    #[default]
+    Strict,
+    /// From anything, as on a Linux bridge: for containers that route or move addresses
+    /// (a VPN server, a floating address of keepalived). The gateway still answers only for
+    /// its own addresses.
+    Off,
+}
+
+impl PortSecurity {
+    pub fn is_strict(&self) -> bool {
+        *self == PortSecurity::Strict
+    }
+
+    /// As `--opt port-security=` spells it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PortSecurity::Strict => "strict",
+            PortSecurity::Off => "off",
+        }
+    }
 }
 
 impl Network {

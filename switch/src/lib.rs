@@ -17,16 +17,24 @@
 //! of its Ethernet header (the switch skips it; the gateway reads and writes it).
 
 mod fdb;
+mod guard;
 mod mac;
 pub mod vnet;
 
 use std::time::{Duration, Instant};
 
 pub use fdb::{Fdb, FdbEntry, Learned};
+pub use guard::{PortGuard, Violation};
 pub use mac::{MacAddr, ParseMacError};
 
 /// Length of the Ethernet II header (destination, source, EtherType).
 const ETH_HEADER_LEN: usize = 14;
+
+/// Whether `frame` (with `offset` bytes in front of its Ethernet header) is a GSO super-frame,
+/// by its virtio-net header: the receiving kernel cuts it into segments that fit.
+fn is_gso(offset: usize, frame: &[u8]) -> bool {
+    offset >= vnet::VNET_HDR_LEN && vnet::VnetHdr::parse(frame).is_some_and(|h| h.is_gso())
+}
 
 /// Settings of one bridge. All ports of a bridge share the same frame layout.
 #[derive(Debug, Clone)]
@@ -39,6 +47,10 @@ pub struct Config {
     pub fdb_capacity: usize,
     /// How long a learned address stays valid without being seen as a source again.
     pub aging: Duration,
+    /// Largest IP packet a port may send (the network's MTU); a longer frame is dropped, as a
+    /// Linux bridge drops what does not fit its egress port. GSO super-frames (their segments
+    /// are cut to size by the receiver) are exempt. `None`: no limit.
+    pub mtu: Option<usize>,
 }
 
 impl Default for Config {
@@ -47,6 +59,7 @@ impl Default for Config {
             frame_offset: 12,
             fdb_capacity: 8192,
             aging: Duration::from_secs(300),
+            mtu: None,
         }
     }
 }
@@ -96,6 +109,11 @@ pub enum DropReason {
     /// The source address is pinned to another port (see [`Bridge::pin`]): somebody is
     /// impersonating, say, the gateway.
     PinnedElsewhere,
+    /// The port's guard refused it: sent from a MAC or address the port was not given (see
+    /// [`Bridge::guard`]).
+    Spoofed(Violation),
+    /// Longer than the network's MTU.
+    TooBig,
 }
 
 /// Counters of one port, from the port's point of view: `rx` is what the bridge received from
@@ -124,11 +142,17 @@ pub struct BridgeStats {
     pub learn_refused: u64,
     /// Frames flooded (broadcast, multicast or unknown destination).
     pub flooded: u64,
+    /// Frames a port's guard refused ([`DropReason::Spoofed`]).
+    pub spoofed: u64,
+    /// Frames longer than the MTU.
+    pub too_big: u64,
 }
 
 #[derive(Debug)]
 struct Port {
     stats: PortStats,
+    /// What the port may send from; `None`: anything (the gateway's port).
+    guard: Option<PortGuard>,
 }
 
 /// A learning bridge: one broadcast domain. See the crate documentation.
@@ -163,6 +187,7 @@ impl Bridge {
     pub fn add_port(&mut self) -> PortId {
         let port = Port {
             stats: PortStats::default(),
+            guard: None,
         };
         if let Some(index) = self.free.pop() {
             self.ports[index as usize] = Some(port);
@@ -184,6 +209,19 @@ impl Bridge {
         }
         self.fdb.pin(now, mac, port);
         true
+    }
+
+    /// Guards `port`: from now on it may send only from `guard`'s MAC and addresses, and a frame
+    /// that claims anything else is dropped ([`DropReason::Spoofed`]). Returns false if `port`
+    /// is not part of the bridge.
+    pub fn guard(&mut self, port: PortId, guard: PortGuard) -> bool {
+        match self.ports.get_mut(port.index()) {
+            Some(Some(p)) => {
+                p.guard = Some(guard);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Removes a port, forgets every address learned or pinned on it and returns its final
@@ -249,6 +287,22 @@ impl Bridge {
             port.stats.rx_dropped += 1;
             self.stats.invalid_source += 1;
             return Decision::Drop(DropReason::InvalidSource);
+        }
+        let eth = &frame[self.config.frame_offset..];
+        if let Some(guard) = &port.guard
+            && let Err(v) = guard.check(eth)
+        {
+            port.stats.rx_dropped += 1;
+            self.stats.spoofed += 1;
+            return Decision::Drop(DropReason::Spoofed(v));
+        }
+        if let Some(mtu) = self.config.mtu
+            && eth.len() - ETH_HEADER_LEN > mtu
+            && !is_gso(self.config.frame_offset, frame)
+        {
+            port.stats.rx_dropped += 1;
+            self.stats.too_big += 1;
+            return Decision::Drop(DropReason::TooBig);
         }
 
         match self.fdb.learn(now, src, ingress) {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use vswitch_switch::vnet::{VNET_HDR_LEN, VnetHdr};
-use vswitch_switch::{Bridge, Config, Decision, DropReason, MacAddr, PortId};
+use vswitch_switch::{Bridge, Config, Decision, DropReason, MacAddr, PortGuard, PortId};
 
 /// A few MACs, so that frames meet each other's addresses: unicast, broadcast, multicast,
 /// zero.
@@ -52,6 +52,7 @@ enum Op {
     AddPort,
     RemovePort(usize),
     Pin { port: usize, mac: [u8; 6] },
+    Guard { port: usize, host: u8 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -61,6 +62,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::AddPort),
         1 => (0usize..6).prop_map(Op::RemovePort),
         1 => (0usize..6, mac()).prop_map(|(port, mac)| Op::Pin { port, mac }),
+        1 => (0usize..6, 0u8..6).prop_map(|(port, host)| Op::Guard { port, host }),
     ]
 }
 
@@ -75,7 +77,9 @@ proptest! {
             frame_offset: VNET_HDR_LEN,
             fdb_capacity: 4,
             aging: Duration::from_secs(300),
+            mtu: Some(48),
         });
+        let mut guards = std::collections::HashMap::<PortId, PortGuard>::new();
         let mut ports: Vec<Option<PortId>> = (0..3).map(|_| Some(bridge.add_port())).collect();
         // Per live port: frames in, frames dropped on the way in.
         let mut rx = std::collections::HashMap::<PortId, (u64, u64)>::new();
@@ -91,6 +95,15 @@ proptest! {
                     let d = bridge.handle_frame(now, p, &frame);
                     let e = rx.entry(p).or_default();
                     e.0 += 1;
+                    if let Some(g) = guards.get(&p)
+                        && !matches!(d, Decision::Drop(_))
+                    {
+                        prop_assert_eq!(g.check(&frame[VNET_HDR_LEN..]), Ok(()), "a spoofed frame got through");
+                    }
+                    if !matches!(d, Decision::Drop(_)) {
+                        let l3 = frame.len() - VNET_HDR_LEN - 14;
+                        prop_assert!(l3 <= 48 || VnetHdr::parse(&frame).is_some_and(|h| h.is_gso()), "{l3} bytes over an MTU of 48");
+                    }
                     match d {
                         Decision::Forward(out) => {
                             prop_assert_ne!(out, p, "hairpin");
@@ -117,7 +130,19 @@ proptest! {
                     {
                         bridge.remove_port(p);
                         rx.remove(&p);
+                        guards.remove(&p);
                         prop_assert!(bridge.fdb().iter(now).all(|(_, q, _)| q != p));
+                    }
+                }
+                Op::Guard { port, host } => {
+                    if let Some(Some(p)) = ports.get(port).copied() {
+                        let g = PortGuard {
+                            mac: MacAddr([0x02, 0x42, 0, 0, 0, host]),
+                            ipv4: vec![std::net::Ipv4Addr::new(10, 0, 0, host)],
+                            ipv6: vec![],
+                        };
+                        prop_assert!(bridge.guard(p, g.clone()));
+                        guards.insert(p, g);
                     }
                 }
                 Op::Pin { port, mac } => {

@@ -173,7 +173,7 @@ impl Daemon {
             .ok_or_else(|| Error::internal("network has no datapath"))?;
         let port = live
             .datapath
-            .add_port(fd, &ep.id, &ep.name, ep.mac.0)
+            .add_port(fd, &ep.id, &ep.name, ep.mac.0, guard(net, ep))
             .await
             .map_err(|e| Error::failed("cannot plug the endpoint in", e))?;
         live.ports.insert(ep.id.clone(), port);
@@ -390,6 +390,17 @@ impl Daemon {
         self.watch_target(&ep);
         Ok(())
     }
+}
+
+/// What `ep`'s port may send from, on a network with port security.
+fn guard(net: &Network, ep: &Endpoint) -> Option<vswitch_switch::PortGuard> {
+    net.port_security
+        .is_strict()
+        .then(|| vswitch_switch::PortGuard {
+            mac: ep.mac,
+            ipv4: vec![ep.ipv4],
+            ipv6: ep.ipv6.into_iter().collect(),
+        })
 }
 
 /// What the device of `ep` on `net` should look like.

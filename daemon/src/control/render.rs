@@ -9,6 +9,8 @@ use crate::state::{Container, Endpoint, Network, Store};
 
 /// The inspect option that lists a network's own upstream DNS servers.
 pub const DNS_OPTION: &str = "com.vswitch.network.dns";
+/// The inspect option that says what a network's ports may send from.
+pub const PORT_SECURITY_OPTION: &str = "com.vswitch.network.port-security";
 
 pub(super) fn inspect(store: &Store, net: &Network) -> NetworkInspect {
     let mut config = vec![IpamConfig {
@@ -43,6 +45,10 @@ pub(super) fn inspect(store: &Store, net: &Network) -> NetworkInspect {
     options.insert(
         "com.docker.network.driver.mtu".to_owned(),
         net.mtu.to_string(),
+    );
+    options.insert(
+        PORT_SECURITY_OPTION.to_owned(),
+        net.port_security.as_str().to_owned(),
     );
     if !net.dns.is_empty() {
         let servers: Vec<String> = net.dns.iter().map(ToString::to_string).collect();

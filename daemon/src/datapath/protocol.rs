@@ -23,7 +23,7 @@ use nix::sys::eventfd::EventFd;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use vswitch_nat::flows::{IcmpKey, UdpKey};
 use vswitch_nat::{FlowId, Policy};
-use vswitch_switch::PortId;
+use vswitch_switch::{PortGuard, PortId};
 
 use crate::api::{FdbRow, NetworkStats};
 
@@ -54,6 +54,8 @@ pub(super) enum Command {
         endpoint_name: String,
         /// The endpoint's assigned MAC, pinned to its port.
         mac: [u8; 6],
+        /// What the port may send from, on networks with port security.
+        guard: Option<PortGuard>,
         reply: oneshot::Sender<io::Result<PortId>>,
     },
     RemovePort {

@@ -15,7 +15,7 @@ use vswitch_nat::flows::{IcmpFlows, UdpFlows};
 use vswitch_nat::frame::slice_udp;
 use vswitch_nat::{Gateway, TcpEvent};
 use vswitch_switch::vnet::VNET_HDR_LEN;
-use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, MacAddr, PortId};
+use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, MacAddr, PortGuard, PortId};
 
 use super::busy_poll::BusyPoll;
 use super::protocol::{Command, Commands, DNS_PORT, Event, Injector};
@@ -88,8 +88,10 @@ impl Worker {
         let (tx, rx) = mpsc::channel();
         let commands = Commands::new(tx, wake.clone());
         let now = Instant::now();
+        // Frames longer than the network's MTU are dropped at the port they come in on.
         let mut bridge = Bridge::new(BridgeConfig {
             frame_offset: VNET_HDR_LEN,
+            mtu: Some(gateway.mtu),
             ..BridgeConfig::default()
         });
         let gateway_port = bridge.add_port();
@@ -356,9 +358,17 @@ impl Worker {
     }
 
     /// Plugs `io` in as a new port, with the endpoint's MAC pinned to it.
-    fn add_port(&mut self, io: PortIo, mac: [u8; 6]) -> io::Result<PortId> {
+    fn add_port(
+        &mut self,
+        io: PortIo,
+        mac: [u8; 6],
+        guard: Option<PortGuard>,
+    ) -> io::Result<PortId> {
         let port = self.bridge.add_port();
         self.bridge.pin(Instant::now(), MacAddr(mac), port);
+        if let Some(g) = guard {
+            self.bridge.guard(port, g);
+        }
         let token = port.index() as u64;
         if let Err(e) = self
             .epoll
@@ -388,6 +398,7 @@ impl Worker {
                 endpoint_id,
                 endpoint_name,
                 mac,
+                guard,
                 reply,
             } => {
                 let io = PortIo {
@@ -395,7 +406,7 @@ impl Worker {
                     endpoint_id,
                     endpoint_name,
                 };
-                let r = self.add_port(io, mac);
+                let r = self.add_port(io, mac, guard);
                 let _ = reply.send(r);
                 return;
             }
@@ -529,6 +540,8 @@ impl Worker {
             learn_refused: b.learn_refused,
             flooded: b.flooded,
             fdb_entries: self.bridge.fdb().len(),
+            spoofed: b.spoofed,
+            too_big: b.too_big,
         }
     }
 

@@ -6,7 +6,7 @@ use super::{DEFAULT_NETWORK, check_name};
 use crate::api::NetworkCreate;
 use crate::error::{Error, Result};
 use crate::ipam;
-use crate::state::{Network, Store};
+use crate::state::{Network, PortSecurity, Store};
 
 pub const DEFAULT_MTU: u32 = 1500;
 
@@ -25,6 +25,7 @@ pub fn default_bridge(id: String, created: String) -> Network {
         mtu: DEFAULT_MTU,
         dns_names: false,
         dns: Vec::new(),
+        port_security: PortSecurity::Strict,
     }
 }
 
@@ -183,6 +184,7 @@ pub fn plan_network(
         )));
     }
     let dns = dns_servers(&req.dns_servers, req.internal, host.loopback_open)?;
+    let port_security = options(&req.options)?;
     Ok(Network {
         id,
         name: req.name,
@@ -196,6 +198,7 @@ pub fn plan_network(
         mtu,
         dns_names: true,
         dns,
+        port_security,
     })
 }
 
@@ -237,6 +240,28 @@ fn dns_servers(
         out.push(sa);
     }
     Ok(out)
+}
+
+/// The driver options of `network create -o KEY=VALUE`: `port-security=strict|off`.
+fn options(given: &std::collections::BTreeMap<String, String>) -> Result<PortSecurity> {
+    let mut port_security = PortSecurity::Strict;
+    for (key, value) in given {
+        match (key.as_str(), value.as_str()) {
+            ("port-security", "strict") => port_security = PortSecurity::Strict,
+            ("port-security", "off") => port_security = PortSecurity::Off,
+            ("port-security", _) => {
+                return Err(Error::bad_request(format!(
+                    "invalid port-security {value:?}: expected strict or off"
+                )));
+            }
+            _ => {
+                return Err(Error::bad_request(format!(
+                    "unknown network option {key:?} (known: port-security)"
+                )));
+            }
+        }
+    }
+    Ok(port_security)
 }
 
 /// At most one IPv4 and one IPv6 subnet, told apart by their text.
@@ -394,6 +419,16 @@ mod tests {
             ),
             (with(&|r| r.mtu = Some(100)), BadRequest, "invalid MTU"),
             (
+                with(&|r| r.options = [("port-security".into(), "loose".into())].into()),
+                BadRequest,
+                "invalid port-security",
+            ),
+            (
+                with(&|r| r.options = [("vlan".into(), "7".into())].into()),
+                BadRequest,
+                "unknown network option",
+            ),
+            (
                 with(&|r| r.dns_servers = vec!["dns.example".into()]),
                 BadRequest,
                 "invalid DNS upstream",
@@ -508,6 +543,7 @@ mod tests {
             mtu: Some(9000),
             enable_ipv6: true,
             dns_servers: vec![],
+            options: [("port-security".to_owned(), "off".to_owned())].into(),
         };
         let n = plan(&store, r).expect("plan");
         assert_eq!(n.gateway, Ipv4Addr::new(10, 80, 0, 254));
@@ -521,6 +557,7 @@ mod tests {
         );
         assert!(n.internal);
         assert_eq!(n.mtu, 9000);
+        assert_eq!(n.port_security, PortSecurity::Off);
         // A network's own upstreams, port 53 unless given.
         let mut r = req("out");
         r.dns_servers = vec!["192.0.2.53".into(), "[2001:db8::53]:5353".into()];

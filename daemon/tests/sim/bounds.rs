@@ -50,12 +50,13 @@ fn frames_from_host_sockets_beyond_the_backlog_are_dropped_and_counted() {
     assert_eq!(injector.dropped(), 500);
 }
 
-/// A container sending from thousands of made-up MACs fills the table only to its bound;
-/// the other containers' own addresses, pinned to their ports, keep working.
+/// On a network without port security, a container sending from thousands of made-up MACs
+/// fills the table only to its bound; the other containers' own addresses, pinned to their
+/// ports, keep working.
 #[test]
 fn a_mac_flood_fills_the_table_only_to_its_bound() {
     let sim = Sim::new(vec![]);
-    let mut net = sim.network("flood", 42);
+    let mut net = sim.network_open("flood", 42);
     let a = sim.plug(&mut net, "a");
     let b = sim.plug(&mut net, "b");
     let capacity = vswitch_switch::Config::default().fdb_capacity;
@@ -87,4 +88,29 @@ fn a_mac_flood_fills_the_table_only_to_its_bound() {
         std::iter::from_fn(|| b.recv(secs(2))).any(|f| carries(&f, b"for b")),
         "b unreachable after the flood"
     );
+}
+
+/// With port security (the default), the made-up MACs do not get in at all: every frame is
+/// dropped and counted, and the table does not grow.
+#[test]
+fn a_mac_flood_on_a_guarded_port_learns_nothing() {
+    let sim = Sim::new(vec![]);
+    let mut net = sim.network("guarded", 43);
+    let a = sim.plug(&mut net, "a");
+    let b = sim.plug(&mut net, "b");
+    let before = sim.stats(&net).fdb_entries;
+    for i in 0..5000u32 {
+        let [_, x, y, z] = i.to_be_bytes();
+        a.send(&raw_frame([0x02, 0xee, 0, x, y, z], BROADCAST, b"flood"));
+    }
+    a.send(&raw_frame(a.mac.0, BROADCAST, b"marker"));
+    let first = b.recv(secs(5)).expect("the marker arrives");
+    assert!(carries(&first, b"marker"), "a flood frame got through");
+    let stats = sim.stats(&net);
+    assert_eq!(stats.spoofed, 5000, "{stats:?}");
+    assert_eq!(
+        stats.fdb_entries, before,
+        "nothing learned (a's MAC was pinned already): {stats:?}"
+    );
+    assert_eq!(stats.learn_refused, 0);
 }

@@ -19,7 +19,7 @@ use vswitch_dns::upstream::{Forwarder, Upstreams};
 use vswitch_dns::{Catalog, EndpointRecords, Responder, SharedCatalog, Zone};
 use vswitch_nat::{GatewayConfig, Policy};
 use vswitch_switch::vnet::VNET_HDR_LEN;
-use vswitch_switch::{MacAddr, PortId};
+use vswitch_switch::{MacAddr, PortGuard, PortId};
 
 pub use vswitch_tests::secs;
 
@@ -76,7 +76,8 @@ impl Sim {
         }
     }
 
-    /// A network `name` on `10.N.0.0/24` (gateway `10.N.0.1`), its datapath not yet running.
+    /// A network `name` on `10.N.0.0/24` (gateway `10.N.0.1`), its datapath not yet running;
+    /// its ports are guarded (port security strict).
     pub fn network_paused(&self, name: &str, n: u8) -> Net {
         let gateway = Ipv4Addr::new(10, n, 0, 1);
         let gw_mac = MacAddr::from_ipv4(gateway);
@@ -108,7 +109,15 @@ impl Sim {
             gw_mac,
             dp,
             next_host: 2,
+            guarded: true,
         }
+    }
+
+    /// A running network whose ports are not guarded (port security off).
+    pub fn network_open(&self, name: &str, n: u8) -> Net {
+        let mut net = self.network(name, n);
+        net.guarded = false;
+        net
     }
 
     /// A running network (see [`Sim::network_paused`]).
@@ -124,6 +133,11 @@ impl Sim {
         let ip = Ipv4Addr::new(10, net.n, 0, net.next_host);
         net.next_host += 1;
         let mac = MacAddr::from_ipv4(ip);
+        let guard = net.guarded.then(|| PortGuard {
+            mac,
+            ipv4: vec![ip],
+            ipv6: vec![],
+        });
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -134,7 +148,7 @@ impl Sim {
         let port_id = format!("ep-{name}-{}", net.id);
         let id = self
             .rt
-            .block_on(net.dp.add_port(theirs, &port_id, name, mac.0))
+            .block_on(net.dp.add_port(theirs, &port_id, name, mac.0, guard))
             .expect("add port");
         self.catalog.write().add_endpoint(
             &net.id,
@@ -169,6 +183,24 @@ impl Sim {
         self.rt.block_on(net.dp.stats()).expect("stats")
     }
 
+    /// The network's counters once `done` holds for them, waiting up to `timeout` (frames and
+    /// the counters' request reach the datapath by different ways).
+    pub fn stats_when(
+        &self,
+        net: &Net,
+        timeout: Duration,
+        done: impl Fn(&NetworkStats) -> bool,
+    ) -> NetworkStats {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.stats(net);
+            if done(&s) || Instant::now() >= deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn fdb(&self, net: &Net) -> Vec<FdbRow> {
         self.rt.block_on(net.dp.fdb()).expect("fdb")
     }
@@ -182,6 +214,8 @@ pub struct Net {
     pub gw_mac: MacAddr,
     pub dp: Datapath,
     next_host: u8,
+    /// Ports plugged from now on are guarded.
+    pub guarded: bool,
 }
 
 /// A host on a simulated network: our end of its port.

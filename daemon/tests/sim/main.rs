@@ -6,6 +6,7 @@
 mod bounds;
 mod dns;
 mod gateway;
+mod guard;
 mod harness;
 mod l2;
 mod nat;

@@ -1,0 +1,119 @@
+//! A container as a hostile tenant, with real namespaces: addresses it was not given get it
+//! nothing (port security), and what it can make the daemon do stays bounded.
+
+use vswitch_tests::{Daemon, Netns, require_root, secs, text};
+
+/// The network's counters, as `GET /stats` gives them.
+fn stats(d: &Daemon, network: &str) -> serde_json::Value {
+    let raw = d.raw(
+        format!("GET /stats?network={network} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    let body = text(&raw);
+    let json = body.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(json).expect("stats JSON");
+    v[0].clone()
+}
+
+/// A container adds an address it was not given (another container's, then an outside one)
+/// and sends from it: nothing gets through, and the drops are counted. On a network created
+/// with `--opt port-security=off` the same works, as on a Linux bridge.
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn addresses_a_container_was_not_given_get_it_nothing() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&["network", "create", "strict", "--subnet", "10.120.0.0/24"]);
+    d.ok(&[
+        "network",
+        "create",
+        "open",
+        "--subnet",
+        "10.120.1.0/24",
+        "--opt",
+        "port-security=off",
+    ]);
+    let inspect = d.inspect("open");
+    assert_eq!(
+        inspect["Options"]["com.vswitch.network.port-security"].as_str(),
+        Some("off")
+    );
+    for (net, prefix, blocked) in [("strict", "10.120.0", true), ("open", "10.120.1", false)] {
+        let a = Netns::new("a");
+        let b = Netns::new("b");
+        d.ok(&[
+            "attach",
+            "--network",
+            net,
+            "--ip",
+            &format!("{prefix}.10"),
+            &a.name,
+        ]);
+        d.ok(&[
+            "attach",
+            "--network",
+            net,
+            "--ip",
+            &format!("{prefix}.11"),
+            &b.name,
+        ]);
+        assert!(
+            a.ping_within(&format!("{prefix}.11"), secs(5)),
+            "{net}: its own address works"
+        );
+        // A second address on a's eth0, one nobody was given.
+        let extra = format!("{prefix}.99");
+        let add = a.exec(
+            &["ip", "addr", "add", &format!("{extra}/24"), "dev", "eth0"],
+            secs(5),
+        );
+        assert!(add.status.success());
+        let spoofed = a.exec(
+            &[
+                "ping",
+                "-c",
+                "2",
+                "-W",
+                "1",
+                "-I",
+                &extra,
+                &format!("{prefix}.11"),
+            ],
+            secs(10),
+        );
+        let gateway = a.exec(
+            &[
+                "ping",
+                "-c",
+                "2",
+                "-W",
+                "1",
+                "-I",
+                &extra,
+                &format!("{prefix}.1"),
+            ],
+            secs(10),
+        );
+        assert_eq!(
+            !spoofed.status.success(),
+            blocked,
+            "{net}: {}",
+            text(&spoofed.stdout)
+        );
+        assert_eq!(
+            !gateway.status.success(),
+            blocked,
+            "{net}: {}",
+            text(&gateway.stdout)
+        );
+        let s = stats(&d, net);
+        let dropped = s["Spoofed"].as_u64().unwrap_or(0);
+        if blocked {
+            assert!(dropped >= 4, "{net}: counted: {s}");
+        } else {
+            assert_eq!(dropped, 0, "{net}: {s}");
+        }
+        // b's own traffic was never in danger.
+        assert!(b.ping_within(&format!("{prefix}.10"), secs(5)));
+    }
+}
