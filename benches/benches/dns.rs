@@ -46,6 +46,7 @@ fn asker() -> Asker<'static> {
     Asker::Network {
         network_id: "net",
         client: IpAddr::V4(Ipv4Addr::new(10, 90, 0, 2)),
+        namespace: None,
     }
 }
 

@@ -231,10 +231,17 @@ impl Catalog {
     /// its namespace is attached to, the one asked first. An unknown client (not an endpoint)
     /// sees only the network it asked on.
     pub fn scope(&self, net_id: &str, client: IpAddr) -> Vec<&Zone> {
+        match self.clients.get(net_id).and_then(|c| c.get(&client)) {
+            Some(key) => self.scope_of(net_id, key),
+            None => self.zones.get(net_id).into_iter().collect(),
+        }
+    }
+
+    /// The networks the namespace with scope key `key` may resolve names of, `net_id` first
+    /// (its port is on that network).
+    pub fn scope_of(&self, net_id: &str, key: &str) -> Vec<&Zone> {
         let mut out: Vec<&Zone> = self.zones.get(net_id).into_iter().collect();
-        if let Some(key) = self.clients.get(net_id).and_then(|c| c.get(&client))
-            && let Some(eps) = self.scopes.get(key)
-        {
+        if let Some(eps) = self.scopes.get(key) {
             for (n, _) in eps {
                 if n != net_id
                     && let Some(z) = self.zones.get(n)

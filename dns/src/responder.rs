@@ -36,8 +36,15 @@ const EDNS_UDP_MAX: u16 = 1232;
 /// Who asked.
 #[derive(Debug, Clone, Copy)]
 pub enum Asker<'a> {
-    /// An endpoint (or anything else) on the virtual network `network_id`, from address `client`.
-    Network { network_id: &'a str, client: IpAddr },
+    /// An endpoint (or anything else) on the virtual network `network_id`, from address
+    /// `client`. `namespace`: the scope key of the port the query came in on, when the caller
+    /// knows it; it decides what the asker sees, not the address, which a port without
+    /// port security could spoof.
+    Network {
+        network_id: &'a str,
+        client: IpAddr,
+        namespace: Option<&'a str>,
+    },
     /// A process on the host, through `--dns-listen`: sees every network, but only as
     /// `name.network`.
     Host,
@@ -156,7 +163,14 @@ impl Responder {
             return Resolution::Refused;
         }
         let zones: Vec<&Zone> = match asker {
-            Asker::Network { network_id, client } => catalog.scope(network_id, client),
+            Asker::Network {
+                network_id,
+                namespace: Some(key),
+                ..
+            } => catalog.scope_of(network_id, key),
+            Asker::Network {
+                network_id, client, ..
+            } => catalog.scope(network_id, client),
             Asker::Host => catalog.zones().collect(),
         };
         if q.query_class() != DNSClass::IN {

@@ -128,7 +128,7 @@ proptest! {
     ) {
         let r = responder();
         let asker = match who {
-            (Some(network_id), client) => Asker::Network { network_id, client: ip(client) },
+            (Some(network_id), client) => Asker::Network { network_id, client: ip(client), namespace: None },
             (None, _) => Asker::Host,
         };
         let transport = if tcp { Transport::Tcp } else { Transport::Udp };

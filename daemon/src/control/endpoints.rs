@@ -10,6 +10,7 @@ use vswitch_netdev::ns::NetNs;
 use super::publish::{bind_one, bind_published};
 use super::{Daemon, Inner, find_network, ids, render};
 use crate::api::{AttachRequest, EndpointInfo, Target};
+use crate::datapath::PortSpec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::netns::plumb::{self, PlumbError, Plumbed, Plumbing};
 use crate::netns::target::{NETNS_DIR, netns_path, open_target, target_pid};
@@ -173,7 +174,16 @@ impl Daemon {
             .ok_or_else(|| Error::internal("network has no datapath"))?;
         let port = live
             .datapath
-            .add_port(fd, &ep.id, &ep.name, ep.mac.0, guard(net, ep))
+            .add_port(
+                fd,
+                PortSpec {
+                    endpoint_id: ep.id.clone(),
+                    endpoint_name: ep.name.clone(),
+                    namespace: ep.ns.to_string(),
+                    mac: ep.mac.0,
+                    guard: guard(net, ep),
+                },
+            )
             .await
             .map_err(|e| Error::failed("cannot plug the endpoint in", e))?;
         live.ports.insert(ep.id.clone(), port);

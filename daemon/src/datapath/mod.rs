@@ -33,12 +33,12 @@ use tokio::sync::oneshot;
 use vswitch_dns::Responder;
 use vswitch_dns::upstream::Forwarder;
 use vswitch_nat::GatewayConfig;
-use vswitch_switch::{PortGuard, PortId};
+use vswitch_switch::PortId;
 
 use crate::api::{FdbRow, NetworkStats};
 pub use protocol::{
     CHUNK_OVERHEAD, Event, FLOW_WINDOW, FlowChannel, FlowReceive, FlowShared, ForwardJob, Injector,
-    NatJob, ReceiveKind, ReplyTo, SharedPolicy,
+    NatJob, PortSpec, ReceiveKind, ReplyTo, SharedPolicy,
 };
 use protocol::{Command, Commands};
 use worker::Worker;
@@ -137,26 +137,12 @@ impl Datapath {
     }
 
     /// Plugs a port into the network. The fd must be non-blocking. The endpoint's assigned
-    /// `mac` is pinned to the port: no other container can take it over by sending from it,
-    /// and frames to it are never flooded, however full the table. With a `guard`, the port
+    /// MAC is pinned to the port: no other container can take it over by sending from it,
+    /// and frames to it are never flooded, however full the table. With a guard, the port
     /// may send only from its MAC and addresses (see [`vswitch_switch::PortGuard`]).
-    pub async fn add_port(
-        &self,
-        fd: OwnedFd,
-        endpoint_id: &str,
-        endpoint_name: &str,
-        mac: [u8; 6],
-        guard: Option<PortGuard>,
-    ) -> io::Result<PortId> {
-        self.ask(|reply| Command::AddPort {
-            fd,
-            endpoint_id: endpoint_id.to_owned(),
-            endpoint_name: endpoint_name.to_owned(),
-            mac,
-            guard,
-            reply,
-        })
-        .await?
+    pub async fn add_port(&self, fd: OwnedFd, spec: PortSpec) -> io::Result<PortId> {
+        self.ask(|reply| Command::AddPort { fd, spec, reply })
+            .await?
     }
 
     /// Unplugs a port and closes its fd (for a TAP: removes the device); returns once it is

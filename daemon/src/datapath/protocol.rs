@@ -50,12 +50,7 @@ pub enum Event {
 pub(super) enum Command {
     AddPort {
         fd: OwnedFd,
-        endpoint_id: String,
-        endpoint_name: String,
-        /// The endpoint's assigned MAC, pinned to its port.
-        mac: [u8; 6],
-        /// What the port may send from, on networks with port security.
-        guard: Option<PortGuard>,
+        spec: PortSpec,
         reply: oneshot::Sender<io::Result<PortId>>,
     },
     RemovePort {
@@ -120,6 +115,20 @@ pub(super) enum Command {
         frame: Vec<u8>,
     },
     Shutdown,
+}
+
+/// What a port is: whose, and what it may send from.
+#[derive(Debug, Clone)]
+pub struct PortSpec {
+    pub endpoint_id: String,
+    pub endpoint_name: String,
+    /// The scope key of the endpoint's namespace in the DNS catalog: what a DNS query that
+    /// comes in on this port may see.
+    pub namespace: String,
+    /// The endpoint's assigned MAC, pinned to its port.
+    pub mac: [u8; 6],
+    /// What the port may send from, on networks with port security.
+    pub guard: Option<PortGuard>,
 }
 
 /// The sending half of a datapath's command queue: wakes the thread after each command.

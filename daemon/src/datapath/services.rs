@@ -99,7 +99,7 @@ pub(super) struct Services {
 
 impl Services {
     /// Answers a UDP query to the gateway's port 53 in place.
-    pub(super) fn dns_udp(&mut self, u: &UdpView<'_>) -> Detour {
+    pub(super) fn dns_udp(&mut self, u: &UdpView<'_>, namespace: Option<&str>) -> Detour {
         let Some(hook) = &self.dns else {
             return Detour::Pass;
         };
@@ -115,6 +115,7 @@ impl Services {
         let asker = Asker::Network {
             network_id: &self.network_id,
             client: u.src.ip(),
+            namespace,
         };
         let answer = match hook.responder.answer(asker, Transport::Udp, u.payload) {
             Outcome::Reply(answer) => Some(answer),
@@ -137,9 +138,12 @@ impl Services {
         let Some(hook) = &self.dns else {
             return StreamAnswer::Unanswered;
         };
+        // Over TCP the port is not known here: the peer's address stands for it (port
+        // security keeps it the peer's own).
         let asker = Asker::Network {
             network_id: &self.network_id,
             client: m.peer,
+            namespace: None,
         };
         match hook.responder.answer(asker, Transport::Tcp, &m.message) {
             Outcome::Reply(answer) => StreamAnswer::Reply(answer),

@@ -39,6 +39,8 @@ struct PortIo {
     fd: OwnedFd,
     endpoint_id: String,
     endpoint_name: String,
+    /// The DNS scope key of the endpoint's namespace.
+    namespace: String,
 }
 
 /// Everything one network's datapath thread owns.
@@ -279,13 +281,13 @@ impl Worker {
 
     pub(super) fn switch(&mut self, now: Instant, ingress: PortId, frame: &[u8]) {
         match self.bridge.handle_frame(now, ingress, frame) {
-            Decision::Forward(p) => self.deliver(now, p, frame),
+            Decision::Forward(p) => self.deliver(now, ingress, p, frame),
             Decision::Flood => {
                 let mut targets = std::mem::take(&mut self.scratch);
                 targets.clear();
                 targets.extend(self.bridge.flood_ports(ingress));
                 for &p in &targets {
-                    self.deliver(now, p, frame);
+                    self.deliver(now, ingress, p, frame);
                 }
                 self.scratch = targets;
             }
@@ -293,10 +295,16 @@ impl Worker {
         }
     }
 
-    fn deliver(&mut self, now: Instant, port: PortId, frame: &[u8]) {
+    fn deliver(&mut self, now: Instant, ingress: PortId, port: PortId, frame: &[u8]) {
         if port == self.gateway_port {
+            // DNS answers what the namespace behind the ingress port may see, whatever source
+            // address the query claims.
+            let namespace = match self.ports.get(ingress.index()) {
+                Some(Some(io)) => Some(io.namespace.as_str()),
+                _ => None,
+            };
             let detour = match slice_udp(frame) {
-                Some(u) => match self.services.dns_udp(&u) {
+                Some(u) => match self.services.dns_udp(&u, namespace) {
                     Detour::Pass => self.services.nat_udp(now, &u),
                     taken => taken,
                 },
@@ -393,20 +401,14 @@ impl Worker {
     fn command(&mut self, cmd: Command) {
         let now = Instant::now();
         match cmd {
-            Command::AddPort {
-                fd,
-                endpoint_id,
-                endpoint_name,
-                mac,
-                guard,
-                reply,
-            } => {
+            Command::AddPort { fd, spec, reply } => {
                 let io = PortIo {
                     fd,
-                    endpoint_id,
-                    endpoint_name,
+                    endpoint_id: spec.endpoint_id,
+                    endpoint_name: spec.endpoint_name,
+                    namespace: spec.namespace,
                 };
-                let r = self.add_port(io, mac, guard);
+                let r = self.add_port(io, spec.mac, spec.guard);
                 let _ = reply.send(r);
                 return;
             }

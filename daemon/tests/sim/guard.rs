@@ -142,3 +142,31 @@ fn router_advertisements_from_a_container_reach_nobody() {
     assert!(b.silent_for(ms(300)), "a router advertisement reached b");
     assert_eq!(sim.stats_when(&net, secs(2), |s| s.spoofed >= 1).spoofed, 1);
 }
+
+/// Without port security, a query can claim any source address; the answer still follows the
+/// port it came in on, so posing as e gets a only its own scope.
+#[test]
+fn a_dns_scope_follows_the_port_not_the_address() {
+    let sim = Sim::new(vec![]);
+    let mut red = sim.network_open("red", 56);
+    let mut blue = sim.network("blue", 57);
+    let a = sim.plug(&mut red, "a");
+    let e = sim.plug(&mut red, "e");
+    let _e_blue = sim.plug(&mut blue, "e");
+    let _secret = sim.plug(&mut blue, "secret");
+    let dns = SocketAddr::new(red.gateway.into(), 53);
+    let query = b"\x00\x07\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x06secret\x00\x00\x01\x00\x01";
+    a.send(&udp_from(&a, e.ip, dns, query));
+    let answer = a
+        .recv_matching(secs(2), |p| {
+            matches!(&p.transport, Some(etherparse::TransportSlice::Udp(u)) if u.source_port() == 53)
+        })
+        .expect("an answer");
+    let p = etherparse::SlicedPacket::from_ethernet(&answer).expect("parse");
+    let Some(etherparse::TransportSlice::Udp(u)) = &p.transport else {
+        unreachable!()
+    };
+    let dns = u.payload();
+    assert_eq!(dns[3] & 0x0f, 3, "NXDOMAIN: blue's names are not a's");
+    assert_eq!(&dns[6..8], &[0, 0], "no answer records");
+}

@@ -14,7 +14,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use tokio::sync::mpsc::UnboundedReceiver;
 use vswitch_daemon::api::{FdbRow, NetworkStats};
-use vswitch_daemon::datapath::{Datapath, DatapathSpec, DnsHook, Event, Links, SharedPolicy};
+use vswitch_daemon::datapath::{
+    Datapath, DatapathSpec, DnsHook, Event, Links, PortSpec, SharedPolicy,
+};
 use vswitch_dns::upstream::{Forwarder, Upstreams};
 use vswitch_dns::{Catalog, EndpointRecords, Responder, SharedCatalog, Zone};
 use vswitch_nat::{GatewayConfig, Policy};
@@ -148,7 +150,16 @@ impl Sim {
         let port_id = format!("ep-{name}-{}", net.id);
         let id = self
             .rt
-            .block_on(net.dp.add_port(theirs, &port_id, name, mac.0, guard))
+            .block_on(net.dp.add_port(
+                theirs,
+                PortSpec {
+                    endpoint_id: port_id.clone(),
+                    endpoint_name: name.to_owned(),
+                    namespace: format!("scope-{name}"),
+                    mac: mac.0,
+                    guard,
+                },
+            ))
             .expect("add port");
         self.catalog.write().add_endpoint(
             &net.id,

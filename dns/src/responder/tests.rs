@@ -68,6 +68,7 @@ fn from(net: &str, client: &str) -> Asker<'static> {
     Asker::Network {
         network_id: net,
         client: ip(client),
+        namespace: None,
     }
 }
 
