@@ -117,3 +117,79 @@ fn addresses_a_container_was_not_given_get_it_nothing() {
         assert!(b.ping_within(&format!("{prefix}.10"), secs(5)));
     }
 }
+
+/// A directory with one file `who` saying `text`.
+fn site(d: &Daemon, name: &str, text: &str) -> std::path::PathBuf {
+    let dir = d.state.with_file_name(format!("www-{name}"));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("who"), text).expect("write");
+    dir
+}
+
+/// A container reaching its gateway on a published port number reaches exactly that mapping,
+/// as a client on the host would: never a host service listening on the loopback with the
+/// same number, and never a port published only on the host's loopback.
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn a_published_port_number_is_not_a_way_into_the_hosts_loopback() {
+    require_root();
+    let d = Daemon::start();
+    let _outside = vswitch_tests::Outside::new(&d); // gives the daemon's host 192.0.2.1
+    // A host service on 127.0.0.1:9090, which containers must not reach.
+    let host_site = site(&d, "host", "host\n");
+    let _host = vswitch_tests::NsDaemon::spawn(
+        &d.ns.name,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "9090",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            host_site.to_str().expect("path"),
+        ],
+    );
+    assert!(
+        vswitch_tests::wait_until(secs(10), || {
+            vswitch_tests::curl(&d.ns.name, &["http://127.0.0.1:9090/who"]).1 == "host\n"
+        }),
+        "the host service did not start"
+    );
+    d.ok(&["network", "create", "pub", "--subnet", "10.121.0.0/24"]);
+    let a = Netns::new("a");
+    let c = Netns::new("c");
+    let b = Netns::new("b");
+    d.ok(&[
+        "attach",
+        "--network",
+        "pub",
+        "-p",
+        "192.0.2.1:9090:8080",
+        &a.name,
+    ]);
+    d.ok(&[
+        "attach",
+        "--network",
+        "pub",
+        "-p",
+        "127.0.0.1:9091:8080",
+        &c.name,
+    ]);
+    d.ok(&["attach", "--network", "pub", &b.name]);
+    let _sa = vswitch_tests::HttpServer::start(&a.name, 8080, &site(&d, "a", "container a\n"));
+    let _sc = vswitch_tests::HttpServer::start(&c.name, 8080, &site(&d, "c", "container c\n"));
+    let (_, body) = vswitch_tests::curl(&b.name, &["http://10.121.0.1:9090/who"]);
+    assert_eq!(
+        body, "container a\n",
+        "the mapping on 192.0.2.1, not the host's loopback"
+    );
+    let (rc, body) = vswitch_tests::curl(&b.name, &["http://10.121.0.1:9091/who"]);
+    assert_ne!(
+        rc, 0,
+        "a port published on the host's loopback is the host's: {body}"
+    );
+    // From the host, both mappings answer as published.
+    let (_, body) = vswitch_tests::curl(&d.ns.name, &["http://127.0.0.1:9091/who"]);
+    assert_eq!(body, "container c\n");
+}

@@ -1,6 +1,6 @@
 //! Where containers may go through NAT: a pure decision per new flow.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::Proto;
@@ -9,16 +9,20 @@ use crate::Proto;
 /// datapaths and dial tasks, which consult it once per new flow (never per packet).
 ///
 /// - The gateway's own address means "the host": only the published ports are reachable there
-///   (that is hairpin), unless the daemon runs with `--allow-host-loopback`, which opens every
-///   service listening on the host's loopback. Safe by default: a container cannot reach a
-///   database or admin socket bound to 127.0.0.1 on the host.
+///   (that is hairpin), and a connection reaches exactly the mapping it names, as a client on
+///   the host would: a port published on all addresses through the loopback, one published on
+///   a host address through that address, one published on the loopback not at all (as with
+///   Docker). Unless the daemon runs with `--allow-host-loopback`, which opens every service
+///   listening on the host's loopback. Safe by default: a container cannot reach a database or
+///   admin socket bound to 127.0.0.1 on the host, not even through a published port number.
 /// - Addresses inside any vswitch network are refused: networks stay isolated even through
 ///   NAT, and such traffic never leaks to a LAN that happens to use the same range.
 /// - Everything else is dialled from the daemon's namespace.
 #[derive(Debug, Default)]
 pub struct Policy {
     pub subnets: Vec<ipnet::IpNet>,
-    pub published: HashSet<(Proto, u16)>,
+    /// The published ports: the host addresses each is bound on (`None`: all of them).
+    pub published: HashMap<(Proto, u16), Vec<Option<IpAddr>>>,
     pub host_loopback: bool,
 }
 
@@ -34,14 +38,22 @@ impl Policy {
     ) -> Option<SocketAddr> {
         let ip = dst.ip().to_canonical();
         if gateway.contains(&ip) {
-            if !self.host_loopback && !self.published.contains(&(proto, dst.port())) {
-                return None;
-            }
             let lo: IpAddr = match ip {
                 IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
                 IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
             };
-            return Some(SocketAddr::new(lo, dst.port()));
+            if self.host_loopback {
+                return Some(SocketAddr::new(lo, dst.port()));
+            }
+            let bound = self.published.get(&(proto, dst.port()))?;
+            // All addresses: the loopback reaches that listener. A host address (not a
+            // loopback one) reaches its own. A mapping only on the loopback is the host's.
+            let host = bound.iter().find_map(|b| match b {
+                None => Some(lo),
+                Some(h) if !h.to_canonical().is_loopback() => Some(*h),
+                Some(_) => None,
+            })?;
+            return Some(SocketAddr::new(host, dst.port()));
         }
         if !self.may_reach(ip) {
             return None;
@@ -78,7 +90,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        p.published.insert((Proto::Tcp, 8081));
+        p.published.insert((Proto::Tcp, 8081), vec![None]);
         let sa = |s: &str| s.parse::<SocketAddr>().expect("sa");
         assert_eq!(
             p.outbound_target(Proto::Tcp, sa("10.1.0.1:8081"), &gw),
@@ -108,6 +120,40 @@ mod tests {
         assert_eq!(
             p.outbound_target(Proto::Tcp, sa("10.1.0.1:22"), &gw),
             Some(sa("127.0.0.1:22"))
+        );
+    }
+
+    /// A port published on one host address is reached at that address, not on the loopback
+    /// (where a host service of the same number may listen); one published only on the
+    /// loopback is not reached at all.
+    #[test]
+    fn a_connection_to_the_gateway_reaches_exactly_the_mapping_it_names() {
+        let gw: Vec<IpAddr> = vec!["10.1.0.1".parse().expect("ip")];
+        let mut p = Policy::default();
+        let sa = |s: &str| s.parse::<SocketAddr>().expect("sa");
+        p.published.insert(
+            (Proto::Tcp, 9090),
+            vec![Some("192.0.2.5".parse().expect("ip"))],
+        );
+        p.published.insert(
+            (Proto::Tcp, 9091),
+            vec![Some("127.0.0.1".parse().expect("ip"))],
+        );
+        p.published.insert(
+            (Proto::Udp, 9092),
+            vec![Some("127.0.0.1".parse().expect("ip")), None],
+        );
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("10.1.0.1:9090"), &gw),
+            Some(sa("192.0.2.5:9090"))
+        );
+        assert_eq!(
+            p.outbound_target(Proto::Tcp, sa("10.1.0.1:9091"), &gw),
+            None
+        );
+        assert_eq!(
+            p.outbound_target(Proto::Udp, sa("10.1.0.1:9092"), &gw),
+            Some(sa("127.0.0.1:9092"))
         );
     }
 

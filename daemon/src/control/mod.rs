@@ -250,11 +250,13 @@ impl Daemon {
 
     /// Recomputes the published ports of the NAT policy from the store.
     fn refresh_policy_ports(&self, store: &Store) {
-        let ports = store
-            .endpoints
-            .values()
-            .flat_map(|e| e.ports.iter().map(|m| (m.proto, m.host_port)))
-            .collect();
+        let mut ports: HashMap<_, Vec<_>> = HashMap::new();
+        for m in store.endpoints.values().flat_map(|e| &e.ports) {
+            ports
+                .entry((m.proto, m.host_port))
+                .or_default()
+                .push(m.host_ip);
+        }
         self.policy.write().published = ports;
     }
 
