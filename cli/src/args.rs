@@ -199,6 +199,9 @@ pub(crate) struct AttachOpts {
     /// random host port (repeatable)
     #[arg(short = 'p', long = "publish", value_name = "SPEC")]
     pub(crate) publish: Vec<String>,
+    /// Attach even when TARGET is the host's initial network namespace (that of PID 1)
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 #[derive(Subcommand)]

@@ -22,6 +22,7 @@ fn attach_request(target: &str, opts: AttachOpts) -> anyhow::Result<AttachReques
         mac_address: opts.mac,
         ifname: opts.ifname,
         ports: opts.publish,
+        force: opts.force,
     })
 }
 

@@ -193,3 +193,96 @@ fn a_published_port_number_is_not_a_way_into_the_hosts_loopback() {
     let (_, body) = vswitch_tests::curl(&d.ns.name, &["http://127.0.0.1:9091/who"]);
     assert_eq!(body, "container c\n");
 }
+
+/// The host side keeps to itself: the state directory is private, the host's initial network
+/// namespace is attached only when asked with `--force`, an `ip netns` resolv.conf exists
+/// exactly while the state holds its endpoint (restored when a crash lost it), and a restart
+/// waits for the lock of a daemon that is still going away.
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn the_host_side_stays_private_and_consistent() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    let mut d = Daemon::start();
+    let mode = std::fs::metadata(&d.state)
+        .expect("state dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "state directory mode {mode:o}");
+
+    d.ok(&["network", "create", "hyg", "--subnet", "10.121.0.0/24"]);
+    let before = d.ok(&["network", "inspect", "hyg"]);
+    // PID 1's namespace, or kthreadd's where PID 1 may not be inspected (as in some sandboxes).
+    let host = ["/proc/1/ns/net", "/proc/2/ns/net"]
+        .into_iter()
+        .filter(|p| {
+            p.starts_with("/proc/1/")
+                || std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd")
+        })
+        .find(|p| std::fs::File::open(p).is_ok())
+        .expect("the host's initial network namespace can be opened");
+    let err = d.fails(&["attach", "--network", "hyg", host]);
+    assert!(
+        err.contains("initial network namespace") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        d.ok(&["network", "inspect", "hyg"]),
+        before,
+        "nothing attached"
+    );
+
+    // The file a crash lost comes back; the file of a namespace deleted while the daemon was
+    // down goes with its endpoint.
+    let keep = Netns::new("keep");
+    let gone = Netns::new("gone");
+    d.ok(&["attach", "--network", "hyg", &keep.name]);
+    d.ok(&["attach", "--network", "hyg", &gone.name]);
+    let file = |ns: &Netns| std::path::PathBuf::from(format!("/etc/netns/{}/resolv.conf", ns.name));
+    assert!(file(&keep).exists() && file(&gone).exists());
+    let gone_file = file(&gone);
+    d.kill9_and_restart_after(|| {
+        std::fs::remove_file(file(&keep)).expect("remove");
+        drop(gone);
+        // What `ip netns del` leaves when the namespace's files were not removed with it.
+        std::fs::create_dir_all(gone_file.parent().expect("dir")).expect("mkdir");
+        std::fs::write(
+            &gone_file,
+            "# written by vswitch for network hyg\nnameserver 10.121.0.1\noptions ndots:0\n",
+        )
+        .expect("write");
+    });
+    let restored = std::fs::read_to_string(file(&keep)).unwrap_or_default();
+    assert!(restored.contains("nameserver 10.121.0.1"), "{restored:?}");
+    assert!(
+        !gone_file.exists(),
+        "resolv.conf of a namespace the state no longer holds"
+    );
+
+    // Someone still holds the lock for a moment (as a SIGKILLed daemon does until the kernel
+    // has closed its files): the new daemon waits instead of giving up.
+    let holder = std::process::Command::new("flock")
+        .arg(d.state.join("lock"))
+        .args(["sleep", "1.5"])
+        .spawn()
+        .expect("flock");
+    let mut holder = KillOnDrop(holder);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    d.kill9_and_restart();
+    assert!(
+        d.log().contains("waiting for the previous daemon"),
+        "{}",
+        d.log()
+    );
+    let _ = holder.0.wait();
+    assert!(keep.ping_within("10.121.0.1", secs(10)));
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -199,6 +199,9 @@ pub struct AttachRequest {
     /// `-p` specs, as typed.
     #[serde(default)]
     pub ports: Vec<String>,
+    /// Attach even when the target is the host's initial network namespace (PID 1's).
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

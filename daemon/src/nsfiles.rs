@@ -73,7 +73,7 @@ fn old_resolv_conf_text(net: &Network) -> Option<String> {
 
 /// After a restart: the resolv.conf of `ip netns` namespace `netns`, if an earlier version
 /// wrote it for `net` (with a `search` line), is rewritten as this one writes it.
-pub fn refresh_netns_resolv_conf(netns: &str, net: &Network) {
+fn refresh_netns_resolv_conf(netns: &str, net: &Network) {
     if let Some(old) = old_resolv_conf_text(net) {
         let old = format!("{RESOLV_CONF_HEADER} for network {}\n{old}", net.name);
         rewrite_if(
@@ -92,25 +92,47 @@ pub fn refresh_container_resolv_conf(path: &Path, net: &Network) {
     }
 }
 
-/// Gives a newly attached endpoint its namespace's resolv.conf, if it is the `ip netns`
-/// namespace's first endpoint that writes one. Returns whether it wrote it.
-pub fn claim_resolv_conf(store: &Store, ep: &Endpoint, net: &Network) -> bool {
+/// Whether a newly attached endpoint is to write its namespace's resolv.conf: it is the first
+/// endpoint of an `ip netns` namespace to do so, and the file there is absent or ours. Nothing
+/// is written yet: the endpoint is stored first, then [`write_claimed_resolv_conf`] writes, so
+/// that a daemon killed in between leaves no file the state does not know of.
+pub fn may_claim_resolv_conf(store: &Store, ep: &Endpoint) -> bool {
     let Target::Name(name) = &ep.target else {
         return false;
     };
-    if store
+    let path = netns_resolv_conf(name);
+    !store
         .endpoints
         .values()
         .any(|o| o.ns == ep.ns && o.wrote_resolv_conf)
-    {
+        && (!path.exists() || ours(&path))
+}
+
+/// Writes the resolv.conf that stored endpoint `ep` claimed. Returns whether the file is ours.
+pub fn write_claimed_resolv_conf(ep: &Endpoint, net: &Network) -> bool {
+    let (true, Target::Name(name)) = (ep.wrote_resolv_conf, &ep.target) else {
         return false;
-    }
+    };
     match write_netns_resolv_conf(name, net) {
         Ok(written) => written,
         Err(e) => {
             tracing::warn!(netns = %name, error = %e, "cannot write resolv.conf");
             false
         }
+    }
+}
+
+/// After a restart: the resolv.conf that stored endpoint `ep` holds is there (a daemon killed
+/// between storing the endpoint and writing the file did not write it), and in this version's
+/// words.
+pub fn restore_netns_resolv_conf(ep: &Endpoint, net: &Network) {
+    let (true, Target::Name(name)) = (ep.wrote_resolv_conf, &ep.target) else {
+        return;
+    };
+    if netns_resolv_conf(name).exists() {
+        refresh_netns_resolv_conf(name, net);
+    } else {
+        write_claimed_resolv_conf(ep, net);
     }
 }
 

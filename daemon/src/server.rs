@@ -39,23 +39,43 @@ pub struct Options {
     pub dns_listen: Option<std::net::SocketAddr>,
 }
 
+/// How long a starting daemon waits for the previous one to let go of the state directory:
+/// a daemon killed with SIGKILL holds its lock until the kernel has closed all its files.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Takes the state directory's lock, waiting up to [`LOCK_WAIT`] for a dying daemon.
+async fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<Flock<std::fs::File>> {
+    let path = dir.join("lock");
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    let mut said = false;
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if tokio::time::Instant::now() < deadline => {
+                if !said {
+                    tracing::info!(state = %dir.display(), "waiting for the previous daemon to let go of the state directory");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err((_, e)) => anyhow::bail!(
+                "state directory {} is in use by another vswitch daemon ({e})",
+                dir.display()
+            ),
+        }
+    }
+}
+
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn serve(opts: Options) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&opts.state_dir)
-        .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
-    let lock_path = opts.state_dir.join("lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-        anyhow::anyhow!(
-            "state directory {} is in use by another vswitch daemon ({e})",
-            opts.state_dir.display()
-        )
-    })?;
+    crate::state::create_private_dir(&opts.state_dir)?;
+    let _lock = lock_state_dir(&opts.state_dir).await?;
 
     let listener = bind(&opts.socket).await?;
     // Ours from here: removed however this function ends (a failed start included, which

@@ -251,6 +251,16 @@ impl Store {
     }
 }
 
+/// Creates `dir` (and its parents) and makes it 0700: it holds every tenant's addresses,
+/// container logs and the control plane's lock, which are nobody else's business.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make state directory {} private", dir.display()))
+}
+
 /// Loads and saves the store in a state directory.
 #[derive(Debug)]
 pub struct StateDir {
@@ -259,8 +269,7 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn new(dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+        create_private_dir(dir)?;
         Ok(Self {
             dir: dir.to_owned(),
         })

@@ -561,5 +561,6 @@ fn container_attach(
         mac_address: None,
         ifname: None,
         ports,
+        force: false,
     }
 }

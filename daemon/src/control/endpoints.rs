@@ -116,6 +116,13 @@ impl Daemon {
                 req.target
             )));
         }
+        if self.host_netns.contains(&ns.id()) && !req.force {
+            return Err(Error::bad_request(format!(
+                "{} is the host's initial network namespace (that of PID 1); add --force to \
+                 attach it anyway",
+                req.target
+            )));
+        }
         let mut ep = plan::plan_endpoint(
             &inner.store,
             &net,
@@ -143,12 +150,20 @@ impl Daemon {
         self.plug(inner, &net, &ep, made.fd).await?;
         self.publish(inner, &net, &ep, listeners);
         self.watch_target(&ep);
-        ep.wrote_resolv_conf = nsfiles::claim_resolv_conf(&inner.store, &ep, &net);
+        ep.wrote_resolv_conf = nsfiles::may_claim_resolv_conf(&inner.store, &ep);
         inner.store.endpoints.insert(ep.id.clone(), ep.clone());
         self.refresh_policy_ports(&inner.store);
         if let Err(e) = self.persist(&inner.store) {
             self.unplug(inner, &ep).await;
             return Err(e);
+        }
+        // Stored first: a crash from here on restores the file at restart.
+        if ep.wrote_resolv_conf && !nsfiles::write_claimed_resolv_conf(&ep, &net) {
+            ep.wrote_resolv_conf = false;
+            if let Some(stored) = inner.store.endpoints.get_mut(&ep.id) {
+                stored.wrote_resolv_conf = false;
+            }
+            let _ = self.persist(&inner.store);
         }
         tracing::info!(
             endpoint = %ep.name, network = %net.name, ip = %ep.ipv4, target = %ep.target,
@@ -329,9 +344,7 @@ impl Daemon {
             match self.replumb(inner, &net, &ep).await {
                 Ok(()) => {
                     tracing::info!(endpoint = %ep.name, network = %net.name, "endpoint restored");
-                    if let (true, Target::Name(netns)) = (ep.wrote_resolv_conf, &ep.target) {
-                        nsfiles::refresh_netns_resolv_conf(netns, &net);
-                    }
+                    nsfiles::restore_netns_resolv_conf(&ep, &net);
                 }
                 Err(e) => {
                     tracing::warn!(endpoint = %ep.name, network = %net.name, error = %e, "endpoint dropped at restart: its namespace is gone");

@@ -92,6 +92,8 @@ pub struct Daemon {
     state_dir: StateDir,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     own_netns: NsId,
+    /// The host's initial network namespace (see [`crate::netns::target::host_netns`]).
+    host_netns: Vec<NsId>,
     catalog: SharedCatalog,
     dns: DnsHook,
     nat_jobs: tokio::sync::mpsc::UnboundedSender<crate::datapath::NatJob>,
@@ -138,6 +140,7 @@ impl Daemon {
         let own_netns = NetNs::current()
             .context("cannot open the daemon's own network namespace")?
             .id();
+        let host_netns = crate::netns::target::host_netns();
         let loaded = state_dir.load()?;
         let fresh = loaded.is_none();
         let ns_sockets = match rootless {
@@ -158,6 +161,7 @@ impl Daemon {
             state_dir,
             events,
             own_netns,
+            host_netns,
             catalog,
             dns: DnsHook {
                 responder,

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use vswitch_netdev::ns::NetNs;
+use vswitch_netdev::ns::{NetNs, NsId};
 
 use crate::api::Target;
 use crate::error::{Error, Result};
@@ -65,6 +65,21 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 fn parse_start_ticks(stat: &str) -> Option<u64> {
     let after = stat.rsplit_once(") ")?.1;
     after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The host's initial network namespace, as far as the daemon can tell: that of PID 1, and
+/// that of `kthreadd` (PID 2 when visible), which the kernel keeps in the initial namespace
+/// even where PID 1 may not be inspected.
+pub fn host_netns() -> Vec<NsId> {
+    let kthreadd = std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+    let mut found: Vec<NsId> = [Some(1), kthreadd.then_some(2)]
+        .into_iter()
+        .flatten()
+        .filter_map(|pid| NetNs::open(&proc_netns(pid)).ok())
+        .map(|ns| ns.id())
+        .collect();
+    found.dedup();
+    found
 }
 
 #[cfg(test)]

@@ -293,6 +293,7 @@ mod tests {
             mac_address: None,
             ifname: None,
             ports: vec![],
+            force: false,
         }
     }
 
