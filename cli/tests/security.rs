@@ -1,7 +1,7 @@
 //! A container as a hostile tenant, with real namespaces: addresses it was not given get it
 //! nothing (port security), and what it can make the daemon do stays bounded.
 
-use vswitch_tests::{Daemon, Netns, require_root, secs, text};
+use vswitch_tests::{Daemon, Netns, Outside, require_root, secs, text};
 
 /// The network's counters, as `GET /stats` gives them.
 fn stats(d: &Daemon, network: &str) -> serde_json::Value {
@@ -284,5 +284,57 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Containers on two networks ping one outside address with the same echo id and different
+/// payloads, as the daemon's raw ICMP socket carries them (ping sockets are closed in a new
+/// namespace): each gets its own replies, once, with its own payload.
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn pings_with_one_echo_id_from_two_networks_get_their_own_replies() {
+    require_root();
+    let d = Daemon::start();
+    let _outside = Outside::new(&d);
+    d.ok(&["network", "create", "p1", "--subnet", "10.122.1.0/24"]);
+    d.ok(&["network", "create", "p2", "--subnet", "10.122.2.0/24"]);
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    d.ok(&["attach", "--network", "p1", &a.name]);
+    d.ok(&["attach", "--network", "p2", &b.name]);
+    assert!(a.ping_within(Outside::IP, secs(5)) && b.ping_within(Outside::IP, secs(5)));
+    let ping = |ns: &Netns, pattern: &str| {
+        let out = ns.exec(
+            &[
+                "ping",
+                "-n",
+                "-e",
+                "4242",
+                "-p",
+                pattern,
+                "-c",
+                "10",
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                Outside::IP,
+            ],
+            secs(20),
+        );
+        text(&out.stdout)
+    };
+    let (ra, rb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| ping(&a, "aa"));
+        let tb = s.spawn(|| ping(&b, "bb"));
+        (ta.join().expect("a"), tb.join().expect("b"))
+    });
+    for (who, out) in [("a", &ra), ("b", &rb)] {
+        assert!(out.contains(" 10 received"), "{who}: {out}");
+        assert!(!out.contains("DUP!"), "{who} got another's replies: {out}");
+        assert!(
+            !out.contains("wrong data"),
+            "{who} got another's payload: {out}"
+        );
     }
 }

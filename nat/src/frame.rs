@@ -129,24 +129,15 @@ pub struct EchoFlow {
     pub id: u16,
 }
 
-/// The frame for the container from a datagram read on a flow's ICMP socket, or `None` if the
-/// datagram is not an echo reply of this flow. `raw`: the socket is a raw one, which delivers
-/// the IP header too and sees every reply from `dst`, not just ours. (An unprivileged ping
-/// socket rewrites the id to its own port; the container's id is put back.)
-pub fn echo_reply_frame(flow: &EchoFlow, raw: bool, datagram: &[u8]) -> Option<Vec<u8>> {
-    let icmp_bytes = if raw {
-        let ihl = usize::from(datagram.first()? & 0x0f) * 4;
-        datagram.get(ihl..)?
-    } else {
-        datagram
-    };
-    let (header, payload) = etherparse::Icmpv4Header::from_slice(icmp_bytes).ok()?;
+/// The frame for the container from an echo reply message (ICMP header and payload, as a
+/// ping socket delivers it, or as [`crate::echo::raw_echo_reply`] cuts it from a raw socket's
+/// datagram), or `None` if it is not an echo reply. The id is the container's own again
+/// (the host socket's was another).
+pub fn echo_reply_frame(flow: &EchoFlow, message: &[u8]) -> Option<Vec<u8>> {
+    let (header, payload) = etherparse::Icmpv4Header::from_slice(message).ok()?;
     let Icmpv4Type::EchoReply(echo) = header.icmp_type else {
         return None;
     };
-    if raw && echo.id != flow.id {
-        return None;
-    }
     let mut frame = vec![0u8; VNET_HDR_LEN];
     PacketBuilder::ethernet2(flow.gateway_mac, flow.container_mac)
         .ipv4(flow.dst.octets(), flow.container.octets(), 64)
@@ -225,7 +216,7 @@ mod tests {
     }
 
     #[test]
-    fn echo_replies_become_frames_for_their_flow_only() {
+    fn echo_replies_become_frames_with_the_containers_id() {
         let flow = EchoFlow {
             gateway_mac: B,
             container_mac: A,
@@ -243,22 +234,13 @@ mod tests {
             m.extend_from_slice(b"pong");
             m
         };
-        let frame = echo_reply_frame(&flow, false, &reply(999)).expect("frame");
+        let frame = echo_reply_frame(&flow, &reply(999)).expect("frame");
         let p = SlicedPacket::from_ethernet(&frame[VNET_HDR_LEN..]).expect("slice");
         let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
             panic!("not ICMP");
         };
         assert!(matches!(icmp.icmp_type(), Icmpv4Type::EchoReply(e) if e.id == 7 && e.seq == 3));
         assert_eq!(icmp.payload(), b"pong");
-        // A raw socket's datagram starts with the IP header, and another ping's id is not ours.
-        let mut raw = vec![0x45u8];
-        raw.resize(20, 0);
-        raw.extend_from_slice(&reply(7));
-        assert!(echo_reply_frame(&flow, true, &raw).is_some());
-        raw.truncate(20);
-        raw.extend_from_slice(&reply(8));
-        assert!(echo_reply_frame(&flow, true, &raw).is_none());
-        assert!(echo_reply_frame(&flow, true, &[]).is_none());
-        assert!(echo_reply_frame(&flow, false, b"junk").is_none());
+        assert!(echo_reply_frame(&flow, b"junk").is_none());
     }
 }

@@ -9,6 +9,7 @@
 //! Like the switch core, the gateway is sans-IO: it is fed `(now, frame)` and drained with
 //! [`Gateway::poll_transmit`]; it owns no file descriptor and reads no clock.
 
+pub mod echo;
 pub mod flows;
 pub mod frame;
 mod gateway;

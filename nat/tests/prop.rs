@@ -215,8 +215,9 @@ proptest! {
             dst: Ipv4Addr::from([192, 0, 2, 9]),
             id: 1,
         };
-        let _ = echo_reply_frame(&flow, true, &f);
-        let _ = echo_reply_frame(&flow, false, &f);
+        let _ = echo_reply_frame(&flow, &f);
+        let _ = vswitch_nat::echo::raw_echo_reply(&f);
+        let _ = vswitch_nat::echo::with_echo_id(&f, 7);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 
 mod busy_poll;
 pub mod protocol;
+mod raw_ping;
 mod services;
 mod tcp;
 mod worker;

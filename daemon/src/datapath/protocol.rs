@@ -404,8 +404,8 @@ pub struct FlowReceive {
 pub enum ReceiveKind {
     /// (container, peer as the container sees it).
     Udp { key: UdpKey },
-    /// (container, echo id, destination); raw sockets see IP headers and everybody's replies.
-    Icmp { key: IcmpKey, raw: bool },
+    /// (container, echo id, destination), on a ping socket of its own.
+    Icmp { key: IcmpKey },
 }
 
 /// Bytes of one TCP flow in flight from the host side to the datapath at most.

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use vswitch_dns::{Asker, Outcome, Transport};
 use vswitch_nat::flows::{IcmpFlows, UdpFlows, UdpKind};
-use vswitch_nat::frame::{UdpView, slice_echo_request};
+use vswitch_nat::frame::{EchoFlow, EchoRequest, UdpView, slice_echo_request};
 use vswitch_nat::{FlowId, StreamMessage};
 
 use super::DnsHook;
@@ -23,6 +23,7 @@ use super::protocol::{
     DNS_PORT, FlowReceive, ForwardJob, Injector, NatJob, ReceiveKind, ReplyTo, SharedPolicy,
     UdpPeer,
 };
+use super::raw_ping::{RawEcho, RawPinger};
 
 /// What became of a frame offered to a service.
 #[derive(Debug)]
@@ -71,14 +72,33 @@ impl Drop for UdpFlow {
 }
 
 /// A container's pings to one destination, carried by a host ICMP socket.
-pub(super) struct IcmpFlow {
-    socket: Arc<std::net::UdpSocket>,
-    alive: Arc<AtomicBool>,
+pub(super) enum IcmpFlow {
+    /// An unprivileged ping socket of its own, connected to the destination (the kernel
+    /// hands it its own replies), and the flag that stops its receive task.
+    Socket {
+        socket: Arc<std::net::UdpSocket>,
+        alive: Arc<AtomicBool>,
+    },
+    /// The daemon's shared raw socket, under an echo id of its own.
+    Raw(RawEcho),
+}
+
+impl IcmpFlow {
+    fn send(&self, echo: &EchoRequest) {
+        match self {
+            IcmpFlow::Socket { socket, .. } => {
+                let _ = socket.send(&echo.message);
+            }
+            IcmpFlow::Raw(raw) => raw.send(echo.seq, &echo.message),
+        }
+    }
 }
 
 impl Drop for IcmpFlow {
     fn drop(&mut self) {
-        self.alive.store(false, Ordering::Release);
+        if let IcmpFlow::Socket { alive, .. } = self {
+            alive.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -260,7 +280,8 @@ impl Services {
     }
 
     /// Sends a container's echo request to the outside through a host ICMP socket (an
-    /// unprivileged ping socket, or a raw socket when those are not allowed and we are root).
+    /// unprivileged ping socket, or the daemon's raw socket when those are not allowed and it
+    /// has CAP_NET_RAW).
     pub(super) fn nat_icmp(&mut self, now: Instant, frame: &[u8]) -> Detour {
         if !self.nat {
             return Detour::Pass;
@@ -274,19 +295,36 @@ impl Services {
         }
         let key = (src, echo.id, dst);
         if let Some(flow) = self.icmp.touch(now, &key) {
-            let _ = flow.socket.send(&echo.message);
+            flow.send(&echo);
             return Detour::Taken;
         }
         if self.icmp.is_full() || !self.policy.read().may_reach(dst) {
             // Over the bound; or the host's loopback, or another vswitch network: dropped.
             return Detour::Taken;
         }
-        let Some((socket, raw)) = icmp_socket(echo.dst) else {
-            return Detour::Taken;
+        let flow = match ping_socket(echo.dst) {
+            Some(socket) => {
+                let alive = self.receive(socket.clone(), ReceiveKind::Icmp { key }, echo.src_mac);
+                IcmpFlow::Socket { socket, alive }
+            }
+            None => {
+                let flow = EchoFlow {
+                    gateway_mac: self.gateway_mac,
+                    container_mac: echo.src_mac,
+                    container: echo.src,
+                    dst: echo.dst,
+                    id: echo.id,
+                };
+                let raw =
+                    RawPinger::shared().and_then(|p| p.register(flow, key, self.injector.clone()));
+                match raw {
+                    Some(raw) => IcmpFlow::Raw(raw),
+                    None => return Detour::Taken,
+                }
+            }
         };
-        let _ = socket.send(&echo.message);
-        let alive = self.receive(socket.clone(), ReceiveKind::Icmp { key, raw }, echo.src_mac);
-        let _ = self.icmp.insert(now, key, IcmpFlow { socket, alive });
+        flow.send(&echo);
+        let _ = self.icmp.insert(now, key, flow);
         Detour::Taken
     }
 
@@ -310,32 +348,30 @@ impl Services {
     }
 }
 
-/// An ICMP socket connected to `dst`: an unprivileged ping socket if the namespace allows it
-/// (`net.ipv4.ping_group_range`), else a raw socket (needs CAP_NET_RAW). The bool says raw.
-fn icmp_socket(dst: std::net::Ipv4Addr) -> Option<(Arc<std::net::UdpSocket>, bool)> {
+/// An unprivileged ping socket connected to `dst`, if the namespace allows those
+/// (`net.ipv4.ping_group_range`).
+fn ping_socket(dst: std::net::Ipv4Addr) -> Option<Arc<std::net::UdpSocket>> {
     use nix::sys::socket::{
         AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn, connect, socket,
     };
-    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-    let (fd, raw) = match socket(
+    static REFUSED: AtomicBool = AtomicBool::new(false);
+    if REFUSED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let fd = match socket(
         AddressFamily::Inet,
         SockType::Datagram,
-        flags,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         SockProtocol::Icmp,
     ) {
-        Ok(fd) => (fd, false),
-        Err(e) => match socket(
-            AddressFamily::Inet,
-            SockType::Raw,
-            flags,
-            SockProtocol::Icmp,
-        ) {
-            Ok(fd) => (fd, true),
-            Err(_) => {
-                tracing::warn!(error = %e, "cannot open an ICMP socket: outbound ping needs net.ipv4.ping_group_range to include the daemon's group, or CAP_NET_RAW");
-                return None;
-            }
-        },
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) => {
+            // The sysctl is set at boot or by an administrator: asking again per flow would
+            // only cost a syscall each time.
+            REFUSED.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Err(_) => return None,
     };
     connect(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
@@ -343,5 +379,5 @@ fn icmp_socket(dst: std::net::Ipv4Addr) -> Option<(Arc<std::net::UdpSocket>, boo
     )
     .ok()?;
     // A datagram socket of another protocol: std's UdpSocket is only a wrapper over send/recv.
-    Some((Arc::new(std::net::UdpSocket::from(fd)), raw))
+    Some(Arc::new(std::net::UdpSocket::from(fd)))
 }

@@ -105,7 +105,7 @@ async fn receive(job: FlowReceive) {
                 };
                 job.injector.udp_in((container, peer), frame, None)
             }
-            ReceiveKind::Icmp { key, raw } => {
+            ReceiveKind::Icmp { key } => {
                 let (IpAddr::V4(container), id, IpAddr::V4(dst)) = key else {
                     return; // only IPv4 pings are carried
                 };
@@ -116,7 +116,7 @@ async fn receive(job: FlowReceive) {
                     dst,
                     id,
                 };
-                let Some(frame) = echo_reply_frame(&flow, raw, &buf[..n]) else {
+                let Some(frame) = echo_reply_frame(&flow, &buf[..n]) else {
                     continue;
                 };
                 job.injector.icmp_in(key, frame)
