@@ -1,7 +1,7 @@
 //! A container as a hostile tenant, with real namespaces: addresses it was not given get it
 //! nothing (port security), and what it can make the daemon do stays bounded.
 
-use vswitch_tests::{Daemon, Netns, Outside, require_root, secs, text};
+use vswitch_tests::{Daemon, Netns, NsDaemon, Outside, require_root, secs, text, wait_until};
 
 /// The network's counters, as `GET /stats` gives them.
 fn stats(d: &Daemon, network: &str) -> serde_json::Value {
@@ -337,4 +337,92 @@ fn pings_with_one_echo_id_from_two_networks_get_their_own_replies() {
             "{who} got another's payload: {out}"
         );
     }
+}
+
+/// Sends `count` queries for random names to `server` port 53 from inside `ns`, as fast as
+/// it can, without waiting for answers.
+fn flood_dns(ns: &Netns, server: &str, count: u32) {
+    let script = format!(
+        r#"
+import os, socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range({count}):
+    name = b"".join(bytes([len(l)]) + l for l in (os.urandom(6).hex().encode(), b"flood", b"test"))
+    q = struct.pack(">HHHHHH", i & 0xffff, 0x0100, 1, 0, 0, 0) + name + b"\0" + struct.pack(">HH", 1, 1)
+    s.sendto(q, ("{server}", 53))
+"#
+    );
+    let out = ns.exec(&["python3", "-c", &script], secs(30));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// One container floods random names that its network forwards to an upstream that never
+/// answers, so that every forward holds its slot until the deadline: another network's
+/// lookups are still forwarded and answered, and so are its own neighbour's (SERVFAIL from
+/// the silent upstream in time, not REFUSED).
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn a_dns_flood_leaves_other_networks_and_neighbours_their_share() {
+    require_root();
+    let d = Daemon::start_with(&["--dns-upstream", "127.0.0.1:5399"]);
+    let outside = Outside::new(&d);
+    let _good = NsDaemon::spawn(
+        &d.ns.name,
+        &[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--port=5399",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--address=/example.test/192.0.2.7",
+            "--pid-file=",
+        ],
+    );
+    // Reads queries and never answers.
+    let _silent = NsDaemon::spawn(
+        &outside.ns.name,
+        &[
+            "python3",
+            "-c",
+            "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('0.0.0.0', 53))\nwhile True: s.recv(4096)",
+        ],
+    );
+    let silent = format!("{}:53", Outside::IP);
+    d.ok(&[
+        "network",
+        "create",
+        "flood",
+        "--subnet",
+        "10.123.0.0/24",
+        "--dns",
+        &silent,
+    ]);
+    d.ok(&["network", "create", "calm", "--subnet", "10.123.1.0/24"]);
+    let f = Netns::new("f");
+    let n = Netns::new("n");
+    let c = Netns::new("c");
+    d.ok(&["attach", "--network", "flood", &f.name]);
+    d.ok(&["attach", "--network", "flood", &n.name]);
+    d.ok(&["attach", "--network", "calm", &c.name]);
+    let ready = wait_until(secs(5), || {
+        c.dig(&["+short", "example.test"]).contains("192.0.2.7")
+    });
+    assert!(ready, "upstream answers");
+
+    flood_dns(&f, "10.123.0.1", 3000);
+    // The flooder's forwards hold their slots for seconds; the others ask now.
+    let calm = c.dig(&["example.test"]);
+    assert!(
+        calm.contains("status: NOERROR") && calm.contains("192.0.2.7"),
+        "{calm}"
+    );
+    let neighbour = n.exec(
+        &["dig", "+time=8", "+tries=1", "neighbour.flood.test"],
+        secs(15),
+    );
+    let neighbour = text(&neighbour.stdout);
+    assert!(neighbour.contains("status: SERVFAIL"), "{neighbour}");
 }

@@ -7,9 +7,11 @@
 //!   for queries that arrive as frames, and by the host-side listener.
 //! - [`upstream`]: the upstream servers (`--dns-upstream` or the host's resolv.conf, re-read when
 //!   it changes) and the bounded, failing-over relay of queries to them.
+//! - [`fair`]: fair shares of the forwarding slots, per network and per client.
 //! - [`server`]: the host-side listener (`vswitch daemon --dns-listen ADDR:PORT`).
 
 pub mod catalog;
+pub mod fair;
 pub mod responder;
 pub mod server;
 pub mod upstream;

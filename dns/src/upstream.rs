@@ -6,20 +6,21 @@
 //! retries over TCP), a TCP query over TCP. Up to three upstreams are tried in order within one
 //! overall deadline; a timeout, SERVFAIL or REFUSED moves on to the next; if none gives a usable
 //! answer the client gets SERVFAIL before the deadline (clients of aardvark-dns hang instead).
-//! The number of forwards in flight is bounded; past the bound the caller answers REFUSED.
+//! The number of forwards in flight is bounded, with a fair share for each network and client
+//! ([`crate::fair`]); past its share a client is answered REFUSED.
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use hickory_proto::op::{Message, ResponseCode};
+use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::fair::{FairShare, Permit};
 
 /// At most this many upstreams are used, like glibc's MAXNS.
 pub const MAX_UPSTREAMS: usize = 3;
@@ -111,7 +112,7 @@ impl Upstreams {
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     upstreams: Arc<Upstreams>,
-    inflight: Arc<Semaphore>,
+    slots: FairShare,
     deadline: Duration,
 }
 
@@ -119,14 +120,15 @@ impl Forwarder {
     pub fn new(upstreams: Arc<Upstreams>, max_inflight: usize) -> Self {
         Self {
             upstreams,
-            inflight: Arc::new(Semaphore::new(max_inflight)),
+            slots: FairShare::new(max_inflight),
             deadline: FORWARD_DEADLINE,
         }
     }
 
-    /// A slot for one forward, or `None` if the bound is reached (answer REFUSED then).
-    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
-        self.inflight.clone().try_acquire_owned().ok()
+    /// A slot for one forward by `client` on `network`, or `None` if the pool or their fair
+    /// share of it is used up (answer REFUSED then).
+    pub fn try_acquire(&self, network: &str, client: IpAddr) -> Option<Permit> {
+        self.slots.try_acquire(network, client)
     }
 
     /// Relays `query` and returns the answer for the client: the upstream's, or SERVFAIL.
@@ -346,7 +348,8 @@ mod tests {
         );
         // The bound: two permits, the third is refused.
         let f = Forwarder::new(Arc::new(Upstreams::new(vec![addr], "/x".into())), 2);
-        let (a, b) = (f.try_acquire(), f.try_acquire());
-        assert!(a.is_some() && b.is_some() && f.try_acquire().is_none());
+        let client = IpAddr::from([10, 0, 0, 2]);
+        let (a, b) = (f.try_acquire("a", client), f.try_acquire("b", client));
+        assert!(a.is_some() && b.is_some() && f.try_acquire("c", client).is_none());
     }
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use nix::sys::eventfd::EventFd;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 use vswitch_nat::flows::{IcmpKey, UdpKey};
 use vswitch_nat::{FlowId, Policy};
 use vswitch_switch::{PortGuard, PortId};
@@ -371,7 +371,7 @@ pub struct ForwardJob {
     pub upstreams: Option<vswitch_dns::Upstreams>,
     pub injector: Injector,
     /// Held until the answer is delivered: bounds the forwards in flight.
-    pub permit: OwnedSemaphorePermit,
+    pub permit: vswitch_dns::fair::Permit,
 }
 
 /// Work the datapath hands to the host side of NAT.

@@ -140,7 +140,12 @@ impl Services {
         let answer = match hook.responder.answer(asker, Transport::Udp, u.payload) {
             Outcome::Reply(answer) => Some(answer),
             Outcome::Forward(via) => {
-                match self.forward(u.payload.to_vec(), ReplyTo::Udp(peer.clone()), via) {
+                match self.forward(
+                    u.payload.to_vec(),
+                    u.src.ip(),
+                    ReplyTo::Udp(peer.clone()),
+                    via,
+                ) {
                     Forwarded::Queued => None,
                     Forwarded::Refused(answer) => answer,
                 }
@@ -167,11 +172,13 @@ impl Services {
         };
         match hook.responder.answer(asker, Transport::Tcp, &m.message) {
             Outcome::Reply(answer) => StreamAnswer::Reply(answer),
-            Outcome::Forward(via) => match self.forward(m.message, ReplyTo::Tcp(m.conn), via) {
-                Forwarded::Queued => StreamAnswer::Forwarded,
-                Forwarded::Refused(Some(refused)) => StreamAnswer::Reply(refused),
-                Forwarded::Refused(None) => StreamAnswer::Unanswered,
-            },
+            Outcome::Forward(via) => {
+                match self.forward(m.message, m.peer, ReplyTo::Tcp(m.conn), via) {
+                    Forwarded::Queued => StreamAnswer::Forwarded,
+                    Forwarded::Refused(Some(refused)) => StreamAnswer::Reply(refused),
+                    Forwarded::Refused(None) => StreamAnswer::Unanswered,
+                }
+            }
             Outcome::Drop => StreamAnswer::Unanswered,
         }
     }
@@ -180,14 +187,15 @@ impl Services {
     fn forward(
         &mut self,
         query: Vec<u8>,
+        client: IpAddr,
         reply: ReplyTo,
         upstreams: Option<vswitch_dns::Upstreams>,
     ) -> Forwarded {
         let Some(hook) = self.dns.as_ref() else {
             return Forwarded::Refused(None);
         };
-        let Some(permit) = hook.forwarder.try_acquire() else {
-            tracing::debug!(network = %self.network_id, "too many DNS forwards in flight; REFUSED");
+        let Some(permit) = hook.forwarder.try_acquire(&self.network_id, client) else {
+            tracing::debug!(network = %self.network_id, %client, "DNS forwards over their share; REFUSED");
             return Forwarded::Refused(hook.responder.refuse(&query));
         };
         let _ = hook.jobs.send(ForwardJob {
