@@ -3,8 +3,8 @@
 # Packages: iproute2 (ip netns), iputils-ping, dnsutils (dig, delv), dnsmasq-base (a DNS upstream in
 # tests), ldnsutils (a signed zone and a fake authoritative server for the DNSSEC test), curl,
 # python3, iperf3, procps, util-linux (unshare, nsenter, setpriv), uidmap (newuidmap for
-# rootless containers).
-VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap"
+# rootless containers), nftables (an outside that drops SYNs, in a test namespace).
+VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap nftables"
 
 install_packages() {
     local missing=() p

@@ -259,6 +259,17 @@ pub struct NetworkStats {
     /// Frames longer than the network's MTU.
     #[serde(default)]
     pub too_big: u64,
+    /// NAT and published-port TCP flows (held SYNs included), and those of them with large
+    /// buffers.
+    #[serde(default)]
+    pub tcp_flows: usize,
+    #[serde(default)]
+    pub tcp_large_flows: usize,
+    /// Outbound and published-port UDP flows, and outbound ping flows.
+    #[serde(default)]
+    pub udp_flows: usize,
+    #[serde(default)]
+    pub icmp_flows: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

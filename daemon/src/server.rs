@@ -74,6 +74,10 @@ async fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<Flock<std::fs::
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn serve(opts: Options) -> anyhow::Result<()> {
+    // Flows' socket buffers are freed back to the kernel, not kept by the allocator.
+    if let Err(e) = vswitch_netdev::return_large_blocks_to_the_kernel() {
+        tracing::warn!(error = %e, "freed TCP buffers may stay with the daemon");
+    }
     crate::state::create_private_dir(&opts.state_dir)?;
     let _lock = lock_state_dir(&opts.state_dir).await?;
 

@@ -18,7 +18,7 @@ use smoltcp::wire::{
 use vswitch_switch::vnet::VNET_HDR_LEN;
 
 use crate::stream::{StreamMessage, StreamService};
-use crate::tcp::{FlowId, Flows, TcpEvent};
+use crate::tcp::{Budget, FlowId, Flows, TcpEvent};
 use classify::{Classified, is_icmpv6, tcp_segment};
 use device::QueueDevice;
 
@@ -38,6 +38,8 @@ const SHARD_BITS: u32 = SHARDS.trailing_zeros();
 struct Shard {
     sockets: SocketSet<'static>,
     flows: Flows,
+    /// Outbound SYNs held while their destination is dialled: no socket yet.
+    held: HashMap<FlowId, held::Held>,
     /// When this shard next needs a poll for its timers (computed after each poll).
     due: Option<Instant>,
 }
@@ -86,8 +88,10 @@ pub struct Gateway {
     stream: Option<StreamService>,
     nat: bool,
     tcp_events: Vec<TcpEvent>,
-    /// Open TCP flows per container address.
-    per_container: HashMap<IpAddr, u32>,
+    /// What the TCP flows hold, in all and per container.
+    budget: Budget,
+    /// When held SYNs are next looked at for expiry.
+    held_sweep: Option<Instant>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -167,6 +171,7 @@ impl Gateway {
                 .map(|_| Shard {
                     sockets: SocketSet::new(Vec::new()),
                     flows: Flows::default(),
+                    held: HashMap::new(),
                     due: None,
                 })
                 .collect(),
@@ -180,7 +185,8 @@ impl Gateway {
             stream: None,
             nat: config.nat,
             tcp_events: Vec::new(),
-            per_container: HashMap::new(),
+            budget: Budget::default(),
+            held_sweep: None,
         })
     }
 
@@ -317,8 +323,9 @@ impl Gateway {
         if let Ok(e) = EthernetFrame::new_checked(eth) {
             match tcp_segment(e.payload(), e.ethertype()) {
                 Classified::Tcp(seg) => {
-                    if seg.syn_only {
-                        self.intercept_syn(seg.src, seg.dst);
+                    if seg.syn_only && self.hold_syn(now, seg.src, seg.dst, eth) {
+                        self.stats.accepted += 1;
+                        return;
                     }
                     k = self.shard_for(seg.src, seg.dst);
                 }
@@ -352,6 +359,7 @@ impl Gateway {
     /// Runs the stack's timers: polls the shards that are due. Call it when
     /// [`Self::poll_timeout`] says so.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire_held(now);
         for k in 0..self.shards.len() {
             if self.shards[k].due.is_some_and(|t| t <= now) {
                 self.poll(now, k);
@@ -371,7 +379,8 @@ impl Gateway {
     pub fn poll_timeout(&mut self, _now: Instant) -> Option<Instant> {
         let stack = self.shards.iter().filter_map(|s| s.due).min();
         let idle = self.stream.as_ref().and_then(StreamService::next_deadline);
-        [stack, idle].into_iter().flatten().min()
+        let held = self.held_sweep;
+        [stack, idle, held].into_iter().flatten().min()
     }
 
     /// The next frame the gateway sends, virtio-net header first: for TCP it asks the
@@ -401,11 +410,9 @@ impl Gateway {
             svc.reap(&mut shard.sockets);
         }
         if !shard.flows.flows.is_empty() {
-            shard.flows.activity(
-                &mut shard.sockets,
-                &mut self.tcp_events,
-                &mut self.per_container,
-            );
+            shard
+                .flows
+                .activity(&mut shard.sockets, &mut self.tcp_events, &mut self.budget);
         }
         shard.due = self
             .iface
@@ -436,6 +443,7 @@ fn seed(now: Instant, mac: [u8; 6]) -> u64 {
 mod classify;
 mod device;
 mod flows;
+mod held;
 
 #[cfg(test)]
 mod tests;

@@ -8,17 +8,22 @@
 //! - **Inbound** (published port): [`Gateway::tcp_connect`] opens a connection to the container
 //!   from the client's own address (the gateway runs in any-IP mode, so the container's answers to
 //!   that address come back to it), or from the gateway's address for loopback clients.
-//! - **Outbound**: a SYN from a container to an outside address is reported as
-//!   [`TcpEvent::Syn`] before smoltcp sees it; the caller creates a paused listener for exactly
-//!   that address with [`Gateway::tcp_intercept`] (no SYN-ACK yet), dials the destination, and
-//!   then either releases the SYN-ACK ([`Gateway::tcp_established`]) or refuses with a RST
-//!   ([`Gateway::tcp_abort`]), so a refused destination looks refused to the container.
+//! - **Outbound**: a SYN from a container to an outside address is held (no socket yet, see
+//!   `gateway/held.rs`) and reported as [`TcpEvent::Syn`]; the caller dials the destination,
+//!   then either releases the SYN ([`Gateway::tcp_established`]: a listener for exactly that
+//!   address takes it and answers SYN-ACK) or refuses it ([`Gateway::tcp_abort`]: RST), so a
+//!   refused destination looks refused to the container.
+//!
+//! Memory: a held SYN costs its own bytes; an open flow its socket buffers, [`LARGE_BUF`]
+//! each way for the first [`MAX_LARGE_FLOWS`] of a network ([`MAX_LARGE_FLOWS_PER_CONTAINER`]
+//! of a container) and [`SMALL_BUF`] for the others, of which only the pages written are
+//! resident.
 //!
 //! Sockets are removed as soon as they are closed, so the per-frame socket scan of smoltcp stays
 //! proportional to the flows that are really open; the number of flows is bounded.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -60,7 +65,12 @@ pub(crate) struct Flow {
     pub(crate) handle: SocketHandle,
     last_state: tcp::State,
     /// The container's address: flows are counted per container (see [`MAX_FLOWS_PER_CONTAINER`]).
-    pub(crate) container: std::net::IpAddr,
+    pub(crate) container: IpAddr,
+    /// Has [`LARGE_BUF`] buffers.
+    pub(crate) large: bool,
+    /// An outbound listener that was given its SYN: back in Listen (the container reset the
+    /// handshake), it is over rather than waiting for a SYN that nobody will send.
+    armed: bool,
     /// The caller had more to send than fitted: tell it when there is room again.
     pub(crate) want_write: bool,
 }
@@ -86,10 +96,97 @@ pub const CONNECT_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::fr
 /// whose container vanished would hold its slot and host socket for ever.
 pub const IDLE_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(120);
 pub const KEEP_ALIVE: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(45);
-/// Per-socket buffers: enough for window scaling on a virtual link without holding MiBs per flow.
-/// Allocated zeroed, so untouched pages cost no memory: an idle flow holds a few KiB.
-pub(crate) const RX_BUF: usize = 256 * 1024;
-pub(crate) const TX_BUF: usize = 256 * 1024;
+/// Socket buffers (each way) of a flow with full windows: enough for window scaling on a
+/// virtual link. Allocated zeroed from pages of their own (see
+/// `vswitch_netdev::return_large_blocks_to_the_kernel`): a flow costs what it has buffered,
+/// and a closed one gives it back.
+pub(crate) const LARGE_BUF: usize = 256 * 1024;
+/// Socket buffers (each way) of the flows beyond the large ones: 16 KiB windows.
+pub(crate) const SMALL_BUF: usize = 16 * 1024;
+/// Flows per network, and per container, that get [`LARGE_BUF`] buffers. With these, a
+/// network's flows buffer at most 256 x 512 KiB + (16 384 - 256) x 32 KiB, about 632 MiB,
+/// however a container uses them; a held SYN costs its own few hundred bytes.
+pub const MAX_LARGE_FLOWS: usize = 256;
+pub const MAX_LARGE_FLOWS_PER_CONTAINER: u32 = 64;
+/// A SYN held for a dial that never reports is answered with a RST after this long (the dial
+/// itself gives up sooner).
+pub const HELD_SYN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Count {
+    flows: u32,
+    large: u32,
+}
+
+/// What the flows of a network hold: flows (held SYNs included) and large buffers, in all and
+/// per container.
+#[derive(Debug, Default)]
+pub(crate) struct Budget {
+    flows: usize,
+    large: usize,
+    per_container: HashMap<IpAddr, Count>,
+}
+
+impl Budget {
+    /// Counts a new flow of `container`, if it fits in the table and the container's share.
+    pub(crate) fn admit(&mut self, container: IpAddr) -> bool {
+        let count = self
+            .per_container
+            .get(&container)
+            .copied()
+            .unwrap_or_default();
+        if self.flows >= MAX_FLOWS || count.flows >= MAX_FLOWS_PER_CONTAINER {
+            return false;
+        }
+        self.flows += 1;
+        self.per_container.entry(container).or_default().flows += 1;
+        true
+    }
+
+    /// Whether an admitted flow of `container` gets large buffers (counted if so).
+    pub(crate) fn take_large(&mut self, container: IpAddr) -> bool {
+        let Some(count) = self.per_container.get_mut(&container) else {
+            return false;
+        };
+        if self.large >= MAX_LARGE_FLOWS || count.large >= MAX_LARGE_FLOWS_PER_CONTAINER {
+            return false;
+        }
+        count.large += 1;
+        self.large += 1;
+        true
+    }
+
+    /// A flow of `container` is gone.
+    pub(crate) fn release(&mut self, container: IpAddr, large: bool) {
+        let std::collections::hash_map::Entry::Occupied(mut e) =
+            self.per_container.entry(container)
+        else {
+            return;
+        };
+        let c = e.get_mut();
+        c.flows = c.flows.saturating_sub(1);
+        if large {
+            c.large = c.large.saturating_sub(1);
+            self.large = self.large.saturating_sub(1);
+        }
+        self.flows = self.flows.saturating_sub(1);
+        if c.flows == 0 {
+            e.remove();
+        }
+    }
+
+    pub(crate) fn flows(&self) -> usize {
+        self.flows
+    }
+
+    pub(crate) fn large(&self) -> usize {
+        self.large
+    }
+
+    pub(crate) fn flows_of(&self, container: IpAddr) -> u32 {
+        self.per_container.get(&container).map_or(0, |c| c.flows)
+    }
+}
 
 impl Flows {
     pub(crate) fn insert(
@@ -97,7 +194,9 @@ impl Flows {
         id: FlowId,
         handle: SocketHandle,
         state: tcp::State,
-        container: std::net::IpAddr,
+        container: IpAddr,
+        large: bool,
+        armed: bool,
     ) {
         self.flows.insert(
             id,
@@ -105,6 +204,8 @@ impl Flows {
                 handle,
                 last_state: state,
                 container,
+                large,
+                armed,
                 want_write: false,
             },
         );
@@ -132,12 +233,12 @@ impl Flows {
 
     /// Flows whose socket changed state, has data to read, or has room the caller was waiting
     /// for. Closed flows are reported once more and then forgotten (their socket removed, and
-    /// their container's count in `per_container` lowered).
+    /// their count in `budget` lowered).
     pub(crate) fn activity(
         &mut self,
         sockets: &mut smoltcp::iface::SocketSet<'static>,
         out: &mut Vec<TcpEvent>,
-        per_container: &mut HashMap<std::net::IpAddr, u32>,
+        budget: &mut Budget,
     ) {
         let mut closed = Vec::new();
         for (id, f) in &mut self.flows {
@@ -149,7 +250,8 @@ impl Flows {
                 // live container heard from).
                 s.set_timeout(Some(IDLE_TIMEOUT));
             }
-            if state != f.last_state || s.can_recv() || room {
+            let reported = state != f.last_state || s.can_recv() || room;
+            if reported {
                 f.last_state = state;
                 if room {
                     f.want_write = false;
@@ -158,8 +260,11 @@ impl Flows {
             }
             // TIME-WAIT would keep a socket (and its place in smoltcp's per-frame scan) for
             // seconds after the flow is over; the host side is gone by then, so it goes now.
-            if matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
-                if state == tcp::State::TimeWait {
+            // An armed listener back in Listen was reset by the container: over, too.
+            let over = matches!(state, tcp::State::Closed | tcp::State::TimeWait)
+                || (f.armed && state == tcp::State::Listen);
+            if over {
+                if !reported {
                     out.push(TcpEvent::Activity(*id));
                 }
                 closed.push(*id);
@@ -168,23 +273,18 @@ impl Flows {
         for id in closed {
             if let Some(f) = self.flows.remove(&id) {
                 sockets.remove(f.handle);
-                if let std::collections::hash_map::Entry::Occupied(mut e) =
-                    per_container.entry(f.container)
-                {
-                    *e.get_mut() = e.get().saturating_sub(1);
-                    if *e.get() == 0 {
-                        e.remove();
-                    }
-                }
+                budget.release(f.container, f.large);
             }
         }
     }
 }
 
-pub(crate) fn new_socket() -> tcp::Socket<'static> {
+/// A flow's socket, with [`LARGE_BUF`] or [`SMALL_BUF`] buffers.
+pub(crate) fn new_socket(large: bool) -> tcp::Socket<'static> {
+    let size = if large { LARGE_BUF } else { SMALL_BUF };
     let mut s = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0; RX_BUF]),
-        tcp::SocketBuffer::new(vec![0; TX_BUF]),
+        tcp::SocketBuffer::new(vec![0; size]),
+        tcp::SocketBuffer::new(vec![0; size]),
     );
     s.set_nagle_enabled(false);
     s.set_ack_delay(None);

@@ -4,6 +4,7 @@
 //!   accepts) 64 KiB GSO frames with a virtio-net header in front.
 //! - [`ns`]: entering network namespaces from a dedicated thread.
 //! - [`set_thread_nice`]: the scheduling weight of the datapath threads.
+//! - [`return_large_blocks_to_the_kernel`]: how the allocator serves large buffers.
 //! - [`AsyncOwnedFd`]: an owned fd (a pidfd, an inotify instance) made awaitable on tokio.
 //!
 //! This is the only crate of the workspace allowed `unsafe` code, and only in `sys`, where every
@@ -15,6 +16,15 @@ mod sys;
 pub mod tap;
 
 pub use tap::{Tap, TapError};
+
+/// Allocations of 128 KiB and more (a TCP flow's socket buffers) get mappings of their own:
+/// a zeroed buffer costs no memory until written, and freeing it gives the memory back to the
+/// kernel. glibc's default raises that threshold each time such a block is freed, after which
+/// large buffers come from the heap: zeroed by hand (all resident at once) and kept by the
+/// process after they are freed. Call it once, early.
+pub fn return_large_blocks_to_the_kernel() -> std::io::Result<()> {
+    sys::set_mmap_threshold(128 * 1024)
+}
 
 /// Sets the nice value of the calling thread (not the whole process). Lowering it below 0
 /// needs `CAP_SYS_NICE` or a matching `RLIMIT_NICE`.

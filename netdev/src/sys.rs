@@ -139,3 +139,17 @@ pub(crate) fn register_async(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd
     // happens after the AsyncFd has deregistered it: exactly what `register` asks for.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
 }
+
+/// `mallopt(M_MMAP_THRESHOLD, bytes)` (glibc): allocations of at least `bytes` are served by
+/// their own anonymous mappings, zero pages until touched and unmapped when freed. Setting it
+/// also stops glibc from raising the threshold as large blocks are freed.
+pub(crate) fn set_mmap_threshold(bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: mallopt takes two integers and only adjusts the allocator's tunables; it is
+    // thread-safe (it takes the arena locks) and touches no memory of ours.
+    let rc = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) };
+    if rc == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::other("mallopt(M_MMAP_THRESHOLD) refused"))
+    }
+}

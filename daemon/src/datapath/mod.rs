@@ -38,8 +38,8 @@ use vswitch_switch::PortId;
 
 use crate::api::{FdbRow, NetworkStats};
 pub use protocol::{
-    CHUNK_OVERHEAD, Event, FLOW_WINDOW, FlowChannel, FlowReceive, FlowShared, ForwardJob, Injector,
-    NatJob, PortSpec, ReceiveKind, ReplyTo, SharedPolicy,
+    CHUNK, CHUNK_OVERHEAD, Event, FLOW_WINDOW, FlowChannel, FlowReceive, FlowShared, ForwardJob,
+    Injector, NatJob, PortSpec, ReceiveKind, ReplyTo, SharedPolicy,
 };
 use protocol::{Command, Commands};
 use worker::Worker;

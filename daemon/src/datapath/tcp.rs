@@ -60,6 +60,21 @@ impl TcpFlows {
         self.flows.insert(flow, FlowIo::new(channel));
     }
 
+    /// The gateway gave `flow` large socket buffers: so does its splice.
+    pub(super) fn make_large(&mut self, flow: FlowId) {
+        if let Some(io) = self.flows.get(&flow) {
+            io.shared.make_large();
+        }
+    }
+
+    /// Drops `flow`'s host side, which resets its connection.
+    pub(super) fn drop_reset(&mut self, flow: FlowId) {
+        if let Some(io) = self.flows.remove(&flow) {
+            io.shared.reset.store(true, Ordering::Release);
+            io.shared.credits.close();
+        }
+    }
+
     /// The host side hands over `data` (its credits were taken).
     pub(super) fn host_data(
         &mut self,
@@ -99,11 +114,23 @@ impl TcpFlows {
         // Container -> host, while the host side's queue has room.
         loop {
             if let Some(chunk) = io.stash.take() {
+                let len = chunk.len();
+                if io.shared.to_host_full(len) {
+                    // The flag, then the room again: see `host::splice`.
+                    io.shared.blocked.store(true, Ordering::SeqCst);
+                    if io.shared.to_host_full(len) {
+                        io.stash = Some(chunk);
+                        break;
+                    }
+                    io.shared.blocked.store(false, Ordering::SeqCst);
+                }
                 match io.to_host.as_ref().map(|t| t.try_send(chunk)) {
-                    Some(Ok(())) => {}
+                    Some(Ok(())) => {
+                        io.shared.to_host_bytes.fetch_add(len, Ordering::SeqCst);
+                    }
                     Some(Err(TrySendError::Full(c))) => {
                         io.stash = Some(c);
-                        io.shared.blocked.store(true, Ordering::Release);
+                        io.shared.blocked.store(true, Ordering::SeqCst);
                         break;
                     }
                     _ => break,

@@ -444,13 +444,22 @@ impl Worker {
                 let flow = self.gateway.tcp_connect(now, local, remote);
                 if let Some(f) = flow {
                     self.tcp.insert(f, channel);
+                    if self.gateway.tcp_is_large(f) {
+                        self.tcp.make_large(f);
+                    }
                 }
                 let _ = reply.send(flow);
             }
             Command::NatDialed { flow, channel } => match channel {
                 Some(ch) => {
                     self.tcp.insert(flow, ch);
-                    self.gateway.tcp_established(now, flow);
+                    if !self.gateway.tcp_established(now, flow) {
+                        // The container gave up, or the SYN waited too long: the host
+                        // connection is reset.
+                        self.tcp.drop_reset(flow);
+                    } else if self.gateway.tcp_is_large(flow) {
+                        self.tcp.make_large(flow);
+                    }
                 }
                 None => self.gateway.tcp_abort(now, flow),
             },
@@ -544,6 +553,10 @@ impl Worker {
             fdb_entries: self.bridge.fdb().len(),
             spoofed: b.spoofed,
             too_big: b.too_big,
+            tcp_flows: self.gateway.tcp_flows(),
+            tcp_large_flows: self.gateway.tcp_large_flows(),
+            udp_flows: self.services.udp.len(),
+            icmp_flows: self.services.icmp.len(),
         }
     }
 

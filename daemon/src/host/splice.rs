@@ -21,13 +21,8 @@ use tokio::net::TcpStream;
 use vswitch_nat::FlowId;
 
 #[cfg(test)]
-use crate::datapath::FLOW_WINDOW;
+use crate::datapath::{CHUNK, FLOW_WINDOW};
 use crate::datapath::{CHUNK_OVERHEAD, FlowShared, Injector};
-
-/// Bytes read from the host socket at once. Fewer, larger chunks mean fewer hand-offs and
-/// wake-ups per byte: 64 KiB chunks in a 512 KiB window carried a remote client's stream at
-/// 5.4-6.4 Gbit/s, 256 KiB in 1 MiB at 6.8-7.5 (interleaved runs).
-const CHUNK: usize = 256 * 1024;
 
 /// Copies bytes between a host TCP stream and a gateway flow until both directions are done.
 pub async fn splice(
@@ -42,27 +37,31 @@ pub async fn splice(
         let (mut rd, mut wr) = stream.split();
         let up = async {
             loop {
-                // Credits first: never read more than the datapath can queue.
+                // Credits first: never read more than the datapath can queue. Fewer, larger
+                // chunks mean fewer hand-offs and wake-ups per byte (for a large flow, 64 KiB
+                // chunks in a 512 KiB window carried a remote client's stream at 5.4-6.4
+                // Gbit/s, 256 KiB in 1 MiB at 6.8-7.5).
+                let chunk = shared.chunk.load(Ordering::Acquire);
                 let Ok(permit) = shared
                     .credits
-                    .acquire_many((CHUNK + CHUNK_OVERHEAD) as u32)
+                    .acquire_many((chunk + CHUNK_OVERHEAD) as u32)
                     .await
                 else {
                     return; // the flow is gone
                 };
                 permit.forget();
                 // Read straight into the chunk that travels to the datapath: no zeroing, no copy.
-                let mut buf = Vec::with_capacity(CHUNK);
+                let mut buf = Vec::with_capacity(chunk);
                 match rd.read_buf(&mut buf).await {
                     Ok(0) => {
-                        shared.credits.add_permits(CHUNK + CHUNK_OVERHEAD);
+                        shared.credits.add_permits(chunk + CHUNK_OVERHEAD);
                         injector.host_eof(flow);
                         return;
                     }
                     Ok(n) => {
                         // Kept: n bytes plus the overhead, returned by the datapath.
-                        shared.credits.add_permits(CHUNK - n);
-                        if n < CHUNK / 2 {
+                        shared.credits.add_permits(chunk - n);
+                        if n < chunk / 2 {
                             buf.shrink_to_fit();
                         }
                         if !injector.host_data(flow, buf) {
@@ -83,7 +82,12 @@ pub async fn splice(
                     shared.credits.close();
                     return false;
                 }
-                if shared.blocked.swap(false, Ordering::AcqRel) {
+                // Room made, then the flag: the datapath sets the flag, then looks at the room
+                // again, so one of the two sees the other (no wake-up is lost).
+                shared
+                    .to_host_bytes
+                    .fetch_sub(chunk.len(), Ordering::SeqCst);
+                if shared.blocked.swap(false, Ordering::SeqCst) {
                     injector.resume(flow);
                 }
             }
@@ -135,6 +139,7 @@ mod tests {
         let (ours, _) = listener.accept().expect("accept");
         ours.set_nonblocking(true).expect("nonblocking");
         let (flow_channel, to_host, shared) = FlowChannel::new();
+        shared.make_large();
         let credits = shared.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

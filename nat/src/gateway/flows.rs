@@ -1,12 +1,12 @@
 //! The gateway's TCP flows as its caller drives them: connections it opens to containers
-//! (published ports), SYNs it holds for outbound NAT, and the bytes moved through them (see
-//! `crate::tcp`).
+//! (published ports), outbound connections once their SYN is released (`held`), and the bytes
+//! moved through them (see `crate::tcp`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use smoltcp::socket::tcp;
-use smoltcp::wire::{IpEndpoint, IpListenEndpoint};
+use smoltcp::wire::IpEndpoint;
 
 use super::{Gateway, SHARD_BITS, SHARDS, shard_of};
 use crate::stream::StreamService;
@@ -26,19 +26,29 @@ impl Gateway {
         local: SocketAddr,
         remote: SocketAddr,
     ) -> Option<FlowId> {
-        if !self.room_for_flow(remote.ip()) {
+        let container = remote.ip();
+        if !self.budget.admit(container) {
             return None;
         }
-        let mut s = crate::tcp::new_socket();
-        s.connect(
+        let large = self.budget.take_large(container);
+        let mut s = crate::tcp::new_socket(large);
+        if s.connect(
             self.iface.context(),
             IpEndpoint::from(remote),
             IpEndpoint::from(local),
         )
-        .ok()?;
+        .is_err()
+        {
+            self.budget.release(container, large);
+            return None;
+        }
         let state = s.state();
         let k = self.shard_for(local, remote);
-        let id = self.add_flow(k, s, state, remote.ip());
+        self.next_flow += 1;
+        let id = FlowId((self.next_flow << SHARD_BITS) | k as u64);
+        let shard = &mut self.shards[k];
+        let h = shard.sockets.add(s);
+        shard.flows.insert(id, h, state, container, large, false);
         self.poll(now, k);
         Some(id)
     }
@@ -55,32 +65,22 @@ impl Gateway {
         (self.hasher.hash_one((lo, hi)) % SHARDS as u64) as usize
     }
 
-    fn add_flow(
-        &mut self,
-        k: usize,
-        s: tcp::Socket<'static>,
-        state: tcp::State,
-        container: IpAddr,
-    ) -> FlowId {
-        self.next_flow += 1;
-        let id = FlowId((self.next_flow << SHARD_BITS) | k as u64);
-        let shard = &mut self.shards[k];
-        let h = shard.sockets.add(s);
-        shard.flows.insert(id, h, state, container);
-        *self.per_container.entry(container).or_default() += 1;
-        id
-    }
-
-    /// Whether one more flow of `container` fits: in the table, and in the container's share.
-    fn room_for_flow(&self, container: IpAddr) -> bool {
-        self.tcp_flows() < crate::tcp::MAX_FLOWS
-            && self.per_container.get(&container).copied().unwrap_or(0)
-                < crate::tcp::MAX_FLOWS_PER_CONTAINER
-    }
-
-    /// Open TCP flows of the container at `addr`.
+    /// Open TCP flows of the container at `addr` (held SYNs included).
     pub fn tcp_flows_of(&self, addr: IpAddr) -> u32 {
-        self.per_container.get(&addr).copied().unwrap_or(0)
+        self.budget.flows_of(addr)
+    }
+
+    /// Whether `flow` has large socket buffers.
+    pub fn tcp_is_large(&self, flow: FlowId) -> bool {
+        self.shards
+            .get(shard_of(flow))
+            .and_then(|s| s.flows.flows.get(&flow))
+            .is_some_and(|f| f.large)
+    }
+
+    /// TCP flows with large buffers (see [`crate::tcp::MAX_LARGE_FLOWS`]).
+    pub fn tcp_large_flows(&self) -> usize {
+        self.budget.large()
     }
 
     /// The shard and socket of a flow.
@@ -91,12 +91,11 @@ impl Gateway {
         Some((k, shard.sockets.get_mut::<tcp::Socket>(f.handle)))
     }
 
-    /// Lets an intercepted outbound connection complete its handshake (the dial succeeded).
-    pub fn tcp_established(&mut self, now: Instant, flow: FlowId) {
-        if let Some((k, s)) = self.flow_socket(flow) {
-            s.pause_synack(false);
-            self.poll(now, k);
-        }
+    /// Lets a held outbound connection complete its handshake (the dial succeeded): the flow
+    /// gets its socket and the SYN-ACK goes out. Returns false if the flow is gone (the
+    /// container gave up, or it waited too long): the caller drops its host side.
+    pub fn tcp_established(&mut self, now: Instant, flow: FlowId) -> bool {
+        self.release_held(now, flow)
     }
 
     /// Moves up to `data.len()` bytes into the flow's send buffer; returns how many it took.
@@ -169,6 +168,9 @@ impl Gateway {
 
     /// Resets the flow (RST to the container) and forgets it.
     pub fn tcp_abort(&mut self, now: Instant, flow: FlowId) {
+        if self.refuse_held(now, flow) {
+            return;
+        }
         if let Some((k, s)) = self.flow_socket(flow) {
             s.abort();
             self.poll(now, k);
@@ -176,6 +178,9 @@ impl Gateway {
     }
 
     pub fn tcp_state(&self, flow: FlowId) -> FlowState {
+        if self.is_held(flow) {
+            return FlowState::Connecting;
+        }
         let Some(shard) = self.shards.get(shard_of(flow)) else {
             return FlowState::Closed;
         };
@@ -185,42 +190,8 @@ impl Gateway {
         }
     }
 
-    /// Number of open TCP flows.
+    /// Number of TCP flows, held SYNs included.
     pub fn tcp_flows(&self) -> usize {
-        self.shards.iter().map(|s| s.flows.flows.len()).sum()
-    }
-
-    /// An outbound SYN (to an address that is not the gateway's, or to a gateway port other
-    /// than DNS): set up a paused listener for exactly that destination, in shard `k`, and tell
-    /// the caller.
-    pub(super) fn intercept_syn(&mut self, src: SocketAddr, dst: SocketAddr) {
-        if !self.nat || !self.room_for_flow(src.ip()) {
-            return;
-        }
-        if self.is_own(dst.ip()) && self.stream.as_ref().is_some_and(|s| s.port() == dst.port()) {
-            return;
-        }
-        let k = self.shard_for(src, dst);
-        let shard = &self.shards[k];
-        if shard.flows.has_listener_for(
-            &shard.sockets,
-            IpEndpoint::from(src),
-            IpEndpoint::from(dst),
-        ) {
-            return;
-        }
-        let mut s = crate::tcp::new_socket();
-        s.pause_synack(true);
-        if s.listen(IpListenEndpoint {
-            addr: Some(dst.ip().into()),
-            port: dst.port(),
-        })
-        .is_err()
-        {
-            return;
-        }
-        let state = s.state();
-        let flow = self.add_flow(k, s, state, src.ip());
-        self.tcp_events.push(TcpEvent::Syn { flow, src, dst });
+        self.budget.flows()
     }
 }

@@ -416,12 +416,10 @@ fn thousands_of_flows_spread_over_shards_each_reach_their_own_socket() {
         }
     }
     assert_eq!(gw.tcp_flows(), 3000);
-    let used = gw
-        .shards
-        .iter()
-        .filter(|s| !s.flows.flows.is_empty())
-        .count();
+    let used = gw.shards.iter().filter(|s| !s.held.is_empty()).count();
     assert!(used > SHARDS * 3 / 4, "flows spread over {used} shards");
+    assert_eq!(gw.held_of(IpAddr::V4(Ipv4Addr::from(CTR))), 3000);
+    assert_eq!(gw.tcp_large_flows(), 0, "held SYNs have no buffers");
     // A sample of them completes the handshake and carries data to the right flow.
     for (i, &flow) in flows.iter().enumerate().step_by(97) {
         let port = 20000 + i as u16;
@@ -650,3 +648,5 @@ fn a_gateway_needs_unicast_addresses() {
     }
     assert!(Gateway::new(&config(GW_MAC, GW), t).is_ok());
 }
+
+mod held;
