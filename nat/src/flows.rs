@@ -12,7 +12,12 @@
 //!   scan per that many new flows under a spray). A peer spraying source ports at a published
 //!   port can then neither lock the containers out of the outside nor shut out the port's
 //!   other clients.
-//! - ICMP echo flows: a new flow is refused while the table is full; flows expire when idle.
+//!   Within the outbound half, a container holds at most a quarter of it: past that its new
+//!   flows evict its own idle ones, and when the half is full a new flow evicts those of the
+//!   container holding most, so one container spraying destinations never evicts a quiet
+//!   neighbour's conversation.
+//! - ICMP echo flows: a new flow is refused while the table, or the container's quarter of it,
+//!   is full; flows expire when idle.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -98,12 +103,12 @@ impl<K: Eq + Hash + Copy, V> Table<K, V> {
         true
     }
 
-    /// Evicts the `n` flows of `kind` idle longest.
-    fn evict_oldest(&mut self, kind: UdpKind, n: usize) -> usize {
+    /// Evicts the `n` flows of `kind` idle longest among those `which` picks.
+    fn evict_oldest(&mut self, kind: UdpKind, which: impl Fn(&K) -> bool, n: usize) -> Vec<K> {
         let mut ages: Vec<(Instant, K)> = self
             .flows
             .iter()
-            .filter(|(_, e)| e.kind == kind)
+            .filter(|(k, e)| e.kind == kind && which(k))
             .map(|(k, e)| (e.last, *k))
             .collect();
         let n = n.min(ages.len());
@@ -113,7 +118,43 @@ impl<K: Eq + Hash + Copy, V> Table<K, V> {
         for (_, key) in &ages[..n] {
             self.flows.remove(key);
         }
-        n
+        ages.truncate(n);
+        ages.into_iter().map(|(_, k)| k).collect()
+    }
+}
+
+/// Flows per container, for the per-container shares.
+#[derive(Debug, Default)]
+struct PerContainer(HashMap<IpAddr, usize>);
+
+impl PerContainer {
+    fn of(&self, c: IpAddr) -> usize {
+        self.0.get(&c).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, c: IpAddr) {
+        *self.0.entry(c).or_default() += 1;
+    }
+
+    fn remove(&mut self, c: IpAddr) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.0.entry(c) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// The container holding most flows.
+    fn heaviest(&self) -> Option<IpAddr> {
+        self.0.iter().max_by_key(|(_, n)| **n).map(|(c, _)| *c)
+    }
+
+    fn recount<'a>(&mut self, containers: impl Iterator<Item = IpAddr> + 'a) {
+        self.0.clear();
+        for c in containers {
+            self.add(c);
+        }
     }
 }
 
@@ -122,6 +163,8 @@ impl<K: Eq + Hash + Copy, V> Table<K, V> {
 pub struct UdpFlows<V> {
     table: Table<UdpKey, V>,
     published: usize,
+    /// Outbound flows by container.
+    outbound: PerContainer,
     capacity: usize,
 }
 
@@ -137,6 +180,7 @@ impl<V> UdpFlows<V> {
         Self {
             table: Table::new(UDP_IDLE),
             published: 0,
+            outbound: PerContainer::default(),
             capacity,
         }
     }
@@ -151,25 +195,54 @@ impl<V> UdpFlows<V> {
     }
 
     /// Adds a flow (replacing one with the same key), first evicting the longest idle flows of
-    /// its kind if that kind has its half of the table. Returns how many were evicted.
+    /// its kind if that kind has its half of the table (for outbound flows: the container's
+    /// own past its quarter of the half, else the heaviest container's). Returns how many were
+    /// evicted.
     pub fn insert(&mut self, now: Instant, key: UdpKey, kind: UdpKind, value: V) -> usize {
         if let Some(old) = self.table.flows.remove(&key) {
-            self.forget(old.kind);
+            self.forget(&key, old.kind);
         }
         let half = (self.capacity / 2).max(1);
-        let mut evicted = 0;
-        if self.of_kind(kind) >= half {
-            evicted = self.table.evict_oldest(kind, (half / 16).max(1));
-            match kind {
-                UdpKind::Published => self.published -= evicted,
-                UdpKind::Outbound => {}
+        let evicted = match kind {
+            UdpKind::Published if self.published >= half => {
+                let gone = self.table.evict_oldest(kind, |_| true, (half / 16).max(1));
+                self.published -= gone.len();
+                gone.len()
             }
-        }
-        if kind == UdpKind::Published {
-            self.published += 1;
+            UdpKind::Outbound => {
+                let container = key.0.ip();
+                let share = (half / 4).max(1);
+                let victim = if self.outbound.of(container) >= share {
+                    Some((container, (share / 16).max(1)))
+                } else if self.of_kind(UdpKind::Outbound) >= half {
+                    self.outbound.heaviest().map(|c| (c, (half / 16).max(1)))
+                } else {
+                    None
+                };
+                match victim {
+                    Some((c, n)) => {
+                        let gone = self.table.evict_oldest(kind, |k| k.0.ip() == c, n);
+                        for k in &gone {
+                            self.outbound.remove(k.0.ip());
+                        }
+                        gone.len()
+                    }
+                    None => 0,
+                }
+            }
+            UdpKind::Published => 0,
+        };
+        match kind {
+            UdpKind::Published => self.published += 1,
+            UdpKind::Outbound => self.outbound.add(key.0.ip()),
         }
         self.table.insert(now, key, kind, value);
         evicted
+    }
+
+    /// Outbound flows of the container at `addr`.
+    pub fn outbound_of(&self, addr: IpAddr) -> usize {
+        self.outbound.of(addr)
     }
 
     /// Ends the flows idle for [`UDP_IDLE`], if a sweep is due.
@@ -181,6 +254,13 @@ impl<V> UdpFlows<V> {
                 .values()
                 .filter(|e| e.kind == UdpKind::Published)
                 .count();
+            self.outbound.recount(
+                self.table
+                    .flows
+                    .iter()
+                    .filter(|(_, e)| e.kind == UdpKind::Outbound)
+                    .map(|(k, _)| k.0.ip()),
+            );
         }
     }
 
@@ -205,9 +285,10 @@ impl<V> UdpFlows<V> {
         }
     }
 
-    fn forget(&mut self, kind: UdpKind) {
-        if kind == UdpKind::Published {
-            self.published -= 1;
+    fn forget(&mut self, key: &UdpKey, kind: UdpKind) {
+        match kind {
+            UdpKind::Published => self.published -= 1,
+            UdpKind::Outbound => self.outbound.remove(key.0.ip()),
         }
     }
 }
@@ -216,6 +297,7 @@ impl<V> UdpFlows<V> {
 #[derive(Debug)]
 pub struct IcmpFlows<V> {
     table: Table<IcmpKey, V>,
+    per_container: PerContainer,
     capacity: usize,
 }
 
@@ -223,6 +305,7 @@ impl<V> Default for IcmpFlows<V> {
     fn default() -> Self {
         Self {
             table: Table::new(ICMP_IDLE),
+            per_container: PerContainer::default(),
             capacity: MAX_ICMP_FLOWS,
         }
     }
@@ -238,23 +321,33 @@ impl<V> IcmpFlows<V> {
         self.table.flows.contains_key(key)
     }
 
-    /// Whether a new flow would be refused.
-    pub fn is_full(&self) -> bool {
+    /// Whether a new flow of `container` would be refused: the table or the container's
+    /// quarter of it is full.
+    pub fn is_full_for(&self, container: IpAddr) -> bool {
         self.table.flows.len() >= self.capacity
+            || self.per_container.of(container) >= (self.capacity / 4).max(1)
     }
 
-    /// Adds a flow; hands the value back if the table is full.
+    /// Adds a flow; hands the value back if the table, or its container's share, is full.
     pub fn insert(&mut self, now: Instant, key: IcmpKey, value: V) -> Result<(), V> {
-        if self.is_full() && !self.contains(&key) {
+        if self.contains(&key) {
+            self.table.insert(now, key, UdpKind::Outbound, value);
+            return Ok(());
+        }
+        if self.is_full_for(key.0) {
             return Err(value);
         }
+        self.per_container.add(key.0);
         self.table.insert(now, key, UdpKind::Outbound, value);
         Ok(())
     }
 
     /// Ends the flows idle for [`ICMP_IDLE`], if a sweep is due.
     pub fn sweep(&mut self, now: Instant) {
-        self.table.sweep(now);
+        if self.table.sweep(now) {
+            self.per_container
+                .recount(self.table.flows.keys().map(|k| k.0));
+        }
     }
 
     pub fn next_sweep(&self) -> Option<Instant> {
@@ -281,36 +374,76 @@ mod tests {
         )
     }
 
+    /// A flow of the container 10.0.0.`c` to 192.0.2.1:`port`.
+    fn key_of(c: u8, port: u16) -> UdpKey {
+        (
+            SocketAddr::new([10, 0, 0, c].into(), 5000),
+            SocketAddr::new([192, 0, 2, 1].into(), port),
+        )
+    }
+
     #[test]
     fn a_full_half_evicts_its_own_longest_idle_flows_only() {
         let t0 = Instant::now();
         let s = Duration::from_secs;
         let mut t: UdpFlows<u16> = UdpFlows::with_capacity(64);
-        // 32 outbound flows (a full half), the first ones idle longest.
-        for p in 0..32 {
-            assert_eq!(t.insert(t0 + s(p.into()), key(p), UdpKind::Outbound, p), 0);
+        // 32 outbound flows of four containers (a full half), the first ones idle longest.
+        for p in 0..32u16 {
+            let k = key_of(2 + (p % 4) as u8, p);
+            assert_eq!(t.insert(t0 + s(p.into()), k, UdpKind::Outbound, p), 0);
         }
         // Published flows have their own half: no outbound flow goes for them.
         for p in 1000..1032 {
             assert_eq!(t.insert(t0 + s(40), key(p), UdpKind::Published, p), 0);
         }
         assert_eq!(t.len(), 64);
-        // The next outbound flow evicts 32 / 16 = 2 outbound flows: the two idle longest.
-        t.touch(t0 + s(50), &key(0));
-        assert_eq!(t.insert(t0 + s(60), key(99), UdpKind::Outbound, 99), 2);
-        assert!(t.contains(&key(0)), "used recently");
-        assert!(!t.contains(&key(1)) && !t.contains(&key(2)));
-        assert!(t.contains(&key(3)));
+        // The next outbound flow (a fifth container's) evicts 32 / 16 = 2 flows of the
+        // heaviest container (all hold 8: one of them), the two it left idle longest.
+        assert_eq!(
+            t.insert(t0 + s(60), key_of(9, 99), UdpKind::Outbound, 99),
+            2
+        );
+        assert_eq!(t.of_kind(UdpKind::Outbound), 31);
+        let shrunk: Vec<u8> = (2..6)
+            .filter(|&c| t.outbound_of([10, 0, 0, c].into()) == 6)
+            .collect();
+        assert_eq!(shrunk.len(), 1, "one container lost two flows");
         assert_eq!(
             t.of_kind(UdpKind::Published),
             32,
             "the other half untouched"
         );
-        assert_eq!(t.of_kind(UdpKind::Outbound), 31);
         // And the same the other way round.
         assert_eq!(t.insert(t0 + s(61), key(2000), UdpKind::Published, 1), 2);
         assert_eq!(t.of_kind(UdpKind::Published), 31);
         assert_eq!(t.of_kind(UdpKind::Outbound), 31);
+    }
+
+    #[test]
+    fn a_spraying_container_evicts_its_own_flows_never_a_quiet_neighbours() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut t: UdpFlows<u16> = UdpFlows::with_capacity(64);
+        // The neighbour's two conversations, idle longest of all.
+        t.insert(t0, key_of(2, 1), UdpKind::Outbound, 1);
+        t.insert(t0, key_of(2, 2), UdpKind::Outbound, 2);
+        // Four containers spray destinations.
+        for i in 0..400u16 {
+            let c = 10 + (i % 4) as u8;
+            t.insert(
+                t0 + s(1 + u64::from(i)),
+                key_of(c, 100 + i),
+                UdpKind::Outbound,
+                i,
+            );
+            assert!(
+                t.outbound_of([10, 0, 0, c].into()) <= 32 / 4,
+                "a quarter of the half"
+            );
+            assert!(t.of_kind(UdpKind::Outbound) <= 32);
+        }
+        assert!(t.contains(&key_of(2, 1)) && t.contains(&key_of(2, 2)));
+        assert_eq!(t.outbound_of([10, 0, 0, 2].into()), 2);
     }
 
     #[test]
@@ -343,14 +476,32 @@ mod tests {
         let t0 = Instant::now();
         let k = |id: u16| -> IcmpKey { ([10, 0, 0, 2].into(), id, [192, 0, 2, 1].into()) };
         let mut t: IcmpFlows<u16> = IcmpFlows::default();
-        for id in 0..MAX_ICMP_FLOWS as u16 {
+        // One container gets a quarter of the table.
+        let quarter = (MAX_ICMP_FLOWS / 4) as u16;
+        for id in 0..quarter {
             assert!(t.insert(t0, k(id), id).is_ok());
         }
-        assert!(t.is_full());
+        assert!(t.is_full_for([10, 0, 0, 2].into()));
         assert_eq!(t.insert(t0, k(u16::MAX), 1), Err(1));
         assert!(t.insert(t0, k(0), 0).is_ok(), "an existing flow is not new");
+        assert!(
+            !t.is_full_for([10, 0, 0, 3].into()),
+            "a neighbour still pings"
+        );
+        // Four quarters fill the table.
+        for c in 3..6u8 {
+            for id in 0..quarter {
+                let key = ([10, 0, 0, c].into(), id, [192, 0, 2, 1].into());
+                assert!(t.insert(t0, key, id).is_ok());
+            }
+        }
+        assert!(t.is_full_for([10, 0, 0, 9].into()));
         assert_eq!(t.touch(t0, &k(5)).copied(), Some(5));
         t.sweep(t0 + ICMP_IDLE);
         assert!(t.is_empty());
+        assert!(
+            !t.is_full_for([10, 0, 0, 2].into()),
+            "counts go with the flows"
+        );
     }
 }

@@ -306,7 +306,7 @@ impl Services {
             flow.send(&echo);
             return Detour::Taken;
         }
-        if self.icmp.is_full() || !self.policy.read().may_reach(dst) {
+        if self.icmp.is_full_for(src) || !self.policy.read().may_reach(dst) {
             // Over the bound; or the host's loopback, or another vswitch network: dropped.
             return Detour::Taken;
         }
