@@ -2,6 +2,7 @@
 //! traffic to and from the outside, as tokio tasks.
 //!
 //! - [`published`]: published ports' accept loops;
+//! - [`masq`]: the gateway ports of published-port clients shown as the gateway;
 //! - [`outbound`]: dialling containers' TCP destinations, receiving their UDP and ping answers;
 //! - [`splice`]: moving a TCP flow's bytes between a host socket and the datapath;
 //! - [`direct`]: the in-kernel path of published ports for loopback clients;
@@ -12,6 +13,7 @@
 
 pub mod direct;
 pub mod dns;
+pub mod masq;
 pub mod outbound;
 pub mod published;
 pub mod splice;

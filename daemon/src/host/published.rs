@@ -4,26 +4,19 @@
 //! (the gateway terminates the connection in any-IP mode and originates it from the client's
 //! address); the others appear as the gateway, or take the in-kernel path of [`super::direct`].
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use super::masq;
 use super::splice::splice;
 use crate::datapath::{FlowChannel, Injector};
 
 /// Most clients of one published UDP port that are shown as the gateway and remembered at once
 /// (the oldest are forgotten when full).
 const MASQUERADED_CLIENTS: usize = 4096;
-
-/// A gateway port for the `n`th client that is shown as the gateway: in the ephemeral range
-/// 32768-60767, as the kernel would pick.
-fn gateway_port(n: u16) -> u16 {
-    32768 + n % 28000
-}
 
 /// Whether a published-port client can appear to the container as itself. The container sees
 /// the real client address, except for clients it could not answer directly: loopback, the
@@ -50,7 +43,6 @@ pub async fn serve_published_tcp(
     injector: Injector,
     direct: Option<super::direct::Inside>,
 ) {
-    static EPHEMERAL: AtomicU16 = AtomicU16::new(0);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -87,17 +79,25 @@ pub async fn serve_published_tcp(
                 },
                 None => stream,
             };
-            let local = if itself {
-                SocketAddr::new(ip, client.port())
+            // Shown as the gateway: on a port of its own for as long as the connection lasts.
+            let lease = if itself {
+                None
             } else {
-                let port = gateway_port(EPHEMERAL.fetch_add(1, Ordering::Relaxed));
-                SocketAddr::new(gateway, port)
+                match masq::Ports::shared().lease() {
+                    Some(l) => Some(l),
+                    None => return drop(stream),
+                }
+            };
+            let local = match &lease {
+                None => SocketAddr::new(ip, client.port()),
+                Some(l) => SocketAddr::new(gateway, l.port()),
             };
             let (ch, rx, shared) = FlowChannel::new();
             match injector.nat_open(local, container, ch).await {
                 Some(flow) => splice(stream, flow, injector, rx, shared).await,
                 None => drop(stream),
             }
+            drop(lease);
         });
     }
 }
@@ -121,24 +121,20 @@ pub async fn serve_published_udp(
     };
     let mut buf = vec![0u8; 65_535];
     // Clients that cannot be shown as themselves get a gateway port each, remembered so that
-    // their replies find them (bounded; the oldest half is forgotten when full).
-    let mut masq: HashMap<SocketAddr, SocketAddr> = HashMap::new();
-    let mut next_port: u16 = 0;
+    // their replies find them.
+    let mut masq = masq::Clients::new(masq::Ports::shared(), gateway, MASQUERADED_CLIENTS);
     loop {
         let Ok((n, client)) = sock.recv_from(&mut buf).await else {
             continue;
         };
         let ip = client.ip().to_canonical();
-        let seen_as = if !shown_as_itself(ip, container, &subnet) {
-            if masq.len() >= MASQUERADED_CLIENTS {
-                masq.clear();
-            }
-            *masq.entry(client).or_insert_with(|| {
-                next_port = next_port.wrapping_add(1);
-                SocketAddr::new(gateway, gateway_port(next_port))
-            })
-        } else {
+        let seen_as = if shown_as_itself(ip, container, &subnet) {
             SocketAddr::new(ip, client.port())
+        } else {
+            match masq.seen_as(client) {
+                Some(a) => a,
+                None => continue,
+            }
         };
         let Some(frame) = vswitch_nat::frame::udp_frame(
             gateway_mac,
