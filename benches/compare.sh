@@ -10,7 +10,7 @@
 #   NEW_BIN   default: a release build of this checkout
 #   -r        interleaved repeats (default 3)   -t  seconds per measurement (default 5)
 #   -a        attach + detach cycles per build (default 30; 0 skips attach)
-#   -m        measure only these, comma-separated: tcp1,udp64,ping,pub,dns (default all)
+#   -m        measure only these, comma-separated: tcp1,udp64,ping,pub,out,dns (default all)
 #
 # Each build gets its own daemon in its own namespace, a network, two container namespaces
 # (c1, c2; c2 publishes -p 15201:5201 and has 100 aliases) and an "outside" namespace joined
@@ -20,6 +20,7 @@
 #   ping_avg_ms    50 pings 10 ms apart, c1 -> c2
 #   pub_tcp_gbps   iperf3 TCP, 1 stream, outside -> the published port (the gateway path
 #                  that shows the container the client's own address)
+#   out_tcp_gbps   iperf3 TCP, 1 stream, c1 -> a server outside (outbound NAT)
 #   dns_qps        dnsperf, saturated, c1 asking its gateway for c2's aliases
 # then attach_ms: client wall time of `vswitch attach`, builds alternating.
 # Prints medians and the ratio new / base. Everything lives in namespaces named
@@ -31,7 +32,7 @@ install_packages dnsperf
 find_cargo
 [ "$(id -u)" -eq 0 ] || { echo "needs root" >&2; exit 1; }
 
-REPS=3 DUR=5 NATT=30 ONLY=tcp1,udp64,ping,pub,dns
+REPS=3 DUR=5 NATT=30 ONLY=tcp1,udp64,ping,pub,out,dns
 while getopts "r:t:a:m:" o; do
     case $o in
         r) REPS=$OPTARG ;; t) DUR=$OPTARG ;; a) NATT=$OPTARG ;; m) ONLY=$OPTARG ;; *) exit 2 ;;
@@ -118,6 +119,7 @@ for rep in $(seq "$REPS"); do
             python3 "$H" ping "$TMP/ping.txt" | record "$b"
         fi
         if want pub; then iperf "$b" "$P$b-o" "$c2" "10.232.$n.1" 15201 pub_tcp_gbps; fi
+        if want out; then iperf "$b" "$c1" "$P$b-o" "10.232.$n.2" 5201 out_tcp_gbps; fi
         if want dns; then
             nsx "$c1" timeout $((DUR + 30)) dnsperf -d "$TMP/queries" -T 1 -c 1 -s "10.231.$n.1" \
                 -l "$DUR" >"$TMP/dnsperf.txt" 2>&1 || true
@@ -146,7 +148,8 @@ print(f"base: {sys.argv[2]}  \nnew: {sys.argv[3]}\n")
 print("| metric | base | new | new / base |")
 print("|---|---|---|---|")
 fmt = lambda x: "-" if x is None else f"{x:,.0f}" if x > 1000 else f"{x:.3f}"
-for m in ["tcp1_gbps", "udp64_rx_pps", "ping_avg_ms", "pub_tcp_gbps", "dns_qps", "attach_ms"]:
+for m in ["tcp1_gbps", "udp64_rx_pps", "ping_avg_ms", "pub_tcp_gbps", "out_tcp_gbps", "dns_qps",
+          "attach_ms"]:
     runs = d.get(m, {})
     if not runs:
         continue

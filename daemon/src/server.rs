@@ -78,6 +78,15 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     if let Err(e) = vswitch_netdev::return_large_blocks_to_the_kernel() {
         tracing::warn!(error = %e, "freed TCP buffers may stay with the daemon");
     }
+    // And what flows leave on the heap goes back too, every few seconds.
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let _ = tokio::task::spawn_blocking(vswitch_netdev::release_free_memory).await;
+        }
+    });
     crate::state::create_private_dir(&opts.state_dir)?;
     let _lock = lock_state_dir(&opts.state_dir).await?;
 

@@ -97,12 +97,12 @@ pub const CONNECT_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::fr
 pub const IDLE_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(120);
 pub const KEEP_ALIVE: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(45);
 /// Socket buffers (each way) of a flow with full windows: enough for window scaling on a
-/// virtual link. Allocated zeroed from pages of their own (see
-/// `vswitch_netdev::return_large_blocks_to_the_kernel`): a flow costs what it has buffered,
-/// and a closed one gives it back.
-pub(crate) const LARGE_BUF: usize = 256 * 1024;
+/// virtual link. Allocated zeroed, and just over the daemon's mmap threshold
+/// (`vswitch_netdev::MMAP_THRESHOLD`, 260 KiB) so that each gets pages of its own: a flow
+/// costs what it has buffered, and a closed one gives it back.
+pub const LARGE_BUF: usize = 264 * 1024;
 /// Socket buffers (each way) of the flows beyond the large ones: 16 KiB windows.
-pub(crate) const SMALL_BUF: usize = 16 * 1024;
+pub const SMALL_BUF: usize = 16 * 1024;
 /// Flows per network, and per container, that get [`LARGE_BUF`] buffers. With these, a
 /// network's flows buffer at most 256 x 512 KiB + (16 384 - 256) x 32 KiB, about 632 MiB,
 /// however a container uses them; a held SYN costs its own few hundred bytes.

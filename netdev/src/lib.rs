@@ -17,13 +17,26 @@ pub mod tap;
 
 pub use tap::{Tap, TapError};
 
-/// Allocations of 128 KiB and more (a TCP flow's socket buffers) get mappings of their own:
-/// a zeroed buffer costs no memory until written, and freeing it gives the memory back to the
-/// kernel. glibc's default raises that threshold each time such a block is freed, after which
-/// large buffers come from the heap: zeroed by hand (all resident at once) and kept by the
-/// process after they are freed. Call it once, early.
+/// Gives the allocator's free memory back to the kernel: what ended flows' chunks left on the
+/// heap (each thread's arena keeps what it freed, interleaved with what it still holds).
+/// Takes milliseconds on a large heap; call it from a thread that may wait.
+pub fn release_free_memory() {
+    sys::trim_heap();
+}
+
+/// Allocations of this size and more get mappings of their own once
+/// [`return_large_blocks_to_the_kernel`] is called.
+pub const MMAP_THRESHOLD: usize = 260 * 1024;
+
+/// Allocations of [`MMAP_THRESHOLD`] and more (a TCP flow's socket buffers, sized just above
+/// it) get mappings of their own: a zeroed buffer costs no memory until written, and freeing
+/// it gives the memory back to the kernel. glibc's default raises its threshold each time
+/// such a block is freed, after which large buffers come from the heap: zeroed by hand (all
+/// resident at once) and kept by the process after they are freed. Blocks that come and go
+/// by the thousand per second (the splice's 256 KiB chunks) stay below it, on the heap: a
+/// mapping each would cost a page fault per 4 KiB moved. Call it once, early.
 pub fn return_large_blocks_to_the_kernel() -> std::io::Result<()> {
-    sys::set_mmap_threshold(128 * 1024)
+    sys::set_mmap_threshold(MMAP_THRESHOLD as libc::c_int)
 }
 
 /// Sets the nice value of the calling thread (not the whole process). Lowering it below 0

@@ -495,6 +495,16 @@ impl FlowChannel {
 mod tests {
     use super::*;
 
+    /// Flows' socket buffers are mapped on their own (their memory comes and goes with the
+    /// flow); the splice's chunks, allocated by the thousand per second, are not.
+    #[test]
+    fn socket_buffers_are_mapped_and_chunks_are_not() {
+        const {
+            assert!(vswitch_nat::tcp::LARGE_BUF >= vswitch_netdev::MMAP_THRESHOLD);
+            assert!(CHUNK < vswitch_netdev::MMAP_THRESHOLD);
+        }
+    }
+
     /// Datagrams from anywhere on the network queue up to a byte budget for the datapath;
     /// past it they are dropped and counted, and a slow datapath never means unbounded memory.
     #[test]
