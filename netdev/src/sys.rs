@@ -147,11 +147,18 @@ pub(crate) fn set_mmap_threshold(bytes: libc::c_int) -> io::Result<()> {
     // SAFETY: mallopt takes two integers and only adjusts the allocator's tunables; it is
     // thread-safe (it takes the arena locks) and touches no memory of ours.
     let rc = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) };
-    if rc == 1 {
-        Ok(())
-    } else {
-        Err(io::Error::other("mallopt(M_MMAP_THRESHOLD) refused"))
+    if rc != 1 {
+        return Err(io::Error::other("mallopt(M_MMAP_THRESHOLD) refused"));
     }
+    // Fixing the mmap threshold also fixes the trim threshold at its 128 KiB default: the
+    // heap would be shrunk and grown again around every large free. Trimming is left to
+    // `trim_heap`, called at leisure.
+    // SAFETY: as above.
+    let rc = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20) };
+    if rc != 1 {
+        return Err(io::Error::other("mallopt(M_TRIM_THRESHOLD) refused"));
+    }
+    Ok(())
 }
 
 /// `malloc_trim(0)` (glibc): gives the free memory of every arena back to the kernel.
