@@ -112,7 +112,8 @@ while True:
     c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 ' &
     DPIDS+=($!)
-    nsx "$h" "${BIN[$b]}" --socket "$TMP/$b.sock" daemon --state-dir "$TMP/$b-state" \
+    # Not through nsx: $! must be the daemon itself (ip netns exec execs it).
+    ip netns exec "$h" "${BIN[$b]}" --socket "$TMP/$b.sock" daemon --state-dir "$TMP/$b-state" \
         --log-level warn >"$TMP/$b-daemon.log" 2>&1 &
     d=$!
     DPIDS+=("$d")
@@ -128,7 +129,8 @@ while True:
     held() {
         nsx "$c" python3 -c "
 import resource, socket, time
-resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 rounds = []
 for r in range($ROUNDS):
     if r:
