@@ -426,3 +426,80 @@ fn a_dns_flood_leaves_other_networks_and_neighbours_their_share() {
     let neighbour = text(&neighbour.stdout);
     assert!(neighbour.contains("status: SERVFAIL"), "{neighbour}");
 }
+
+/// A container may pick any number of link-local addresses (port security lets them through:
+/// its kernel picks them), so they get nothing beyond the link: no DNS answer, no connection
+/// through the gateway. Its own address still does.
+#[test]
+#[ignore = "privileged: needs root and network namespaces; .ci/run runs it with --ignored"]
+fn link_local_sources_get_nothing_beyond_the_link() {
+    require_root();
+    let d = Daemon::start();
+    d.ok(&[
+        "network",
+        "create",
+        "ll",
+        "--ipv6",
+        "--subnet",
+        "fd00:7a::/64",
+        "--subnet",
+        "10.125.0.0/24",
+    ]);
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    d.ok(&["attach", "--network", "ll", &a.name]);
+    d.ok(&["attach", "--network", "ll", &b.name]);
+    let ok = a.exec(
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fe80::1234/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+        secs(5),
+    );
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    // DNS over IPv6 to the gateway: from its own address, answered; from a link-local one,
+    // not.
+    let own = a.dig(&["@fd00:7a::1", "+short", &b.name]);
+    assert!(own.contains("10.125.0.3"), "{own}");
+    let ask = |src: &str| {
+        let script = format!(
+            "import socket, struct\n\
+             s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+             s.settimeout(2)\n\
+             s.bind(('{src}', 0, 0, socket.if_nametoindex('eth0')))\n\
+             name = b''.join(bytes([len(l)]) + l for l in b'{}'.split(b'.'))\n\
+             s.sendto(struct.pack('>HHHHHH', 7, 0x0100, 1, 0, 0, 0) + name + bytes(1) + \
+             struct.pack('>HH', 1, 1), ('fd00:7a::1', 53))\n\
+             try:\n    print(len(s.recv(512)))\nexcept socket.timeout:\n    print('timeout')\n",
+            b.name
+        );
+        let out = a.exec(&["python3", "-c", &script], secs(10));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    };
+    assert_ne!(ask("fd00:7a::2"), "timeout", "its own address is answered");
+    assert_eq!(ask("fe80::1234"), "timeout", "answered a link-local source");
+    // A TCP connection through the gateway from a link-local source is neither held nor
+    // answered.
+    let _ = a.exec(
+        &[
+            "python3",
+            "-c",
+            "import socket\ns = socket.socket(socket.AF_INET6)\ns.settimeout(2)\n\
+             s.bind(('fe80::1234', 0, 0, socket.if_nametoindex('eth0')))\n\
+             try: s.connect(('2001:db8::1', 80))\nexcept OSError: pass\n",
+        ],
+        secs(10),
+    );
+    let raw = d.raw(b"GET /stats?network=ll HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n");
+    let body = text(&raw);
+    let json = body.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(json).expect("stats JSON");
+    assert_eq!(v[0]["TcpFlows"], 0, "{v}");
+}

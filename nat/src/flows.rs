@@ -16,8 +16,8 @@
 //!   flows evict its own idle ones, and when the half is full a new flow evicts those of the
 //!   container holding most, so one container spraying destinations never evicts a quiet
 //!   neighbour's conversation.
-//! - ICMP echo flows: a new flow is refused while the table, or the container's quarter of it,
-//!   is full; flows expire when idle.
+//! - ICMP echo flows: a new flow is refused while the table, or the container's share of it
+//!   (64 flows), is full; flows expire when idle.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -36,6 +36,10 @@ pub const MAX_UDP_FLOWS: usize = 4096;
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Most ping flows per network, and how long an idle one lives.
 pub const MAX_ICMP_FLOWS: usize = 4096;
+/// Most ping flows of one container address (a flow is one echo id to one destination: a
+/// `ping` each). Without ping sockets the daemon's echo ids are one pool for all networks
+/// (`echo::MAX_ECHO_FLOWS`), which this keeps out of one tenant's reach.
+pub const MAX_ICMP_FLOWS_PER_CONTAINER: usize = 64;
 pub const ICMP_IDLE: Duration = Duration::from_secs(30);
 /// How often a table that holds flows looks for idle ones.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -321,11 +325,11 @@ impl<V> IcmpFlows<V> {
         self.table.flows.contains_key(key)
     }
 
-    /// Whether a new flow of `container` would be refused: the table or the container's
-    /// quarter of it is full.
+    /// Whether a new flow of `container` would be refused: the table or the container's share
+    /// of it ([`MAX_ICMP_FLOWS_PER_CONTAINER`]) is full.
     pub fn is_full_for(&self, container: IpAddr) -> bool {
         self.table.flows.len() >= self.capacity
-            || self.per_container.of(container) >= (self.capacity / 4).max(1)
+            || self.per_container.of(container) >= MAX_ICMP_FLOWS_PER_CONTAINER
     }
 
     /// Adds a flow; hands the value back if the table, or its container's share, is full.
@@ -476,9 +480,9 @@ mod tests {
         let t0 = Instant::now();
         let k = |id: u16| -> IcmpKey { ([10, 0, 0, 2].into(), id, [192, 0, 2, 1].into()) };
         let mut t: IcmpFlows<u16> = IcmpFlows::default();
-        // One container gets a quarter of the table.
-        let quarter = (MAX_ICMP_FLOWS / 4) as u16;
-        for id in 0..quarter {
+        // One container gets its share of the table.
+        let share = MAX_ICMP_FLOWS_PER_CONTAINER as u16;
+        for id in 0..share {
             assert!(t.insert(t0, k(id), id).is_ok());
         }
         assert!(t.is_full_for([10, 0, 0, 2].into()));
@@ -488,11 +492,12 @@ mod tests {
             !t.is_full_for([10, 0, 0, 3].into()),
             "a neighbour still pings"
         );
-        // Four quarters fill the table.
-        for c in 3..6u8 {
-            for id in 0..quarter {
-                let key = ([10, 0, 0, c].into(), id, [192, 0, 2, 1].into());
-                assert!(t.insert(t0, key, id).is_ok());
+        // Enough containers fill the table.
+        let others = (MAX_ICMP_FLOWS / MAX_ICMP_FLOWS_PER_CONTAINER) as u16;
+        for c in 1..others {
+            let ip = IpAddr::from([10, 1, (c >> 8) as u8, c as u8]);
+            for id in 0..share {
+                assert!(t.insert(t0, (ip, id, [192, 0, 2, 1].into()), id).is_ok());
             }
         }
         assert!(t.is_full_for([10, 0, 0, 9].into()));

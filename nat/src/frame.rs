@@ -77,6 +77,26 @@ pub fn udp_frame(
     r.ok().map(|()| out)
 }
 
+/// Whether `frame` is IPv6 from a link-local (or the unspecified) address to an address
+/// beyond the link. The gateway takes such packets nowhere: NAT, DNS and its flow budgets count
+/// by source address, and a container may use as many link-local addresses as it likes (port
+/// security lets them all through: its kernel picks them).
+pub fn link_local_beyond_link(frame: &[u8]) -> bool {
+    let Some(ip) = frame.get(VNET_HDR_LEN + 12..VNET_HDR_LEN + 14 + 40) else {
+        return false;
+    };
+    if ip[..2] != [0x86, 0xdd] {
+        return false;
+    }
+    let addr = |at: usize| {
+        let b: [u8; 16] = ip[at..at + 16].try_into().unwrap_or([0; 16]);
+        std::net::Ipv6Addr::from(b)
+    };
+    let (src, dst) = (addr(2 + 8), addr(2 + 24));
+    (src.is_unicast_link_local() || src.is_unspecified())
+        && !(dst.is_unicast_link_local() || dst.is_multicast())
+}
+
 /// An IPv4 echo request in a frame from a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EchoRequest {
@@ -213,6 +233,29 @@ mod tests {
         let (h, payload) = etherparse::Icmpv4Header::from_slice(&req.message).expect("icmp");
         assert!(matches!(h.icmp_type, Icmpv4Type::EchoRequest(e) if e.id == 7 && e.seq == 3));
         assert_eq!(payload, b"ping");
+    }
+
+    #[test]
+    fn link_local_sources_reach_only_the_link() {
+        let frame = |src: &str, dst: &str| {
+            let mut out = vec![0u8; VNET_HDR_LEN];
+            PacketBuilder::ethernet2(A, B)
+                .ipv6(
+                    src.parse::<std::net::Ipv6Addr>().expect("v6").octets(),
+                    dst.parse::<std::net::Ipv6Addr>().expect("v6").octets(),
+                    64,
+                )
+                .udp(5000, 53)
+                .write(&mut out, b"q")
+                .expect("frame");
+            out
+        };
+        assert!(link_local_beyond_link(&frame("fe80::1", "fd00::1")));
+        assert!(link_local_beyond_link(&frame("::", "2001:db8::1")));
+        assert!(!link_local_beyond_link(&frame("fe80::1", "fe80::2")));
+        assert!(!link_local_beyond_link(&frame("fe80::1", "ff02::1:ff00:1")));
+        assert!(!link_local_beyond_link(&frame("fd00::2", "fd00::1")));
+        assert!(!link_local_beyond_link(&[0u8; 20]));
     }
 
     #[test]

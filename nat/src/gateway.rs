@@ -34,6 +34,9 @@ const TX_QUEUE_LIMIT: usize = 1024;
 const SHARDS: usize = 256;
 const SHARD_BITS: u32 = SHARDS.trailing_zeros();
 
+/// The longest bare SYN taken: Ethernet, IPv6 and TCP headers with the most options.
+const MAX_SYN_FRAME: usize = 14 + 40 + 60;
+
 /// One socket set and its flows. Shard 0 also holds the stream (DNS over TCP) service.
 struct Shard {
     sockets: SocketSet<'static>,
@@ -323,6 +326,12 @@ impl Gateway {
         if let Ok(e) = EthernetFrame::new_checked(eth) {
             match tcp_segment(e.payload(), e.ethertype()) {
                 Classified::Tcp(seg) => {
+                    if seg.syn_only && eth.len() > MAX_SYN_FRAME {
+                        // Data on a SYN (TCP Fast Open) needs a cookie this stack never
+                        // gives: only a container padding SYNs to be held sends one.
+                        self.stats.ignored += 1;
+                        return;
+                    }
                     if seg.syn_only && self.hold_syn(now, seg.src, seg.dst, eth) {
                         self.stats.accepted += 1;
                         return;

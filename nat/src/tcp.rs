@@ -68,6 +68,8 @@ pub(crate) struct Flow {
     pub(crate) container: IpAddr,
     /// Has [`LARGE_BUF`] buffers.
     pub(crate) large: bool,
+    /// A client of a published port (else the container's own outbound flow).
+    inbound: bool,
     /// An outbound listener that was given its SYN: back in Listen (the container reset the
     /// handshake), it is over rather than waiting for a SYN that nobody will send.
     armed: bool,
@@ -83,10 +85,12 @@ pub(crate) struct Flows {
 
 /// Most TCP flows per network; beyond it new ones are refused.
 pub const MAX_FLOWS: usize = 16384;
-/// Most TCP flows of one container (its own outbound ones plus those to its published ports):
-/// half the table, so one container, or one client hammering its port, cannot lock the
-/// others out.
-pub const MAX_FLOWS_PER_CONTAINER: u32 = (MAX_FLOWS / 2) as u32;
+/// Most TCP flows of one container address each way: its own outbound ones (held SYNs
+/// included), and those of clients of its published ports. A quarter of the table each, so
+/// neither one container (with an IPv4 and an IPv6 address) nor one client hammering its
+/// port can lock the others out, and clients hammering a container's port cannot take the
+/// container's own way out.
+pub const MAX_FLOWS_PER_CONTAINER: u32 = (MAX_FLOWS / 4) as u32;
 /// A handshake the container does not answer is given up after this long (a published-port
 /// client is reset, the slot freed).
 pub const CONNECT_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(10);
@@ -104,8 +108,9 @@ pub const LARGE_BUF: usize = 264 * 1024;
 /// Socket buffers (each way) of the flows beyond the large ones: 16 KiB windows.
 pub const SMALL_BUF: usize = 16 * 1024;
 /// Flows per network, and per container, that get [`LARGE_BUF`] buffers. With these, a
-/// network's flows buffer at most 256 x 512 KiB + (16 384 - 256) x 32 KiB, about 632 MiB,
-/// however a container uses them; a held SYN costs its own few hundred bytes.
+/// network's socket buffers hold at most 256 x 528 KiB + (16 384 - 256) x 32 KiB, about
+/// 640 MiB, however a container uses them (the daemon's splice windows come on top, see
+/// ARCHITECTURE.md); a held SYN costs its headers and a table entry.
 pub const MAX_LARGE_FLOWS: usize = 256;
 pub const MAX_LARGE_FLOWS_PER_CONTAINER: u32 = 64;
 /// A SYN held for a dial that never reports is answered with a RST after this long (the dial
@@ -114,8 +119,19 @@ pub const HELD_SYN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Count {
-    flows: u32,
+    outbound: u32,
+    inbound: u32,
     large: u32,
+}
+
+impl Count {
+    fn of(&mut self, inbound: bool) -> &mut u32 {
+        if inbound {
+            &mut self.inbound
+        } else {
+            &mut self.outbound
+        }
+    }
 }
 
 /// What the flows of a network hold: flows (held SYNs included) and large buffers, in all and
@@ -128,18 +144,19 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    /// Counts a new flow of `container`, if it fits in the table and the container's share.
-    pub(crate) fn admit(&mut self, container: IpAddr) -> bool {
-        let count = self
+    /// Counts a new flow of `container` (`inbound`: a client of its published port), if it
+    /// fits in the table and the container's share that way.
+    pub(crate) fn admit(&mut self, container: IpAddr, inbound: bool) -> bool {
+        let mut count = self
             .per_container
             .get(&container)
             .copied()
             .unwrap_or_default();
-        if self.flows >= MAX_FLOWS || count.flows >= MAX_FLOWS_PER_CONTAINER {
+        if self.flows >= MAX_FLOWS || *count.of(inbound) >= MAX_FLOWS_PER_CONTAINER {
             return false;
         }
         self.flows += 1;
-        self.per_container.entry(container).or_default().flows += 1;
+        *self.per_container.entry(container).or_default().of(inbound) += 1;
         true
     }
 
@@ -157,20 +174,21 @@ impl Budget {
     }
 
     /// A flow of `container` is gone.
-    pub(crate) fn release(&mut self, container: IpAddr, large: bool) {
+    pub(crate) fn release(&mut self, container: IpAddr, inbound: bool, large: bool) {
         let std::collections::hash_map::Entry::Occupied(mut e) =
             self.per_container.entry(container)
         else {
             return;
         };
         let c = e.get_mut();
-        c.flows = c.flows.saturating_sub(1);
+        let n = c.of(inbound);
+        *n = n.saturating_sub(1);
         if large {
             c.large = c.large.saturating_sub(1);
             self.large = self.large.saturating_sub(1);
         }
         self.flows = self.flows.saturating_sub(1);
-        if c.flows == 0 {
+        if c.outbound == 0 && c.inbound == 0 {
             e.remove();
         }
     }
@@ -184,7 +202,9 @@ impl Budget {
     }
 
     pub(crate) fn flows_of(&self, container: IpAddr) -> u32 {
-        self.per_container.get(&container).map_or(0, |c| c.flows)
+        self.per_container
+            .get(&container)
+            .map_or(0, |c| c.outbound + c.inbound)
     }
 }
 
@@ -196,7 +216,7 @@ impl Flows {
         state: tcp::State,
         container: IpAddr,
         large: bool,
-        armed: bool,
+        inbound: bool,
     ) {
         self.flows.insert(
             id,
@@ -205,7 +225,9 @@ impl Flows {
                 last_state: state,
                 container,
                 large,
-                armed,
+                inbound,
+                // An outbound listener is given its SYN as it is made.
+                armed: !inbound,
                 want_write: false,
             },
         );
@@ -273,7 +295,7 @@ impl Flows {
         for id in closed {
             if let Some(f) = self.flows.remove(&id) {
                 sockets.remove(f.handle);
-                budget.release(f.container, f.large);
+                budget.release(f.container, f.inbound, f.large);
             }
         }
     }

@@ -17,11 +17,12 @@ pub mod tap;
 
 pub use tap::{Tap, TapError};
 
-/// Gives the allocator's free memory back to the kernel: what ended flows' chunks left on the
-/// heap (each thread's arena keeps what it freed, interleaved with what it still holds).
-/// Takes milliseconds on a large heap; call it from a thread that may wait.
-pub fn release_free_memory() {
-    sys::trim_heap();
+/// Gives the allocator's free memory back to the kernel, if there is more than 8 MiB of it:
+/// what ended flows' chunks left on the heap (each thread's arena keeps what it freed,
+/// interleaved with what it still holds). Takes milliseconds on a large heap; call it from a
+/// thread that may wait. Returns whether it trimmed (never, but on glibc).
+pub fn release_free_memory() -> bool {
+    sys::trim_heap(8 << 20)
 }
 
 /// Allocations of this size and more get mappings of their own once

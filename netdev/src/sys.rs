@@ -143,6 +143,7 @@ pub(crate) fn register_async(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd
 /// `mallopt(M_MMAP_THRESHOLD, bytes)` (glibc): allocations of at least `bytes` are served by
 /// their own anonymous mappings, zero pages until touched and unmapped when freed. Setting it
 /// also stops glibc from raising the threshold as large blocks are freed.
+#[cfg(target_env = "gnu")]
 pub(crate) fn set_mmap_threshold(bytes: libc::c_int) -> io::Result<()> {
     // SAFETY: mallopt takes two integers and only adjusts the allocator's tunables; it is
     // thread-safe (it takes the arena locks) and touches no memory of ours.
@@ -161,9 +162,31 @@ pub(crate) fn set_mmap_threshold(bytes: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
-/// `malloc_trim(0)` (glibc): gives the free memory of every arena back to the kernel.
-pub(crate) fn trim_heap() {
+#[cfg(not(target_env = "gnu"))]
+pub(crate) fn set_mmap_threshold(_bytes: libc::c_int) -> io::Result<()> {
+    Err(io::Error::other(
+        "not glibc: the allocator's thresholds are its own",
+    ))
+}
+
+/// `malloc_trim(0)` (glibc): gives the free memory of every arena back to the kernel, when
+/// there is more than `min_free` bytes of it (a trim takes the arenas' locks, which the
+/// datapath threads' allocations wait on). Returns whether it trimmed.
+#[cfg(target_env = "gnu")]
+pub(crate) fn trim_heap(min_free: usize) -> bool {
+    // SAFETY: mallinfo2 takes no arguments and returns a plain struct of counters, read under
+    // the arenas' locks.
+    let info = unsafe { libc::mallinfo2() };
+    if info.fordblks < min_free {
+        return false;
+    }
     // SAFETY: malloc_trim takes an integer and works on the allocator's own free lists under
     // its arena locks; it touches no memory of ours.
     unsafe { libc::malloc_trim(0) };
+    true
+}
+
+#[cfg(not(target_env = "gnu"))]
+pub(crate) fn trim_heap(_min_free: usize) -> bool {
+    false
 }

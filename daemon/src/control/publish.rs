@@ -8,7 +8,7 @@ use vswitch_nat::{PortMapping, Proto};
 use super::{Daemon, Inner};
 use crate::error::{Error, Result};
 use crate::host::direct;
-use crate::host::published::{serve_published_tcp, serve_published_udp};
+use crate::host::published::{UdpTarget, serve_published_tcp, serve_published_udp};
 use crate::netns::target::{netns_path, target_pid};
 use crate::state::{Endpoint, Network};
 
@@ -196,6 +196,9 @@ impl Daemon {
         };
         let gateway = IpAddr::V4(net.gateway);
         let mut handles = Vec::new();
+        // Gateway ports of the endpoint's clients shown as the gateway, one pool for all its
+        // published ports.
+        let ports = crate::host::masq::Ports::default();
         for b in listeners {
             let task = match b {
                 Bound::Tcp(listener, m) => tokio::spawn(serve_published_tcp(
@@ -205,15 +208,19 @@ impl Daemon {
                     subnet,
                     injector.clone(),
                     inside.clone(),
+                    ports.clone(),
                 )),
                 Bound::Udp(socket, m) => tokio::spawn(serve_published_udp(
                     socket,
-                    SocketAddr::new(IpAddr::V4(ep.ipv4), m.container_port),
-                    ep.mac.0,
-                    gateway,
-                    net.gateway_mac().0,
-                    subnet,
+                    UdpTarget {
+                        container: SocketAddr::new(IpAddr::V4(ep.ipv4), m.container_port),
+                        container_mac: ep.mac.0,
+                        gateway,
+                        gateway_mac: net.gateway_mac().0,
+                        subnet,
+                    },
                     injector.clone(),
+                    ports.clone(),
                 )),
             };
             handles.push(task.abort_handle());

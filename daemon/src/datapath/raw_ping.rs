@@ -5,9 +5,11 @@
 //! reply read is matched to its flow by id, source and sequence number in one lookup
 //! ([`vswitch_nat::echo`]). A blocking thread reads the socket for the daemon's lifetime.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
 
+use nix::sys::socket::{MsgFlags, SockaddrIn, sendto};
 use parking_lot::Mutex;
 use vswitch_nat::echo::{EchoIds, raw_echo_reply, with_echo_id};
 use vswitch_nat::flows::IcmpKey;
@@ -129,8 +131,15 @@ impl RawEcho {
             return;
         };
         self.pinger.flows.lock().sent(self.id, seq);
-        let to = SocketAddr::V4(SocketAddrV4::new(self.dst, 0));
-        let _ = self.pinger.socket.send_to(&message, to);
+        // Never blocks the datapath thread: with the socket's buffer full (a congested way
+        // out), the request is dropped, as a full link would.
+        let to = SockaddrIn::from(SocketAddrV4::new(self.dst, 0));
+        let _ = sendto(
+            self.pinger.socket.as_raw_fd(),
+            &message,
+            &to,
+            MsgFlags::MSG_DONTWAIT,
+        );
     }
 }
 

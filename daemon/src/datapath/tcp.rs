@@ -124,16 +124,31 @@ impl TcpFlows {
                     }
                     io.shared.blocked.store(false, Ordering::SeqCst);
                 }
-                match io.to_host.as_ref().map(|t| t.try_send(chunk)) {
-                    Some(Ok(())) => {
-                        io.shared.to_host_bytes.fetch_add(len, Ordering::SeqCst);
-                    }
-                    Some(Err(TrySendError::Full(c))) => {
-                        io.stash = Some(c);
+                let Some(to_host) = io.to_host.as_ref() else {
+                    break;
+                };
+                // Counted before it is queued, so the host side never counts below zero.
+                io.shared.to_host_bytes.fetch_add(len, Ordering::SeqCst);
+                let sent = match to_host.try_send(chunk) {
+                    Err(TrySendError::Full(c)) => {
+                        // The flag, then the queue again: the host side may have emptied it
+                        // since, and would then have nothing left to resume us for.
                         io.shared.blocked.store(true, Ordering::SeqCst);
+                        to_host.try_send(c)
+                    }
+                    other => other,
+                };
+                match sent {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(c)) => {
+                        io.shared.to_host_bytes.fetch_sub(len, Ordering::SeqCst);
+                        io.stash = Some(c);
                         break;
                     }
-                    _ => break,
+                    Err(TrySendError::Closed(_)) => {
+                        io.shared.to_host_bytes.fetch_sub(len, Ordering::SeqCst);
+                        break;
+                    }
                 }
             }
             let Some(chunk) = gw.tcp_recv_chunk(now, flow, CHUNK_FROM_CONTAINER) else {

@@ -12,7 +12,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use vswitch_nat::flows::{IcmpFlows, UdpFlows};
-use vswitch_nat::frame::slice_udp;
+use vswitch_nat::frame::{link_local_beyond_link, slice_udp};
 use vswitch_nat::{Gateway, TcpEvent};
 use vswitch_switch::vnet::VNET_HDR_LEN;
 use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, MacAddr, PortGuard, PortId};
@@ -297,6 +297,9 @@ impl Worker {
 
     fn deliver(&mut self, now: Instant, ingress: PortId, port: PortId, frame: &[u8]) {
         if port == self.gateway_port {
+            if link_local_beyond_link(frame) {
+                return;
+            }
             // DNS answers what the namespace behind the ingress port may see, whatever source
             // address the query claims.
             let namespace = match self.ports.get(ingress.index()) {

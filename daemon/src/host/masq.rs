@@ -2,13 +2,15 @@
 //! instead of them (loopback clients, its own network's, the other address family).
 //!
 //! Every such client needs a port of its own for as long as it is remembered: two clients on
-//! one port would have the container's replies crossed. Ports are leased from one pool for the
-//! whole daemon (published ports of every container draw from it), in the ephemeral range as
-//! the kernel would pick them, and go back to the pool when the lease is dropped.
+//! one port would have the container's replies crossed. Ports are leased from one pool per
+//! endpoint (its published ports share it, since two of them may lead to one container port),
+//! in the ephemeral range as the kernel would pick them, and go back to the pool when the
+//! lease is dropped. A UDP client is forgotten after a minute of silence, as its flow is.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -48,12 +50,6 @@ pub struct Ports {
 }
 
 impl Ports {
-    /// The daemon's pool.
-    pub fn shared() -> Ports {
-        static SHARED: LazyLock<Ports> = LazyLock::new(Ports::default);
-        SHARED.clone()
-    }
-
     /// A port nobody holds, or `None` when all are taken.
     pub fn lease(&self) -> Option<Lease> {
         let mut p = self.pool.lock();
@@ -74,13 +70,17 @@ impl Ports {
     }
 }
 
+/// How long a UDP client shown as the gateway is remembered without a datagram (as long as
+/// its flow lives, `vswitch_nat::flows::UDP_IDLE`).
+pub const CLIENT_IDLE: Duration = vswitch_nat::flows::UDP_IDLE;
+
 /// The clients of one published UDP port shown as the gateway, each on a port of its own;
-/// at most `max`, the oldest forgotten first.
+/// at most `max`, the oldest forgotten first, and none kept after [`CLIENT_IDLE`] of silence.
 #[derive(Debug)]
 pub struct Clients {
     ports: Ports,
     gateway: IpAddr,
-    seen_as: HashMap<SocketAddr, Lease>,
+    seen_as: HashMap<SocketAddr, (Lease, Instant)>,
     order: VecDeque<SocketAddr>,
     max: usize,
 }
@@ -96,11 +96,14 @@ impl Clients {
         }
     }
 
-    /// The address `client` is shown as, or `None` when no port is free.
-    pub fn seen_as(&mut self, client: SocketAddr) -> Option<SocketAddr> {
-        if let Some(l) = self.seen_as.get(&client) {
-            return Some(SocketAddr::new(self.gateway, l.port()));
+    /// The address `client` is shown as (a datagram from it at `now`), or `None` when no port
+    /// is free.
+    pub fn seen_as(&mut self, now: Instant, client: SocketAddr) -> Option<SocketAddr> {
+        if let Some((lease, last)) = self.seen_as.get_mut(&client) {
+            *last = now;
+            return Some(SocketAddr::new(self.gateway, lease.port()));
         }
+        self.forget_idle(now);
         if self.seen_as.len() >= self.max
             && let Some(oldest) = self.order.pop_front()
         {
@@ -108,9 +111,33 @@ impl Clients {
         }
         let lease = self.ports.lease()?;
         let addr = SocketAddr::new(self.gateway, lease.port());
-        self.seen_as.insert(client, lease);
+        self.seen_as.insert(client, (lease, now));
         self.order.push_back(client);
         Some(addr)
+    }
+
+    /// Looks at a few of the oldest clients: the silent ones go, the others to the back.
+    fn forget_idle(&mut self, now: Instant) {
+        for _ in 0..8 {
+            let Some(front) = self.order.pop_front() else {
+                return;
+            };
+            match self.seen_as.get(&front) {
+                Some((_, last)) if now.saturating_duration_since(*last) >= CLIENT_IDLE => {
+                    self.seen_as.remove(&front);
+                }
+                Some(_) => self.order.push_back(front),
+                None => {}
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen_as.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen_as.is_empty()
     }
 }
 
@@ -124,26 +151,45 @@ mod tests {
 
     #[test]
     fn clients_of_two_published_ports_never_share_a_gateway_port() {
+        let t = Instant::now();
         let ports = Ports::default();
         let gw: IpAddr = [10, 0, 0, 1].into();
         let mut a = Clients::new(ports.clone(), gw, 4);
         let mut b = Clients::new(ports.clone(), gw, 4);
         let mut seen = HashSet::new();
         for p in 0..4 {
-            assert!(seen.insert(a.seen_as(client(p)).expect("port")));
-            assert!(seen.insert(b.seen_as(client(p)).expect("port")));
+            assert!(seen.insert(a.seen_as(t, client(p)).expect("port")));
+            assert!(seen.insert(b.seen_as(t, client(p)).expect("port")));
         }
         // A client keeps its port.
-        assert_eq!(a.seen_as(client(0)), a.seen_as(client(0)));
+        assert_eq!(a.seen_as(t, client(0)), a.seen_as(t, client(0)));
         // Past the bound the oldest is forgotten, and only it: the others keep their ports.
-        let kept = a.seen_as(client(3));
-        let fifth = a.seen_as(client(9)).expect("port");
+        let kept = a.seen_as(t, client(3));
+        let fifth = a.seen_as(t, client(9)).expect("port");
         assert!(seen.insert(fifth));
-        assert_eq!(a.seen_as(client(3)), kept);
+        assert_eq!(a.seen_as(t, client(3)), kept);
         // A dropped table gives its ports back.
         drop(a);
         drop(b);
         assert!(ports.pool.lock().used.is_empty());
+    }
+
+    #[test]
+    fn silent_clients_are_forgotten_and_their_ports_go_back() {
+        let t = Instant::now();
+        let ports = Ports::default();
+        let mut c = Clients::new(ports.clone(), [10, 0, 0, 1].into(), 4096);
+        for p in 0..100 {
+            c.seen_as(t, client(p));
+        }
+        // One keeps talking; a new client a minute later finds the silent ones gone.
+        c.seen_as(t + CLIENT_IDLE / 2, client(50));
+        for p in 1000..1100 {
+            c.seen_as(t + CLIENT_IDLE, client(p));
+        }
+        assert!(c.len() < 110, "{} remembered", c.len());
+        assert!(c.seen_as.contains_key(&client(50)), "the talking one stays");
+        assert_eq!(ports.pool.lock().used.len(), c.len());
     }
 
     #[test]

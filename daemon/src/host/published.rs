@@ -42,6 +42,7 @@ pub async fn serve_published_tcp(
     subnet: ipnet::IpNet,
     injector: Injector,
     direct: Option<super::direct::Inside>,
+    ports: masq::Ports,
 ) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -61,6 +62,7 @@ pub async fn serve_published_tcp(
         let itself = shown_as_itself(ip, container, &subnet);
         let injector = injector.clone();
         let direct = direct.clone().filter(|_| !itself);
+        let ports = ports.clone();
         conns.spawn(async move {
             let stream = match direct {
                 Some(d) => match super::direct::connect(&d, container).await {
@@ -83,7 +85,7 @@ pub async fn serve_published_tcp(
             let lease = if itself {
                 None
             } else {
-                match masq::Ports::shared().lease() {
+                match ports.lease() {
                     Some(l) => Some(l),
                     None => return drop(stream),
                 }
@@ -102,17 +104,34 @@ pub async fn serve_published_tcp(
     }
 }
 
+/// Where a published UDP port leads: the container's address and MAC, its gateway's, and its
+/// network.
+#[derive(Debug, Clone, Copy)]
+pub struct UdpTarget {
+    pub container: SocketAddr,
+    pub container_mac: [u8; 6],
+    pub gateway: IpAddr,
+    pub gateway_mac: [u8; 6],
+    pub subnet: ipnet::IpNet,
+}
+
 /// Receives datagrams on a published UDP port and carries them to the container, each client
-/// as its own flow (its replies go back to it through the same socket).
+/// as its own flow (its replies go back to it through the same socket). Clients that cannot be
+/// shown as themselves get a gateway port from `ports` each, remembered so that their replies
+/// find them.
 pub async fn serve_published_udp(
     socket: std::net::UdpSocket,
-    container: SocketAddr,
-    container_mac: [u8; 6],
-    gateway: IpAddr,
-    gateway_mac: [u8; 6],
-    subnet: ipnet::IpNet,
+    target: UdpTarget,
     injector: Injector,
+    ports: masq::Ports,
 ) {
+    let UdpTarget {
+        container,
+        container_mac,
+        gateway,
+        gateway_mac,
+        subnet,
+    } = target;
     let Ok(send) = socket.try_clone().map(Arc::new) else {
         return;
     };
@@ -120,9 +139,7 @@ pub async fn serve_published_udp(
         return;
     };
     let mut buf = vec![0u8; 65_535];
-    // Clients that cannot be shown as themselves get a gateway port each, remembered so that
-    // their replies find them.
-    let mut masq = masq::Clients::new(masq::Ports::shared(), gateway, MASQUERADED_CLIENTS);
+    let mut masq = masq::Clients::new(ports, gateway, MASQUERADED_CLIENTS);
     loop {
         let Ok((n, client)) = sock.recv_from(&mut buf).await else {
             continue;
@@ -131,7 +148,7 @@ pub async fn serve_published_udp(
         let seen_as = if shown_as_itself(ip, container, &subnet) {
             SocketAddr::new(ip, client.port())
         } else {
-            match masq.seen_as(client) {
+            match masq.seen_as(std::time::Instant::now(), client) {
                 Some(a) => a,
                 None => continue,
             }

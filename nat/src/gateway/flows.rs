@@ -27,7 +27,7 @@ impl Gateway {
         remote: SocketAddr,
     ) -> Option<FlowId> {
         let container = remote.ip();
-        if !self.budget.admit(container) {
+        if !self.budget.admit(container, true) {
             return None;
         }
         let large = self.budget.take_large(container);
@@ -39,7 +39,7 @@ impl Gateway {
         )
         .is_err()
         {
-            self.budget.release(container, large);
+            self.budget.release(container, true, large);
             return None;
         }
         let state = s.state();
@@ -48,7 +48,7 @@ impl Gateway {
         let id = FlowId((self.next_flow << SHARD_BITS) | k as u64);
         let shard = &mut self.shards[k];
         let h = shard.sockets.add(s);
-        shard.flows.insert(id, h, state, container, large, false);
+        shard.flows.insert(id, h, state, container, large, true);
         self.poll(now, k);
         Some(id)
     }

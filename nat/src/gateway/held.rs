@@ -55,7 +55,7 @@ impl Gateway {
         {
             return false;
         }
-        if !self.budget.admit(src.ip()) {
+        if !self.budget.admit(src.ip(), false) {
             return false;
         }
         self.next_flow += 1;
@@ -89,14 +89,14 @@ impl Gateway {
             port: h.dst.port(),
         };
         if s.listen(listen).is_err() {
-            self.budget.release(container, large);
+            self.budget.release(container, false, large);
             return false;
         }
         let shard = &mut self.shards[k];
         let handle = shard.sockets.add(s);
         shard
             .flows
-            .insert(flow, handle, tcp::State::Listen, container, large, true);
+            .insert(flow, handle, tcp::State::Listen, container, large, false);
         self.device.rx.push_back(h.syn);
         self.poll(now, k);
         self.shards[k].flows.flows.contains_key(&flow)
@@ -109,7 +109,7 @@ impl Gateway {
         let Some(h) = self.shards.get_mut(k).and_then(|s| s.held.remove(&flow)) else {
             return false;
         };
-        self.budget.release(h.src.ip(), false);
+        self.budget.release(h.src.ip(), false, false);
         self.device.rx.push_back(h.syn);
         self.poll(now, k);
         true

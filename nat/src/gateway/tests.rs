@@ -549,13 +549,14 @@ fn an_established_flow_whose_container_vanished_is_aborted_after_the_idle_limit(
 }
 
 #[test]
-fn one_container_cannot_take_more_than_half_of_the_flow_table() {
+fn one_container_cannot_take_more_than_a_quarter_of_the_flow_table_each_way() {
     let t = Instant::now();
     let mut gw = gateway(t);
     gw.handle_frame(t, &arp_request(GW));
     drain(&mut gw);
     let far = [198, 51, 100, 7];
     let cap = crate::tcp::MAX_FLOWS_PER_CONTAINER;
+    assert_eq!(cap as usize, crate::tcp::MAX_FLOWS / 4);
     // Outbound SYNs from one container, each to its own destination port.
     for i in 0..cap + 10 {
         let src_port = 10000 + u16::try_from(i).expect("fits a port");
@@ -576,15 +577,20 @@ fn one_container_cannot_take_more_than_half_of_the_flow_table() {
         )
         .is_some()
     );
-    // And the capped one gets no published-port flow either, until its flows go.
-    assert!(
-        gw.tcp_connect(
-            t,
-            "203.0.113.5:50001".parse().expect("sa"),
-            SocketAddr::from((CTR, 8080)),
-        )
-        .is_none()
-    );
+    // The capped one still gets clients of its published port (their own quarter), but only
+    // a quarter of them: clients hammering its port take neither its way out nor the table.
+    let inbound = (0..cap + 10)
+        .filter(|i| {
+            let client = SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)),
+                20000 + u16::try_from(*i).expect("port"),
+            );
+            gw.tcp_connect(t, client, SocketAddr::from((CTR, 8080)))
+                .is_some()
+        })
+        .count();
+    assert_eq!(inbound, cap as usize);
+    assert_eq!(gw.tcp_flows_of(IpAddr::from(CTR)), 2 * cap);
 }
 
 #[test]

@@ -134,3 +134,16 @@ fn only_the_first_flows_get_large_buffers_and_held_ones_none() {
     let _ = gw.poll_tcp_events();
     assert_eq!((gw.tcp_flows(), gw.tcp_large_flows()), (0, 0));
 }
+
+#[test]
+fn a_syn_padded_to_be_held_is_dropped() {
+    let t = Instant::now();
+    let mut gw = ready(t);
+    gw.handle_frame(
+        t,
+        &tcp_between((CTR, 40013), (FAR, 443), 500, None, true, &[0u8; 1000]),
+    );
+    assert!(gw.poll_tcp_events().is_empty());
+    assert_eq!(gw.tcp_flows(), 0, "nothing held");
+    assert!(drain(&mut gw).is_empty());
+}
