@@ -20,16 +20,9 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-/// The network's flow counters, as `GET /stats` gives them.
+/// The network's TCP flows, held SYNs included.
 fn tcp_flows(d: &Daemon, network: &str) -> u64 {
-    let raw = d.raw(
-        format!("GET /stats?network={network} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    );
-    let body = text(&raw);
-    let json = body.split("\r\n\r\n").nth(1).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(json).expect("stats JSON");
-    v[0]["TcpFlows"].as_u64().expect("TcpFlows")
+    d.stats(network)["TcpFlows"].as_u64().expect("TcpFlows")
 }
 
 /// Runs a Python script inside `ns` in the background (killed on drop).

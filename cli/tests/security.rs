@@ -3,18 +3,6 @@
 
 use vswitch_tests::{Daemon, Netns, NsDaemon, Outside, require_root, secs, text, wait_until};
 
-/// The network's counters, as `GET /stats` gives them.
-fn stats(d: &Daemon, network: &str) -> serde_json::Value {
-    let raw = d.raw(
-        format!("GET /stats?network={network} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
-    );
-    let body = text(&raw);
-    let json = body.split("\r\n\r\n").nth(1).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(json).expect("stats JSON");
-    v[0].clone()
-}
-
 /// A container adds an address it was not given (another container's, then an outside one)
 /// and sends from it: nothing gets through, and the drops are counted. On a network created
 /// with `--opt port-security=off` the same works, as on a Linux bridge.
@@ -106,7 +94,7 @@ fn addresses_a_container_was_not_given_get_it_nothing() {
             "{net}: {}",
             text(&gateway.stdout)
         );
-        let s = stats(&d, net);
+        let s = d.stats(net);
         let dropped = s["Spoofed"].as_u64().unwrap_or(0);
         if blocked {
             assert!(dropped >= 4, "{net}: counted: {s}");
@@ -497,9 +485,6 @@ fn link_local_sources_get_nothing_beyond_the_link() {
         ],
         secs(10),
     );
-    let raw = d.raw(b"GET /stats?network=ll HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n");
-    let body = text(&raw);
-    let json = body.split("\r\n\r\n").nth(1).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(json).expect("stats JSON");
-    assert_eq!(v[0]["TcpFlows"], 0, "{v}");
+    let stats = d.stats("ll");
+    assert_eq!(stats["TcpFlows"], 0, "{stats}");
 }

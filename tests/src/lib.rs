@@ -396,6 +396,20 @@ impl Daemon {
         err.trim_end().to_owned()
     }
 
+    /// The network's counters, as `GET /stats?network=NETWORK` gives them.
+    pub fn stats(&self, network: &str) -> serde_json::Value {
+        let raw = self.raw(
+            format!(
+                "GET /stats?network={network} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let body = text(&raw);
+        let json = body.split("\r\n\r\n").nth(1).unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(json).expect("stats JSON");
+        v[0].clone()
+    }
+
     pub fn inspect(&self, network: &str) -> serde_json::Value {
         let out = self.ok(&["network", "inspect", network]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("inspect JSON");
