@@ -26,6 +26,9 @@ pub(crate) enum Command {
     /// Manage networks
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Use vswitch as a CNI plugin (podman, containerd, CRI-O)
+    #[command(subcommand)]
+    Cni(CniCommand),
     /// Attach a network namespace (PID, netns path or `ip netns` name) to a network
     Attach {
         /// Network to attach to
@@ -202,6 +205,12 @@ pub(crate) struct AttachOpts {
     /// Attach even when TARGET is the host's initial network namespace (that of PID 1)
     #[arg(long)]
     pub(crate) force: bool,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CniCommand {
+    /// Print the CNI network configuration list (conflist) for network NET
+    Config { network: String },
 }
 
 #[derive(Subcommand)]

@@ -18,8 +18,9 @@ pub enum ClientError {
         "cannot connect to the vswitch daemon at {path}: {reason} (is `vswitch daemon` running?)"
     )]
     Connect { path: PathBuf, reason: String },
-    #[error("{0}")]
-    Daemon(String),
+    /// The daemon answered with an error: its HTTP status and message.
+    #[error("{message}")]
+    Daemon { status: u16, message: String },
     #[error("talking to the daemon failed: {0}")]
     Protocol(String),
 }
@@ -121,10 +122,15 @@ impl Client {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.message)
                 .unwrap_or_else(|_| format!("daemon answered {status}"));
-            if status == StatusCode::INTERNAL_SERVER_ERROR {
-                return Err(ClientError::Daemon(format!("daemon error: {message}")));
-            }
-            Err(ClientError::Daemon(message))
+            let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+                format!("daemon error: {message}")
+            } else {
+                message
+            };
+            Err(ClientError::Daemon {
+                status: status.as_u16(),
+                message,
+            })
         })
     }
 }

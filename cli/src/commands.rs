@@ -7,7 +7,7 @@ use vswitch_daemon::api::{
     NetworkStats, Target,
 };
 
-use crate::args::{AttachOpts, Command, NetworkCommand};
+use crate::args::{AttachOpts, CniCommand, Command, NetworkCommand};
 use crate::client::{Client, seg};
 use crate::containers;
 use crate::table::print_table;
@@ -134,6 +134,13 @@ pub(crate) fn run_client(command: Command, socket: &std::path::Path) -> anyhow::
             Ok(ExitCode::SUCCESS)
         }
         Command::Network(cmd) => network(&client, cmd),
+        Command::Cni(CniCommand::Config { network }) => {
+            // The network must exist: a conflist for another would fail at the first ADD.
+            let net: serde_json::Value = client.get(&format!("/networks/{}", seg(&network)))?;
+            let name = net["Name"].as_str().unwrap_or(&network);
+            println!("{}", crate::cni::conflist(name, socket));
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

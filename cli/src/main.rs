@@ -6,6 +6,7 @@
 
 mod args;
 mod client;
+mod cni;
 mod commands;
 mod containers;
 mod demo;
@@ -20,6 +21,13 @@ use clap::Parser;
 use args::{Cli, Command, DaemonArgs};
 
 fn main() -> ExitCode {
+    // A container runtime runs CNI plugins with CNI_COMMAND set and no arguments.
+    if std::env::var_os("CNI_COMMAND").is_some() && std::env::args_os().len() == 1 {
+        let is_root = nix::unistd::geteuid().is_root();
+        let socket =
+            default_socket(is_root).unwrap_or_else(|_| PathBuf::from("/run/vswitch/vswitch.sock"));
+        return cni::main(&socket);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),

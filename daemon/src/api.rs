@@ -227,10 +227,77 @@ pub struct EndpointInfo {
     #[serde(rename = "IPv6Address")]
     pub ipv6_address: String,
     pub gateway: String,
+    /// The IPv6 gateway, on IPv6 networks.
+    #[serde(default, rename = "IPv6Gateway")]
+    pub ipv6_gateway: String,
     pub aliases: Vec<String>,
     /// Published ports, with the host ports actually bound.
     #[serde(default)]
     pub ports: Vec<vswitch_nat::PortMapping>,
+}
+
+/// A CNI attachment's key: the engine's container id and the interface inside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct CniKey {
+    #[serde(rename = "ContainerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// CNI ADD, as the plugin passes it on: the attachment, its namespace, and what the engine
+/// asked for (`runtimeConfig` and `CNI_ARGS`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct CniAddRequest {
+    pub network: String,
+    pub key: CniKey,
+    /// `CNI_NETNS`: a path to the namespace.
+    pub netns: String,
+    /// The endpoint's DNS name (the engine's container name).
+    pub name: String,
+    /// Static addresses, with or without a prefix length.
+    #[serde(default)]
+    pub ips: Vec<String>,
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Published ports as `-p` specs.
+    #[serde(default)]
+    pub ports: Vec<String>,
+}
+
+/// CNI DEL and CHECK: which attachment, on which network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct CniRequest {
+    pub network: String,
+    pub key: CniKey,
+}
+
+/// CNI GC: the attachments of `network` the engine still has; the others go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct CniGcRequest {
+    pub network: String,
+    pub valid: Vec<CniKey>,
+}
+
+/// A CNI attachment, as ADD and CHECK answer: the endpoint and whether its network has a way
+/// out (a default route).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CniAttachment {
+    pub endpoint: EndpointInfo,
+    pub internal: bool,
+}
+
+/// What CNI GC removed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CniGcReply {
+    pub removed: Vec<CniKey>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -23,7 +23,10 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-use crate::api::{AttachRequest, DisconnectRequest, ErrorBody, NetworkCreate, RunRequest};
+use crate::api::{
+    AttachRequest, CniAddRequest, CniGcRequest, CniRequest, DisconnectRequest, ErrorBody,
+    NetworkCreate, RunRequest,
+};
 use crate::control::{Daemon, RuntimeOptions};
 use crate::error::{Error, ErrorKind};
 
@@ -286,6 +289,23 @@ async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply,
         }
         (&Method::GET, ["networks", key, "fdb"]) => json(StatusCode::OK, &daemon.fdb(key).await?),
         (&Method::GET, ["endpoints"]) => json(StatusCode::OK, &daemon.endpoints().await),
+        (&Method::POST, ["cni", "add"]) => {
+            let body: CniAddRequest = read_json(req).await?;
+            json(StatusCode::OK, &daemon.cni_add(body).await?)
+        }
+        (&Method::POST, ["cni", "del"]) => {
+            let body: CniRequest = read_json(req).await?;
+            daemon.cni_del(body).await?;
+            Ok(text(StatusCode::NO_CONTENT, ""))
+        }
+        (&Method::POST, ["cni", "check"]) => {
+            let body: CniRequest = read_json(req).await?;
+            json(StatusCode::OK, &daemon.cni_check(body).await?)
+        }
+        (&Method::POST, ["cni", "gc"]) => {
+            let body: CniGcRequest = read_json(req).await?;
+            json(StatusCode::OK, &daemon.cni_gc(body).await?)
+        }
         (&Method::DELETE, ["endpoints", name]) => {
             daemon.detach(name, None).await?;
             Ok(text(StatusCode::NO_CONTENT, ""))

@@ -132,6 +132,17 @@ pub struct Endpoint {
     /// networks (no default route) and in stores written before metrics existed.
     #[serde(default)]
     pub route_metric: Option<u32>,
+    /// Attached by a container engine through CNI: the engine owns it and names it by
+    /// (container id, interface). `None` for endpoints of vswitch's own CLI and containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniOwner>,
+}
+
+/// How a container engine knows an endpoint it attached through CNI.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CniOwner {
+    pub container_id: String,
+    pub ifname: String,
 }
 
 /// A container started with `vswitch run`.

@@ -78,12 +78,28 @@ pub fn secs(s: u64) -> Duration {
 
 /// Runs a command with a timeout; returns its output.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    run_with_input(cmd, None, timeout)
+}
+
+/// Runs a command with `input` on its stdin (none: /dev/null) and a timeout; returns its
+/// output.
+pub fn run_with_input(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -> Output {
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+    }
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let out_t = std::thread::spawn(move || {

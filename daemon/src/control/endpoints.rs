@@ -17,7 +17,7 @@ use crate::netns::target::{NETNS_DIR, netns_path, open_target, target_pid};
 use crate::netns::watch::Anchor;
 use crate::nsfiles;
 use crate::plan::{self, Mode};
-use crate::state::{Connected, Endpoint, Network};
+use crate::state::{CniOwner, Connected, Endpoint, Network};
 
 impl Daemon {
     /// `attach` and `network connect`. With a container's name as the target (and no
@@ -100,10 +100,24 @@ impl Daemon {
         &self,
         inner: &mut Inner,
         network: &str,
+        req: AttachRequest,
+    ) -> Result<EndpointInfo> {
+        self.attach_owned(inner, network, req, None).await
+    }
+
+    /// Attaches as `attach_locked`, for `owner` when a container engine asks through CNI: the
+    /// namespace is then the engine's (its path is kept as given, and no resolv.conf is
+    /// written: the engine writes the container's from the CNI result).
+    pub(super) async fn attach_owned(
+        &self,
+        inner: &mut Inner,
+        network: &str,
         mut req: AttachRequest,
+        owner: Option<CniOwner>,
     ) -> Result<EndpointInfo> {
         // `/run/netns/X` is the `ip netns` X, when X can name an endpoint.
-        if let Target::Name(n) = req.target.clone().normalized()
+        if owner.is_none()
+            && let Target::Name(n) = req.target.clone().normalized()
             && plan::valid_name(&n)
         {
             req.target = Target::Name(n);
@@ -131,6 +145,7 @@ impl Daemon {
             (ids::random_id(), ids::random_id()),
         )?;
         ep.ports = plan::plan_ports(&net, &req.ports)?;
+        ep.cni = owner;
         // Bind before plumbing: a host port in use fails the attach with nothing to undo.
         let listeners = bind_published(&ep.ports).await?;
         for (m, b) in ep.ports.iter_mut().zip(&listeners) {

@@ -14,6 +14,7 @@
 //! held across a sleep or a poll: waits for processes and namespaces happen between two
 //! holds of it.
 
+mod cni;
 mod containers;
 pub use containers::STOP_TIMEOUT;
 mod endpoints;

@@ -92,6 +92,7 @@ pub(super) fn endpoint_info(net: &Network, e: &Endpoint) -> EndpointInfo {
         ipv4_address: net.cidr4(e.ipv4),
         ipv6_address: net.cidr6(e.ipv6),
         gateway: net.gateway.to_string(),
+        ipv6_gateway: net.gateway6.map(|g| g.to_string()).unwrap_or_default(),
         aliases: e.aliases.clone(),
         ports: e.ports.clone(),
     }

@@ -99,6 +99,7 @@ pub fn plan_endpoint(
         wrote_resolv_conf: false,
         ports: Vec::new(),
         route_metric: (!net.internal).then(|| route_metric_for(store, ns)),
+        cni: None,
     })
 }
 
