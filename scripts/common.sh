@@ -3,8 +3,9 @@
 # Packages: iproute2 (ip netns), iputils-ping, dnsutils (dig, delv), dnsmasq-base (a DNS upstream in
 # tests), ldnsutils (a signed zone and a fake authoritative server for the DNSSEC test), curl,
 # python3, iperf3, procps, util-linux (unshare, nsenter, setpriv), uidmap (newuidmap for
-# rootless containers), nftables (an outside that drops SYNs, in a test namespace).
-VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap nftables"
+# rootless containers), nftables (an outside that drops SYNs, in a test namespace), podman,
+# runc, containernetworking-plugins and busybox-static (vswitch as a CNI plugin of real podman).
+VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap nftables podman runc containernetworking-plugins busybox-static"
 
 install_packages() {
     local missing=() p
