@@ -157,6 +157,21 @@ pub(crate) struct DaemonArgs {
     /// TTL in seconds of container records
     #[arg(long, default_value_t = vswitch_dns::responder::DEFAULT_TTL)]
     pub(crate) dns_ttl: u32,
+    /// Serve dockerd as its network and IPAM driver NAME (docker network create -d NAME) on
+    /// DIR/NAME.sock
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "vswitch")]
+    pub(crate) docker_plugin: Option<String>,
+    /// Where dockerd looks for plugin sockets
+    #[arg(long, value_name = "DIR", default_value = "/run/docker/plugins")]
+    pub(crate) docker_plugin_dir: PathBuf,
+    /// dockerd's API socket, asked for the names of Docker's networks and containers
+    #[arg(
+        long,
+        value_name = "unix:///PATH",
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub(crate) docker_host: String,
     /// Also serve <name>.<network> for every network to the host on ADDR:PORT (UDP and TCP)
     #[arg(long, value_name = "ADDR:PORT")]
     pub(crate) dns_listen: Option<std::net::SocketAddr>,

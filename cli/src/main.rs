@@ -145,6 +145,19 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Resul
             datapath_busy_poll: std::time::Duration::from_micros(args.datapath_busy_poll),
         },
         dns_listen: args.dns_listen,
+        docker_plugin: match args.docker_plugin {
+            Some(name) => {
+                if !vswitch_daemon::valid_plugin_name(&name) {
+                    anyhow::bail!("invalid --docker-plugin name {name:?}");
+                }
+                Some(vswitch_daemon::docker::PluginOptions {
+                    name,
+                    dir: args.docker_plugin_dir,
+                    engine: args.docker_host,
+                })
+            }
+            None => None,
+        },
     };
     rt.block_on(vswitch_daemon::serve(opts))?;
     Ok(ExitCode::SUCCESS)

@@ -24,6 +24,7 @@ pub mod api;
 pub mod container_init;
 mod control;
 pub mod datapath;
+pub mod docker;
 mod error;
 pub mod host;
 pub mod ipam;
@@ -37,3 +38,13 @@ pub use control::{Daemon, RuntimeOptions, STOP_TIMEOUT};
 pub use error::{Error, ErrorKind, Result};
 pub use plan::DEFAULT_NETWORK;
 pub use server::{Options, serve};
+
+/// Whether `name` can name a Docker plugin (its socket file): letters, digits, `-`, `_`, `.`.
+pub fn valid_plugin_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}

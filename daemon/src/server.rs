@@ -40,6 +40,8 @@ pub struct Options {
     pub dns: RuntimeOptions,
     /// `--dns-listen`: serve `<name>.<network>` to the host on this address.
     pub dns_listen: Option<std::net::SocketAddr>,
+    /// `--docker-plugin`: serve dockerd as its network and IPAM driver.
+    pub docker_plugin: Option<crate::docker::PluginOptions>,
 }
 
 /// How long a starting daemon waits for the previous one to let go of the state directory:
@@ -106,6 +108,17 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         None => None,
     };
     let (daemon, mut events) = Daemon::start(&opts.state_dir, &opts.dns).await?;
+    let mut _plugin_file = None;
+    if let Some(plugin) = &opts.docker_plugin {
+        let listener = crate::docker::bind(plugin).await?;
+        _plugin_file = Some(RemoveOnDrop(plugin.socket()));
+        tracing::info!(socket = %plugin.socket().display(), "serving dockerd as network driver {}", plugin.name);
+        tokio::spawn(crate::docker::serve(
+            daemon.clone(),
+            listener,
+            plugin.clone(),
+        ));
+    }
     if let Some(l) = host_dns {
         tracing::info!(addr = %l.local_addr()?, "serving container names to the host");
         tokio::spawn(l.run(daemon.responder()));
@@ -214,12 +227,17 @@ impl Drop for RemoveOnDrop {
 /// Binds the control socket, owner-only. A socket file nobody listens on (left by a killed
 /// daemon) is replaced; a live one is an error.
 async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    bind_socket(path, 0o700).await
+}
+
+/// Binds an owner-only socket at `path`, making its directory with `dir_mode` if it is missing.
+pub(crate) async fn bind_socket(path: &Path, dir_mode: u32) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
         && !dir.exists()
     {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))?;
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -363,7 +381,16 @@ async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply,
 /// How long a request body may take to arrive.
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Error> {
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, Error> {
+    let body = read_body(req).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| Error::bad_request(format!("invalid request body: {e}")))
+}
+
+/// A request's body, bounded in size and time.
+pub(crate) async fn read_body(req: Request<Incoming>) -> Result<Bytes, Error> {
     let declared = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
@@ -393,8 +420,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     })?
     .map_err(|e| Error::bad_request(format!("cannot read request body: {e}")))?
     .to_bytes();
-    serde_json::from_slice(&body)
-        .map_err(|e| Error::bad_request(format!("invalid request body: {e}")))
+    Ok(body)
 }
 
 fn query_param(query: &str, key: &str) -> Result<Option<String>, Error> {

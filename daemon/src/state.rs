@@ -46,6 +46,23 @@ pub struct Network {
     /// Networks stored before the option existed get the default.
     #[serde(default, skip_serializing_if = "PortSecurity::is_strict")]
     pub port_security: PortSecurity,
+    /// The Docker network this one is, when dockerd made it through the plugin (or adopted it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerNetwork>,
+}
+
+/// How dockerd knows a network it drives through vswitch's plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerNetwork {
+    /// Docker's network id.
+    pub id: String,
+    /// The vswitch network existed before (same subnet): `docker network rm` lets go of it
+    /// rather than removing it.
+    #[serde(default)]
+    pub adopted: bool,
+    /// The name is still the provisional `docker-<id>`: dockerd has not told it yet.
+    #[serde(default)]
+    pub unnamed: bool,
 }
 
 /// What a network's ports may send from.
@@ -136,6 +153,9 @@ pub struct Endpoint {
     /// (container id, interface). `None` for endpoints of vswitch's own CLI and containers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cni: Option<CniOwner>,
+    /// Docker's endpoint id, for an endpoint dockerd joined through the plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<String>,
 }
 
 /// How a container engine knows an endpoint it attached through CNI.

@@ -191,7 +191,7 @@ impl Daemon {
     /// Plugs an endpoint's TAP into its network's datapath and enters its names in the DNS
     /// catalog (for every network: the bridge's zone keeps them for PTR scoping but resolves
     /// no names). They resolve from here on, before attach returns.
-    async fn plug(
+    pub(super) async fn plug(
         &self,
         inner: &mut Inner,
         net: &Network,
@@ -209,7 +209,7 @@ impl Daemon {
                 PortSpec {
                     endpoint_id: ep.id.clone(),
                     endpoint_name: ep.name.clone(),
-                    namespace: ep.ns.to_string(),
+                    namespace: scope_key(ep),
                     mac: ep.mac.0,
                     guard: guard(net, ep),
                 },
@@ -217,19 +217,7 @@ impl Daemon {
             .await
             .map_err(|e| Error::failed("cannot plug the endpoint in", e))?;
         live.ports.insert(ep.id.clone(), port);
-        let addrs: Vec<IpAddr> = std::iter::once(IpAddr::V4(ep.ipv4))
-            .chain(ep.ipv6.map(IpAddr::V6))
-            .collect();
-        self.catalog.write().add_endpoint(
-            &net.id,
-            &EndpointRecords {
-                id: ep.id.clone(),
-                scope: ep.ns.to_string(),
-                name: ep.name.clone(),
-                aliases: ep.aliases.clone(),
-                addrs,
-            },
-        );
+        self.catalog.write().add_endpoint(&net.id, &records(ep));
         Ok(())
     }
 
@@ -253,7 +241,7 @@ impl Daemon {
     /// Ties the endpoint's life to its target: the process, or the namespace file (see
     /// [`crate::netns::watch`]). Every TAP pins its namespace, so the device never goes away
     /// by itself.
-    fn watch_target(&self, ep: &Endpoint) {
+    pub(super) fn watch_target(&self, ep: &Endpoint) {
         let anchor = match (target_pid(&ep.target), netns_path(&ep.target)) {
             (Some(pid), _) => Anchor::Process(pid),
             (None, Ok(path)) => Anchor::Path(path),
@@ -373,13 +361,20 @@ impl Daemon {
 
     async fn replumb(&self, inner: &mut Inner, net: &Network, ep: &Endpoint) -> Result<()> {
         let ns = open_target(&ep.target)?;
+        let mut ep = ep.clone();
+        if ep.docker.is_some() && ep.ns == super::docker_ep::UNKNOWN_NS {
+            // Joined, and the daemon stopped before Docker had made the sandbox: take it now.
+            ep.ns = ns.id();
+            if let Some(stored) = inner.store.endpoints.get_mut(&ep.id) {
+                stored.ns = ep.ns;
+            }
+        }
         if ns.id() != ep.ns {
             return Err(Error::not_found(format!(
                 "{} is no longer the namespace the endpoint was attached to",
                 ep.target
             )));
         }
-        let mut ep = ep.clone();
         if ep.route_metric.is_none() && !net.internal {
             // Stored before route metrics existed: take the next free one, and keep it.
             let metric = plan::route_metric_for(&inner.store, ep.ns);
@@ -427,6 +422,29 @@ impl Daemon {
         self.publish(inner, net, &ep, listeners);
         self.watch_target(&ep);
         Ok(())
+    }
+}
+
+/// The namespace an endpoint's DNS scope is keyed by. A Docker endpoint's namespace is not
+/// there yet when it joins (dockerd makes it with the container), so its sandbox's path
+/// stands for it: every endpoint of one container has the same.
+pub(super) fn scope_key(ep: &Endpoint) -> String {
+    match (&ep.docker, &ep.target) {
+        (Some(_), Target::Path(p)) => format!("sandbox:{p}"),
+        _ => ep.ns.to_string(),
+    }
+}
+
+/// An endpoint's entry in the DNS catalog.
+pub(super) fn records(ep: &Endpoint) -> EndpointRecords {
+    EndpointRecords {
+        id: ep.id.clone(),
+        scope: scope_key(ep),
+        name: ep.name.clone(),
+        aliases: ep.aliases.clone(),
+        addrs: std::iter::once(IpAddr::V4(ep.ipv4))
+            .chain(ep.ipv6.map(IpAddr::V6))
+            .collect(),
     }
 }
 

@@ -15,6 +15,9 @@
 //! holds of it.
 
 mod cni;
+mod docker;
+mod docker_ep;
+pub use docker::DockerState;
 mod containers;
 pub use containers::STOP_TIMEOUT;
 mod endpoints;
@@ -86,6 +89,9 @@ struct Inner {
     /// Containers being started (id -> name): their names are taken and they cannot be
     /// started or removed twice while the lock is released for the waits of a start.
     starting: HashMap<String, String>,
+    /// Docker's address pools and endpoints that exist only in Docker's sequence of calls
+    /// (made, not yet joined); lost at a restart, as Docker asks again.
+    docker: DockerState,
 }
 
 pub struct Daemon {
@@ -158,6 +164,7 @@ impl Daemon {
                 live: HashMap::new(),
                 watchers: HashMap::new(),
                 starting: HashMap::new(),
+                docker: DockerState::default(),
             }),
             state_dir,
             events,
@@ -234,18 +241,7 @@ impl Daemon {
             let mut p = self.policy.write();
             p.subnets.extend(subnets(net));
         }
-        let zone_subnets = subnets(net)
-            .map(|n| (n.network(), n.prefix_len()))
-            .collect();
-        let gateways = std::iter::once(IpAddr::V4(net.gateway))
-            .chain(net.gateway6.map(IpAddr::V6))
-            .collect();
-        self.catalog.write().add_network(
-            &net.id,
-            Zone::new(&net.name, net.dns_names, net.internal, zone_subnets)
-                .with_gateways(gateways)
-                .with_upstreams(&net.dns),
-        );
+        self.catalog.write().add_network(&net.id, zone_for(net));
         Ok(LiveNetwork {
             datapath,
             ports: HashMap::new(),
@@ -321,6 +317,19 @@ impl Daemon {
 }
 
 /// A network's subnets, both families.
+/// The DNS zone of a network (its endpoints are added one by one).
+fn zone_for(net: &Network) -> Zone {
+    let zone_subnets = subnets(net)
+        .map(|n| (n.network(), n.prefix_len()))
+        .collect();
+    let gateways = std::iter::once(IpAddr::V4(net.gateway))
+        .chain(net.gateway6.map(IpAddr::V6))
+        .collect();
+    Zone::new(&net.name, net.dns_names, net.internal, zone_subnets)
+        .with_gateways(gateways)
+        .with_upstreams(&net.dns)
+}
+
 fn subnets(net: &Network) -> impl Iterator<Item = ipnet::IpNet> {
     std::iter::once(ipnet::IpNet::V4(net.subnet)).chain(net.subnet6.map(ipnet::IpNet::V6))
 }

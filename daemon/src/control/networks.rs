@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use super::{Daemon, find_network, ids, render, subnets};
+use super::{Daemon, Inner, find_network, ids, render, subnets};
 use crate::api::{Created, FdbRow, NetworkCreate, NetworkInspect, NetworkStats};
 use crate::error::{Error, Result};
 use crate::ipam;
@@ -11,7 +11,7 @@ use crate::state::Network;
 
 /// What the daemon's network namespace has: its IPv4 routes, which automatic subnets stay
 /// clear of, and its addresses, which no subnet may contain (empty if they cannot be read).
-fn host_facts(loopback_open: bool) -> HostFacts {
+pub(super) fn host_facts(loopback_open: bool) -> HostFacts {
     let routes = std::fs::read_to_string("/proc/net/route")
         .map(|t| ipam::parse_proc_net_route(&t))
         .unwrap_or_default();
@@ -60,6 +60,11 @@ impl Daemon {
             ids::random_id(),
             ids::now(),
         )?;
+        self.add_network(&mut inner, net).await
+    }
+
+    /// Starts a planned network and stores it.
+    pub(super) async fn add_network(&self, inner: &mut Inner, net: Network) -> Result<Created> {
         let live = self.start_network(&net)?;
         inner.live.insert(net.id.clone(), live);
         inner.store.networks.insert(net.id.clone(), net.clone());
@@ -76,6 +81,18 @@ impl Daemon {
     pub async fn remove_network(&self, key: &str) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let net = find_network(&inner.store, key)?.clone();
+        if let Some(d) = &net.docker {
+            return Err(Error::forbidden(format!(
+                "network {} belongs to Docker (network {}): remove it with docker network rm",
+                net.name,
+                &d.id[..d.id.len().min(12)]
+            )));
+        }
+        self.drop_network(&mut inner, net).await
+    }
+
+    /// Removes a network without endpoints.
+    pub(super) async fn drop_network(&self, inner: &mut Inner, net: Network) -> Result<()> {
         if net.name == DEFAULT_NETWORK {
             return Err(Error::forbidden(
                 "bridge is a pre-defined network and cannot be removed",

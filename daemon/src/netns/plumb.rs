@@ -324,6 +324,65 @@ fn link_mac(link: &LinkMessage) -> Option<Vec<u8>> {
     })
 }
 
+/// A TAP in the daemon's own namespace, down, with `mac` and `mtu`: for an engine that moves
+/// the interface into the container itself (Docker hands a remote driver's interface over by
+/// name). The fd keeps working after the move. A TAP of ours left with that name is replaced.
+pub fn make_tap_here(name: &str, mac: [u8; 6], mtu: u32) -> anyhow::Result<OwnedFd> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            with_rtnetlink(|handle| async move {
+                if let Some(old) = link_by_name(&handle, name).await? {
+                    if !is_tun(&old) {
+                        return Err(PlumbError::NameTaken(name.to_owned()).into());
+                    }
+                    handle.link().del(old.header.index).execute().await?;
+                }
+                let tap = Tap::create(name)?;
+                let index = link_index(&handle, name)
+                    .await?
+                    .ok_or_else(|| anyhow!("the TAP {name} vanished"))?;
+                handle
+                    .link()
+                    .set(
+                        LinkUnspec::new_with_index(index)
+                            .address(mac.to_vec())
+                            .mtu(mtu)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .context("cannot set the TAP's address and MTU")?;
+                Ok(tap.into_fd())
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow!("plumbing thread panicked")))
+    })
+}
+
+/// The name of the interface with `mac` inside `ns`, if there is one.
+pub fn link_name_by_mac(ns: &NetNs, mac: [u8; 6]) -> anyhow::Result<Option<String>> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().context("cannot enter the namespace")?;
+            with_rtnetlink(|handle| async move {
+                let mut links = handle.link().get().execute();
+                while let Some(link) = links.try_next().await? {
+                    if link_mac(&link).as_deref() == Some(&mac[..]) {
+                        return Ok(link.attributes.iter().find_map(|a| match a {
+                            LinkAttribute::IfName(n) => Some(n.clone()),
+                            _ => None,
+                        }));
+                    }
+                }
+                Ok(None)
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow!("netlink thread panicked")))
+    })
+}
+
 /// Brings the link `name` up, if it exists.
 pub async fn set_up(handle: &Handle, name: &str) -> anyhow::Result<()> {
     if let Some(index) = link_index(handle, name).await? {

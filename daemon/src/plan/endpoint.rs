@@ -100,6 +100,7 @@ pub fn plan_endpoint(
         ports: Vec::new(),
         route_metric: (!net.internal).then(|| route_metric_for(store, ns)),
         cni: None,
+        docker: None,
     })
 }
 

@@ -26,6 +26,7 @@ pub fn default_bridge(id: String, created: String) -> Network {
         dns_names: false,
         dns: Vec::new(),
         port_security: PortSecurity::Strict,
+        docker: None,
     }
 }
 
@@ -199,6 +200,7 @@ pub fn plan_network(
         dns_names: true,
         dns,
         port_security,
+        docker: None,
     })
 }
 
