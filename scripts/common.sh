@@ -4,8 +4,9 @@
 # tests), ldnsutils (a signed zone and a fake authoritative server for the DNSSEC test), curl,
 # python3, iperf3, procps, util-linux (unshare, nsenter, setpriv), uidmap (newuidmap for
 # rootless containers), nftables (an outside that drops SYNs, in a test namespace), podman,
-# runc, containernetworking-plugins and busybox-static (vswitch as a CNI plugin of real podman).
-VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap nftables podman runc containernetworking-plugins busybox-static"
+# runc, containernetworking-plugins and busybox-static (vswitch as a CNI plugin of real podman),
+# docker.io (vswitch as dockerd's network driver; the tests start their own dockerd).
+VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap nftables podman runc containernetworking-plugins busybox-static docker.io"
 
 install_packages() {
     local missing=() p
@@ -18,8 +19,19 @@ install_packages() {
         return 1
     fi
     echo "installing: ${missing[*]}" >&2
+    # Installing a package must not start its service on this machine (docker.io and
+    # containerd would start daemons that change the firewall): deny starts meanwhile,
+    # unless a policy is already in place.
+    local policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 0755 "$policy"
+    fi
+    local rc=0
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+    [ -n "$policy" ] && rm -f "$policy"
+    return "$rc"
 }
 
 find_cargo() {

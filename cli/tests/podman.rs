@@ -1,7 +1,7 @@
 //! vswitch as the network of real podman (Debian's 4.3, CNI backend), in a sandbox that touches
 //! nothing of the host's podman: a network namespace and a private mount namespace of the
-//! test's own, with tmpfs over `/run/containers`, `/run/libpod`, `/run/netns` and `/var/lib`
-//! (podman's CNI cache and blob cache live there), and podman's `--root`, `--runroot`,
+//! test's own, with tmpfs over `/run` and `/var/lib` (podman's run state, CNI cache and blob
+//! cache live there), and podman's `--root`, `--runroot`,
 //! `--network-config-dir` and `CONTAINERS_CONF` pointing at the test's files. The vswitch
 //! daemon runs in the same namespaces, as it would on a host. The image is a busybox rootfs
 //! made with `podman import`.
@@ -9,63 +9,22 @@
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use vswitch_tests::{
-    Netns, NsDaemon, Outside, TempDir, require_root, run, secs, text, unique, vswitch_bin,
-    wait_until,
+    NsDaemon, Outside, Sandbox, require_root, run, secs, text, vswitch_bin, wait_until,
 };
 
-/// The sandbox: a namespace pair held open by a sleeping shell, the daemon inside it, and
-/// every path podman writes to.
-struct Sandbox {
-    ns: Netns,
-    dir: TempDir,
-    holder: Child,
-    daemon: Option<Child>,
+/// Podman in a [`Sandbox`], with the daemon running beside it.
+struct Podman {
+    s: Sandbox,
 }
 
-impl Sandbox {
+impl Podman {
     fn new() -> Self {
-        let ns = Netns::new("pm");
-        let dir = TempDir(std::env::temp_dir().join(unique("-podman")));
-        fs::create_dir_all(dir.0.join("net")).expect("dir");
-        fs::create_dir_all(dir.0.join("plugins")).expect("dir");
-        let ready = dir.0.join("ready");
-        // No `ip netns exec`: it remounts /sys, and runc then finds no cgroup mounts.
-        let script = format!(
-            "set -e
-             for d in /run/containers /run/libpod /var/lib; do mkdir -p $d; mount -t tmpfs tmpfs $d; done
-             mount -t tmpfs tmpfs /run/netns
-             ip link set lo up
-             ip addr add 198.18.0.53/32 dev lo
-             echo 'nameserver 198.18.0.53' > {dir}/resolv.conf
-             mount --bind {dir}/resolv.conf /etc/resolv.conf
-             touch {ready}
-             exec sleep 3600",
-            dir = dir.0.display(),
-            ready = ready.display(),
-        );
-        let holder = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path()))
-            .args(["unshare", "-m", "--propagation", "private", "sh", "-c"])
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the sandbox");
-        let mut s = Self {
-            ns,
-            dir,
-            holder,
-            daemon: None,
-        };
-        assert!(
-            wait_until(secs(10), || ready.exists()),
-            "the sandbox did not come up"
-        );
+        let mut s = Sandbox::new(&["/run", "/var/lib"]);
+        fs::create_dir_all(s.path("net")).expect("dir");
+        fs::create_dir_all(s.path("plugins")).expect("dir");
         symlink(vswitch_bin(), s.path("plugins/vswitch")).expect("plugin link");
         fs::write(
             s.path("containers.conf"),
@@ -85,120 +44,34 @@ enable_port_reservation = false
             ),
         )
         .expect("containers.conf");
-        s.start_daemon();
-        s
+        s.start_daemon(&[]);
+        Self { s }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
-        self.dir.0.join(rel)
-    }
-
-    fn holder_pid(&self) -> String {
-        self.holder.id().to_string()
-    }
-
-    /// A command entering the sandbox's network and mount namespaces.
-    fn inside(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.args(["-t", &self.holder_pid(), "-n", "-m"])
-            .arg(program);
-        cmd
-    }
-
-    fn start_daemon(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path("daemon.log"))
-            .expect("log");
-        let child = self
-            .inside(vswitch_bin())
-            .arg("--socket")
-            .arg(self.path("vs.sock"))
-            .arg("daemon")
-            .arg("--state-dir")
-            .arg(self.path("state"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn daemon");
-        self.daemon = Some(child);
-        let socket = self.path("vs.sock");
-        assert!(
-            wait_until(secs(15), || std::os::unix::net::UnixStream::connect(
-                &socket
-            )
-            .is_ok()),
-            "daemon did not start: {}",
-            fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
-        );
-    }
-
-    fn kill9_daemon(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        let _ = fs::remove_file(self.path("vs.sock"));
-    }
-
-    fn vs(&self, args: &[&str]) -> Output {
-        run(
-            self.inside(vswitch_bin())
-                .arg("--socket")
-                .arg(self.path("vs.sock"))
-                .args(args),
-            secs(30),
-        )
+        self.s.path(rel)
     }
 
     fn vs_ok(&self, args: &[&str]) -> String {
-        let out = self.vs(args);
-        assert!(
-            out.status.success(),
-            "vswitch {args:?}: {}",
-            text(&out.stderr)
-        );
-        text(&out.stdout)
+        self.s.vs_ok(args)
     }
 
-    /// Runs podman in the sandbox. Its output goes to files, not pipes: conmon inherits
-    /// podman's stdout and outlives it.
+    fn endpoints(&self, network: &str) -> Vec<String> {
+        self.s.endpoints(network)
+    }
+
+    /// Runs podman in the sandbox.
     fn podman(&self, args: &[&str]) -> Output {
-        let out_path = self.path("podman.out");
-        let err_path = self.path("podman.err");
-        let mut child = self
-            .inside("podman")
-            .env("CONTAINERS_CONF", self.path("containers.conf"))
-            .env("TMPDIR", &self.dir.0)
+        let mut cmd = self.s.inside("podman");
+        cmd.env("CONTAINERS_CONF", self.path("containers.conf"))
+            .env("TMPDIR", &self.s.dir.0)
             .arg("--root")
             .arg(self.path("storage"))
             .args(["--runroot", "/run/containers/storage"])
             .arg("--network-config-dir")
             .arg(self.path("net"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out_path).expect("out"))
-            .stderr(fs::File::create(&err_path).expect("err"))
-            .spawn()
-            .expect("podman");
-        let deadline = Instant::now() + secs(60);
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break child.wait().expect("wait");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        Output {
-            status,
-            stdout: fs::read(&out_path).unwrap_or_default(),
-            stderr: fs::read(&err_path).unwrap_or_default(),
-        }
+            .args(args);
+        self.s.run_to_files(&mut cmd, secs(60))
     }
 
     fn podman_ok(&self, args: &[&str]) -> String {
@@ -207,7 +80,7 @@ enable_port_reservation = false
             out.status.success(),
             "podman {args:?}: {}\ndaemon log:\n{}",
             text(&out.stderr),
-            fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+            self.s.daemon_log()
         );
         text(&out.stdout)
     }
@@ -231,21 +104,6 @@ enable_port_reservation = false
         self.podman(&args)
     }
 
-    /// The names of the network's endpoints, from `vswitch network inspect`.
-    fn endpoints(&self, network: &str) -> Vec<String> {
-        let v: serde_json::Value =
-            serde_json::from_str(&self.vs_ok(&["network", "inspect", network])).expect("json");
-        let v = if v.is_array() { v[0].clone() } else { v };
-        v["Containers"]
-            .as_object()
-            .map(|m| {
-                m.values()
-                    .filter_map(|c| c["Name"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     /// What busybox's nslookup in container `from` says of `name` (asking the gateway, the
     /// resolver podman wrote first into its resolv.conf).
     fn lookup(&self, from: &str, name: &str) -> String {
@@ -260,34 +118,11 @@ enable_port_reservation = false
                 .success()
         })
     }
-
-    /// Every process in the sandbox's mount namespace (conmon, containers, the daemon), so
-    /// that nothing outlives the test.
-    fn kill_everything_inside(&mut self) {
-        let mine = fs::read_link(format!("/proc/{}/ns/mnt", self.holder.id())).ok();
-        if let (Some(mine), Ok(procs)) = (mine, fs::read_dir("/proc")) {
-            for p in procs.flatten() {
-                let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                    continue;
-                };
-                if pid as u32 == std::process::id() {
-                    continue;
-                }
-                if fs::read_link(p.path().join("ns/mnt")).ok().as_ref() == Some(&mine) {
-                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                }
-            }
-        }
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-    }
 }
 
-impl Drop for Sandbox {
+impl Drop for Podman {
     fn drop(&mut self) {
         let _ = self.podman(&["rm", "-a", "-f", "-t", "0"]);
-        self.kill9_daemon();
-        self.kill_everything_inside();
     }
 }
 
@@ -314,7 +149,7 @@ tar -C $R -cf {tar} ."#,
 }
 
 /// The address of container `name` on `network`, as podman reports it.
-fn podman_ip(s: &Sandbox, name: &str, network: &str) -> String {
+fn podman_ip(s: &Podman, name: &str, network: &str) -> String {
     let ip = s.podman_ok(&[
         "inspect",
         name,
@@ -330,11 +165,11 @@ fn podman_ip(s: &Sandbox, name: &str, network: &str) -> String {
 #[ignore = "needs root, podman, runc and /usr/lib/cni; run by scripts/test.sh as root"]
 fn podman_runs_containers_on_a_vswitch_network() {
     require_root();
-    let mut s = Sandbox::new();
+    let mut s = Podman::new();
     s.vs_ok(&["network", "create", "pmnet"]);
     let conflist = s.vs_ok(&["cni", "config", "pmnet"]);
     fs::write(s.path("net/pmnet.conflist"), conflist).expect("conflist");
-    let tar = busybox_tar(&s.dir.0);
+    let tar = busybox_tar(&s.s.dir.0);
     s.podman_ok(&[
         "import",
         "--change",
@@ -362,7 +197,7 @@ fn podman_runs_containers_on_a_vswitch_network() {
 
     // 3. A published port serves a client on the daemon's host side, and the container sees
     // that client's own address.
-    let outside = Outside::behind(&s.ns.name);
+    let outside = Outside::behind(&s.s.ns.name);
     let curl_outside = || {
         run_curl(
             &outside.ns.name,
@@ -401,8 +236,7 @@ fn podman_runs_containers_on_a_vswitch_network() {
     let out = s.run_container("c3", &[], &["sleep", "600"]);
     assert!(out.status.success(), "c3: {}", text(&out.stderr));
     assert!(s.ping("c3", "c1"));
-    s.kill9_daemon();
-    s.start_daemon();
+    s.s.kill9_and_restart_daemon();
     assert!(s.ping("c3", "c1"), "c3 lost c1 after the daemon's restart");
     assert!(s.ping("c1", "c3"), "c1 lost c3 after the daemon's restart");
     assert_eq!(curl_outside(), "hello-from-podman\n");
@@ -410,7 +244,7 @@ fn podman_runs_containers_on_a_vswitch_network() {
 
     // 6. A run whose ADD fails (its host port is taken) leaves no endpoint and no name.
     let _taken = NsDaemon::spawn(
-        &s.ns.name,
+        &s.s.ns.name,
         &[
             "python3",
             "-c",
@@ -418,7 +252,8 @@ fn podman_runs_containers_on_a_vswitch_network() {
         ],
     );
     assert!(wait_until(secs(10), || {
-        s.ns.exec(&["ss", "-Htln", "sport = :18081"], secs(5))
+        s.s.ns
+            .exec(&["ss", "-Htln", "sport = :18081"], secs(5))
             .stdout
             .len()
             > 1

@@ -10,6 +10,9 @@
 //! state directory, so tests run in parallel. Namespaces are named `vst<pid>x<n>...` and are
 //! removed by guards on success and on failure. Every wait is bounded.
 
+pub mod sandbox;
+pub use sandbox::Sandbox;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

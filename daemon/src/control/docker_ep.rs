@@ -369,10 +369,15 @@ impl Daemon {
         self.persist(&inner.store)
     }
 
-    /// The MAC and sandbox of a joined Docker endpoint.
-    pub async fn docker_endpoint_sandbox(&self, endpoint_id: &str) -> Option<(Target, [u8; 6])> {
+    /// The sandbox, MAC and TAP name (as made, before Docker renames it) of a joined Docker
+    /// endpoint.
+    pub async fn docker_endpoint_sandbox(
+        &self,
+        endpoint_id: &str,
+    ) -> Option<(Target, [u8; 6], String)> {
         let inner = self.inner.lock().await;
-        docker_endpoint(&inner, endpoint_id).map(|e| (e.target.clone(), e.mac.0))
+        docker_endpoint(&inner, endpoint_id)
+            .map(|e| (e.target.clone(), e.mac.0, tap_name(endpoint_id)))
     }
 }
 

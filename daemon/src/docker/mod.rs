@@ -280,18 +280,20 @@ async fn learn_endpoint(
     network_id: String,
     endpoint_id: String,
 ) {
-    let Some((target, mac)) = daemon.docker_endpoint_sandbox(&endpoint_id).await else {
+    let Some((target, mac, made_as)) = daemon.docker_endpoint_sandbox(&endpoint_id).await else {
         return;
     };
     let deadline = tokio::time::Instant::now() + LEARN_FOR;
     let (mut inside, mut name) = (None, None);
     while tokio::time::Instant::now() < deadline && (inside.is_none() || name.is_none()) {
         if inside.is_none() {
-            let target = target.clone();
+            let (target, made_as) = (target.clone(), made_as.clone());
+            // Docker moves the TAP in under the name it had, then renames it: only the new
+            // name counts.
             inside = tokio::task::spawn_blocking(move || {
                 let ns = open_target(&target).ok()?;
                 let ifname = crate::netns::plumb::link_name_by_mac(&ns, mac).ok()??;
-                Some((ns.id(), ifname))
+                (ifname != made_as).then(|| (ns.id(), ifname))
             })
             .await
             .ok()
