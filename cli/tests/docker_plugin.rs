@@ -396,3 +396,100 @@ fn a_docker_network_adopts_vswitch_s_own_network_of_the_same_subnet() {
     d.ok(&["detach", &ns.name]);
     d.ok(&["network", "rm", "shared"]);
 }
+
+#[test]
+#[ignore = "needs root (network namespaces, TAP devices); run by scripts/test.sh as root"]
+fn dual_stack_and_driver_options_reach_the_network() {
+    require_root();
+    let (d, sock) = plugin_daemon();
+    let v4 = ok(
+        &sock,
+        "IpamDriver.RequestPool",
+        json!({"Pool":"10.96.0.0/24","SubPool":"","V6":false}),
+    );
+    let v6 = ok(
+        &sock,
+        "IpamDriver.RequestPool",
+        json!({"Pool":"","SubPool":"","V6":true}),
+    );
+    let subnet6 = v6["Pool"].as_str().expect("v6 pool").to_owned();
+    assert!(
+        subnet6.starts_with("fd") && subnet6.ends_with("/64"),
+        "{subnet6}"
+    );
+    let gw6 = ok(
+        &sock,
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": v6["PoolID"], "Address": "", "Options": {"RequestAddressType":"com.docker.network.gateway"}}),
+    );
+    let gw6 = gw6["Address"].as_str().expect("gateway").to_owned();
+    ok(
+        &sock,
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": NET, "Options": {"com.docker.network.enable_ipv6": true,
+               "com.docker.network.generic": {"com.docker.network.driver.mtu": "1400"}},
+               "IPv4Data": [{"Pool":"10.96.0.0/24","Gateway":"10.96.0.1/24"}],
+               "IPv6Data": [{"Pool": subnet6, "Gateway": gw6}]}),
+    );
+    let net = d.inspect(&format!("docker-{}", &NET[..12]));
+    assert_eq!(net["EnableIPv6"], true, "{net}");
+    assert_eq!(
+        net["Options"]["com.docker.network.driver.mtu"], "1400",
+        "{net}"
+    );
+    let a6 = ok(
+        &sock,
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": v6["PoolID"], "Address": ""}),
+    );
+    let a4 = ok(
+        &sock,
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": v4["PoolID"], "Address": ""}),
+    );
+    ok(
+        &sock,
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": a4["Address"], "AddressIPv6": a6["Address"], "MacAddress": "02:42:0a:60:00:02"}}),
+    );
+    let sandbox = Netns::new("sb6");
+    let joined = ok(
+        &sock,
+        "NetworkDriver.Join",
+        json!({"NetworkID": NET, "EndpointID": EP, "SandboxKey": sandbox.path()}),
+    );
+    assert_eq!(
+        joined["GatewayIPv6"].as_str(),
+        gw6.split('/').next(),
+        "{joined}"
+    );
+    let src = joined["InterfaceName"]["SrcName"]
+        .as_str()
+        .expect("SrcName");
+    let mtu = text(
+        &run(
+            Command::new("ip").args(["-n", &d.ns.name, "-o", "link", "show", "dev", src]),
+            secs(10),
+        )
+        .stdout,
+    );
+    assert!(
+        mtu.contains("mtu 1400") && mtu.contains("02:42:0a:60:00:02"),
+        "{mtu}"
+    );
+    ok(
+        &sock,
+        "NetworkDriver.Leave",
+        json!({"NetworkID": NET, "EndpointID": EP}),
+    );
+    ok(
+        &sock,
+        "NetworkDriver.DeleteEndpoint",
+        json!({"NetworkID": NET, "EndpointID": EP}),
+    );
+    ok(
+        &sock,
+        "NetworkDriver.DeleteNetwork",
+        json!({"NetworkID": NET}),
+    );
+}
