@@ -7,11 +7,11 @@
 //! tomcat82 with published ports, ping by name, `container:tomcat81`, then removal.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
 use vswitch_tests::{
-    NsDaemon, Outside, Sandbox, require_root, run, secs, text, unique, wait_until,
+    NsDaemon, Outside, Sandbox, busybox_tar, curl_ok, require_root, secs, text, unique, wait_until,
 };
 
 struct Docker {
@@ -160,42 +160,12 @@ impl Drop for Docker {
     }
 }
 
-fn busybox_tar(dir: &Path) -> PathBuf {
-    let tar = dir.join("busybox.tar");
-    let script = format!(
-        r#"set -e
-R={root}; mkdir -p $R/bin $R/etc $R/tmp $R/www $R/root
-cp /bin/busybox $R/bin/busybox
-for a in $(/bin/busybox --list-full); do
-  [ "$a" = bin/busybox ] && continue
-  mkdir -p "$R/$(dirname "$a")"; ln -sf /bin/busybox "$R/$a"
-done
-echo 'root:x:0:0:root:/root:/bin/sh' > $R/etc/passwd; echo 'root:x:0:' > $R/etc/group
-echo hello-from-docker > $R/www/index.html
-tar -C $R -cf {tar} ."#,
-        root = dir.join("rootfs").display(),
-        tar = tar.display()
-    );
-    let out = run(Command::new("sh").args(["-c", &script]), secs(60));
-    assert!(out.status.success(), "rootfs: {}", text(&out.stderr));
-    tar
-}
-
-fn curl(ns: &str, url: &str) -> String {
-    let out = run(
-        Command::new("ip").args(["netns", "exec", ns, "curl", "-sS", "--max-time", "10", url]),
-        secs(20),
-    );
-    assert!(out.status.success(), "curl {url}: {}", text(&out.stderr));
-    text(&out.stdout)
-}
-
 #[test]
 #[ignore = "needs root, dockerd (docker.io) and runc; run by scripts/test.sh as root"]
 fn dockerd_runs_the_seed_scenario_on_vswitch() {
     require_root();
     let mut d = Docker::new();
-    let tar = busybox_tar(&d.s.dir.0);
+    let tar = busybox_tar(&d.s.dir.0, "hello-from-docker\n");
     d.docker_ok(&[
         "import",
         "-c",
@@ -268,7 +238,7 @@ fn dockerd_runs_the_seed_scenario_on_vswitch() {
     let outside = Outside::behind(&d.s.ns.name);
     for port in ["18081", "18082"] {
         let url = format!("http://{}:{port}/", Outside::DAEMON_IP);
-        assert_eq!(curl(&outside.ns.name, &url), "hello-from-docker\n");
+        assert_eq!(curl_ok(&outside.ns.name, &url), "hello-from-docker\n");
     }
     let logs = d.docker(&["logs", "tomcat81"]);
     let logs = format!("{}{}", text(&logs.stdout), text(&logs.stderr));
@@ -295,7 +265,7 @@ fn dockerd_runs_the_seed_scenario_on_vswitch() {
         d.diag()
     );
     let url = format!("http://{}:18082/", Outside::DAEMON_IP);
-    assert_eq!(curl(&outside.ns.name, &url), "hello-from-docker\n");
+    assert_eq!(curl_ok(&outside.ns.name, &url), "hello-from-docker\n");
     // Under the name Docker gave it, which Docker's own records expect.
     for c in ["tomcat81", "tomcat82"] {
         let links = d.docker_ok(&["exec", c, "ip", "-o", "link"]);
@@ -362,6 +332,26 @@ fn dockerd_runs_the_seed_scenario_on_vswitch() {
     assert!(addr.contains("10.77.0.10/24"), "{addr}");
     let addr = d.docker_ok(&["exec", "ranged", "ip", "-4", "-o", "addr", "show", "eth0"]);
     assert!(addr.contains("10.77.0.129/24"), "{addr}");
+    // -P publishes the exposed ports on ports vswitch picks.
+    d.docker_ok(&[
+        "run",
+        "-d",
+        "--network",
+        "net2",
+        "--name",
+        "exposed",
+        "-P",
+        "--expose",
+        "9000",
+        "bb",
+        "sleep",
+        "600",
+    ]);
+    // (vswitch learns the container's name from dockerd just after the start.)
+    let named = wait_until(secs(10), || d.s.vs(&["port", "exposed"]).status.success());
+    assert!(named, "{}", d.diag());
+    let ports = d.s.vs_ok(&["port", "exposed"]);
+    assert!(ports.contains("9000/tcp -> 0.0.0.0:"), "{ports}");
     let route = d.docker_ok(&["exec", "ranged", "ip", "route"]);
     assert!(route.contains("default via 10.77.0.254"), "{route}");
     assert!(d.ping("ranged", "fixed"));
@@ -430,7 +420,7 @@ fn dockerd_runs_the_seed_scenario_on_vswitch() {
 
     // 6. docker rm -f, then docker network rm: nothing is left in vswitch.
     d.docker_ok(&[
-        "rm", "-f", "tomcat81", "tomcat82", "tomcat83", "fixed", "ranged", "shut",
+        "rm", "-f", "tomcat81", "tomcat82", "tomcat83", "fixed", "ranged", "shut", "exposed",
     ]);
     for net in ["you_network", "net2", "inner"] {
         d.docker_ok(&["network", "rm", net]);

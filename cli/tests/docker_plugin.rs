@@ -86,6 +86,11 @@ fn docker_calls_make_a_network_an_endpoint_and_a_working_interface() {
         call(&sock, "IpamDriver.GetCapabilities", None).1["RequiresMACAddress"],
         false
     );
+    let spaces = call(&sock, "IpamDriver.GetDefaultAddressSpaces", None).1;
+    assert!(spaces["LocalDefaultAddressSpace"].is_string(), "{spaces}");
+    for m in ["NetworkDriver.DiscoverNew", "NetworkDriver.DiscoverDelete"] {
+        ok(&sock, m, json!({"DiscoveryType": 1, "DiscoveryData": {}}));
+    }
 
     // The pool, its gateway, then the network (`--subnet --gateway --ip-range`).
     let pool = ok(
@@ -265,8 +270,43 @@ fn docker_calls_make_a_network_an_endpoint_and_a_working_interface() {
         ),
         (
             "NetworkDriver.CreateNetwork",
-            json!({"NetworkID": "eeeeeeeeeeeeeeee", "Options": {"com.docker.network.generic": {"bogus": "1"}}, "IPv4Data": [{"Pool": "10.98.0.0/24", "Gateway": "10.98.0.1/24"}]}),
+            json!({"NetworkID": "eeeeeeeeeeeeeeee", "Options": {"com.docker.network.generic": {"bogus": "1"}}, "IPv4Data": [{"AddressSpace": "vswitch-local", "Pool": "10.98.0.0/24", "Gateway": "10.98.0.1/24"}]}),
             "bogus",
+        ),
+        (
+            "NetworkDriver.CreateNetwork",
+            json!({"NetworkID": "ffffffffffffffff", "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": "10.98.0.0/24", "Gateway": "10.98.0.1/24"}]}),
+            "--ipam-driver vswitch",
+        ),
+        (
+            "NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": NET, "EndpointID": "abababababababab", "Interface": {"Address": "10.99.0.20/24", "MacAddress": "02:42:0a:63:00:fe"}}),
+            "MAC address 02:42:0a:63:00:fe is already in use",
+        ),
+        (
+            "NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": NET, "EndpointID": "abababababababab", "Interface": {"Address": "10.99.0.20/24", "MacAddress": mac}}),
+            "already in use",
+        ),
+        (
+            "NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": NET, "EndpointID": "abababababababab", "Interface": {"Address": "10.99.0.129/24", "MacAddress": "02:00:00:00:00:99"}}),
+            "address 10.99.0.129 is already in use",
+        ),
+        (
+            "NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": NET, "EndpointID": "abababababababab", "Interface": {"Address": "10.99.0.20/24", "MacAddress": "01:00:5e:00:00:01"}}),
+            "not a unicast",
+        ),
+        (
+            "NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": NET, "EndpointID": "abababababababab", "Interface": {"Address": "10.99.0.20/24", "AddressIPv6": "fd00::5/64"}}),
+            "no IPv6 subnet",
+        ),
+        (
+            "IpamDriver.RequestAddress",
+            json!({"PoolID": "10.55.0.0/24", "Address": ""}),
+            "unknown pool",
         ),
         (
             "IpamDriver.RequestPool",
@@ -293,6 +333,29 @@ fn docker_calls_make_a_network_an_endpoint_and_a_working_interface() {
         let e = err(&sock, method, body);
         assert!(e.contains(says), "{method}: {e:?} should say {says:?}");
     }
+    ok(
+        &sock,
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": NET, "EndpointID": "cdcdcdcdcdcdcdcd", "Interface": {"Address": "10.99.0.30/24"}}),
+    );
+    for key in [
+        "/proc/1/ns/net",
+        "/run/netns/../../proc/1/ns/net",
+        "relative/netns/x",
+        "/tmp/x",
+    ] {
+        let e = err(
+            &sock,
+            "NetworkDriver.Join",
+            json!({"NetworkID": NET, "EndpointID": "cdcdcdcdcdcdcdcd", "SandboxKey": key}),
+        );
+        assert!(e.contains("invalid sandbox key"), "{key}: {e}");
+    }
+    ok(
+        &sock,
+        "NetworkDriver.DeleteEndpoint",
+        json!({"NetworkID": NET, "EndpointID": "cdcdcdcdcdcdcdcd"}),
+    );
     let (status, v) = {
         let out = run(
             Command::new("curl")
@@ -364,6 +427,19 @@ fn a_docker_network_adopts_vswitch_s_own_network_of_the_same_subnet() {
     require_root();
     let (d, sock) = plugin_daemon();
     d.ok(&["network", "create", "--subnet", "10.97.0.0/24", "shared"]);
+    // Adopting takes the network as it is: an --internal Docker network cannot adopt an open one.
+    ok(
+        &sock,
+        "IpamDriver.RequestPool",
+        json!({"Pool":"10.97.0.0/24","SubPool":"","V6":false}),
+    );
+    let e = err(
+        &sock,
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": "abcdefabcdefabcdef", "Options": {"com.docker.network.internal": true},
+               "IPv4Data": [{"AddressSpace":"vswitch-local","Pool":"10.97.0.0/24","Gateway":"10.97.0.1/24"}]}),
+    );
+    assert!(e.contains("internal"), "{e}");
     let pool = ok(
         &sock,
         "IpamDriver.RequestPool",
@@ -372,7 +448,7 @@ fn a_docker_network_adopts_vswitch_s_own_network_of_the_same_subnet() {
     ok(
         &sock,
         "NetworkDriver.CreateNetwork",
-        json!({"NetworkID": NET, "IPv4Data": [{"Pool":"10.97.0.0/24","Gateway":"10.97.0.1/24"}]}),
+        json!({"NetworkID": NET, "IPv4Data": [{"AddressSpace":"vswitch-local","Pool":"10.97.0.0/24","Gateway":"10.97.0.1/24"}]}),
     );
     let ls = d.ok(&["network", "ls"]);
     assert!(ls.contains("shared") && !ls.contains("docker-"), "{ls}");
@@ -386,6 +462,14 @@ fn a_docker_network_adopts_vswitch_s_own_network_of_the_same_subnet() {
         json!({"PoolID": pool["PoolID"], "Address": ""}),
     );
     assert_ne!(a["Address"], format!("{own}/24"));
+    // ... and vswitch's own attach does not take the address Docker holds.
+    let other = Netns::new("own2");
+    d.ok(&["attach", "--network", "shared", &other.name]);
+    assert_ne!(
+        format!("{}/24", d.ip_of("shared", &other.name)),
+        a["Address"].as_str().expect("address")
+    );
+    d.ok(&["detach", &other.name]);
     // docker network rm lets go of it: vswitch's network and endpoint stay.
     ok(
         &sock,
@@ -428,7 +512,7 @@ fn dual_stack_and_driver_options_reach_the_network() {
         "NetworkDriver.CreateNetwork",
         json!({"NetworkID": NET, "Options": {"com.docker.network.enable_ipv6": true,
                "com.docker.network.generic": {"com.docker.network.driver.mtu": "1400"}},
-               "IPv4Data": [{"Pool":"10.96.0.0/24","Gateway":"10.96.0.1/24"}],
+               "IPv4Data": [{"AddressSpace":"vswitch-local","Pool":"10.96.0.0/24","Gateway":"10.96.0.1/24"}],
                "IPv6Data": [{"Pool": subnet6, "Gateway": gw6}]}),
     );
     let net = d.inspect(&format!("docker-{}", &NET[..12]));

@@ -8,11 +8,12 @@
 
 use std::fs;
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Output;
 
 use vswitch_tests::{
-    NsDaemon, Outside, Sandbox, require_root, run, secs, text, vswitch_bin, wait_until,
+    NsDaemon, Outside, Sandbox, busybox_tar, curl_ok, require_root, secs, text, vswitch_bin,
+    wait_until,
 };
 
 /// Podman in a [`Sandbox`], with the daemon running beside it.
@@ -126,28 +127,6 @@ impl Drop for Podman {
     }
 }
 
-/// A busybox rootfs as a tarball, with a page for httpd.
-fn busybox_tar(dir: &Path) -> PathBuf {
-    let tar = dir.join("busybox.tar");
-    let script = format!(
-        r#"set -e
-R={root}; mkdir -p $R/bin $R/etc $R/tmp $R/proc $R/sys $R/dev $R/www $R/root
-cp /bin/busybox $R/bin/busybox
-for a in $(/bin/busybox --list-full); do
-  [ "$a" = bin/busybox ] && continue
-  mkdir -p "$R/$(dirname "$a")"; ln -sf /bin/busybox "$R/$a"
-done
-echo 'root:x:0:0:root:/root:/bin/sh' > $R/etc/passwd; echo 'root:x:0:' > $R/etc/group
-echo hello-from-podman > $R/www/index.html
-tar -C $R -cf {tar} ."#,
-        root = dir.join("rootfs").display(),
-        tar = tar.display()
-    );
-    let out = run(Command::new("sh").args(["-c", &script]), secs(60));
-    assert!(out.status.success(), "rootfs: {}", text(&out.stderr));
-    tar
-}
-
 /// The address of container `name` on `network`, as podman reports it.
 fn podman_ip(s: &Podman, name: &str, network: &str) -> String {
     let ip = s.podman_ok(&[
@@ -169,7 +148,7 @@ fn podman_runs_containers_on_a_vswitch_network() {
     s.vs_ok(&["network", "create", "pmnet"]);
     let conflist = s.vs_ok(&["cni", "config", "pmnet"]);
     fs::write(s.path("net/pmnet.conflist"), conflist).expect("conflist");
-    let tar = busybox_tar(&s.s.dir.0);
+    let tar = busybox_tar(&s.s.dir.0, "hello-from-podman\n");
     s.podman_ok(&[
         "import",
         "--change",
@@ -199,7 +178,7 @@ fn podman_runs_containers_on_a_vswitch_network() {
     // that client's own address.
     let outside = Outside::behind(&s.s.ns.name);
     let curl_outside = || {
-        run_curl(
+        curl_ok(
             &outside.ns.name,
             &format!("http://{}:18080/", Outside::DAEMON_IP),
         )
@@ -271,14 +250,4 @@ fn podman_runs_containers_on_a_vswitch_network() {
     let stale = s.lookup("c1", "c4");
     assert!(stale.contains("NXDOMAIN"), "c4 resolves: {stale}");
     assert!(s.ping("c1", "c3"), "the failed run disturbed the others");
-}
-
-/// curl from a namespace: the body, or a panic with curl's error.
-fn run_curl(ns: &str, url: &str) -> String {
-    let out = run(
-        Command::new("ip").args(["netns", "exec", ns, "curl", "-sS", "--max-time", "10", url]),
-        secs(20),
-    );
-    assert!(out.status.success(), "curl {url}: {}", text(&out.stderr));
-    text(&out.stdout)
 }

@@ -206,6 +206,17 @@ pub struct Store {
     pub endpoints: BTreeMap<String, Endpoint>,
     #[serde(default)]
     pub containers: BTreeMap<String, Container>,
+    /// Addresses and MACs promised to Docker on each network (by network id) that no endpoint
+    /// holds yet: new endpoints must not take them. Kept in memory only; Docker asks again.
+    #[serde(skip)]
+    pub held: BTreeMap<String, Held>,
+}
+
+/// What Docker holds on one network.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub addrs: std::collections::BTreeSet<std::net::IpAddr>,
+    pub macs: std::collections::BTreeSet<[u8; 6]>,
 }
 
 impl Store {

@@ -11,7 +11,7 @@
 //! removed by guards on success and on failure. Every wait is bounded.
 
 pub mod sandbox;
-pub use sandbox::Sandbox;
+pub use sandbox::{Sandbox, busybox_tar, curl_ok};
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

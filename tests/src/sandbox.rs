@@ -258,3 +258,38 @@ impl Drop for Sandbox {
         self.kill_everything_inside();
     }
 }
+
+/// A busybox rootfs (busybox-static and its applets, a root user, `/www/index.html` holding
+/// `page`) as a tarball in `dir`, for `podman import` or `docker import`.
+pub fn busybox_tar(dir: &std::path::Path, page: &str) -> PathBuf {
+    let tar = dir.join("busybox.tar");
+    let root = dir.join("rootfs");
+    let script = format!(
+        r#"set -e
+R={root}; mkdir -p $R/bin $R/etc $R/tmp $R/proc $R/sys $R/dev $R/www $R/root
+cp /bin/busybox $R/bin/busybox
+for a in $(/bin/busybox --list-full); do
+  [ "$a" = bin/busybox ] && continue
+  mkdir -p "$R/$(dirname "$a")"; ln -sf /bin/busybox "$R/$a"
+done
+echo 'root:x:0:0:root:/root:/bin/sh' > $R/etc/passwd; echo 'root:x:0:' > $R/etc/group
+tar -C $R -cf {tar} ."#,
+        root = root.display(),
+        tar = tar.display()
+    );
+    let _ = fs::create_dir_all(root.join("www"));
+    fs::write(root.join("www/index.html"), page).expect("page");
+    let out = run(Command::new("sh").args(["-c", &script]), secs(60));
+    assert!(out.status.success(), "rootfs: {}", text(&out.stderr));
+    tar
+}
+
+/// curl from inside `ns`: the body, or a panic with curl's error.
+pub fn curl_ok(ns: &str, url: &str) -> String {
+    let out = run(
+        Command::new("ip").args(["netns", "exec", ns, "curl", "-sS", "--max-time", "10", url]),
+        secs(20),
+    );
+    assert!(out.status.success(), "curl {url}: {}", text(&out.stderr));
+    text(&out.stdout)
+}

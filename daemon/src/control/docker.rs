@@ -1,69 +1,18 @@
-//! dockerd's networks and address pools, through the plugin (`crate::docker`): the
-//! `IpamDriver` calls and `NetworkDriver`'s CreateNetwork and DeleteNetwork. Endpoints are in
-//! `docker_ep`.
-//!
-//! Docker asks for a pool and its gateway before it creates the network, and for each address
-//! before it creates the endpoint. A pool id names its subnet (`10.99.0.0/24` or
-//! `10.99.0.0/24 10.99.0.128/25` with an `--ip-range`), so it means the same after a restart
-//! of either daemon; addresses come from the network's own IPAM once the network exists, with
-//! the ones Docker holds but has not yet made endpoints of kept aside.
+//! dockerd's networks through the plugin (`crate::docker`): `NetworkDriver`'s CreateNetwork
+//! and DeleteNetwork, and the names dockerd gives them. Pools and addresses are in
+//! `docker_ipam`, endpoints in `docker_ep`.
 
-use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use ipnet::IpNet;
 
-use ipnet::{IpNet, Ipv4Net};
-
+use super::docker_ipam::{adoptable, refresh_held};
 use super::networks::host_facts;
 use super::{Daemon, Inner, ids};
 use crate::api::NetworkCreate;
-use crate::docker::wire::{self, AddressReply, PoolReply};
+use crate::docker::wire;
 use crate::error::{Error, Result};
 use crate::ipam;
 use crate::plan;
 use crate::state::{DockerNetwork, Network, Store};
-
-use super::docker_ep::Pending;
-
-/// What exists only between Docker's calls.
-#[derive(Debug, Default)]
-pub struct DockerState {
-    /// Pools requested and not yet released, by id.
-    pub(super) pools: HashMap<String, Pool>,
-    /// Addresses given to Docker that no endpoint holds yet, by pool id.
-    pub(super) reserved: HashMap<String, HashSet<IpAddr>>,
-    /// Endpoints created and not joined (or left and not deleted), by Docker's endpoint id.
-    pub(super) pending: HashMap<String, Pending>,
-}
-
-/// A pool as its id spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Pool {
-    pub subnet: IpNet,
-    pub range: Option<Ipv4Net>,
-}
-
-impl Pool {
-    pub fn id(&self) -> String {
-        match self.range {
-            Some(r) => format!("{} {r}", self.subnet),
-            None => self.subnet.to_string(),
-        }
-    }
-
-    pub fn parse(id: &str) -> Result<Self> {
-        let bad = || Error::bad_request(format!("unknown pool {id:?}"));
-        let mut parts = id.split(' ');
-        let subnet: IpNet = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-        let range = match parts.next() {
-            Some(r) => Some(r.parse::<Ipv4Net>().map_err(|_| bad())?),
-            None => None,
-        };
-        if parts.next().is_some() || subnet.trunc() != subnet {
-            return Err(bad());
-        }
-        Ok(Self { subnet, range })
-    }
-}
 
 /// The provisional name of a Docker network until dockerd tells its own.
 pub(super) fn provisional(prefix: &str, id: &str) -> String {
@@ -79,200 +28,7 @@ pub(super) fn docker_network<'a>(store: &'a Store, id: &str) -> Result<&'a Netwo
         .ok_or_else(|| Error::not_found(format!("no vswitch network for Docker network {id}")))
 }
 
-/// Every subnet in use or promised: networks and pools.
-fn taken(store: &Store, state: &DockerState) -> Vec<IpNet> {
-    store
-        .networks
-        .values()
-        .flat_map(|n| std::iter::once(IpNet::V4(n.subnet)).chain(n.subnet6.map(IpNet::V6)))
-        .chain(state.pools.values().map(|p| p.subnet))
-        .collect()
-}
-
-/// A network Docker may adopt as `subnet`: vswitch's own (not Docker's), exactly that subnet.
-fn adoptable(store: &Store, subnet: IpNet) -> Option<&Network> {
-    store.networks.values().find(|n| {
-        n.docker.is_none()
-            && n.name != plan::DEFAULT_NETWORK
-            && (IpNet::V4(n.subnet) == subnet || n.subnet6.map(IpNet::V6) == Some(subnet))
-    })
-}
-
 impl Daemon {
-    /// IpamDriver.RequestPool.
-    pub async fn docker_request_pool(&self, req: wire::RequestPool) -> Result<PoolReply> {
-        if let Some((k, _)) = req.options.iter().flatten().next() {
-            return Err(Error::bad_request(format!(
-                "unknown IPAM option {k:?} (vswitch's IPAM takes none)"
-            )));
-        }
-        let mut inner = self.inner.lock().await;
-        let inner = &mut *inner;
-        let taken = taken(&inner.store, &inner.docker);
-        let subnet: IpNet = match (req.pool.as_str(), req.v6) {
-            ("", false) => {
-                let mut t4: Vec<Ipv4Net> = taken
-                    .iter()
-                    .filter_map(|n| match n {
-                        IpNet::V4(n) => Some(*n),
-                        IpNet::V6(_) => None,
-                    })
-                    .collect();
-                t4.extend(host_facts(false).routes);
-                IpNet::V4(ipam::pick_subnet(&t4).ok_or_else(|| {
-                    Error::conflict("no free subnet left in the automatic pools; pass --subnet")
-                })?)
-            }
-            ("", true) => IpNet::V6(ipam::ula_for(&ids::random_id())),
-            (p, false) => IpNet::V4(ipam::parse_subnet4(p).map_err(Error::bad_request)?),
-            (p, true) => IpNet::V6(ipam::parse_subnet6(p).map_err(Error::bad_request)?),
-        };
-        let adopt = !req.pool.is_empty() && adoptable(&inner.store, subnet).is_some();
-        if !adopt && let Some(t) = taken.iter().find(|t| overlaps(**t, subnet)) {
-            return Err(Error::conflict(format!(
-                "subnet {subnet} overlaps {t}, which is in use"
-            )));
-        }
-        let range = match (req.sub_pool.as_str(), subnet) {
-            ("", _) => None,
-            (r, IpNet::V4(s)) => {
-                let r = ipam::parse_subnet4(r).map_err(Error::bad_request)?;
-                if !s.contains(&r) {
-                    return Err(Error::bad_request(format!("ip range {r} is not in {s}")));
-                }
-                Some(r)
-            }
-            (_, IpNet::V6(_)) => {
-                return Err(Error::bad_request(
-                    "vswitch takes an ip range for IPv4 only",
-                ));
-            }
-        };
-        let pool = Pool { subnet, range };
-        inner.docker.pools.insert(pool.id(), pool);
-        Ok(PoolReply {
-            pool_id: pool.id(),
-            pool: subnet.to_string(),
-            data: Default::default(),
-        })
-    }
-
-    /// IpamDriver.ReleasePool.
-    pub async fn docker_release_pool(&self, id: &str) -> Result<()> {
-        let mut inner = self.inner.lock().await;
-        inner.docker.pools.remove(id);
-        inner.docker.reserved.remove(id);
-        Ok(())
-    }
-
-    /// IpamDriver.RequestAddress: the gateway (before the network exists), or an endpoint's
-    /// address.
-    pub async fn docker_request_address(&self, req: wire::RequestAddress) -> Result<AddressReply> {
-        let pool = Pool::parse(&req.pool_id)?;
-        let gateway = req
-            .options
-            .as_ref()
-            .and_then(|o| o.get(wire::REQUEST_ADDRESS_TYPE))
-            .is_some_and(|t| t == wire::GATEWAY_TYPE);
-        let wanted: Option<IpAddr> = match req.address.as_str() {
-            "" => None,
-            a => Some(
-                a.split('/')
-                    .next()
-                    .unwrap_or(a)
-                    .parse()
-                    .map_err(|_| Error::bad_request(format!("invalid address {a:?}")))?,
-            ),
-        };
-        if let Some(ip) = wanted
-            && !is_host(pool.subnet, ip)
-        {
-            return Err(Error::bad_request(format!(
-                "{ip} is not a host address of {}",
-                pool.subnet
-            )));
-        }
-        let len = pool.subnet.prefix_len();
-        if gateway {
-            let ip = wanted.unwrap_or_else(|| first_host(pool.subnet));
-            return Ok(AddressReply {
-                address: format!("{ip}/{len}"),
-                data: Default::default(),
-            });
-        }
-        let mut inner = self.inner.lock().await;
-        let inner = &mut *inner;
-        let mut used: HashSet<IpAddr> = inner
-            .docker
-            .reserved
-            .get(&req.pool_id)
-            .cloned()
-            .unwrap_or_default();
-        used.extend(inner.docker.pending.values().flat_map(Pending::addrs));
-        if let Some(net) = inner.store.networks.values().find(|n| {
-            IpNet::V4(n.subnet) == pool.subnet || n.subnet6.map(IpNet::V6) == Some(pool.subnet)
-        }) {
-            used.insert(IpAddr::V4(net.gateway));
-            used.extend(net.gateway6.map(IpAddr::V6));
-            for ep in inner.store.endpoints_of(&net.id) {
-                used.insert(IpAddr::V4(ep.ipv4));
-                used.extend(ep.ipv6.map(IpAddr::V6));
-            }
-        }
-        let ip = match (wanted, pool.subnet) {
-            (Some(ip), _) if used.contains(&ip) => {
-                return Err(Error::conflict(format!("address {ip} is already in use")));
-            }
-            (Some(ip), _) => ip,
-            (None, IpNet::V4(s)) => {
-                let used4 = used
-                    .iter()
-                    .filter_map(|a| match a {
-                        IpAddr::V4(a) => Some(*a),
-                        IpAddr::V6(_) => None,
-                    })
-                    .collect();
-                IpAddr::V4(
-                    ipam::allocate4(s, pool.range, &used4)
-                        .ok_or_else(|| Error::conflict(format!("no free address left in {s}")))?,
-                )
-            }
-            (None, IpNet::V6(s)) => {
-                let used6 = used
-                    .iter()
-                    .filter_map(|a| match a {
-                        IpAddr::V6(a) => Some(*a),
-                        IpAddr::V4(_) => None,
-                    })
-                    .collect();
-                IpAddr::V6(
-                    ipam::allocate6(s, &used6)
-                        .ok_or_else(|| Error::conflict(format!("no free address left in {s}")))?,
-                )
-            }
-        };
-        inner
-            .docker
-            .reserved
-            .entry(req.pool_id)
-            .or_default()
-            .insert(ip);
-        Ok(AddressReply {
-            address: format!("{ip}/{len}"),
-            data: Default::default(),
-        })
-    }
-
-    /// IpamDriver.ReleaseAddress.
-    pub async fn docker_release_address(&self, req: wire::ReleaseAddress) -> Result<()> {
-        let ip: Option<IpAddr> = req.address.split('/').next().and_then(|a| a.parse().ok());
-        let mut inner = self.inner.lock().await;
-        if let (Some(ip), Some(set)) = (ip, inner.docker.reserved.get_mut(&req.pool_id)) {
-            set.remove(&ip);
-        }
-        Ok(())
-    }
-
     /// NetworkDriver.CreateNetwork: a vswitch network for Docker's, or vswitch's own network of
     /// exactly that subnet adopted. Returns whether its name is still to be learnt.
     pub async fn docker_create_network(&self, req: wire::CreateNetwork) -> Result<bool> {
@@ -282,6 +38,11 @@ impl Daemon {
                 "vswitch networks need an IPv4 pool (use --ipam-driver vswitch)",
             ));
         };
+        if !data4.address_space.starts_with("vswitch-") {
+            return Err(Error::bad_request(
+                "vswitch networks take their addresses from vswitch's IPAM: add --ipam-driver vswitch",
+            ));
+        }
         let subnet = ipam::parse_subnet4(&data4.pool).map_err(Error::bad_request)?;
         let gateway = strip_len(&data4.gateway);
         let data6 = req.ipv6_data.as_deref().and_then(<[_]>::first);
@@ -290,11 +51,41 @@ impl Daemon {
         if let Ok(net) = docker_network(&inner.store, &req.network_id) {
             return Ok(net.docker.as_ref().is_some_and(|d| d.unnamed));
         }
+        let mut generic = wire::generic(&req.options);
+        let mtu: Option<u32> = match generic.remove(wire::MTU) {
+            Some(m) => Some(
+                m.parse()
+                    .map_err(|_| Error::bad_request(format!("invalid MTU {m:?}")))?,
+            ),
+            None => None,
+        };
+        let internal = wire::flag(&req.options, wire::INTERNAL);
         if let Some(net) = adoptable(&inner.store, IpNet::V4(subnet)).cloned() {
-            if !gateway.is_empty() && gateway != net.gateway.to_string() {
+            let subnet6 = data6.map(|d| d.pool.clone());
+            let mismatch = if !gateway.is_empty() && gateway != net.gateway.to_string() {
+                Some(format!("gateway {}, not {gateway}", net.gateway))
+            } else if internal != net.internal {
+                Some(format!("internal {}, not {internal}", net.internal))
+            } else if subnet6 != net.subnet6.map(|s| s.to_string()) {
+                Some(format!(
+                    "IPv6 subnet {}, not {}",
+                    net.subnet6.map(|s| s.to_string()).unwrap_or("none".into()),
+                    subnet6.unwrap_or("none".into())
+                ))
+            } else if mtu.is_some_and(|m| m != net.mtu) {
+                Some(format!("MTU {}", net.mtu))
+            } else if generic
+                .get("port-security")
+                .is_some_and(|p| p != net.port_security.as_str())
+            {
+                Some(format!("port-security {}", net.port_security.as_str()))
+            } else {
+                None
+            };
+            if let Some(m) = mismatch {
                 return Err(Error::conflict(format!(
-                    "network {} has subnet {subnet} with gateway {}, not {gateway}",
-                    net.name, net.gateway
+                    "vswitch network {} has subnet {subnet} but {m}: Docker cannot adopt it as asked",
+                    net.name
                 )));
             }
             let mut adopted = net.clone();
@@ -317,14 +108,6 @@ impl Daemon {
             .values()
             .find(|p| p.subnet == IpNet::V4(subnet))
             .and_then(|p| p.range);
-        let mut generic = wire::generic(&req.options);
-        let mtu = match generic.remove(wire::MTU) {
-            Some(m) => Some(
-                m.parse()
-                    .map_err(|_| Error::bad_request(format!("invalid MTU {m:?}")))?,
-            ),
-            None => None,
-        };
         let mut subnets = vec![subnet.to_string()];
         let mut gateways = vec![gateway];
         if let Some(d6) = data6 {
@@ -337,7 +120,7 @@ impl Daemon {
             subnets,
             gateways,
             ip_range: range.map(|r| r.to_string()),
-            internal: wire::flag(&req.options, wire::INTERNAL),
+            internal,
             mtu,
             enable_ipv6: data6.is_some(),
             dns_servers: Vec::new(),
@@ -363,26 +146,34 @@ impl Daemon {
         Ok(true)
     }
 
-    /// NetworkDriver.DeleteNetwork: removes the network, or lets go of an adopted one.
+    /// NetworkDriver.DeleteNetwork: removes the network, or lets go of an adopted one. dockerd
+    /// forgets its network whatever the driver answers, so this never leaves a network that
+    /// only Docker could remove: Docker's endpoints still on it go, and a network vswitch's
+    /// own endpoints have joined stays as an ordinary vswitch network.
     pub async fn docker_delete_network(&self, id: &str) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let inner = &mut *inner;
         let Ok(net) = docker_network(&inner.store, id).cloned() else {
             return Ok(());
         };
-        let gone: Vec<String> = inner
-            .docker
-            .pending
-            .iter()
-            .filter(|(_, p)| p.network_id == net.id)
-            .map(|(k, _)| k.clone())
+        let theirs: Vec<crate::state::Endpoint> = inner
+            .store
+            .endpoints_of(&net.id)
+            .filter(|e| e.docker.is_some())
+            .cloned()
             .collect();
-        for k in gone {
-            inner.docker.pending.remove(&k);
+        for ep in &theirs {
+            self.unplug(inner, ep).await;
         }
-        if net.docker.as_ref().is_some_and(|d| d.adopted) {
+        inner.docker.pending.retain(|_, p| p.network_id != net.id);
+        refresh_held(inner);
+        let adopted = net.docker.as_ref().is_some_and(|d| d.adopted);
+        if adopted || inner.store.endpoints_of(&net.id).next().is_some() {
             let mut kept = net.clone();
             kept.docker = None;
+            if !adopted {
+                tracing::warn!(name = %net.name, "Docker removed its network, which vswitch endpoints still use; it stays as a vswitch network");
+            }
             inner.store.networks.insert(kept.id.clone(), kept);
             return self.persist(&inner.store);
         }
@@ -398,9 +189,12 @@ impl Daemon {
         if !net.docker.as_ref().is_some_and(|d| d.unnamed) {
             return Ok(());
         }
-        plan::check_name("network", name)?;
-        if let Some(other) = inner.store.find_network(name)
-            && other.id != net.id
+        plan::check_network_name(name)?;
+        if inner
+            .store
+            .networks
+            .values()
+            .any(|n| n.name == name && n.id != net.id)
         {
             return Err(Error::conflict(format!(
                 "vswitch already has a network named {name}; Docker's stays {}",
@@ -422,6 +216,22 @@ impl Daemon {
         Ok(())
     }
 
+    /// Docker networks whose names dockerd has not told yet (the daemon stopped first).
+    pub async fn docker_unnamed(&self) -> Vec<String> {
+        let inner = self.inner.lock().await;
+        inner
+            .store
+            .networks
+            .values()
+            .filter_map(|n| {
+                n.docker
+                    .as_ref()
+                    .filter(|d| d.unnamed)
+                    .map(|d| d.id.clone())
+            })
+            .collect()
+    }
+
     /// Rebuilds a network's DNS zone (after a rename).
     pub(super) fn rezone(&self, inner: &Inner, net: &Network) {
         let mut catalog = self.catalog.write();
@@ -432,68 +242,6 @@ impl Daemon {
         }
     }
 }
-
 fn strip_len(cidr: &str) -> String {
     cidr.split('/').next().unwrap_or_default().to_owned()
-}
-
-fn overlaps(a: IpNet, b: IpNet) -> bool {
-    match (a, b) {
-        (IpNet::V4(a), IpNet::V4(b)) => ipam::overlaps4(a, b),
-        (IpNet::V6(a), IpNet::V6(b)) => ipam::overlaps6(a, b),
-        _ => false,
-    }
-}
-
-fn is_host(net: IpNet, ip: IpAddr) -> bool {
-    match (net, ip) {
-        (IpNet::V4(n), IpAddr::V4(ip)) => ipam::is_host4(n, ip),
-        (IpNet::V6(n), IpAddr::V6(ip)) => ipam::is_host6(n, ip),
-        _ => false,
-    }
-}
-
-/// The conventional gateway: the first host address.
-fn first_host(net: IpNet) -> IpAddr {
-    match net {
-        IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(u32::from(n.network()).saturating_add(1))),
-        IpNet::V6(n) => IpAddr::V6(std::net::Ipv6Addr::from(
-            u128::from(n.network()).saturating_add(1),
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pool_ids_name_their_subnets() {
-        let p = Pool::parse("10.99.0.0/24 10.99.0.128/25").unwrap();
-        assert_eq!(p.subnet.to_string(), "10.99.0.0/24");
-        assert_eq!(p.range.unwrap().to_string(), "10.99.0.128/25");
-        assert_eq!(Pool::parse(&p.id()).unwrap(), p);
-        assert!(Pool::parse("fd00::/64").is_ok());
-        for bad in [
-            "",
-            "x",
-            "10.99.0.1/24",
-            "10.0.0.0/8 y",
-            "10.0.0.0/8 10.0.0.0/9 z",
-        ] {
-            assert!(Pool::parse(bad).is_err(), "{bad}");
-        }
-        assert_eq!(
-            first_host("10.99.0.0/24".parse().unwrap()).to_string(),
-            "10.99.0.1"
-        );
-        assert_eq!(
-            first_host("fd00::/64".parse().unwrap()).to_string(),
-            "fd00::1"
-        );
-        assert_eq!(
-            provisional("docker", "0123456789abcdef"),
-            "docker-0123456789ab"
-        );
-    }
 }

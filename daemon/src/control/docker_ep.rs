@@ -14,6 +14,7 @@ use vswitch_netdev::ns::NsId;
 use vswitch_switch::MacAddr;
 
 use super::docker::{docker_network, provisional};
+use super::docker_ipam::{MAX_PENDING, refresh_held};
 use super::publish::bind_published;
 use super::{Daemon, Inner, ids};
 use crate::api::Target;
@@ -94,6 +95,19 @@ impl Daemon {
                     .map_err(|_| Error::bad_request(format!("invalid IPv6 address {a:?}")))?,
             ),
         };
+        if let Some(ip6) = ipv6 {
+            let Some(s6) = net.subnet6 else {
+                return Err(Error::bad_request(format!(
+                    "network {} has no IPv6 subnet",
+                    net.name
+                )));
+            };
+            if !crate::ipam::is_host6(s6, ip6) || Some(ip6) == net.gateway6 {
+                return Err(Error::bad_request(format!(
+                    "{ip6} is not an endpoint address of {s6}"
+                )));
+            }
+        }
         let (mac, reply) = match iface.mac_address.as_str() {
             "" => {
                 let mac = MacAddr::from_ipv4(ipv4);
@@ -105,25 +119,68 @@ impl Daemon {
                     },
                 )
             }
-            m => (
-                m.parse()
-                    .map_err(|_| Error::bad_request(format!("invalid MAC address {m:?}")))?,
-                Interface::default(),
-            ),
+            m => {
+                let mac: MacAddr = m
+                    .parse()
+                    .map_err(|_| Error::bad_request(format!("invalid MAC address {m:?}")))?;
+                if mac.is_multicast() || mac.is_zero() {
+                    return Err(Error::bad_request(format!(
+                        "MAC address {mac} is not a unicast address"
+                    )));
+                }
+                (mac, Interface::default())
+            }
         };
+        // Nothing another endpoint of the network holds, made or pending: a container must not
+        // take the gateway's or a neighbour's MAC or address.
+        let taken_mac = mac == net.gateway_mac()
+            || inner.store.endpoints_of(&net.id).any(|e| e.mac == mac)
+            || inner
+                .docker
+                .pending
+                .values()
+                .any(|p| p.network_id == net.id && p.mac == mac);
+        if taken_mac {
+            return Err(Error::conflict(format!(
+                "MAC address {mac} is already in use on network {}",
+                net.name
+            )));
+        }
+        let mine = Pending {
+            network_id: net.id.clone(),
+            ipv4,
+            ipv6,
+            mac,
+        };
+        let taken_addr = mine.addrs().find(|a| {
+            inner
+                .store
+                .endpoints_of(&net.id)
+                .any(|e| IpAddr::V4(e.ipv4) == *a || e.ipv6.map(IpAddr::V6) == Some(*a))
+                || inner
+                    .docker
+                    .pending
+                    .values()
+                    .any(|p| p.network_id == net.id && p.addrs().any(|b| b == *a))
+        });
+        if let Some(a) = taken_addr {
+            return Err(Error::conflict(format!(
+                "address {a} is already in use on network {}",
+                net.name
+            )));
+        }
+        if inner.docker.pending.len() >= MAX_PENDING {
+            return Err(Error::new(
+                crate::error::ErrorKind::Unavailable,
+                format!("{MAX_PENDING} Docker endpoints are created and not joined"),
+            ));
+        }
         // The ports are checked now, so that a bad mapping fails the create, not the start.
         for b in wire::port_bindings(&req.options).map_err(Error::bad_request)? {
             wire::publish_spec(&b).map_err(Error::bad_request)?;
         }
-        inner.docker.pending.insert(
-            req.endpoint_id,
-            Pending {
-                network_id: net.id,
-                ipv4,
-                ipv6,
-                mac,
-            },
-        );
+        inner.docker.pending.insert(req.endpoint_id, mine);
+        refresh_held(&mut inner);
         Ok(reply)
     }
 
@@ -144,9 +201,7 @@ impl Daemon {
                 req.endpoint_id, req.network_id
             )));
         }
-        if !req.sandbox_key.starts_with('/') {
-            return Err(Error::bad_request("the sandbox key must be a path"));
-        }
+        check_sandbox_key(&req.sandbox_key)?;
         // dockerd makes the sandbox's namespace with the container, after Join: its file
         // does not exist yet. Docker moves the TAP in when it does.
         let target = Target::Path(req.sandbox_key.clone());
@@ -183,6 +238,7 @@ impl Daemon {
             return Err(e);
         }
         inner.docker.pending.remove(&req.endpoint_id);
+        refresh_held(inner);
         tracing::info!(endpoint = %req.endpoint_id, network = %net.name, ip = %ep.ipv4, "Docker endpoint joined");
         Ok(JoinReply {
             interface_name: InterfaceName {
@@ -219,6 +275,7 @@ impl Daemon {
                 mac: ep.mac,
             },
         );
+        refresh_held(inner);
         tracing::info!(endpoint = %ep.name, "Docker endpoint left");
         self.persist(&inner.store)
     }
@@ -228,6 +285,7 @@ impl Daemon {
         let mut inner = self.inner.lock().await;
         let inner = &mut *inner;
         inner.docker.pending.remove(endpoint_id);
+        refresh_held(inner);
         if let Some(ep) = docker_endpoint(inner, endpoint_id).cloned() {
             self.unplug(inner, &ep).await;
             return self.persist(&inner.store);
@@ -252,14 +310,23 @@ impl Daemon {
             )));
         };
         let net = docker_network(&inner.store, &req.network_id)?.clone();
+        if ep.network_id != net.id {
+            return Err(Error::bad_request(format!(
+                "endpoint {} is not on network {}",
+                req.endpoint_id, req.network_id
+            )));
+        }
         if net.internal && !specs.is_empty() {
             return Err(Error::bad_request(format!(
                 "network {} is internal: its containers cannot publish ports",
                 net.name
             )));
         }
-        self.unpublish(inner, &ep);
         let mut ports = plan::plan_ports(&net, &specs)?;
+        if !ep.ports.is_empty() {
+            // Programmed once per join; a repeat changes nothing.
+            return Ok(());
+        }
         let listeners = bind_published(&ports).await?;
         for (m, b) in ports.iter_mut().zip(&listeners) {
             m.host_port = b.port();
@@ -328,20 +395,27 @@ impl Daemon {
     /// What Docker's API and the sandbox tell about a joined endpoint once Docker has
     /// finished: its container's name (for vswitch's DNS), and the sandbox's namespace with
     /// the interface's name there (to plumb it again after a restart; from then on the
-    /// endpoint goes when the sandbox does).
+    /// endpoint goes when the sandbox does). `id` is vswitch's endpoint id, so that what was
+    /// learnt of an earlier join of the same Docker endpoint is not applied to a later one.
     pub async fn docker_learn_endpoint(
         &self,
-        endpoint_id: &str,
+        id: &str,
         name: Option<String>,
         inside: Option<(NsId, String)>,
     ) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let inner = &mut *inner;
-        let Some(mut ep) = docker_endpoint(inner, endpoint_id).cloned() else {
+        let Some(mut ep) = inner.store.endpoints.get(id).cloned() else {
             return Ok(());
         };
         let found = inside.is_some();
         if let Some((ns, ifname)) = inside {
+            if ns == self.own_netns || self.host_netns.contains(&ns) {
+                return Err(Error::forbidden(format!(
+                    "the sandbox {} is the daemon's or the host's namespace",
+                    ep.target
+                )));
+            }
             ep.ns = ns;
             ep.ifname = ifname;
         }
@@ -351,7 +425,7 @@ impl Daemon {
                 .endpoints_of(&ep.network_id)
                 .any(|e| e.name == name && e.id != ep.id);
             if clash {
-                tracing::warn!(endpoint = %endpoint_id, %name, "another endpoint has this container's name; keeping the provisional one");
+                tracing::warn!(endpoint = %ep.endpoint_id, %name, "another endpoint has this container's name; keeping the provisional one");
             } else {
                 ep.name = name;
             }
@@ -365,20 +439,63 @@ impl Daemon {
         if found {
             self.watch_target(&ep);
         }
-        tracing::info!(endpoint = %ep.name, ifname = %ep.ifname, docker = %endpoint_id, "Docker endpoint settled");
+        tracing::info!(endpoint = %ep.name, ifname = %ep.ifname, "Docker endpoint settled");
         self.persist(&inner.store)
     }
 
-    /// The sandbox, MAC and TAP name (as made, before Docker renames it) of a joined Docker
-    /// endpoint.
+    /// What the background look-up after a Join needs: vswitch's endpoint id, the sandbox,
+    /// the MAC and the TAP's name as made (before Docker renames it).
     pub async fn docker_endpoint_sandbox(
         &self,
         endpoint_id: &str,
-    ) -> Option<(Target, [u8; 6], String)> {
+    ) -> Option<(String, Target, [u8; 6], String)> {
         let inner = self.inner.lock().await;
-        docker_endpoint(&inner, endpoint_id)
-            .map(|e| (e.target.clone(), e.mac.0, tap_name(endpoint_id)))
+        docker_endpoint(&inner, endpoint_id).map(|e| {
+            (
+                e.id.clone(),
+                e.target.clone(),
+                e.mac.0,
+                tap_name(endpoint_id),
+            )
+        })
     }
+
+    /// Docker endpoints restored at start whose sandbox or name was never learnt (the daemon
+    /// stopped first): (Docker network id, Docker endpoint id).
+    pub async fn docker_unsettled(&self) -> Vec<(String, String)> {
+        let inner = self.inner.lock().await;
+        inner
+            .store
+            .endpoints
+            .values()
+            .filter(|e| e.ns == UNKNOWN_NS || e.name.starts_with("docker-"))
+            .filter_map(|e| {
+                let net = inner.store.networks.get(&e.network_id)?.docker.as_ref()?;
+                Some((net.id.clone(), e.docker.clone()?))
+            })
+            .collect()
+    }
+}
+
+/// Docker's sandbox keys are `<exec-root>/netns/<id>`: an absolute, plain path in a directory
+/// called `netns`, outside /proc. Anything else is refused before it is opened.
+fn check_sandbox_key(key: &str) -> Result<()> {
+    use std::path::{Component, Path};
+    let path = Path::new(key);
+    let plain = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    let in_netns = path
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|d| d == "netns");
+    if !plain || !in_netns || key.starts_with("/proc/") || key.starts_with("/sys/") {
+        return Err(Error::bad_request(format!(
+            "invalid sandbox key {key:?}: expected Docker's <exec-root>/netns/<id>"
+        )));
+    }
+    Ok(())
 }
 
 /// Docker's ids are hex; anything else is refused before it becomes a device or file name.

@@ -362,8 +362,16 @@ impl Daemon {
     async fn replumb(&self, inner: &mut Inner, net: &Network, ep: &Endpoint) -> Result<()> {
         let ns = open_target(&ep.target)?;
         let mut ep = ep.clone();
-        if ep.docker.is_some() && ep.ns == super::docker_ep::UNKNOWN_NS {
-            // Joined, and the daemon stopped before Docker had made the sandbox: take it now.
+        let unsettled = ep.docker.is_some() && ep.ns == super::docker_ep::UNKNOWN_NS;
+        if unsettled {
+            // Joined, and the daemon stopped before Docker had made the sandbox: take it now,
+            // unless it is the daemon's or the host's own.
+            if ns.id() == self.own_netns || self.host_netns.contains(&ns.id()) {
+                return Err(Error::forbidden(format!(
+                    "{} is the daemon's or the host's namespace",
+                    ep.target
+                )));
+            }
             ep.ns = ns.id();
             if let Some(stored) = inner.store.endpoints.get_mut(&ep.id) {
                 stored.ns = ep.ns;
@@ -411,12 +419,16 @@ impl Daemon {
             }
             ep.ports = kept;
         }
+        let mut plumbing = plumbing_for(net, &ep);
+        // Its name in the sandbox was never learnt: take the next free `ethN`.
+        plumbing.ifname_auto = unsettled;
         let plumbed = self
-            .plumb(ns, &ep.target, plumbing_for(net, &ep))
+            .plumb(ns, &ep.target, plumbing)
             .await
             .map_err(|e| plumb_error(&ep.target, e))?;
         if let Some(stored) = inner.store.endpoints.get_mut(&ep.id) {
             stored.route_metric = plumbed.made.route_metric;
+            stored.ifname = plumbed.made.ifname.clone();
         }
         self.plug(inner, net, &ep, plumbed.fd).await?;
         self.publish(inner, net, &ep, listeners);

@@ -17,7 +17,8 @@
 mod cni;
 mod docker;
 mod docker_ep;
-pub use docker::DockerState;
+mod docker_ipam;
+pub use docker_ipam::DockerState;
 mod containers;
 pub use containers::STOP_TIMEOUT;
 mod endpoints;

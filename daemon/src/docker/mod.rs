@@ -63,6 +63,20 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, opts: PluginOpti
             None
         }
     };
+    // What a restart interrupted is looked up again.
+    if let Some(engine) = &engine {
+        for id in daemon.docker_unnamed().await {
+            tokio::spawn(learn_network_name(daemon.clone(), engine.clone(), id));
+        }
+    }
+    for (network_id, endpoint_id) in daemon.docker_unsettled().await {
+        tokio::spawn(learn_endpoint(
+            daemon.clone(),
+            engine.clone(),
+            network_id,
+            endpoint_id,
+        ));
+    }
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
@@ -274,13 +288,20 @@ async fn learn_network_name(daemon: Arc<Daemon>, engine: Arc<Engine>, id: String
 
 /// After a Join: the interface's name in the sandbox (once Docker has moved it there) and the
 /// container's name (once dockerd lists the endpoint).
+/// At most this many look-ups run at once; the others wait their turn.
+static LEARNERS: Semaphore = Semaphore::const_new(32);
+
 async fn learn_endpoint(
     daemon: Arc<Daemon>,
     engine: Option<Arc<Engine>>,
     network_id: String,
     endpoint_id: String,
 ) {
-    let Some((target, mac, made_as)) = daemon.docker_endpoint_sandbox(&endpoint_id).await else {
+    let Ok(_turn) = LEARNERS.acquire().await else {
+        return;
+    };
+    let Some((id, target, mac, made_as)) = daemon.docker_endpoint_sandbox(&endpoint_id).await
+    else {
         return;
     };
     let deadline = tokio::time::Instant::now() + LEARN_FOR;
@@ -313,10 +334,7 @@ async fn learn_endpoint(
         }
     }
     let name = name.filter(|n| !n.is_empty());
-    if let Err(e) = daemon
-        .docker_learn_endpoint(&endpoint_id, name, inside)
-        .await
-    {
+    if let Err(e) = daemon.docker_learn_endpoint(&id, name, inside).await {
         tracing::warn!(endpoint = %endpoint_id, error = %e, "cannot record what Docker did with the endpoint");
     }
 }

@@ -78,6 +78,9 @@ pub struct ReleaseAddress {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct IpamData {
+    /// The IPAM driver's address space: vswitch's are `vswitch-local` and `vswitch-global`.
+    #[serde(default)]
+    pub address_space: String,
     #[serde(default)]
     pub pool: String,
     #[serde(default)]

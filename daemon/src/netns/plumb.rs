@@ -332,7 +332,8 @@ pub fn make_tap_here(name: &str, mac: [u8; 6], mtu: u32) -> anyhow::Result<Owned
         s.spawn(|| {
             with_rtnetlink(|handle| async move {
                 if let Some(old) = link_by_name(&handle, name).await? {
-                    if !is_tun(&old) {
+                    // Only a leftover of this endpoint's (a TAP with its MAC) is replaced.
+                    if !is_tun(&old) || link_mac(&old).as_deref() != Some(&mac[..]) {
                         return Err(PlumbError::NameTaken(name.to_owned()).into());
                     }
                     handle.link().del(old.header.index).execute().await?;

@@ -78,7 +78,11 @@ pub fn plan_endpoint(
         }
         None => MacAddr::from_ipv4(ipv4),
     };
-    if mac == net.gateway_mac() || store.endpoints_of(&net.id).any(|e| e.mac == mac) {
+    let held = store.held.get(&net.id);
+    if mac == net.gateway_mac()
+        || store.endpoints_of(&net.id).any(|e| e.mac == mac)
+        || held.is_some_and(|h| h.macs.contains(&mac.0))
+    {
         return Err(Error::conflict(format!(
             "MAC address {mac} is already in use on network {}",
             net.name
@@ -132,11 +136,24 @@ fn ifname(store: &Store, ns: NsId, given: Option<&str>) -> Result<String> {
     Ok(i.to_owned())
 }
 
+/// Addresses Docker holds on `net` (see [`Store::held`]).
+fn held_addrs<'a>(store: &'a Store, net: &Network) -> impl Iterator<Item = std::net::IpAddr> + 'a {
+    store
+        .held
+        .get(&net.id)
+        .into_iter()
+        .flat_map(|h| h.addrs.iter().copied())
+}
+
 fn ipv4(store: &Store, net: &Network, given: Option<&str>) -> Result<Ipv4Addr> {
     let used: HashSet<Ipv4Addr> = store
         .endpoints_of(&net.id)
         .map(|e| e.ipv4)
         .chain([net.gateway])
+        .chain(held_addrs(store, net).filter_map(|a| match a {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        }))
         .collect();
     let Some(s) = given else {
         return ipam::allocate4(net.subnet, net.ip_range, &used).ok_or_else(|| {
@@ -175,6 +192,10 @@ fn ipv6(store: &Store, net: &Network, given: Option<&str>) -> Result<Option<Ipv6
         .endpoints_of(&net.id)
         .filter_map(|e| e.ipv6)
         .chain(net.gateway6)
+        .chain(held_addrs(store, net).filter_map(|a| match a {
+            std::net::IpAddr::V6(a) => Some(a),
+            std::net::IpAddr::V4(_) => None,
+        }))
         .collect();
     let Some(s) = given else {
         return ipam::allocate6(s6, &used)

@@ -9,7 +9,7 @@ mod network;
 
 pub use container::{Mode, check_run, find_container};
 pub use endpoint::{plan_endpoint, plan_ports, route_metric_for};
-pub use network::{HostFacts, default_bridge, plan_network};
+pub use network::{HostFacts, check_network_name, default_bridge, plan_network};
 
 use crate::error::{Error, Result};
 use crate::state::Network;

@@ -45,6 +45,29 @@ pub struct HostFacts {
 
 /// Validates a `network create` request against the current state and builds the network
 /// with the given id and creation time.
+/// A name a network may have: valid, and not one of a network mode or one the DNS server
+/// answers itself.
+pub fn check_network_name(name: &str) -> Result<()> {
+    check_name("network", name)?;
+    if matches!(name, "host" | "none") || name.starts_with("container:") {
+        return Err(Error::forbidden(format!(
+            "network name {name} is reserved for a network mode"
+        )));
+    }
+    // Names the DNS server answers itself: a network of that name could never resolve its
+    // containers (`web.localhost` is 127.0.0.1, RFC 6761).
+    let lower = name.to_ascii_lowercase();
+    if lower == "localhost"
+        || lower.ends_with(".localhost")
+        || matches!(lower.as_str(), "containers.internal" | "docker.internal")
+    {
+        return Err(Error::forbidden(format!(
+            "network name {name} is reserved: the DNS server answers it itself"
+        )));
+    }
+    Ok(())
+}
+
 pub fn plan_network(
     store: &Store,
     req: NetworkCreate,
@@ -52,25 +75,7 @@ pub fn plan_network(
     id: String,
     created: String,
 ) -> Result<Network> {
-    check_name("network", &req.name)?;
-    if matches!(req.name.as_str(), "host" | "none") || req.name.starts_with("container:") {
-        return Err(Error::forbidden(format!(
-            "network name {} is reserved for a network mode",
-            req.name
-        )));
-    }
-    // Names the DNS server answers itself: a network of that name could never resolve its
-    // containers (`web.localhost` is 127.0.0.1, RFC 6761).
-    let lower = req.name.to_ascii_lowercase();
-    if lower == "localhost"
-        || lower.ends_with(".localhost")
-        || matches!(lower.as_str(), "containers.internal" | "docker.internal")
-    {
-        return Err(Error::forbidden(format!(
-            "network name {} is reserved: the DNS server answers it itself",
-            req.name
-        )));
-    }
+    check_network_name(&req.name)?;
     if store
         .find_network(&req.name)
         .is_some_and(|n| n.name == req.name)
