@@ -102,6 +102,18 @@ impl Fdb {
 
     /// The port `mac` is pinned to, or was last seen on unless that was longer ago than the
     /// aging time.
+    /// Removes `mac` if it is pinned to `port`; returns whether it was.
+    pub fn unpin(&mut self, mac: MacAddr, port: PortId) -> bool {
+        let pinned_here = self
+            .entries
+            .get(&mac)
+            .is_some_and(|e| e.pinned && e.port == port);
+        if pinned_here {
+            self.entries.remove(&mac);
+        }
+        pinned_here
+    }
+
     pub fn lookup(&self, now: Instant, mac: MacAddr) -> Option<PortId> {
         let entry = self.entries.get(&mac)?;
         self.is_live(now, entry).then_some(entry.port)

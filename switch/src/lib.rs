@@ -13,6 +13,8 @@
 //! One `Bridge` is one broadcast domain. Isolation between networks comes from giving each
 //! network its own `Bridge`: there is no code path that could carry a frame across.
 //!
+//! [`vxlan`] carries a network's frames to other hosts (overlay networks).
+//!
 //! [`vnet`] describes the virtio-net header that every frame of a vswitch port carries in front
 //! of its Ethernet header (the switch skips it; the gateway reads and writes it).
 
@@ -20,6 +22,7 @@ mod fdb;
 mod guard;
 mod mac;
 pub mod vnet;
+pub mod vxlan;
 
 use std::time::{Duration, Instant};
 
@@ -209,6 +212,12 @@ impl Bridge {
         }
         self.fdb.pin(now, mac, port);
         true
+    }
+
+    /// Unpins `mac` from `port` (a remote endpoint that moved away); returns whether it was
+    /// pinned there.
+    pub fn unpin(&mut self, mac: MacAddr, port: PortId) -> bool {
+        self.fdb.unpin(mac, port)
     }
 
     /// Guards `port`: from now on it may send only from `guard`'s MAC and addresses, and a frame

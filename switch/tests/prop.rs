@@ -180,3 +180,73 @@ proptest! {
         prop_assert_eq!(VnetHdr::default().write(&mut out), None);
     }
 }
+
+/// A tunnel fed arbitrary packets from members, peers and strangers: it never panics, never
+/// believes a member's frame from a MAC the store did not give that member, never learns past
+/// its bound, and every packet is counted once.
+mod tunnel {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::{Duration, Instant};
+
+    use proptest::prelude::*;
+    use vswitch_switch::MacAddr;
+    use vswitch_switch::vxlan::{self, Tunnel, TunnelConfig};
+
+    fn host(i: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, i))
+    }
+
+    fn packet() -> impl Strategy<Value = (u8, Vec<u8>)> {
+        let vxlan = (
+            0u32..3,
+            any::<[u8; 6]>(),
+            prop_oneof![(0u8..8).prop_map(|i| [2, 0, 0, 0, 0, i]), any::<[u8; 6]>()],
+            prop::collection::vec(any::<u8>(), 0..40),
+        )
+            .prop_map(|(vni, dst, src, rest)| {
+                let mut p = vxlan::header(vni).to_vec();
+                p.extend_from_slice(&dst);
+                p.extend_from_slice(&src);
+                p.extend_from_slice(&rest);
+                p
+            });
+        (
+            0u8..6,
+            prop_oneof![vxlan, prop::collection::vec(any::<u8>(), 0..30)],
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_packets(packets in prop::collection::vec((packet(), 0u64..20), 1..200)) {
+            let mut now = Instant::now();
+            let cap = 8;
+            let mut t = Tunnel::new(1, Some(host(1)), TunnelConfig { capacity: cap, aging: Duration::from_secs(30) });
+            t.set_members([host(1), host(2), host(3)]);
+            t.add_peer(host(4));
+            t.set_remote(MacAddr([2, 0, 0, 0, 0, 2]), host(2));
+            t.set_remote(MacAddr([2, 0, 0, 0, 0, 3]), host(3));
+            let mut seen = 0u64;
+            for ((from, p), dt) in packets {
+                now += Duration::from_secs(dt);
+                let from = host(from);
+                if let Ok(inner) = t.ingress(now, from, &p) {
+                    let src = MacAddr(inner[6..12].try_into().unwrap());
+                    if from == host(2) || from == host(3) {
+                        prop_assert_eq!(t.remotes().find(|(m, _)| *m == src).map(|(_, h)| h), Some(from));
+                    } else {
+                        prop_assert_eq!(from, host(4), "only members and the peer are believed");
+                    }
+                }
+                seen += 1;
+                prop_assert!(t.learned_len() <= cap);
+                let s = t.stats();
+                prop_assert_eq!(
+                    s.rx_packets + s.rx_malformed + s.rx_foreign_vni + s.rx_not_member
+                        + s.rx_spoofed + s.rx_table_full,
+                    seen
+                );
+            }
+        }
+    }
+}
