@@ -175,6 +175,13 @@ pub(crate) struct DaemonArgs {
     /// Also serve <name>.<network> for every network to the host on ADDR:PORT (UDP and TCP)
     #[arg(long, value_name = "ADDR:PORT")]
     pub(crate) dns_listen: Option<std::net::SocketAddr>,
+    /// UDP port of VXLAN for overlay networks (this host's and every other VTEP's)
+    #[arg(long, default_value_t = 4789, value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) vxlan_port: u16,
+    /// This host's address on the underlay: overlay networks' VXLAN leaves from it, and their
+    /// MTU is its link's minus 50 [default: any address; the default route's link]
+    #[arg(long, value_name = "IP")]
+    pub(crate) advertise_addr: Option<std::net::IpAddr>,
     /// Let containers reach every service on the host's loopback through their gateway's
     /// address (by default only published ports are reachable there)
     #[arg(long)]
@@ -259,6 +266,9 @@ pub(crate) enum NetworkCommand {
         /// only from its own MAC and addresses) or off; repeatable
         #[arg(short = 'o', long = "opt", value_name = "KEY=VALUE")]
         opt: Vec<String>,
+        /// vswitch (one host) or overlay (frames reach other hosts in VXLAN)
+        #[arg(short = 'd', long, value_name = "DRIVER")]
+        driver: Option<String>,
     },
     /// List networks
     #[command(alias = "list")]
@@ -290,4 +300,23 @@ pub(crate) enum NetworkCommand {
     },
     /// Detach an endpoint from one network
     Disconnect { network: String, name: String },
+    /// Register or remove an external VTEP (a kernel vxlan device, a hardware switch) of an
+    /// overlay network
+    #[command(subcommand)]
+    Peer(PeerCommand),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PeerCommand {
+    /// Replicate the network's broadcasts to IP too, and learn the MACs it sends from
+    Add {
+        network: String,
+        ip: std::net::IpAddr,
+    },
+    /// Forget the VTEP IP and the MACs learned from it
+    #[command(alias = "remove")]
+    Rm {
+        network: String,
+        ip: std::net::IpAddr,
+    },
 }

@@ -7,7 +7,7 @@ use vswitch_daemon::api::{
     NetworkStats, Target,
 };
 
-use crate::args::{AttachOpts, CniCommand, Command, NetworkCommand};
+use crate::args::{AttachOpts, CniCommand, Command, NetworkCommand, PeerCommand};
 use crate::client::{Client, seg};
 use crate::containers;
 use crate::table::print_table;
@@ -168,6 +168,7 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
             ipv6,
             dns,
             opt,
+            driver,
         } => {
             let mut options = std::collections::BTreeMap::new();
             for o in opt {
@@ -186,6 +187,7 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
                 enable_ipv6: ipv6,
                 dns_servers: dns,
                 options,
+                driver,
             };
             let created: Created = client.post("/networks/create", &req)?;
             println!("{}", created.id);
@@ -256,6 +258,17 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
             client.post_empty_reply(
                 &format!("/networks/{}/disconnect", seg(&network)),
                 &DisconnectRequest { container: name },
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        NetworkCommand::Peer(cmd) => {
+            let (network, ip, verb) = match cmd {
+                PeerCommand::Add { network, ip } => (network, ip, "add"),
+                PeerCommand::Rm { network, ip } => (network, ip, "rm"),
+            };
+            client.post_empty_reply(
+                &format!("/networks/{}/peers/{verb}", seg(&network)),
+                &vswitch_daemon::api::PeerRequest { address: ip },
             )?;
             Ok(ExitCode::SUCCESS)
         }

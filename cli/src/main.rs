@@ -143,6 +143,10 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Resul
             host_loopback: args.allow_host_loopback,
             datapath_nice: args.datapath_nice,
             datapath_busy_poll: std::time::Duration::from_micros(args.datapath_busy_poll),
+            vxlan: vswitch_daemon::host::vxlan::VxlanConfig {
+                port: args.vxlan_port,
+                advertise: args.advertise_addr,
+            },
         },
         dns_listen: args.dns_listen,
         docker_plugin: match args.docker_plugin {

@@ -65,6 +65,9 @@ pub struct NetworkCreate {
     /// Driver options (`network create -o KEY=VALUE`): `port-security=strict|off`.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// `vswitch` (the default) or `overlay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -337,6 +340,43 @@ pub struct NetworkStats {
     pub udp_flows: usize,
     #[serde(default)]
     pub icmp_flows: usize,
+    /// An overlay network's tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelStatsRow>,
+}
+
+/// `POST /networks/{id}/peers/add` and `/peers/rm`: an external VTEP of an overlay network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PeerRequest {
+    pub address: std::net::IpAddr,
+}
+
+/// Counters of an overlay network's VXLAN tunnel.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TunnelStatsRow {
+    #[serde(rename = "VNI")]
+    pub vni: u32,
+    /// Packets believed and switched into the network.
+    pub rx_packets: u64,
+    pub rx_malformed: u64,
+    /// For another network's VNI (checked again by the tunnel).
+    pub rx_foreign_vni: u64,
+    /// From a host that is neither a member nor a registered peer.
+    pub rx_not_member: u64,
+    /// From a member, with a source MAC that is not that member's (or a peer claiming one).
+    pub rx_spoofed: u64,
+    /// From a peer, with a new source MAC that did not fit the table.
+    pub rx_table_full: u64,
+    pub tx_unicast: u64,
+    pub tx_flooded: u64,
+    pub tx_dropped: u64,
+    /// MACs learned from peers.
+    pub learned_macs: usize,
+    /// Daemon-wide: packets for a VNI no network here has, and packets that were not VXLAN.
+    pub daemon_unknown_vni: u64,
+    pub daemon_not_vxlan: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -306,6 +306,12 @@ async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply,
             Ok(text(StatusCode::NO_CONTENT, ""))
         }
         (&Method::GET, ["networks", key, "fdb"]) => json(StatusCode::OK, &daemon.fdb(key).await?),
+        (&Method::POST, ["networks", key, "peers", verb @ ("add" | "rm")]) => {
+            let (key, add) = (key.to_string(), *verb == "add");
+            let body: crate::api::PeerRequest = read_json(req).await?;
+            daemon.set_peer(&key, body.address, add).await?;
+            Ok(text(StatusCode::NO_CONTENT, ""))
+        }
         (&Method::GET, ["endpoints"]) => json(StatusCode::OK, &daemon.endpoints().await),
         (&Method::POST, ["cni", "add"]) => {
             let body: CniAddRequest = read_json(req).await?;

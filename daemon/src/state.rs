@@ -49,6 +49,19 @@ pub struct Network {
     /// The Docker network this one is, when dockerd made it through the plugin (or adopted it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<DockerNetwork>,
+    /// An overlay network: its frames reach other hosts in VXLAN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<Overlay>,
+}
+
+/// What makes a network an overlay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overlay {
+    /// The VXLAN network identifier.
+    pub vni: u32,
+    /// External VTEPs (`network peer add`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<std::net::IpAddr>,
 }
 
 /// How dockerd knows a network it drives through vswitch's plugin.

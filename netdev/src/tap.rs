@@ -47,6 +47,13 @@ impl Tap {
     /// virtio-net header and checksum/TSO offloads. The fd is non-blocking. Fails if a device of
     /// that name exists already (`IFF_TUN_EXCL`): never attaches to somebody else's TAP.
     pub fn create(name: &str) -> Result<Self, TapError> {
+        Self::create_with(name, true)
+    }
+
+    /// As [`Tap::create`]; without `offloads` the kernel hands over only complete checksums
+    /// and frames no longer than the MTU (for frames that leave the host in a tunnel, which
+    /// no receiving kernel would finish or segment).
+    pub fn create_with(name: &str, offloads: bool) -> Result<Self, TapError> {
         let fd = sys::open_tun().map_err(TapError::OpenDevice)?;
         let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
             as libc::c_short;
@@ -70,7 +77,11 @@ impl Tap {
             "offloads",
             sys::tun_set_offload(
                 fd.as_fd(),
-                libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6,
+                if offloads {
+                    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+                } else {
+                    0
+                },
             ),
         )?;
         Ok(Self { fd, name })

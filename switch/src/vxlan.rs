@@ -426,7 +426,12 @@ mod tests {
         );
         let s = t.stats();
         assert_eq!(
-            (s.rx_packets, s.rx_spoofed, s.rx_foreign_vni, s.rx_not_member),
+            (
+                s.rx_packets,
+                s.rx_spoofed,
+                s.rx_foreign_vni,
+                s.rx_not_member
+            ),
             (1, 2, 1, 2)
         );
         assert_eq!(t.learned_len(), 0, "members' MACs are never learned");
@@ -464,10 +469,7 @@ mod tests {
         // A peer cannot claim a member's endpoint.
         assert_eq!(t.ingress(now, peer, &p(mac(2))), Err(TunnelDrop::Spoofed));
         assert!(t.ingress(now, peer, &p(mac(6))).is_ok());
-        assert_eq!(
-            t.ingress(now, peer, &p(mac(7))),
-            Err(TunnelDrop::TableFull)
-        );
+        assert_eq!(t.ingress(now, peer, &p(mac(7))), Err(TunnelDrop::TableFull));
         // Aged out: gone from unicast, and room again.
         let later = now + Duration::from_secs(11);
         assert_eq!(t.egress(later, mac(5)), Egress::Flood);

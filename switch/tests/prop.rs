@@ -226,8 +226,8 @@ mod tunnel {
             t.add_peer(host(4));
             t.set_remote(MacAddr([2, 0, 0, 0, 0, 2]), host(2));
             t.set_remote(MacAddr([2, 0, 0, 0, 0, 3]), host(3));
-            let mut seen = 0u64;
-            for ((from, p), dt) in packets {
+            for (i, ((from, p), dt)) in packets.into_iter().enumerate() {
+                let seen = i as u64 + 1;
                 now += Duration::from_secs(dt);
                 let from = host(from);
                 if let Ok(inner) = t.ingress(now, from, &p) {
@@ -238,7 +238,6 @@ mod tunnel {
                         prop_assert_eq!(from, host(4), "only members and the peer are believed");
                     }
                 }
-                seen += 1;
                 prop_assert!(t.learned_len() <= cap);
                 let s = t.stats();
                 prop_assert_eq!(

@@ -125,11 +125,12 @@ impl Daemon {
             enable_ipv6: data6.is_some(),
             dns_servers: Vec::new(),
             options: generic,
+            driver: None,
         };
         let mut net = plan::plan_network(
             &inner.store,
             create,
-            &host_facts(self.policy.read().host_loopback),
+            &host_facts(self.policy.read().host_loopback, None),
             ids::random_id(),
             ids::now(),
         )?;

@@ -142,7 +142,7 @@ impl Daemon {
                         IpNet::V6(_) => None,
                     })
                     .collect();
-                t4.extend(host_facts(false).routes);
+                t4.extend(host_facts(false, None).routes);
                 IpNet::V4(ipam::pick_subnet(&t4).ok_or_else(|| {
                     Error::conflict("no free subnet left in the automatic pools; pass --subnet")
                 })?)

@@ -63,6 +63,8 @@ pub struct RuntimeOptions {
     pub datapath_nice: i32,
     /// `--datapath-busy-poll`: how long a datapath polls after traffic before it sleeps.
     pub datapath_busy_poll: std::time::Duration,
+    /// `--vxlan-port` and `--advertise-addr`, for overlay networks.
+    pub vxlan: host::vxlan::VxlanConfig,
 }
 
 /// A network that is up: its datapath thread and the endpoints plugged into it.
@@ -115,6 +117,8 @@ pub struct Daemon {
     ns_sockets: Option<host::direct::SocketFactory>,
     datapath_nice: i32,
     datapath_busy_poll: std::time::Duration,
+    /// The VXLAN sockets of overlay networks.
+    vxlan: host::vxlan::VxlanHost,
 }
 
 impl Daemon {
@@ -184,6 +188,7 @@ impl Daemon {
             ns_sockets,
             datapath_nice: opts.datapath_nice,
             datapath_busy_poll: opts.datapath_busy_poll,
+            vxlan: host::vxlan::VxlanHost::new(opts.vxlan),
         });
         {
             let mut inner = daemon.inner.lock().await;
@@ -219,12 +224,25 @@ impl Daemon {
             mtu: net.mtu as usize,
             nat: !net.internal,
         };
+        let tunnel = match &net.overlay {
+            Some(o) => Some(crate::datapath::TunnelSpec {
+                vni: o.vni,
+                own: self.vxlan.config.advertise,
+                peers: o.peers.clone(),
+                sockets: self.vxlan.sockets().map_err(|e| {
+                    Error::failed(&format!("cannot start overlay network {}", net.name), e)
+                })?,
+            }),
+            None => None,
+        };
+        let sockets = tunnel.as_ref().map(|t| (t.vni, t.sockets.clone()));
         let spec = DatapathSpec {
             network_id: net.id.clone(),
             network_name: net.name.clone(),
             gateway,
             nice: self.datapath_nice,
             busy_poll: self.datapath_busy_poll,
+            tunnel,
         };
         let links = Links {
             dns: Some(self.dns.clone()),
@@ -241,6 +259,9 @@ impl Daemon {
         {
             let mut p = self.policy.write();
             p.subnets.extend(subnets(net));
+        }
+        if let Some((vni, sockets)) = sockets {
+            sockets.register(vni, datapath.injector());
         }
         self.catalog.write().add_network(&net.id, zone_for(net));
         Ok(LiveNetwork {

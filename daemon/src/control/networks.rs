@@ -9,9 +9,12 @@ use crate::ipam;
 use crate::plan::{self, DEFAULT_NETWORK, HostFacts};
 use crate::state::Network;
 
+/// Most external VTEPs one overlay network takes.
+const MAX_PEERS: usize = 256;
+
 /// What the daemon's network namespace has: its IPv4 routes, which automatic subnets stay
 /// clear of, and its addresses, which no subnet may contain (empty if they cannot be read).
-pub(super) fn host_facts(loopback_open: bool) -> HostFacts {
+pub(super) fn host_facts(loopback_open: bool, advertise: Option<IpAddr>) -> HostFacts {
     let routes = std::fs::read_to_string("/proc/net/route")
         .map(|t| ipam::parse_proc_net_route(&t))
         .unwrap_or_default();
@@ -30,7 +33,36 @@ pub(super) fn host_facts(loopback_open: bool) -> HostFacts {
         routes,
         addrs,
         loopback_open,
+        underlay_mtu: underlay_mtu(advertise).unwrap_or(1500),
     }
+}
+
+/// The MTU of the link holding `advertise` (or, without one, of the default route's link).
+fn underlay_mtu(advertise: Option<IpAddr>) -> Option<u32> {
+    let dev = match advertise {
+        Some(a) => nix::ifaddrs::getifaddrs().ok()?.find_map(|i| {
+            let addr = i.address?;
+            let ip = addr
+                .as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))?;
+            (ip == a).then_some(i.interface_name)
+        })?,
+        None => std::fs::read_to_string("/proc/net/route")
+            .ok()?
+            .lines()
+            .skip(1)
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                let dev = f.next()?;
+                (f.next()? == "00000000").then(|| dev.to_owned())
+            })?,
+    };
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 impl Daemon {
@@ -56,7 +88,10 @@ impl Daemon {
         let net = plan::plan_network(
             &inner.store,
             req,
-            &host_facts(self.policy.read().host_loopback),
+            &host_facts(
+                self.policy.read().host_loopback,
+                self.vxlan.config.advertise,
+            ),
             ids::random_id(),
             ids::now(),
         )?;
@@ -117,9 +152,59 @@ impl Daemon {
 
     /// Takes a network out of the DNS catalog and the NAT policy.
     fn forget_network(&self, net: &Network) {
+        if let Some(o) = &net.overlay
+            && let Ok(sockets) = self.vxlan.sockets()
+        {
+            sockets.unregister(o.vni);
+        }
         self.catalog.write().remove_network(&net.id);
         let gone: Vec<ipnet::IpNet> = subnets(net).collect();
         self.policy.write().subnets.retain(|s| !gone.contains(s));
+    }
+
+    /// `network peer add` / `peer rm`: an external VTEP of an overlay network.
+    pub async fn set_peer(&self, key: &str, peer: IpAddr, add: bool) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let net = find_network(&inner.store, key)?.clone();
+        let Some(overlay) = &net.overlay else {
+            return Err(Error::bad_request(format!(
+                "network {} is not an overlay network",
+                net.name
+            )));
+        };
+        if peer.is_unspecified() || peer.is_multicast() || peer.is_loopback() {
+            return Err(Error::bad_request(format!(
+                "{peer} cannot be a VXLAN peer (a unicast address of another host)"
+            )));
+        }
+        let mut peers = overlay.peers.clone();
+        match (add, peers.contains(&peer)) {
+            (true, true) | (false, false) => return Ok(()),
+            (true, false) if peers.len() >= MAX_PEERS => {
+                return Err(Error::conflict(format!(
+                    "network {} has {MAX_PEERS} peers already",
+                    net.name
+                )));
+            }
+            (true, false) => peers.push(peer),
+            (false, true) => peers.retain(|p| *p != peer),
+        }
+        let mut changed = net.clone();
+        if let Some(o) = changed.overlay.as_mut() {
+            o.peers.clone_from(&peers);
+        }
+        inner.store.networks.insert(net.id.clone(), changed);
+        if let Err(e) = self.persist(&inner.store) {
+            inner.store.networks.insert(net.id.clone(), net);
+            return Err(e);
+        }
+        if let Some(live) = inner.live.get(&net.id) {
+            live.datapath
+                .set_peers(peers)
+                .map_err(|e| Error::failed("cannot reach the datapath", e))?;
+        }
+        tracing::info!(network = %net.name, %peer, add, "overlay peers changed");
+        Ok(())
     }
 
     pub async fn fdb(&self, key: &str) -> Result<Vec<FdbRow>> {

@@ -54,6 +54,16 @@ pub(super) fn inspect(store: &Store, net: &Network) -> NetworkInspect {
         let servers: Vec<String> = net.dns.iter().map(ToString::to_string).collect();
         options.insert(DNS_OPTION.to_owned(), servers.join(","));
     }
+    if let Some(o) = &net.overlay {
+        options.insert(
+            "com.docker.network.driver.overlay.vxlanid_list".to_owned(),
+            o.vni.to_string(),
+        );
+        if !o.peers.is_empty() {
+            let peers: Vec<String> = o.peers.iter().map(ToString::to_string).collect();
+            options.insert("vswitch.overlay.peers".to_owned(), peers.join(","));
+        }
+    }
     if net.name == DEFAULT_NETWORK {
         options.insert(
             "com.docker.network.bridge.default_bridge".to_owned(),
@@ -64,8 +74,18 @@ pub(super) fn inspect(store: &Store, net: &Network) -> NetworkInspect {
         name: net.name.clone(),
         id: net.id.clone(),
         created: net.created.clone(),
-        scope: "local".to_owned(),
-        driver: "vswitch".to_owned(),
+        scope: if net.overlay.is_some() {
+            "global"
+        } else {
+            "local"
+        }
+        .to_owned(),
+        driver: if net.overlay.is_some() {
+            "overlay"
+        } else {
+            "vswitch"
+        }
+        .to_owned(),
         enable_ipv6: net.enable_ipv6(),
         ipam: Ipam {
             driver: "default".to_owned(),

@@ -23,6 +23,7 @@ pub mod protocol;
 mod raw_ping;
 mod services;
 mod tcp;
+mod tunnel;
 mod worker;
 
 use std::io;
@@ -53,6 +54,28 @@ pub struct DatapathSpec {
     pub gateway: GatewayConfig,
     pub nice: i32,
     pub busy_poll: Duration,
+    /// An overlay network's tunnel to other hosts.
+    pub tunnel: Option<TunnelSpec>,
+}
+
+/// What an overlay network's datapath needs for its tunnel port.
+#[derive(Clone)]
+pub struct TunnelSpec {
+    pub vni: u32,
+    /// This host's advertise address (never a destination).
+    pub own: Option<std::net::IpAddr>,
+    pub peers: Vec<std::net::IpAddr>,
+    pub sockets: Arc<crate::host::vxlan::Sockets>,
+}
+
+impl std::fmt::Debug for TunnelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelSpec")
+            .field("vni", &self.vni)
+            .field("own", &self.own)
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The embedded DNS server as the datapath sees it: queries to the gateway's port 53 are
@@ -166,6 +189,15 @@ impl Datapath {
 
     pub async fn stats(&self) -> io::Result<NetworkStats> {
         self.ask(Command::Stats).await
+    }
+
+    /// Replaces the tunnel's external VTEPs.
+    pub fn set_peers(&self, peers: Vec<std::net::IpAddr>) -> io::Result<()> {
+        if self.commands.send(Command::TunnelPeers(peers)) {
+            Ok(())
+        } else {
+            Err(io::Error::other(STOPPED))
+        }
     }
 }
 

@@ -63,6 +63,13 @@ pub(super) enum Command {
     Stats(oneshot::Sender<NetworkStats>),
     /// A frame from the gateway (a forwarded DNS answer) to switch into the network.
     InjectFrame(Vec<u8>),
+    /// A VXLAN packet (the UDP payload) from `from`, for this network's tunnel to check.
+    TunnelIn {
+        from: std::net::IpAddr,
+        packet: Vec<u8>,
+    },
+    /// The network's external VTEPs (replaces the previous list).
+    TunnelPeers(Vec<std::net::IpAddr>),
     /// A forwarded answer for a DNS-over-TCP connection of the gateway.
     StreamReply {
         conn: u64,
@@ -210,6 +217,12 @@ impl Injector {
         }
         self.backlog.bytes.fetch_sub(len, Ordering::Relaxed);
         Some(false)
+    }
+
+    /// Hands a VXLAN packet to the network's tunnel, or drops it (counted) when the backlog is
+    /// full. False only if the datapath is gone.
+    pub fn tunnel_in(&self, from: std::net::IpAddr, packet: Vec<u8>) -> bool {
+        self.send_charged(packet.len(), Command::TunnelIn { from, packet })
     }
 
     /// The datapath took `len` charged bytes off the backlog.

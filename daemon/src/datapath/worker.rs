@@ -21,6 +21,7 @@ use super::busy_poll::BusyPoll;
 use super::protocol::{Command, Commands, DNS_PORT, Event, Injector};
 use super::services::{Detour, Services, StreamAnswer};
 use super::tcp::TcpFlows;
+use super::tunnel::TunnelPort;
 use super::{DatapathSpec, Links};
 use crate::api::{FdbRow, NetworkStats, PortStatsRow};
 
@@ -30,6 +31,7 @@ const BATCH: usize = 64;
 const FRAME_BUF: usize = VNET_HDR_LEN + 14 + 65_535 + 64;
 const WAKE_TOKEN: u64 = u64::MAX;
 const GATEWAY_NAME: &str = "(gateway)";
+const TUNNEL_NAME: &str = "(tunnel)";
 /// DNS over TCP on the virtual network: connections per network, and how long a client may take
 /// to send a complete query.
 const DNS_TCP_CONNS: usize = 32;
@@ -66,6 +68,8 @@ pub(super) struct Worker {
     ports: Vec<Option<PortIo>>,
     /// Reused list of flood targets, so flooding allocates nothing.
     scratch: Vec<PortId>,
+    /// An overlay network's way to the other hosts.
+    tunnel: Option<TunnelPort>,
     running: bool,
 }
 
@@ -78,6 +82,7 @@ impl Worker {
             gateway,
             nice,
             busy_poll,
+            tunnel,
         } = spec;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let wake = Arc::new(EventFd::from_flags(
@@ -110,8 +115,12 @@ impl Worker {
         if links.dns.is_some() {
             gw.enable_stream_service(now, DNS_PORT, DNS_TCP_CONNS, DNS_TCP_IDLE);
         }
+        let tunnel = tunnel.map(|t| TunnelPort::new(bridge.add_port(), gateway.mtu, t));
         let mut ports = Vec::new();
-        ports.resize_with(gateway_port.index() + 1, || None);
+        let top = tunnel
+            .as_ref()
+            .map_or(gateway_port, |t| t.port.max(gateway_port));
+        ports.resize_with(top.index() + 1, || None);
         let injector = Injector::new(commands.clone());
         let services = Services {
             network_id: network_id.clone(),
@@ -142,6 +151,7 @@ impl Worker {
             tcp: TcpFlows::default(),
             ports,
             scratch: Vec::new(),
+            tunnel,
             running: true,
         };
         Ok((worker, commands))
@@ -320,6 +330,12 @@ impl Worker {
             }
             return;
         }
+        if let Some(t) = self.tunnel.as_mut()
+            && t.port == port
+        {
+            t.send(now, frame);
+            return;
+        }
         let Some(Some(io)) = self.ports.get(port.index()) else {
             return;
         };
@@ -431,6 +447,23 @@ impl Worker {
             Command::InjectFrame(frame) => {
                 self.injector.taken(frame.len());
                 self.switch(now, self.gateway_port, &frame);
+                return;
+            }
+            Command::TunnelIn { from, packet } => {
+                self.injector.taken(packet.len());
+                let Some(t) = self.tunnel.as_mut() else {
+                    return;
+                };
+                let port = t.port;
+                if let Some(frame) = t.receive(now, from, &packet) {
+                    self.switch(now, port, &frame);
+                }
+                return;
+            }
+            Command::TunnelPeers(peers) => {
+                if let Some(t) = self.tunnel.as_mut() {
+                    t.set_peers(peers);
+                }
                 return;
             }
             Command::StreamUnanswered { conn } => self.gateway.stream_unanswered(now, conn),
@@ -560,12 +593,16 @@ impl Worker {
             tcp_large_flows: self.gateway.tcp_large_flows(),
             udp_flows: self.services.udp.len(),
             icmp_flows: self.services.icmp.len(),
+            tunnel: self.tunnel.as_ref().map(TunnelPort::stats),
         }
     }
 
     fn port_name(&self, port: PortId) -> String {
         if port == self.gateway_port {
             return GATEWAY_NAME.to_owned();
+        }
+        if self.tunnel.as_ref().is_some_and(|t| t.port == port) {
+            return TUNNEL_NAME.to_owned();
         }
         match self.ports.get(port.index()) {
             Some(Some(io)) => io.endpoint_name.clone(),

@@ -17,3 +17,4 @@ pub mod masq;
 pub mod outbound;
 pub mod published;
 pub mod splice;
+pub mod vxlan;

@@ -33,6 +33,10 @@ pub struct Plumbing {
     pub ifname_auto: bool,
     pub mac: [u8; 6],
     pub mtu: u32,
+    /// Checksum and TSO offloads on the TAP (off on overlay networks, whose frames may leave
+    /// the host in a tunnel).
+    #[serde(default = "yes")]
+    pub offloads: bool,
     pub ipv4: (Ipv4Addr, u8),
     pub gateway4: Ipv4Addr,
     pub ipv6: Option<(Ipv6Addr, u8)>,
@@ -40,6 +44,10 @@ pub struct Plumbing {
     /// Metric for the default routes via the gateways; `None`: no default route (internal
     /// networks). If a route we did not make already holds it, the next free one is taken.
     pub route_metric: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A TAP made and configured inside its namespace.
@@ -166,7 +174,7 @@ async fn create_inside(handle: &Handle, p: &Plumbing) -> anyhow::Result<(Tap, Ma
             _ => return Err(PlumbError::NameTaken(ifname).into()),
         }
     }
-    let tap = Tap::create(&ifname)?;
+    let tap = Tap::create_with(&ifname, p.offloads)?;
     let index = link_index(handle, &ifname)
         .await?
         .ok_or_else(|| anyhow!("the TAP {ifname} vanished"))?;

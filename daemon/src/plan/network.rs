@@ -27,6 +27,7 @@ pub fn default_bridge(id: String, created: String) -> Network {
         dns: Vec::new(),
         port_security: PortSecurity::Strict,
         docker: None,
+        overlay: None,
     }
 }
 
@@ -41,7 +42,12 @@ pub struct HostFacts {
     /// The daemon runs with `--allow-host-loopback`: a network may also forward DNS to the
     /// host's loopback.
     pub loopback_open: bool,
+    /// MTU of the link overlay networks' tunnels leave by (their own default is 50 less).
+    pub underlay_mtu: u32,
 }
+
+/// VNIs of overlay networks start here (Docker's overlay driver counts from 4096 too).
+pub const FIRST_VNI: u32 = 4097;
 
 /// Validates a `network create` request against the current state and builds the network
 /// with the given id and creation time.
@@ -182,7 +188,35 @@ pub fn plan_network(
             )));
         }
     }
-    let mtu = req.mtu.unwrap_or(DEFAULT_MTU);
+    let overlay = match req.driver.as_deref() {
+        None | Some("" | "vswitch" | "bridge") => None,
+        Some("overlay") => {
+            let used: std::collections::HashSet<u32> = store
+                .networks
+                .values()
+                .filter_map(|n| n.overlay.as_ref().map(|o| o.vni))
+                .collect();
+            let vni = (FIRST_VNI..=vswitch_switch::vxlan::MAX_VNI)
+                .find(|v| !used.contains(v))
+                .ok_or_else(|| Error::conflict("no free VXLAN network identifier"))?;
+            Some(crate::state::Overlay {
+                vni,
+                peers: Vec::new(),
+            })
+        }
+        Some(d) => {
+            return Err(Error::bad_request(format!(
+                "unknown driver {d:?}: expected vswitch (the default) or overlay"
+            )));
+        }
+    };
+    let default_mtu = match overlay {
+        Some(_) => host
+            .underlay_mtu
+            .saturating_sub(vswitch_switch::vxlan::OVERHEAD as u32),
+        None => DEFAULT_MTU,
+    };
+    let mtu = req.mtu.unwrap_or(default_mtu);
     let min_mtu = if req.enable_ipv6 { 1280 } else { 576 };
     if !(min_mtu..=65_520).contains(&mtu) {
         return Err(Error::bad_request(format!(
@@ -206,6 +240,7 @@ pub fn plan_network(
         dns,
         port_security,
         docker: None,
+        overlay,
     })
 }
 
@@ -509,6 +544,7 @@ mod tests {
             routes: vec!["172.19.0.0/16".parse().expect("net")],
             addrs: vec!["10.0.2.15".parse().expect("ip")],
             loopback_open: true,
+            underlay_mtu: 9000,
         };
         // With the host's loopback open to containers, a network may use a server there.
         let mut r = req("local");
@@ -525,6 +561,16 @@ mod tests {
             e.message().contains("10.0.2.15, an address of this host"),
             "{e}"
         );
+        // An overlay takes the next free VNI, and the underlay's MTU less VXLAN's 50 bytes.
+        let mut r = req("over");
+        r.driver = Some("overlay".into());
+        let n = plan_network(&store, r, &host, "d".into(), String::new()).expect("overlay");
+        assert_eq!(n.overlay.as_ref().map(|o| o.vni), Some(FIRST_VNI));
+        assert_eq!(n.mtu, 8950);
+        let mut r = req("odd");
+        r.driver = Some("macvlan".into());
+        let e = plan_network(&store, r, &host, "e".into(), String::new()).expect_err("driver");
+        assert!(e.message().contains("unknown driver"), "{e}");
         // IPv6 without a subnet gets a ULA /64 from the id, gateway ::1.
         let mut r = req("six");
         r.enable_ipv6 = true;
@@ -551,6 +597,7 @@ mod tests {
             enable_ipv6: true,
             dns_servers: vec![],
             options: [("port-security".to_owned(), "off".to_owned())].into(),
+            driver: None,
         };
         let n = plan(&store, r).expect("plan");
         assert_eq!(n.gateway, Ipv4Addr::new(10, 80, 0, 254));

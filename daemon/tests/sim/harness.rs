@@ -95,6 +95,7 @@ impl Sim {
             },
             nice: 0,
             busy_poll: Duration::ZERO,
+            tunnel: None,
         };
         let subnet: ipnet::IpNet = format!("10.{n}.0.0/24").parse().expect("subnet");
         self.policy.write().subnets.push(subnet);
