@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use vswitch_tests::{
-    Daemon, HttpServer, Netns, Outside, require_root, run, secs, text, wait_until,
+    Daemon, HttpServer, Netns, NsDaemon, Outside, require_root, run, secs, text, wait_until,
 };
 
 /// The kernel side: in `host` (on the underlay, 192.0.2.2), `vx0` with `vni` on bridge `br0`,
@@ -214,6 +214,40 @@ fn an_overlay_network_exchanges_frames_with_a_kernel_vtep() {
     // The peers survive a restart of the daemon.
     d.kill9_and_restart();
     assert!(c1.ping_within("10.55.0.50", secs(10)), "after a restart");
+
+    // With the VXLAN port taken while it was down, the daemon still starts: the overlay runs
+    // without its tunnel (logged), everything else as before.
+    let mut holder = None;
+    let host = d.ns.name.clone();
+    d.kill9_and_restart_after(|| {
+        let h = NsDaemon::spawn(
+            &host,
+            &[
+                "python3",
+                "-c",
+                "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                 s.bind(('192.0.2.1', 4789)); time.sleep(600)",
+            ],
+        );
+        let bound = wait_until(secs(10), || {
+            let out = run(
+                Command::new("ip").args(["netns", "exec", &host, "ss", "-Huln", "sport = :4789"]),
+                secs(5),
+            );
+            out.stdout.len() > 1
+        });
+        assert!(bound);
+        holder = Some(h);
+    });
+    assert!(d.log().contains("runs without its tunnel"), "{}", d.log());
+    assert!(d.ok(&["network", "ls"]).contains("ov"));
+    assert!(
+        !c1.ping_within("10.55.0.50", secs(2)),
+        "no tunnel, no crossing"
+    );
+    drop(holder);
+    d.kill9_and_restart();
+    assert!(c1.ping_within("10.55.0.50", secs(10)), "tunnel back");
 
     // Without the peer, nothing crosses.
     d.ok(&["network", "peer", "rm", "ov", "192.0.2.2"]);

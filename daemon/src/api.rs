@@ -367,8 +367,8 @@ pub struct TunnelStatsRow {
     pub rx_not_member: u64,
     /// From a member, with a source MAC that is not that member's (or a peer claiming one).
     pub rx_spoofed: u64,
-    /// From a peer, with a new source MAC that did not fit the table.
-    pub rx_table_full: u64,
+    /// New source MACs of peers that did not fit the table (delivered, not learned).
+    pub learn_refused: u64,
     pub tx_unicast: u64,
     pub tx_flooded: u64,
     pub tx_dropped: u64,

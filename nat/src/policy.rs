@@ -24,6 +24,9 @@ pub struct Policy {
     /// The published ports: the host addresses each is bound on (`None`: all of them).
     pub published: HashMap<(Proto, u16), Vec<Option<IpAddr>>>,
     pub host_loopback: bool,
+    /// VXLAN endpoints that trust this host's address (overlay peers, on the VXLAN port): no
+    /// container's UDP goes there, or it would speak for the host.
+    pub vteps: std::collections::HashSet<SocketAddr>,
 }
 
 impl Policy {
@@ -37,6 +40,9 @@ impl Policy {
         gateway: &[IpAddr],
     ) -> Option<SocketAddr> {
         let ip = dst.ip().to_canonical();
+        if proto == Proto::Udp && self.vteps.contains(&SocketAddr::new(ip, dst.port())) {
+            return None;
+        }
         if gateway.contains(&ip) {
             let lo: IpAddr = match ip {
                 IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
@@ -92,6 +98,16 @@ mod tests {
         };
         p.published.insert((Proto::Tcp, 8081), vec![None]);
         let sa = |s: &str| s.parse::<SocketAddr>().expect("sa");
+        p.vteps.insert(sa("192.0.2.2:4789"));
+        assert_eq!(
+            p.outbound_target(Proto::Udp, sa("192.0.2.2:4789"), &gw),
+            None,
+            "a VTEP that trusts the host"
+        );
+        assert_eq!(
+            p.outbound_target(Proto::Udp, sa("192.0.2.2:4790"), &gw),
+            Some(sa("192.0.2.2:4790"))
+        );
         assert_eq!(
             p.outbound_target(Proto::Tcp, sa("10.1.0.1:8081"), &gw),
             Some(sa("127.0.0.1:8081"))

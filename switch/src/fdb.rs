@@ -100,8 +100,6 @@ impl Fdb {
         );
     }
 
-    /// The port `mac` is pinned to, or was last seen on unless that was longer ago than the
-    /// aging time.
     /// Removes `mac` if it is pinned to `port`; returns whether it was.
     pub fn unpin(&mut self, mac: MacAddr, port: PortId) -> bool {
         let pinned_here = self
@@ -114,6 +112,8 @@ impl Fdb {
         pinned_here
     }
 
+    /// The port `mac` is pinned to, or was last seen on unless that was longer ago than the
+    /// aging time.
     pub fn lookup(&self, now: Instant, mac: MacAddr) -> Option<PortId> {
         let entry = self.entries.get(&mac)?;
         self.is_live(now, entry).then_some(entry.port)

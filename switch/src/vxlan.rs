@@ -117,8 +117,6 @@ pub enum TunnelDrop {
     /// From a member, with an inner source MAC the store does not give that host (or a peer
     /// claiming a member's MAC).
     Spoofed,
-    /// From a peer whose new source MAC did not fit the table.
-    TableFull,
 }
 
 /// Counters of one tunnel.
@@ -129,7 +127,8 @@ pub struct TunnelStats {
     pub rx_foreign_vni: u64,
     pub rx_not_member: u64,
     pub rx_spoofed: u64,
-    pub rx_table_full: u64,
+    /// New source MACs of peers that did not fit the table (their frames were delivered).
+    pub learn_refused: u64,
     pub tx_unicast: u64,
     pub tx_flooded: u64,
 }
@@ -282,7 +281,6 @@ impl Tunnel {
             Err(TunnelDrop::ForeignVni) => self.stats.rx_foreign_vni += 1,
             Err(TunnelDrop::NotMember) => self.stats.rx_not_member += 1,
             Err(TunnelDrop::Spoofed) => self.stats.rx_spoofed += 1,
-            Err(TunnelDrop::TableFull) => self.stats.rx_table_full += 1,
         }
         r
     }
@@ -316,7 +314,10 @@ impl Tunnel {
         if !self.learned.contains_key(&src) && self.learned.len() >= self.config.capacity {
             self.expire(now);
             if self.learned.len() >= self.config.capacity {
-                return Err(TunnelDrop::TableFull);
+                // Delivered, not learned (frames back to it are flooded), as a full bridge
+                // table does: a flood of new sources cannot cut off the ones that follow.
+                self.stats.learn_refused += 1;
+                return Ok(inner);
             }
         }
         self.learned.insert(src, (from, now));
@@ -469,7 +470,10 @@ mod tests {
         // A peer cannot claim a member's endpoint.
         assert_eq!(t.ingress(now, peer, &p(mac(2))), Err(TunnelDrop::Spoofed));
         assert!(t.ingress(now, peer, &p(mac(6))).is_ok());
-        assert_eq!(t.ingress(now, peer, &p(mac(7))), Err(TunnelDrop::TableFull));
+        // Full: delivered, not learned.
+        assert!(t.ingress(now, peer, &p(mac(7))).is_ok());
+        assert_eq!((t.learned_len(), t.stats().learn_refused), (2, 1));
+        assert_eq!(t.egress(now, mac(7)), Egress::Flood);
         // Aged out: gone from unicast, and room again.
         let later = now + Duration::from_secs(11);
         assert_eq!(t.egress(later, mac(5)), Egress::Flood);

@@ -117,6 +117,7 @@ fn taken(store: &Store, state: &DockerState) -> Vec<IpNet> {
 pub(super) fn adoptable(store: &Store, subnet: IpNet) -> Option<&crate::state::Network> {
     store.networks.values().find(|n| {
         n.docker.is_none()
+            && n.overlay.is_none()
             && n.name != crate::plan::DEFAULT_NETWORK
             && (IpNet::V4(n.subnet) == subnet || n.subnet6.map(IpNet::V6) == Some(subnet))
     })

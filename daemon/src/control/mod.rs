@@ -224,18 +224,26 @@ impl Daemon {
             mtu: net.mtu as usize,
             nat: !net.internal,
         };
+        // An overlay whose VXLAN port cannot be opened (taken, or the advertise address not up
+        // yet) still works on this host; the other networks must not suffer for it.
         let tunnel = match &net.overlay {
-            Some(o) => Some(crate::datapath::TunnelSpec {
-                vni: o.vni,
-                own: self.vxlan.config.advertise,
-                peers: o.peers.clone(),
-                sockets: self.vxlan.sockets().map_err(|e| {
-                    Error::failed(&format!("cannot start overlay network {}", net.name), e)
-                })?,
-            }),
+            Some(o) => match self.vxlan.sockets() {
+                Ok(sockets) => Some(crate::datapath::TunnelSpec {
+                    vni: o.vni,
+                    own: self.vxlan.config.advertise,
+                    peers: o.peers.clone(),
+                    sockets,
+                }),
+                Err(e) => {
+                    tracing::error!(network = %net.name, error = %e, "overlay network runs without its tunnel: no other host reaches it");
+                    None
+                }
+            },
             None => None,
         };
-        let sockets = tunnel.as_ref().map(|t| (t.vni, t.sockets.clone()));
+        let sockets = tunnel
+            .as_ref()
+            .map(|t| (t.vni, t.sockets.clone(), t.peers.clone()));
         let spec = DatapathSpec {
             network_id: net.id.clone(),
             network_name: net.name.clone(),
@@ -260,8 +268,8 @@ impl Daemon {
             let mut p = self.policy.write();
             p.subnets.extend(subnets(net));
         }
-        if let Some((vni, sockets)) = sockets {
-            sockets.register(vni, datapath.injector());
+        if let Some((vni, sockets, peers)) = sockets {
+            sockets.register(vni, datapath.tunnel_injector(), peers);
         }
         self.catalog.write().add_network(&net.id, zone_for(net));
         Ok(LiveNetwork {
@@ -272,6 +280,7 @@ impl Daemon {
     }
 
     /// Recomputes the published ports of the NAT policy from the store.
+    /// Recomputes the published ports and the VTEPs of the NAT policy from the store.
     fn refresh_policy_ports(&self, store: &Store) {
         let mut ports: HashMap<_, Vec<_>> = HashMap::new();
         for m in store.endpoints.values().flat_map(|e| &e.ports) {
@@ -280,7 +289,18 @@ impl Daemon {
                 .or_default()
                 .push(m.host_ip);
         }
-        self.policy.write().published = ports;
+        // Containers must not send VXLAN to the VTEPs that trust this host's address: through
+        // NAT, it would come from that address.
+        let vteps = store
+            .networks
+            .values()
+            .filter_map(|n| n.overlay.as_ref())
+            .flat_map(|o| o.peers.iter())
+            .map(|p| SocketAddr::new(*p, self.vxlan.config.port))
+            .collect();
+        let mut policy = self.policy.write();
+        policy.published = ports;
+        policy.vteps = vteps;
     }
 
     /// Writes the state file; a failure is the request's (500), with the reason.

@@ -10,7 +10,7 @@ use crate::plan::{self, DEFAULT_NETWORK, HostFacts};
 use crate::state::Network;
 
 /// Most external VTEPs one overlay network takes.
-const MAX_PEERS: usize = 256;
+const MAX_PEERS: usize = 64;
 
 /// What the daemon's network namespace has: its IPv4 routes, which automatic subnets stay
 /// clear of, and its addresses, which no subnet may contain (empty if they cannot be read).
@@ -33,7 +33,14 @@ pub(super) fn host_facts(loopback_open: bool, advertise: Option<IpAddr>) -> Host
         routes,
         addrs,
         loopback_open,
-        underlay_mtu: underlay_mtu(advertise).unwrap_or(1500),
+        // An IPv6 outer header is 20 bytes longer than the IPv4 one VXLAN's 50 count.
+        underlay_mtu: underlay_mtu(advertise).unwrap_or(1500).saturating_sub(
+            if advertise.is_some_and(|a| a.is_ipv6()) {
+                20
+            } else {
+                0
+            },
+        ),
     }
 }
 
@@ -177,6 +184,19 @@ impl Daemon {
                 "{peer} cannot be a VXLAN peer (a unicast address of another host)"
             )));
         }
+        if add {
+            if host_facts(false, None).addrs.contains(&peer) {
+                return Err(Error::bad_request(format!(
+                    "{peer} is an address of this host, not a peer"
+                )));
+            }
+            let v6 = self.vxlan.config.advertise.is_some_and(|a| a.is_ipv6());
+            if peer.is_ipv6() != v6 {
+                return Err(Error::bad_request(format!(
+                    "{peer} is not of the underlay's address family (that of --advertise-addr)"
+                )));
+            }
+        }
         let mut peers = overlay.peers.clone();
         match (add, peers.contains(&peer)) {
             (true, true) | (false, false) => return Ok(()),
@@ -193,17 +213,31 @@ impl Daemon {
         if let Some(o) = changed.overlay.as_mut() {
             o.peers.clone_from(&peers);
         }
+        let vni = overlay.vni;
+        let old = overlay.peers.clone();
+        self.apply_peers(&inner, &net.id, vni, &peers)?;
         inner.store.networks.insert(net.id.clone(), changed);
         if let Err(e) = self.persist(&inner.store) {
+            let _ = self.apply_peers(&inner, &net.id, vni, &old);
             inner.store.networks.insert(net.id.clone(), net);
             return Err(e);
         }
-        if let Some(live) = inner.live.get(&net.id) {
+        self.refresh_policy_ports(&inner.store);
+        tracing::info!(network = %net.name, %peer, add, "overlay peers changed");
+        Ok(())
+    }
+
+    /// Gives a running overlay network its peers: its tunnel's, and who its VXLAN packets may
+    /// come from.
+    fn apply_peers(&self, inner: &Inner, net_id: &str, vni: u32, peers: &[IpAddr]) -> Result<()> {
+        if let Some(live) = inner.live.get(net_id) {
             live.datapath
-                .set_peers(peers)
+                .set_peers(peers.to_vec())
                 .map_err(|e| Error::failed("cannot reach the datapath", e))?;
         }
-        tracing::info!(network = %net.name, %peer, add, "overlay peers changed");
+        if let Ok(sockets) = self.vxlan.sockets() {
+            sockets.set_senders(vni, peers.iter().copied());
+        }
         Ok(())
     }
 

@@ -102,6 +102,7 @@ pub struct Links {
 pub struct Datapath {
     commands: Commands,
     injector: Injector,
+    tunnel_injector: Injector,
     /// The worker until [`Datapath::run`] hands it to its thread (behind a lock only so that
     /// the handle can be shared between threads; nothing contends for it).
     worker: parking_lot::Mutex<Option<Worker>>,
@@ -132,6 +133,7 @@ impl Datapath {
         let (worker, commands) = Worker::new(spec, links)?;
         Ok(Self {
             injector: worker.injector(),
+            tunnel_injector: worker.tunnel_injector(),
             commands,
             worker: parking_lot::Mutex::new(Some(worker)),
             thread: None,
@@ -150,6 +152,11 @@ impl Datapath {
     /// A handle for tokio tasks to feed this datapath (published ports, NAT, DNS answers).
     pub fn injector(&self) -> Injector {
         self.injector.clone()
+    }
+
+    /// The injector for packets from the network's tunnel (a budget of its own).
+    pub fn tunnel_injector(&self) -> Injector {
+        self.tunnel_injector.clone()
     }
 
     async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Command) -> io::Result<T> {

@@ -30,6 +30,10 @@ use crate::api::{FdbRow, NetworkStats};
 /// The NAT policy as the datapaths and dial tasks share it (read once per new flow).
 pub type SharedPolicy = Arc<parking_lot::RwLock<Policy>>;
 
+/// What a queued packet costs beyond its bytes (the command and the allocation), so that a
+/// flood of tiny packets is bounded too.
+pub const QUEUED_COST: usize = 64;
+
 /// Bytes of frames from host sockets queued for one datapath at most.
 pub const MAX_BACKLOG_BYTES: usize = 4 * 1024 * 1024;
 
@@ -222,7 +226,10 @@ impl Injector {
     /// Hands a VXLAN packet to the network's tunnel, or drops it (counted) when the backlog is
     /// full. False only if the datapath is gone.
     pub fn tunnel_in(&self, from: std::net::IpAddr, packet: Vec<u8>) -> bool {
-        self.send_charged(packet.len(), Command::TunnelIn { from, packet })
+        self.send_charged(
+            packet.len() + QUEUED_COST,
+            Command::TunnelIn { from, packet },
+        )
     }
 
     /// The datapath took `len` charged bytes off the backlog.

@@ -51,7 +51,11 @@ impl TunnelPort {
             self.tx_dropped += 1;
             return;
         };
-        if offloaded {
+        let hdr = VnetHdr::parse(frame).unwrap_or_default();
+        if hdr.is_gso() {
+            // Only the gateway's own TCP can be a super-segment here (containers' TAPs have no
+            // offloads), and it talks to this host's containers; cutting it up is left for
+            // later.
             self.tx_dropped += 1;
             return;
         }
@@ -60,6 +64,10 @@ impl TunnelPort {
         self.out
             .extend_from_slice(&vxlan::header(self.tunnel.vni()));
         self.out.extend_from_slice(eth);
+        if offloaded && !finish_partial(&mut self.out[VXLAN_HDR_LEN..], hdr) {
+            self.tx_dropped += 1;
+            return;
+        }
         let flow = usize::from(vxlan::source_port(
             eth,
             0,
@@ -111,9 +119,9 @@ impl TunnelPort {
             rx_packets: s.rx_packets,
             rx_malformed: s.rx_malformed,
             rx_foreign_vni: s.rx_foreign_vni,
-            rx_not_member: s.rx_not_member,
+            rx_not_member: s.rx_not_member + self.sockets.strangers(self.tunnel.vni()),
             rx_spoofed: s.rx_spoofed,
-            rx_table_full: s.rx_table_full,
+            learn_refused: s.learn_refused,
             tx_unicast: s.tx_unicast,
             tx_flooded: s.tx_flooded,
             tx_dropped: self.tx_dropped,
@@ -122,6 +130,20 @@ impl TunnelPort {
             daemon_not_vxlan: not_vxlan,
         }
     }
+}
+
+/// Finishes a checksum the sender left partial (`F_NEEDS_CSUM`: the sum from `csum_start` on,
+/// stored at `csum_start + csum_offset`), as the missing hardware would. False if the header
+/// points outside the frame.
+fn finish_partial(eth: &mut [u8], hdr: VnetHdr) -> bool {
+    let start = usize::from(hdr.csum_start);
+    let at = start + usize::from(hdr.csum_offset);
+    if start >= eth.len() || at + 2 > eth.len() {
+        return false;
+    }
+    let sum = !fold(sum16(&eth[start..]));
+    eth[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    true
 }
 
 /// A sender on the same machine also hands over TCP super-packets (its kernel's TSO, which no

@@ -18,7 +18,7 @@ use vswitch_switch::vnet::VNET_HDR_LEN;
 use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, MacAddr, PortGuard, PortId};
 
 use super::busy_poll::BusyPoll;
-use super::protocol::{Command, Commands, DNS_PORT, Event, Injector};
+use super::protocol::{Command, Commands, DNS_PORT, Event, Injector, QUEUED_COST};
 use super::services::{Detour, Services, StreamAnswer};
 use super::tcp::TcpFlows;
 use super::tunnel::TunnelPort;
@@ -56,6 +56,9 @@ pub(super) struct Worker {
     commands: mpsc::Receiver<Command>,
     /// The sending half of `commands`, for the injectors this thread hands out.
     injector: Injector,
+    /// The same, with a budget of its own, for packets from the tunnel: a VXLAN flood must not
+    /// crowd out the network's DNS answers.
+    tunnel_injector: Injector,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     bridge: Bridge,
     gateway: Gateway,
@@ -122,6 +125,7 @@ impl Worker {
             .map_or(gateway_port, |t| t.port.max(gateway_port));
         ports.resize_with(top.index() + 1, || None);
         let injector = Injector::new(commands.clone());
+        let tunnel_injector = Injector::new(commands.clone());
         let services = Services {
             network_id: network_id.clone(),
             dns: links.dns,
@@ -143,6 +147,7 @@ impl Worker {
             wake,
             commands: rx,
             injector,
+            tunnel_injector,
             events: links.events,
             bridge,
             gateway: gw,
@@ -159,6 +164,10 @@ impl Worker {
 
     pub(super) fn injector(&self) -> Injector {
         self.injector.clone()
+    }
+
+    pub(super) fn tunnel_injector(&self) -> Injector {
+        self.tunnel_injector.clone()
     }
 
     /// Runs the worker on a thread of its own until [`Command::Shutdown`].
@@ -314,6 +323,9 @@ impl Worker {
             // address the query claims.
             let namespace = match self.ports.get(ingress.index()) {
                 Some(Some(io)) => Some(io.namespace.as_str()),
+                // Other hosts' containers see this network's names and no more, whatever
+                // source address they claim.
+                _ if self.tunnel.as_ref().is_some_and(|t| t.port == ingress) => Some(TUNNEL_NAME),
                 _ => None,
             };
             let detour = match slice_udp(frame) {
@@ -450,7 +462,7 @@ impl Worker {
                 return;
             }
             Command::TunnelIn { from, packet } => {
-                self.injector.taken(packet.len());
+                self.tunnel_injector.taken(packet.len() + QUEUED_COST);
                 let Some(t) = self.tunnel.as_mut() else {
                     return;
                 };

@@ -6,7 +6,7 @@
 //! The sockets are opened when the first overlay network starts. Receiving is a thread of its
 //! own that only demultiplexes; every check is the network's tunnel's, on its datapath thread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -67,12 +67,24 @@ impl VxlanHost {
     }
 }
 
+/// Where packets of one VNI go, and who may send them.
+struct Route {
+    injector: Injector,
+    /// Members and peers: packets from anybody else are dropped here, before they are copied
+    /// or queued (the tunnel checks again, with the frame).
+    senders: HashSet<IpAddr>,
+    /// Packets dropped for coming from somebody else.
+    strangers: AtomicU64,
+}
+
 pub struct Sockets {
     rx: UdpSocket,
     tx: Vec<UdpSocket>,
     /// The port VTEPs listen on (ours and everybody's).
     pub port: u16,
-    routes: RwLock<HashMap<u32, Injector>>,
+    /// The family of the underlay (the sockets').
+    pub ipv6: bool,
+    routes: RwLock<HashMap<u32, Route>>,
     /// Packets for a VNI no network here has.
     unknown_vni: AtomicU64,
     /// Packets that were not VXLAN at all.
@@ -106,15 +118,43 @@ impl Sockets {
             rx,
             tx,
             port: config.port,
+            ipv6: local.is_ipv6(),
             routes: RwLock::new(HashMap::new()),
             unknown_vni: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
         })
     }
 
-    /// Hands packets of `vni` to a network's datapath from now on.
-    pub fn register(&self, vni: u32, injector: Injector) {
-        self.routes.write().insert(vni, injector);
+    /// Hands packets of `vni` from `senders` to a network's datapath from now on.
+    pub fn register(
+        &self,
+        vni: u32,
+        injector: Injector,
+        senders: impl IntoIterator<Item = IpAddr>,
+    ) {
+        let route = Route {
+            injector,
+            senders: senders.into_iter().collect(),
+            strangers: AtomicU64::new(0),
+        };
+        if self.routes.write().insert(vni, route).is_some() {
+            tracing::error!(vni, "two overlay networks with one VNI; the later one wins");
+        }
+    }
+
+    /// Who may send packets of `vni` (members and peers).
+    pub fn set_senders(&self, vni: u32, senders: impl IntoIterator<Item = IpAddr>) {
+        if let Some(r) = self.routes.write().get_mut(&vni) {
+            r.senders = senders.into_iter().collect();
+        }
+    }
+
+    /// Packets of `vni` dropped for coming from neither a member nor a peer.
+    pub fn strangers(&self, vni: u32) -> u64 {
+        self.routes
+            .read()
+            .get(&vni)
+            .map_or(0, |r| r.strangers.load(Ordering::Relaxed))
     }
 
     pub fn unregister(&self, vni: u32) {
@@ -149,8 +189,10 @@ impl Sockets {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::error!(error = %e, "VXLAN socket failed; overlay networks receive nothing more");
-                    return;
+                    // Memory pressure and the like pass; the socket stays.
+                    tracing::warn!(error = %e, "VXLAN receive failed");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
                 }
             };
             let packet = &buf[..n];
@@ -160,10 +202,14 @@ impl Sockets {
             };
             let routes = self.routes.read();
             match routes.get(&vni) {
-                // The network's tunnel checks the sender and the frame; a full backlog drops
-                // (counted by the injector), so a flood never grows memory.
-                Some(inj) => {
-                    inj.tunnel_in(from.ip(), packet.to_vec());
+                Some(r) if !r.senders.contains(&from.ip()) => {
+                    r.strangers.fetch_add(1, Ordering::Relaxed);
+                }
+                // The network's tunnel checks the frame; the tunnel's own backlog drops what
+                // does not fit (counted), so a flood never grows memory or crowds out the
+                // network's DNS answers.
+                Some(r) => {
+                    r.injector.tunnel_in(from.ip(), packet.to_vec());
                 }
                 None => {
                     self.unknown_vni.fetch_add(1, Ordering::Relaxed);
