@@ -5,8 +5,10 @@
 # python3, iperf3, procps, util-linux (unshare, nsenter, setpriv), uidmap (newuidmap for
 # rootless containers), nftables (an outside that drops SYNs, in a test namespace), podman,
 # runc, containernetworking-plugins and busybox-static (vswitch as a CNI plugin of real podman),
-# docker.io (vswitch as dockerd's network driver; the tests start their own dockerd).
-VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap nftables podman runc containernetworking-plugins busybox-static docker.io"
+# docker.io (vswitch as dockerd's network driver; the tests start their own dockerd),
+# protobuf-compiler (the etcd client crate runs protoc when it builds) and etcd-server (the
+# cluster store of overlay networks; the tests start their own etcd).
+VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap nftables podman runc containernetworking-plugins busybox-static docker.io protobuf-compiler etcd-server"
 
 install_packages() {
     local missing=() p

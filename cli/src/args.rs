@@ -182,6 +182,16 @@ pub(crate) struct DaemonArgs {
     /// MTU is its link's minus 50 [default: any address; the default route's link]
     #[arg(long, value_name = "IP")]
     pub(crate) advertise_addr: Option<std::net::IpAddr>,
+    /// Join the cluster whose overlay networks live in etcd v3 at these client addresses
+    /// (needs --advertise-addr)
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT]")]
+    pub(crate) cluster_store: Option<String>,
+    /// This host's name in the cluster [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    pub(crate) node_name: Option<String>,
+    /// Seconds after which a host that stopped renewing its lease leaves the cluster
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i64).range(2..=3600))]
+    pub(crate) cluster_ttl: i64,
     /// Let containers reach every service on the host's loopback through their gateway's
     /// address (by default only published ports are reachable there)
     #[arg(long)]

@@ -113,6 +113,37 @@ fn default_state_dir(is_root: bool) -> PathBuf {
     PathBuf::from(home).join(".local/share/vswitch")
 }
 
+/// `--cluster-store` and its companions, checked.
+fn cluster_config(
+    args: &DaemonArgs,
+) -> anyhow::Result<Option<vswitch_daemon::cluster::ClusterConfig>> {
+    use vswitch_daemon::cluster::{ClusterConfig, records::valid_node};
+    let Some(store) = &args.cluster_store else {
+        return Ok(None);
+    };
+    let endpoints = ClusterConfig::parse_store(store).map_err(anyhow::Error::msg)?;
+    let Some(advertise) = args.advertise_addr else {
+        anyhow::bail!(
+            "--cluster-store needs --advertise-addr (this host's address on the underlay)"
+        );
+    };
+    let node = match &args.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
+    };
+    if !valid_node(&node) {
+        anyhow::bail!("invalid --node-name {node:?}: letters, digits, '-', '_' and '.'");
+    }
+    Ok(Some(ClusterConfig {
+        endpoints,
+        node,
+        advertise,
+        ttl: args.cluster_ttl,
+    }))
+}
+
 fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Result<ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .map_err(|e| anyhow::anyhow!("invalid --log-level {:?}: {e}", args.log_level))?;
@@ -120,6 +151,7 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Resul
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let cluster = cluster_config(&args)?;
     let state_dir = args.state_dir.unwrap_or_else(|| default_state_dir(is_root));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -147,6 +179,7 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Resul
                 port: args.vxlan_port,
                 advertise: args.advertise_addr,
             },
+            cluster,
         },
         dns_listen: args.dns_listen,
         docker_plugin: match args.docker_plugin {

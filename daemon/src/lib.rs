@@ -21,6 +21,7 @@
 //! `vswitch-netdev`), all but the last without I/O.
 
 pub mod api;
+pub mod cluster;
 pub mod container_init;
 mod control;
 pub mod datapath;

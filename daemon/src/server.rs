@@ -108,6 +108,9 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         None => None,
     };
     let (daemon, mut events) = Daemon::start(&opts.state_dir, &opts.dns).await?;
+    if let Some(cluster) = daemon.cluster() {
+        tokio::spawn(crate::cluster::sync::run(daemon.clone(), cluster));
+    }
     let mut _plugin_file = None;
     if let Some(plugin) = &opts.docker_plugin {
         let listener = crate::docker::bind(plugin).await?;

@@ -69,6 +69,15 @@ pub(super) fn refresh_held(inner: &mut Inner) {
         entry.addrs.extend(p.addrs());
         entry.macs.insert(p.mac.0);
     }
+    // Endpoints on other hosts of overlay networks hold theirs too.
+    for ((net, _, _), r) in &inner.remote {
+        let entry = held.entry(net.clone()).or_default();
+        entry.addrs.insert(IpAddr::V4(r.ipv4));
+        entry.addrs.extend(r.ipv6.map(IpAddr::V6));
+        if let Ok(mac) = r.mac.parse::<vswitch_switch::MacAddr>() {
+            entry.macs.insert(mac.0);
+        }
+    }
     held.retain(|_, h| !h.addrs.is_empty() || !h.macs.is_empty());
     inner.store.held = held;
 }

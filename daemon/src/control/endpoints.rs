@@ -137,13 +137,51 @@ impl Daemon {
                 req.target
             )));
         }
-        let mut ep = plan::plan_endpoint(
-            &inner.store,
-            &net,
-            &req,
-            ns.id(),
-            (ids::random_id(), ids::random_id()),
-        )?;
+        let ids = (ids::random_id(), ids::random_id());
+        let mut ep = plan::plan_endpoint(&inner.store, &net, &req, ns.id(), ids.clone())?;
+        // In a cluster, an overlay's addresses are claimed in the store first: another host
+        // may have taken the one planned (then it is planned again, without it).
+        let clustered = net.overlay.is_some() && self.node().is_some();
+        if clustered {
+            let mut tries = 0;
+            while !self.cluster_claim(&ep).await? {
+                tries += 1;
+                if req.ipv4_address.is_some() || tries >= 16 {
+                    return Err(Error::conflict(format!(
+                        "address {} is taken by another host of the cluster",
+                        ep.ipv4
+                    )));
+                }
+                let held = inner.store.held.entry(net.id.clone()).or_default();
+                held.addrs.insert(std::net::IpAddr::V4(ep.ipv4));
+                held.addrs.extend(ep.ipv6.map(std::net::IpAddr::V6));
+                ep = plan::plan_endpoint(&inner.store, &net, &req, ns.id(), ids.clone())?;
+            }
+        }
+        let made = self
+            .attach_planned(inner, &net, &req, ep.clone(), owner, ns)
+            .await;
+        if clustered {
+            match &made {
+                Ok(_) => self.cluster_publish(&ep).await,
+                Err(_) => self.cluster_withdraw(&ep).await,
+            }
+        }
+        made
+    }
+
+    /// The rest of [`Self::attach_owned`], once the endpoint is planned (and its addresses
+    /// claimed in a cluster).
+    async fn attach_planned(
+        &self,
+        inner: &mut Inner,
+        net: &Network,
+        req: &AttachRequest,
+        mut ep: Endpoint,
+        owner: Option<CniOwner>,
+        ns: NetNs,
+    ) -> Result<EndpointInfo> {
+        let net = net.clone();
         ep.ports = plan::plan_ports(&net, &req.ports)?;
         ep.cni = owner;
         // Bind before plumbing: a host port in use fails the attach with nothing to undo.
@@ -253,6 +291,14 @@ impl Daemon {
     /// Removes an endpoint's port, names, published ports and resolv.conf, and forgets it (the
     /// caller saves the state).
     pub(super) async fn unplug(&self, inner: &mut Inner, ep: &Endpoint) {
+        let overlay = inner
+            .store
+            .networks
+            .get(&ep.network_id)
+            .is_some_and(|n| n.overlay.is_some());
+        if overlay {
+            self.cluster_withdraw(ep).await;
+        }
         self.targets.forget(&ep.id);
         self.catalog.write().remove_endpoint(&ep.network_id, &ep.id);
         if let Some(live) = inner.live.get_mut(&ep.network_id) {

@@ -14,6 +14,7 @@
 //! held across a sleep or a poll: waits for processes and namespaces happen between two
 //! holds of it.
 
+mod cluster;
 mod cni;
 mod docker;
 mod docker_ep;
@@ -65,6 +66,8 @@ pub struct RuntimeOptions {
     pub datapath_busy_poll: std::time::Duration,
     /// `--vxlan-port` and `--advertise-addr`, for overlay networks.
     pub vxlan: host::vxlan::VxlanConfig,
+    /// `--cluster-store` and the rest: overlay networks shared by several hosts.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// A network that is up: its datapath thread and the endpoints plugged into it.
@@ -95,6 +98,8 @@ struct Inner {
     /// Docker's address pools and endpoints that exist only in Docker's sequence of calls
     /// (made, not yet joined); lost at a restart, as Docker asks again.
     docker: DockerState,
+    /// Endpoints on other hosts, from the cluster store.
+    remote: cluster::Remote,
 }
 
 pub struct Daemon {
@@ -119,6 +124,8 @@ pub struct Daemon {
     datapath_busy_poll: std::time::Duration,
     /// The VXLAN sockets of overlay networks.
     vxlan: host::vxlan::VxlanHost,
+    /// The cluster store's handle, in a cluster.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Daemon {
@@ -170,6 +177,7 @@ impl Daemon {
                 watchers: HashMap::new(),
                 starting: HashMap::new(),
                 docker: DockerState::default(),
+                remote: cluster::Remote::new(),
             }),
             state_dir,
             events,
@@ -189,6 +197,10 @@ impl Daemon {
             datapath_nice: opts.datapath_nice,
             datapath_busy_poll: opts.datapath_busy_poll,
             vxlan: host::vxlan::VxlanHost::new(opts.vxlan),
+            cluster: opts
+                .cluster
+                .clone()
+                .map(|c| Arc::new(crate::cluster::Cluster::new(c))),
         });
         {
             let mut inner = daemon.inner.lock().await;
@@ -316,6 +328,11 @@ impl Daemon {
         if let Err(e) = self.state_dir.save(store) {
             tracing::error!(error = %format!("{e:#}"), "cannot save state");
         }
+    }
+
+    /// The cluster store's handle, in a cluster.
+    pub fn cluster(&self) -> Option<Arc<crate::cluster::Cluster>> {
+        self.cluster.clone()
     }
 
     pub fn responder(&self) -> Arc<Responder> {

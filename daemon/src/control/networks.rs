@@ -4,6 +4,7 @@ use std::net::IpAddr;
 
 use super::{Daemon, Inner, find_network, ids, render, subnets};
 use crate::api::{Created, FdbRow, NetworkCreate, NetworkInspect, NetworkStats};
+use crate::cluster::records::NetworkRecord;
 use crate::error::{Error, Result};
 use crate::ipam;
 use crate::plan::{self, DEFAULT_NETWORK, HostFacts};
@@ -92,7 +93,7 @@ impl Daemon {
 
     pub async fn create_network(&self, req: NetworkCreate) -> Result<Created> {
         let mut inner = self.inner.lock().await;
-        let net = plan::plan_network(
+        let mut net = plan::plan_network(
             &inner.store,
             req,
             &host_facts(
@@ -102,6 +103,31 @@ impl Daemon {
             ids::random_id(),
             ids::now(),
         )?;
+        if let (Some(c), Some(_)) = (self.cluster(), &net.overlay) {
+            // The name and the VNI are claimed for the whole cluster; a VNI another host took
+            // meanwhile is skipped.
+            let mut tries = 0;
+            loop {
+                let rec =
+                    NetworkRecord::of(&net).ok_or_else(|| Error::internal("not an overlay"))?;
+                if c.create_network(&rec).await? {
+                    break;
+                }
+                if c.network_exists(&net.name).await? {
+                    return Err(Error::conflict(format!(
+                        "network {} exists in the cluster already",
+                        net.name
+                    )));
+                }
+                tries += 1;
+                if tries >= 64 {
+                    return Err(Error::conflict("no free VXLAN network identifier"));
+                }
+                if let Some(o) = net.overlay.as_mut() {
+                    o.vni += 1;
+                }
+            }
+        }
         self.add_network(&mut inner, net).await
     }
 
@@ -123,6 +149,20 @@ impl Daemon {
     pub async fn remove_network(&self, key: &str) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let net = find_network(&inner.store, key)?.clone();
+        if let (Some(c), Some(rec)) = (self.cluster(), NetworkRecord::of(&net)) {
+            if inner.store.endpoints_of(&net.id).next().is_some() {
+                return Err(Error::forbidden(format!(
+                    "network {} has active endpoints",
+                    net.name
+                )));
+            }
+            if let Some(node) = c.remove_network(&rec).await? {
+                return Err(Error::forbidden(format!(
+                    "network {} has endpoints on host {node}",
+                    net.name
+                )));
+            }
+        }
         if let Some(d) = &net.docker {
             return Err(Error::forbidden(format!(
                 "network {} belongs to Docker (network {}): remove it with docker network rm",

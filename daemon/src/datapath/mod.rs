@@ -198,6 +198,24 @@ impl Datapath {
         self.ask(Command::Stats).await
     }
 
+    /// Replaces the tunnel's member hosts.
+    pub fn set_members(&self, members: Vec<std::net::IpAddr>) -> io::Result<()> {
+        self.send(Command::TunnelMembers(members))
+    }
+
+    /// Records (or, with `None`, forgets) an endpoint on another host.
+    pub fn set_remote(&self, mac: [u8; 6], host: Option<std::net::IpAddr>) -> io::Result<()> {
+        self.send(Command::TunnelRemote { mac, host })
+    }
+
+    fn send(&self, cmd: Command) -> io::Result<()> {
+        if self.commands.send(cmd) {
+            Ok(())
+        } else {
+            Err(io::Error::other(STOPPED))
+        }
+    }
+
     /// Replaces the tunnel's external VTEPs.
     pub fn set_peers(&self, peers: Vec<std::net::IpAddr>) -> io::Result<()> {
         if self.commands.send(Command::TunnelPeers(peers)) {

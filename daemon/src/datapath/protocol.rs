@@ -74,6 +74,13 @@ pub(super) enum Command {
     },
     /// The network's external VTEPs (replaces the previous list).
     TunnelPeers(Vec<std::net::IpAddr>),
+    /// The member hosts with endpoints on the network (replaces the previous list).
+    TunnelMembers(Vec<std::net::IpAddr>),
+    /// An endpoint on another host (`Some(host)`), or no longer (`None`).
+    TunnelRemote {
+        mac: [u8; 6],
+        host: Option<std::net::IpAddr>,
+    },
     /// A forwarded answer for a DNS-over-TCP connection of the gateway.
     StreamReply {
         conn: u64,

@@ -111,6 +111,18 @@ impl TunnelPort {
         }
     }
 
+    pub fn set_members(&mut self, members: Vec<IpAddr>) {
+        self.tunnel.set_members(members);
+    }
+
+    pub fn set_remote(&mut self, mac: MacAddr, host: IpAddr) {
+        self.tunnel.set_remote(mac, host);
+    }
+
+    pub fn remove_remote(&mut self, mac: MacAddr) {
+        self.tunnel.remove_remote(mac);
+    }
+
     pub fn stats(&self) -> TunnelStatsRow {
         let s = self.tunnel.stats();
         let (unknown_vni, not_vxlan) = self.sockets.dropped();

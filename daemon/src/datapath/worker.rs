@@ -478,6 +478,28 @@ impl Worker {
                 }
                 return;
             }
+            Command::TunnelMembers(members) => {
+                if let Some(t) = self.tunnel.as_mut() {
+                    t.set_members(members);
+                }
+                return;
+            }
+            Command::TunnelRemote { mac, host } => {
+                if let Some(t) = self.tunnel.as_mut() {
+                    let mac = MacAddr(mac);
+                    match host {
+                        Some(h) => {
+                            t.set_remote(mac, h);
+                            self.bridge.pin(now, mac, t.port);
+                        }
+                        None => {
+                            t.remove_remote(mac);
+                            self.bridge.unpin(mac, t.port);
+                        }
+                    }
+                }
+                return;
+            }
             Command::StreamUnanswered { conn } => self.gateway.stream_unanswered(now, conn),
             Command::StreamReply { conn, answer } => {
                 self.injector.taken(answer.len());
