@@ -262,6 +262,28 @@ fn two_hosts_share_an_overlay_network_through_etcd() {
         .success()));
     let ip3 = h2.ip_of("ov", "c3");
     assert!(wait_until(secs(20), || resolve(&c1, "c3").contains(&ip3)));
+    // The claims moved to h2's new lease: once the old one would have lapsed, c2's address
+    // is still h2's.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let c5 = Netns::new("c5");
+    let e = h1.fails(&[
+        "attach",
+        "--network",
+        "ov",
+        "--name",
+        "c5",
+        "--ip",
+        &ip2,
+        &c5.name,
+    ]);
+    assert!(
+        e.contains("taken by another host") || e.contains("already in use"),
+        "{e}"
+    );
+    assert!(
+        !resolve(&c1, "c2").is_empty(),
+        "c2 vanished after etcd's restart"
+    );
 
     // A network cannot go while another host has endpoints on it.
     h1.ok(&["detach", "c1"]);

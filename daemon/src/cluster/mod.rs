@@ -68,6 +68,11 @@ struct Session {
 pub struct Cluster {
     pub config: ClusterConfig,
     session: Mutex<Option<Session>>,
+    /// The previous session's lease: revoked once this node's entries are under the new one,
+    /// which takes whatever of them was left behind.
+    old_lease: Mutex<Option<i64>>,
+    /// An endpoint could not be published or withdrawn: publish everything again.
+    pub(crate) dirty: std::sync::atomic::AtomicBool,
 }
 
 fn unreachable(e: impl std::fmt::Display) -> Error {
@@ -82,6 +87,8 @@ impl Cluster {
         Self {
             config,
             session: Mutex::new(None),
+            old_lease: Mutex::new(None),
+            dirty: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -138,10 +145,47 @@ impl Cluster {
         Ok(!r.kvs().is_empty())
     }
 
-    /// Removes a network everywhere, if no host has endpoints on it. `Ok(Some(node))`: that
-    /// node still has one.
+    /// Removes a network everywhere, in one transaction that holds only if the stored network
+    /// is this one and no host has endpoints on it. `Ok(Some(node))`: that node has one.
     pub async fn remove_network(&self, rec: &NetworkRecord) -> Result<Option<String>> {
         let (mut client, _) = self.session().await?;
+        let net_key = Key::Network(rec.name.clone()).render();
+        let current = tokio::time::timeout(CALL_TIMEOUT, client.get(net_key.clone(), None))
+            .await
+            .map_err(unreachable)?
+            .map_err(unreachable)?;
+        let Some(stored) = current.kvs().first().map(|kv| kv.value().to_vec()) else {
+            return Ok(None);
+        };
+        if serde_json::from_slice::<NetworkRecord>(&stored)
+            .ok()
+            .map(|r| r.id)
+            != Some(rec.id.clone())
+        {
+            // Another network of that name: not ours to remove.
+            return Ok(None);
+        }
+        let removed = self
+            .txn(
+                Txn::new()
+                    .when([
+                        Compare::version(records::endpoints_of(&rec.id), CompareOp::Equal, 0)
+                            .with_prefix(),
+                        Compare::value(net_key.clone(), CompareOp::Equal, stored),
+                    ])
+                    .and_then([
+                        TxnOp::delete(net_key, None),
+                        TxnOp::delete(Key::Vni(rec.vni).render(), None),
+                        TxnOp::delete(
+                            records::ipam_of(&rec.id),
+                            Some(DeleteOptions::new().with_prefix()),
+                        ),
+                    ]),
+            )
+            .await?;
+        if removed {
+            return Ok(None);
+        }
         let eps = tokio::time::timeout(
             CALL_TIMEOUT,
             client.get(
@@ -152,60 +196,69 @@ impl Cluster {
         .await
         .map_err(unreachable)?
         .map_err(unreachable)?;
-        if let Some(kv) = eps.kvs().first()
-            && let Some(Key::Endpoint { node, .. }) = kv.key_str().ok().and_then(Key::parse)
-        {
-            return Ok(Some(node));
-        }
-        self.txn(Txn::new().and_then([
-            TxnOp::delete(Key::Network(rec.name.clone()).render(), None),
-            TxnOp::delete(Key::Vni(rec.vni).render(), None),
-            TxnOp::delete(
-                records::ipam_of(&rec.id),
-                Some(DeleteOptions::new().with_prefix()),
-            ),
-        ]))
-        .await?;
-        Ok(None)
+        let node = eps
+            .kvs()
+            .first()
+            .and_then(|kv| kv.key_str().ok().and_then(Key::parse))
+            .map(|k| match k {
+                Key::Endpoint { node, .. } => node,
+                _ => String::new(),
+            })
+            .unwrap_or_else(|| "another host (changed meanwhile)".to_owned());
+        Ok(Some(node))
     }
 
-    /// Claims addresses on a network for `owner`, under this node's lease: all of them or
-    /// none. `Ok(false)`: one is taken.
+    /// Claims addresses on a network for `owner`, under this session's lease: each is created
+    /// if absent, or moved to this lease if `owner` holds it already (after a reconnection).
+    /// `Ok(false)`: one is another's, and none is claimed.
     pub async fn claim(&self, network: &str, addrs: &[IpAddr], owner: &str) -> Result<bool> {
         let (_, lease) = self.session().await?;
-        let keys: Vec<String> = addrs
-            .iter()
-            .map(|a| {
-                Key::Ipam {
-                    network: network.to_owned(),
-                    addr: *a,
-                }
-                .render()
-            })
-            .collect();
-        let when: Vec<Compare> = keys
-            .iter()
-            .map(|k| Compare::version(k.clone(), CompareOp::Equal, 0))
-            .collect();
-        let then: Vec<TxnOp> = keys
-            .into_iter()
-            .map(|k| TxnOp::put(k, owner, Some(PutOptions::new().with_lease(lease))))
-            .collect();
-        self.txn(Txn::new().when(when).and_then(then)).await
-    }
-
-    /// Gives addresses back (best effort: they go with the lease anyway).
-    pub async fn release(&self, network: &str, addrs: &[IpAddr]) {
-        let Ok((mut client, _)) = self.session().await else {
-            return;
-        };
+        let mut done: Vec<IpAddr> = Vec::new();
         for a in addrs {
             let key = Key::Ipam {
                 network: network.to_owned(),
                 addr: *a,
             }
             .render();
-            let _ = tokio::time::timeout(CALL_TIMEOUT, client.delete(key, None)).await;
+            let put = || {
+                TxnOp::put(
+                    key.clone(),
+                    owner,
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            };
+            let mine = Txn::new()
+                .when([Compare::value(key.clone(), CompareOp::Equal, owner)])
+                .and_then([put()]);
+            let free = Txn::new()
+                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                .and_then([put()]);
+            if self.txn(mine).await? || self.txn(free).await? {
+                done.push(*a);
+                continue;
+            }
+            self.release(network, &done, owner).await;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Gives back addresses `owner` holds (best effort: they go with the lease anyway; an
+    /// address another holds is left alone).
+    pub async fn release(&self, network: &str, addrs: &[IpAddr], owner: &str) {
+        for a in addrs {
+            let key = Key::Ipam {
+                network: network.to_owned(),
+                addr: *a,
+            }
+            .render();
+            let _ = self
+                .txn(
+                    Txn::new()
+                        .when([Compare::value(key.clone(), CompareOp::Equal, owner)])
+                        .and_then([TxnOp::delete(key, None)]),
+                )
+                .await;
         }
     }
 
@@ -229,9 +282,11 @@ impl Cluster {
         Ok(())
     }
 
-    /// Withdraws one of this node's endpoints (best effort: it goes with the lease anyway).
+    /// Withdraws one of this node's endpoints (best effort: it goes with the lease anyway, and
+    /// the next publication of everything takes what is left).
     pub async fn withdraw(&self, network: &str, endpoint: &str) {
         let Ok((mut client, _)) = self.session().await else {
+            self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
             return;
         };
         let key = Key::Endpoint {

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
 
 use super::records::{Key, PREFIX};
 use super::{CALL_TIMEOUT, Cluster, Session};
@@ -49,25 +52,77 @@ async fn session(daemon: &Arc<Daemon>, cluster: &Arc<Cluster>) -> anyhow::Result
     let lease = within("lease", client.lease_grant(cfg.ttl, None))
         .await?
         .id();
-    let node = serde_json::to_vec(&cluster.node_record())?;
-    within(
-        "register",
-        client.put(
-            Key::Node(cfg.node.clone()).render(),
-            node,
-            Some(PutOptions::new().with_lease(lease)),
-        ),
-    )
-    .await?;
+    // The lease is kept alive on a task of its own from now on: nothing this session waits
+    // for (the control lock, a slow read) may let it lapse.
     let (mut keeper, mut alive) = within("keep-alive", client.lease_keep_alive(lease)).await?;
+    let ttl = cfg.ttl;
+    let mut keepalive = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs((ttl as u64 / 3).max(1)));
+        loop {
+            every.tick().await;
+            within("keep-alive", keeper.keep_alive()).await?;
+            match within("keep-alive", alive.message()).await? {
+                Some(r) if r.ttl() > 0 => {}
+                Some(_) => bail!("the lease expired"),
+                None => bail!("the keep-alive stream ended"),
+            }
+        }
+    });
+    let result = follow(daemon, cluster, &mut client, lease, &mut keepalive).await;
+    keepalive.abort();
+    result
+}
+
+/// Registers this node, publishes its entries, reads everything and follows the watch.
+async fn follow(
+    daemon: &Arc<Daemon>,
+    cluster: &Arc<Cluster>,
+    client: &mut Client,
+    lease: i64,
+    keepalive: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let cfg = &cluster.config;
+    // The node's name is its own: another host registered under it is an error, not a
+    // takeover (cloned machines share host names).
+    let key = Key::Node(cfg.node.clone()).render();
+    let node = serde_json::to_vec(&cluster.node_record())?;
+    let put = || {
+        TxnOp::put(
+            key.clone(),
+            node.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+    };
+    let fresh = Txn::new()
+        .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+        .and_then([put()]);
+    let again = Txn::new()
+        .when([Compare::value(key.clone(), CompareOp::Equal, node.clone())])
+        .and_then([put()]);
+    if !within("register", client.txn(fresh)).await?.succeeded()
+        && !within("register", client.txn(again)).await?.succeeded()
+    {
+        bail!(
+            "node name {} is registered by another host (give this one --node-name)",
+            cfg.node
+        );
+    }
     cluster
         .set_session(Some(Session {
             client: client.clone(),
             lease,
         }))
         .await;
-    // A new lease: what this node had published under an old one may be gone.
-    daemon.cluster_republish().await;
+    // This node's entries move to the new lease; whatever is left under the old one (an
+    // endpoint whose withdrawal failed) goes with it.
+    daemon
+        .cluster_republish()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let old = cluster.old_lease.lock().await.replace(lease);
+    if let Some(old) = old.filter(|o| *o != lease) {
+        let _ = within("revoke", client.lease_revoke(old)).await;
+    }
     let all = within(
         "read",
         client.get(PREFIX, Some(GetOptions::new().with_prefix())),
@@ -93,15 +148,23 @@ async fn session(daemon: &Arc<Daemon>, cluster: &Arc<Cluster>) -> anyhow::Result
         ),
     )
     .await?;
-    let mut every = tokio::time::interval(Duration::from_secs((cfg.ttl as u64 / 3).max(1)));
+    let mut retry = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
-            _ = every.tick() => within("keep-alive", keeper.keep_alive()).await?,
-            msg = alive.message() => match msg? {
-                Some(r) if r.ttl() > 0 => {}
-                Some(_) => bail!("the lease expired"),
-                None => bail!("the keep-alive stream ended"),
-            },
+            ended = &mut *keepalive => {
+                return match ended {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(anyhow::anyhow!("the keep-alive task ended")),
+                };
+            }
+            _ = retry.tick() => {
+                if cluster.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    daemon
+                        .cluster_republish()
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+            }
             msg = watch.message() => {
                 let Some(resp) = msg? else { bail!("the watch ended") };
                 if resp.canceled() {

@@ -14,7 +14,7 @@ use vswitch_dns::EndpointRecords;
 use vswitch_switch::MacAddr;
 
 use super::{Daemon, Inner};
-use crate::cluster::records::{EndpointRecord, Key, NetworkRecord};
+use crate::cluster::records::{EndpointRecord, Key, NetworkRecord, NodeRecord};
 use crate::state::{Endpoint, Network};
 
 /// Endpoints on other hosts, by (network id, node, endpoint id).
@@ -44,22 +44,16 @@ impl Daemon {
         })
     }
 
-    /// After (re)connecting: this node's overlay networks and endpoints, claimed and published
-    /// again under the new lease.
-    pub async fn cluster_republish(&self) {
+    /// After (re)connecting: this node's overlay endpoints, their addresses claimed (or moved
+    /// to the new lease) and published again. An error ends the session, and the next one
+    /// tries again.
+    pub async fn cluster_republish(&self) -> crate::error::Result<()> {
         let Some(c) = self.cluster.clone() else {
-            return;
+            return Ok(());
         };
-        let (nets, eps): (Vec<Network>, Vec<Endpoint>) = {
+        let eps: Vec<Endpoint> = {
             let inner = self.inner.lock().await;
-            let nets = inner
-                .store
-                .networks
-                .values()
-                .filter(|n| n.overlay.is_some())
-                .cloned()
-                .collect();
-            let eps = inner
+            inner
                 .store
                 .endpoints
                 .values()
@@ -71,34 +65,20 @@ impl Daemon {
                         .is_some_and(|n| n.overlay.is_some())
                 })
                 .cloned()
-                .collect();
-            (nets, eps)
+                .collect()
         };
-        for net in &nets {
-            if let Some(rec) = NetworkRecord::of(net) {
-                // Known already (the usual case), or this host's own from before the cluster.
-                let _ = c.create_network(&rec).await;
-            }
-        }
         for ep in &eps {
-            let addrs = addrs_of(ep);
-            match c.claim(&ep.network_id, &addrs, &ep.id).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!(endpoint = %ep.name, "another host holds this endpoint's address in the cluster store");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot claim addresses again");
-                    return;
-                }
+            if !c.claim(&ep.network_id, &addrs_of(ep), &ep.id).await? {
+                // Another host took the address while this one was away: its claim stands,
+                // and this endpoint is not announced (the log says which).
+                tracing::error!(endpoint = %ep.name, ip = %ep.ipv4, "another host of the cluster holds this endpoint's address; not published");
+                continue;
             }
-            if let Some(rec) = self.endpoint_record(ep)
-                && let Err(e) = c.publish(&ep.network_id, &ep.id, &rec).await
-            {
-                tracing::warn!(error = %e, "cannot publish endpoints again");
-                return;
+            if let Some(rec) = self.endpoint_record(ep) {
+                c.publish(&ep.network_id, &ep.id, &rec).await?;
             }
         }
+        Ok(())
     }
 
     /// Everything the store holds, read after (re)connecting: networks are created where
@@ -107,8 +87,14 @@ impl Daemon {
         let own = self.node().unwrap_or_default().to_owned();
         let mut remote = Remote::new();
         let mut networks = Vec::new();
+        let mut nodes = HashMap::new();
         for (key, value) in &entries {
             match Key::parse(key) {
+                Some(Key::Node(node)) if node != own => {
+                    if let Ok(rec) = serde_json::from_slice::<NodeRecord>(value) {
+                        nodes.insert(node, rec.advertise);
+                    }
+                }
                 Some(Key::Network(_)) => {
                     if let Ok(rec) = serde_json::from_slice::<NetworkRecord>(value) {
                         networks.push(rec);
@@ -126,10 +112,25 @@ impl Daemon {
                 _ => {}
             }
         }
+        let names: BTreeSet<String> = networks.iter().map(|r| r.name.clone()).collect();
         for rec in networks {
             self.cluster_network(rec).await;
         }
         let mut inner = self.inner.lock().await;
+        // Overlay networks removed while this host was away go here too, if nothing uses them.
+        let missing: Vec<Network> = inner
+            .store
+            .networks
+            .values()
+            .filter(|n| n.overlay.is_some() && !names.contains(&n.name))
+            .filter(|n| inner.store.endpoints_of(&n.id).next().is_none())
+            .cloned()
+            .collect();
+        for net in missing {
+            tracing::info!(network = %net.name, "removed from the cluster meanwhile");
+            let _ = self.drop_network(&mut inner, net).await;
+        }
+        inner.nodes = nodes;
         let gone: Vec<_> = inner
             .remote
             .keys()
@@ -147,6 +148,13 @@ impl Daemon {
     /// A key the watch saw written.
     pub async fn cluster_put(&self, key: &str, value: &[u8]) {
         match Key::parse(key) {
+            Some(Key::Node(node)) if Some(node.as_str()) != self.node() => {
+                if let Ok(rec) = serde_json::from_slice::<NodeRecord>(value) {
+                    let mut inner = self.inner.lock().await;
+                    inner.nodes.insert(node.clone(), rec.advertise);
+                    self.replug_node(&mut inner, &node);
+                }
+            }
             Some(Key::Network(_)) => {
                 if let Ok(rec) = serde_json::from_slice::<NetworkRecord>(value) {
                     self.cluster_network(rec).await;
@@ -169,6 +177,11 @@ impl Daemon {
     /// A key the watch saw deleted (or expired with its lease).
     pub async fn cluster_delete(&self, key: &str) {
         match Key::parse(key) {
+            Some(Key::Node(node)) => {
+                let mut inner = self.inner.lock().await;
+                inner.nodes.remove(&node);
+                self.replug_node(&mut inner, &node);
+            }
             Some(Key::Network(name)) => {
                 let mut inner = self.inner.lock().await;
                 let Some(net) = inner
@@ -210,6 +223,10 @@ impl Daemon {
             tracing::error!(network = %rec.name, local = %other.id, "a local network has the cluster network's name; not created here");
             return;
         }
+        if let Err(why) = check_network(&inner, &rec) {
+            tracing::error!(network = %rec.name, why, "the cluster's network is not created here");
+            return;
+        }
         let net = rec.network();
         match self.add_network(&mut inner, net).await {
             Ok(_) => {
@@ -238,6 +255,9 @@ impl Daemon {
         }
         if let Some(old) = inner.remote.get(&key).cloned() {
             self.unplug_remote(inner, &key, &old);
+        } else if inner.remote.len() >= MAX_REMOTE {
+            tracing::warn!(node = %key.1, "{MAX_REMOTE} remote endpoints known already; one more ignored");
+            return;
         }
         inner.remote.insert(key.clone(), rec.clone());
         self.plug_remote(inner, &key, &rec);
@@ -254,22 +274,53 @@ impl Daemon {
         super::docker_ipam::refresh_held(inner);
     }
 
-    /// A remote endpoint into its network's tunnel and DNS (if the network is here).
+    /// A remote endpoint into its network's tunnel and DNS, if the network is here, its node
+    /// is registered, and the record holds up: nothing a local endpoint or another remote one
+    /// holds, addresses inside the network, valid names.
     fn plug_remote(&self, inner: &Inner, key: &(String, String, String), rec: &EndpointRecord) {
         let (net_id, node, ep) = key;
-        let Some(net) = inner.store.networks.get(net_id) else {
+        let Some(net) = inner
+            .store
+            .networks
+            .get(net_id)
+            .filter(|n| n.overlay.is_some())
+        else {
+            return;
+        };
+        let Some(host) = inner.nodes.get(node).copied() else {
             return;
         };
         let Ok(mac) = rec.mac.parse::<MacAddr>() else {
             return;
         };
-        let local = inner.store.endpoints_of(net_id).any(|e| e.mac == mac);
-        if mac.is_multicast() || mac.is_zero() || mac == net.gateway_mac() || local {
-            tracing::warn!(network = %net.name, %node, mac = %mac, "a remote endpoint claims a MAC in use here; ignored");
+        let taken_here = inner.store.endpoints_of(net_id).any(|e| {
+            e.mac == mac || e.ipv4 == rec.ipv4 || (rec.ipv6.is_some() && e.ipv6 == rec.ipv6)
+        });
+        let taken_there = inner
+            .remote
+            .iter()
+            .any(|(k, r)| k != key && k.0 == *net_id && (r.mac == rec.mac || r.ipv4 == rec.ipv4));
+        let inside = crate::ipam::is_host4(net.subnet, rec.ipv4)
+            && rec.ipv4 != net.gateway
+            && rec
+                .ipv6
+                .is_none_or(|a| net.subnet6.is_some_and(|s| crate::ipam::is_host6(s, a)));
+        let names_ok = crate::plan::valid_name(&rec.name)
+            && rec.aliases.len() <= 16
+            && rec.aliases.iter().all(|a| crate::plan::valid_name(a));
+        if mac.is_multicast()
+            || mac.is_zero()
+            || mac == net.gateway_mac()
+            || taken_here
+            || taken_there
+            || !inside
+            || !names_ok
+        {
+            tracing::warn!(network = %net.name, %node, name = %rec.name, mac = %mac, "a remote endpoint's record clashes with what is here; ignored");
             return;
         }
         if let Some(live) = inner.live.get(net_id) {
-            let _ = live.datapath.set_remote(mac.0, Some(rec.host));
+            let _ = live.datapath.set_remote(mac.0, Some(host));
         }
         self.catalog.write().add_endpoint(
             net_id,
@@ -285,6 +336,26 @@ impl Daemon {
         );
     }
 
+    /// A node's address changed (or it went): its endpoints are plugged again.
+    fn replug_node(&self, inner: &mut Inner, node: &str) {
+        let mine: Vec<_> = inner
+            .remote
+            .iter()
+            .filter(|(k, _)| k.1 == node)
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        let mut nets = BTreeSet::new();
+        for (k, r) in &mine {
+            self.unplug_remote(inner, k, r);
+            self.plug_remote(inner, k, r);
+            nets.insert(k.0.clone());
+        }
+        for n in nets {
+            self.refresh_members(inner, &n);
+        }
+        self.refresh_vteps(inner);
+    }
+
     fn unplug_remote(&self, inner: &Inner, key: &(String, String, String), rec: &EndpointRecord) {
         let (net_id, node, ep) = key;
         if let (Some(live), Ok(mac)) = (inner.live.get(net_id), rec.mac.parse::<MacAddr>()) {
@@ -295,13 +366,14 @@ impl Daemon {
             .remove_endpoint(net_id, &remote_id(node, ep));
     }
 
-    /// The hosts with endpoints on a network, to its tunnel and the VXLAN receiver.
-    fn refresh_members(&self, inner: &Inner, net_id: &str) -> Vec<IpAddr> {
+    /// The hosts with endpoints on a network, to its tunnel and the VXLAN receiver (with the
+    /// network's peers).
+    pub(super) fn refresh_members(&self, inner: &Inner, net_id: &str) -> Vec<IpAddr> {
         let members: BTreeSet<IpAddr> = inner
             .remote
-            .iter()
-            .filter(|(k, _)| k.0 == net_id)
-            .map(|(_, r)| r.host)
+            .keys()
+            .filter(|k| k.0 == net_id)
+            .filter_map(|k| inner.nodes.get(&k.1).copied())
             .collect();
         let members: Vec<IpAddr> = members.into_iter().collect();
         let Some(net) = inner.store.networks.get(net_id) else {
@@ -313,7 +385,24 @@ impl Daemon {
         if let (Some(o), Ok(sockets)) = (&net.overlay, self.vxlan.sockets()) {
             sockets.set_senders(o.vni, members.iter().chain(o.peers.iter()).copied());
         }
+        self.refresh_vteps(inner);
         members
+    }
+
+    /// The VXLAN endpoints that trust this host's address (peers, and the other nodes): no
+    /// container's UDP may reach them through NAT.
+    pub(super) fn refresh_vteps(&self, inner: &Inner) {
+        let port = self.vxlan.config.port;
+        let vteps = inner
+            .store
+            .networks
+            .values()
+            .filter_map(|n| n.overlay.as_ref())
+            .flat_map(|o| o.peers.iter().copied())
+            .chain(inner.nodes.values().copied())
+            .map(|ip| std::net::SocketAddr::new(ip, port))
+            .collect();
+        self.policy.write().vteps = vteps;
     }
 
     /// Claims an endpoint's addresses in the store before it is made. `Ok(false)`: one is
@@ -330,7 +419,8 @@ impl Daemon {
         if let (Some(c), Some(rec)) = (&self.cluster, self.endpoint_record(ep))
             && let Err(e) = c.publish(&ep.network_id, &ep.id, &rec).await
         {
-            tracing::warn!(endpoint = %ep.name, error = %e, "not published; it will be when the store is back");
+            tracing::warn!(endpoint = %ep.name, error = %e, "not published yet; tried again shortly");
+            c.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -338,9 +428,47 @@ impl Daemon {
     pub(super) async fn cluster_withdraw(&self, ep: &Endpoint) {
         if let Some(c) = &self.cluster {
             c.withdraw(&ep.network_id, &ep.id).await;
-            c.release(&ep.network_id, &addrs_of(ep)).await;
+            c.release(&ep.network_id, &addrs_of(ep), &ep.id).await;
         }
     }
+}
+
+/// Most endpoints of other hosts one daemon keeps.
+const MAX_REMOTE: usize = 16_384;
+/// Most overlay networks the cluster may give this host.
+const MAX_OVERLAYS: usize = 1024;
+
+/// Whether an overlay network from the store may be created here: a valid VNI no local network
+/// has, a usable subnet that overlaps none here, a sane MTU, and room.
+fn check_network(inner: &Inner, rec: &NetworkRecord) -> Result<(), String> {
+    if rec.vni == 0 || rec.vni > vswitch_switch::vxlan::MAX_VNI {
+        return Err(format!("invalid VNI {}", rec.vni));
+    }
+    if !(576..=65_520).contains(&rec.mtu) {
+        return Err(format!("invalid MTU {}", rec.mtu));
+    }
+    crate::ipam::check_usable4(rec.subnet)?;
+    if !crate::ipam::is_host4(rec.subnet, rec.gateway) {
+        return Err(format!("gateway {} outside {}", rec.gateway, rec.subnet));
+    }
+    let nets = inner.store.networks.values();
+    let mut overlays = 0;
+    for n in nets {
+        overlays += usize::from(n.overlay.is_some());
+        if n.overlay.as_ref().is_some_and(|o| o.vni == rec.vni) {
+            return Err(format!("VNI {} is network {}'s here", rec.vni, n.name));
+        }
+        if crate::ipam::overlaps4(n.subnet, rec.subnet) {
+            return Err(format!(
+                "subnet {} overlaps network {} here",
+                rec.subnet, n.name
+            ));
+        }
+    }
+    if overlays >= MAX_OVERLAYS {
+        return Err(format!("{MAX_OVERLAYS} overlay networks here already"));
+    }
+    Ok(())
 }
 
 fn addrs_of(ep: &Endpoint) -> Vec<IpAddr> {

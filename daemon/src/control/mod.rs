@@ -100,6 +100,8 @@ struct Inner {
     docker: DockerState,
     /// Endpoints on other hosts, from the cluster store.
     remote: cluster::Remote,
+    /// The other hosts of the cluster: their advertise addresses, by node.
+    nodes: HashMap<String, IpAddr>,
 }
 
 pub struct Daemon {
@@ -178,6 +180,7 @@ impl Daemon {
                 starting: HashMap::new(),
                 docker: DockerState::default(),
                 remote: cluster::Remote::new(),
+                nodes: HashMap::new(),
             }),
             state_dir,
             events,
@@ -218,6 +221,7 @@ impl Daemon {
                 daemon.restore_endpoints(&mut inner).await;
             }
             daemon.refresh_policy_ports(&inner.store);
+            daemon.refresh_vteps(&inner);
             daemon.adopt_containers(&mut inner);
             daemon.state_dir.save(&inner.store)?;
         }
@@ -292,7 +296,7 @@ impl Daemon {
     }
 
     /// Recomputes the published ports of the NAT policy from the store.
-    /// Recomputes the published ports and the VTEPs of the NAT policy from the store.
+    /// Recomputes the published ports of the NAT policy from the store.
     fn refresh_policy_ports(&self, store: &Store) {
         let mut ports: HashMap<_, Vec<_>> = HashMap::new();
         for m in store.endpoints.values().flat_map(|e| &e.ports) {
@@ -301,18 +305,7 @@ impl Daemon {
                 .or_default()
                 .push(m.host_ip);
         }
-        // Containers must not send VXLAN to the VTEPs that trust this host's address: through
-        // NAT, it would come from that address.
-        let vteps = store
-            .networks
-            .values()
-            .filter_map(|n| n.overlay.as_ref())
-            .flat_map(|o| o.peers.iter())
-            .map(|p| SocketAddr::new(*p, self.vxlan.config.port))
-            .collect();
-        let mut policy = self.policy.write();
-        policy.published = ports;
-        policy.vteps = vteps;
+        self.policy.write().published = ports;
     }
 
     /// Writes the state file; a failure is the request's (500), with the reason.

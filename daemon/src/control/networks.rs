@@ -175,6 +175,7 @@ impl Daemon {
 
     /// Removes a network without endpoints.
     pub(super) async fn drop_network(&self, inner: &mut Inner, net: Network) -> Result<()> {
+        inner.remote.retain(|k, _| k.0 != net.id);
         if net.name == DEFAULT_NETWORK {
             return Err(Error::forbidden(
                 "bridge is a pre-defined network and cannot be removed",
@@ -253,31 +254,19 @@ impl Daemon {
         if let Some(o) = changed.overlay.as_mut() {
             o.peers.clone_from(&peers);
         }
-        let vni = overlay.vni;
-        let old = overlay.peers.clone();
-        self.apply_peers(&inner, &net.id, vni, &peers)?;
         inner.store.networks.insert(net.id.clone(), changed);
         if let Err(e) = self.persist(&inner.store) {
-            let _ = self.apply_peers(&inner, &net.id, vni, &old);
             inner.store.networks.insert(net.id.clone(), net);
             return Err(e);
         }
-        self.refresh_policy_ports(&inner.store);
-        tracing::info!(network = %net.name, %peer, add, "overlay peers changed");
-        Ok(())
-    }
-
-    /// Gives a running overlay network its peers: its tunnel's, and who its VXLAN packets may
-    /// come from.
-    fn apply_peers(&self, inner: &Inner, net_id: &str, vni: u32, peers: &[IpAddr]) -> Result<()> {
-        if let Some(live) = inner.live.get(net_id) {
+        if let Some(live) = inner.live.get(&net.id) {
             live.datapath
-                .set_peers(peers.to_vec())
+                .set_peers(peers)
                 .map_err(|e| Error::failed("cannot reach the datapath", e))?;
         }
-        if let Ok(sockets) = self.vxlan.sockets() {
-            sockets.set_senders(vni, peers.iter().copied());
-        }
+        // Who may send the network's VXLAN: its members and its peers.
+        self.refresh_members(&inner, &net.id);
+        tracing::info!(network = %net.name, %peer, add, "overlay peers changed");
         Ok(())
     }
 
