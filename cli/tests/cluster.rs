@@ -136,9 +136,9 @@ fn joined(d: &Daemon, times: usize) -> bool {
     })
 }
 
-/// What `getent hosts NAME` says inside `ns` (empty if it does not resolve).
+/// What `getent ahosts NAME` says inside `ns`: every address (empty if it does not resolve).
 fn resolve(ns: &Netns, name: &str) -> String {
-    text(&ns.exec(&["getent", "hosts", name], secs(10)).stdout)
+    text(&ns.exec(&["getent", "ahosts", name], secs(10)).stdout)
 }
 
 #[test]
@@ -155,8 +155,10 @@ fn two_hosts_share_an_overlay_network_through_etcd() {
     under.link(&h1.ns.name, "10.99.99.1");
     let mut h2 = host("h2", "10.99.99.2");
     under.link(&h2.ns.name, "10.99.99.2");
+    let h3 = host("h3", "10.99.99.3");
+    under.link(&h3.ns.name, "10.99.99.3");
     assert!(
-        joined(&h1, 1) && joined(&h2, 1),
+        joined(&h1, 1) && joined(&h2, 1) && joined(&h3, 1),
         "{}\n{}",
         h1.log(),
         h2.log()
@@ -170,6 +172,9 @@ fn two_hosts_share_an_overlay_network_through_etcd() {
         "overlay",
         "--subnet",
         "10.66.0.0/24",
+        "--ipv6",
+        "--subnet",
+        "fd66::/64",
         "ov",
     ]);
     assert!(wait_until(secs(10), || h2
@@ -194,6 +199,77 @@ fn two_hosts_share_an_overlay_network_through_etcd() {
     assert!(c2.ping_within("c1", secs(10)));
     let ptr = c1.dig(&["@10.66.0.1", "+short", "-x", &ip2]);
     assert!(ptr.contains("c2"), "{ptr}");
+    let aaaa = c1.dig(&["@10.66.0.1", "+short", "AAAA", "c2"]);
+    assert!(aaaa.trim().starts_with("fd66::"), "{aaaa}");
+    assert!(c1.ping_within(aaaa.trim(), secs(10)), "IPv6 across hosts");
+
+    // Data crosses intact (TCP, full-size frames both ways).
+    let www = dir.0.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let big: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(www.join("big"), &big).expect("big");
+    let _served = vswitch_tests::HttpServer::start(&c2.name, 8080, &www);
+    let fetch = format!(
+        "curl -sS --max-time 30 http://{ip2}:8080/big | cmp - {}",
+        www.join("big").display()
+    );
+    let out = run(
+        Command::new("ip").args(["netns", "exec", &c1.name, "sh", "-c", &fetch]),
+        secs(40),
+    );
+    assert!(out.status.success(), "data changed: {}", text(&out.stdout));
+
+    // A container moves from h2 to h3 with its MAC and address: the others follow.
+    let mac2 = h2.inspect("ov")["Containers"]
+        .as_object()
+        .expect("containers")
+        .values()
+        .find(|c| c["Name"] == "c2")
+        .and_then(|c| c["MacAddress"].as_str())
+        .expect("c2's MAC")
+        .to_owned();
+    h2.ok(&["detach", "c2"]);
+    let c2b = Netns::new("c2b");
+    let moved = wait_until(secs(10), || {
+        h3.vs(&[
+            "attach",
+            "--network",
+            "ov",
+            "--name",
+            "c2",
+            "--ip",
+            &ip2,
+            "--mac",
+            &mac2,
+            &c2b.name,
+        ])
+        .status
+        .success()
+    });
+    assert!(moved, "{}", h3.log());
+    assert!(c1.ping_within(&ip2, secs(10)), "c2 lost after its move");
+    assert!(wait_until(secs(10), || resolve(&c1, "c2").contains(&ip2)));
+    h3.ok(&["detach", "c2"]);
+    let back = wait_until(secs(10), || {
+        h2.vs(&[
+            "attach",
+            "--network",
+            "ov",
+            "--name",
+            "c2",
+            "--ip",
+            &ip2,
+            &c2.name,
+        ])
+        .status
+        .success()
+    });
+    assert!(
+        back && c1.ping_within(&ip2, secs(10)),
+        "c2 lost after moving back"
+    );
 
     // Addresses are unique when both hosts attach at once.
     let spawn = |d: &Daemon, tag: &str| {
@@ -201,7 +277,7 @@ fn two_hosts_share_an_overlay_network_through_etcd() {
         let tag = tag.to_owned();
         std::thread::spawn(move || {
             let mut held = Vec::new();
-            for i in 0..10 {
+            for i in 0..50 {
                 let ns = Netns::new(&format!("{tag}{i}"));
                 let out = run(
                     Command::new(vswitch_tests::vswitch_bin())
@@ -243,7 +319,7 @@ fn two_hosts_share_an_overlay_network_through_etcd() {
     all.dedup();
     assert_eq!(
         (all.len(), count),
-        (22, 22),
+        (102, 102),
         "an address given twice: {all:?}"
     );
 
@@ -287,7 +363,7 @@ fn two_hosts_share_an_overlay_network_through_etcd() {
 
     // A network cannot go while another host has endpoints on it.
     h1.ok(&["detach", "c1"]);
-    for i in 0..10 {
+    for i in 0..50 {
         h1.ok(&["detach", &format!("a{i}")]);
     }
     let e = h1.fails(&["network", "rm", "ov"]);
