@@ -143,7 +143,7 @@ fn resolve(ns: &Netns, name: &str) -> String {
 
 #[test]
 #[ignore = "needs root (network namespaces, TAP devices) and etcd-server; run by scripts/test.sh as root"]
-fn two_hosts_share_an_overlay_network_through_etcd() {
+fn hosts_share_an_overlay_network_through_etcd() {
     require_root();
     let dir = TempDir(std::env::temp_dir().join(vswitch_tests::unique("-cluster")));
     std::fs::create_dir_all(&dir.0).expect("dir");
@@ -220,6 +220,90 @@ fn two_hosts_share_an_overlay_network_through_etcd() {
         secs(40),
     );
     assert!(out.status.success(), "data changed: {}", text(&out.stdout));
+
+    // A kernel VTEP on the underlay, registered once as a peer: every host replicates to it,
+    // and its container reaches containers on both hosts.
+    let vt = Netns::new("vt");
+    under.link(&vt.name, "10.99.99.50");
+    let kc = Netns::new("kc");
+    let vni_s = vni(&h1).as_str().expect("vni").to_owned();
+    for args in [
+        vec![
+            "ip",
+            "-n",
+            &vt.name,
+            "link",
+            "add",
+            "vx0",
+            "type",
+            "vxlan",
+            "id",
+            &vni_s,
+            "dstport",
+            "4789",
+            "local",
+            "10.99.99.50",
+        ],
+        vec!["ip", "-n", &vt.name, "link", "add", "br0", "type", "bridge"],
+        vec![
+            "ip", "-n", &vt.name, "link", "set", "vx0", "master", "br0", "up",
+        ],
+        vec!["ip", "-n", &vt.name, "link", "set", "br0", "up"],
+        vec![
+            "bridge",
+            "-n",
+            &vt.name,
+            "fdb",
+            "append",
+            "00:00:00:00:00:00",
+            "dev",
+            "vx0",
+            "dst",
+            "10.99.99.1",
+        ],
+        vec![
+            "bridge",
+            "-n",
+            &vt.name,
+            "fdb",
+            "append",
+            "00:00:00:00:00:00",
+            "dev",
+            "vx0",
+            "dst",
+            "10.99.99.2",
+        ],
+        vec![
+            "ip", "-n", &vt.name, "link", "add", "k0", "type", "veth", "peer", "name", "eth0",
+            "netns", &kc.name,
+        ],
+        vec![
+            "ip", "-n", &vt.name, "link", "set", "k0", "master", "br0", "up",
+        ],
+        vec![
+            "ip",
+            "-n",
+            &kc.name,
+            "addr",
+            "add",
+            "10.66.0.200/24",
+            "dev",
+            "eth0",
+        ],
+        vec![
+            "ip", "-n", &kc.name, "link", "set", "eth0", "mtu", "1450", "up",
+        ],
+    ] {
+        sh(&args);
+    }
+    h1.ok(&["network", "peer", "add", "ov", "10.99.99.50"]);
+    assert!(wait_until(
+        secs(10),
+        || h2.inspect("ov")["Options"]["vswitch.overlay.peers"] == "10.99.99.50"
+    ));
+    assert!(kc.ping_within(&ip1, secs(10)), "kernel VTEP -> h1");
+    assert!(kc.ping_within(&ip2, secs(10)), "kernel VTEP -> h2");
+    assert!(c2.ping_within("10.66.0.200", secs(10)), "h2 -> kernel VTEP");
 
     // A container moves from h2 to h3 with its MAC and address: the others follow.
     let mac2 = h2.inspect("ov")["Containers"]

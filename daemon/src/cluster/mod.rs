@@ -298,6 +298,27 @@ impl Cluster {
         let _ = tokio::time::timeout(CALL_TIMEOUT, client.delete(key, None)).await;
     }
 
+    /// Registers (or removes) an external VTEP of a network for every host.
+    pub async fn set_peer(&self, network: &str, peer: IpAddr, add: bool) -> Result<()> {
+        let (mut client, _) = self.session().await?;
+        let key = Key::Peer {
+            network: network.to_owned(),
+            addr: peer,
+        }
+        .render();
+        let call = async {
+            if add {
+                client.put(key, "", None).await.map(|_| ())
+            } else {
+                client.delete(key, None).await.map(|_| ())
+            }
+        };
+        tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(unreachable)?
+            .map_err(unreachable)
+    }
+
     /// This node's record.
     fn node_record(&self) -> NodeRecord {
         NodeRecord {

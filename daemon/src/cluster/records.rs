@@ -6,6 +6,7 @@
 //! - `vni/<vni>`: which network has the VNI (so two never get one).
 //! - `endpoints/<network id>/<node>/<endpoint id>`: an endpoint, under its node's lease.
 //! - `ipam/<network id>/<address>`: who holds the address, under the holder's lease.
+//! - `peers/<network id>/<address>`: an external VTEP of the network, for every host.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -118,6 +119,10 @@ pub enum Key {
         network: String,
         addr: IpAddr,
     },
+    Peer {
+        network: String,
+        addr: IpAddr,
+    },
 }
 
 impl Key {
@@ -138,6 +143,10 @@ impl Key {
                 network: (*net).to_owned(),
                 addr,
             }),
+            ["peers", net, addr] if ok(net) => addr.parse().ok().map(|addr| Self::Peer {
+                network: (*net).to_owned(),
+                addr,
+            }),
             _ => None,
         }
     }
@@ -153,6 +162,7 @@ impl Key {
                 endpoint,
             } => format!("{PREFIX}endpoints/{network}/{node}/{endpoint}"),
             Self::Ipam { network, addr } => format!("{PREFIX}ipam/{network}/{addr}"),
+            Self::Peer { network, addr } => format!("{PREFIX}peers/{network}/{addr}"),
         }
     }
 }
@@ -198,6 +208,10 @@ mod tests {
             Key::Ipam {
                 network: "abc".into(),
                 addr: "fd00::5".parse().unwrap(),
+            },
+            Key::Peer {
+                network: "abc".into(),
+                addr: "192.0.2.7".parse().unwrap(),
             },
         ];
         for k in keys {

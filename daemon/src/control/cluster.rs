@@ -88,8 +88,10 @@ impl Daemon {
         let mut remote = Remote::new();
         let mut networks = Vec::new();
         let mut nodes = HashMap::new();
+        let mut peers: HashMap<String, Vec<IpAddr>> = HashMap::new();
         for (key, value) in &entries {
             match Key::parse(key) {
+                Some(Key::Peer { network, addr }) => peers.entry(network).or_default().push(addr),
                 Some(Key::Node(node)) if node != own => {
                     if let Ok(rec) = serde_json::from_slice::<NodeRecord>(value) {
                         nodes.insert(node, rec.advertise);
@@ -131,6 +133,29 @@ impl Daemon {
             let _ = self.drop_network(&mut inner, net).await;
         }
         inner.nodes = nodes;
+        // The cluster's peers of each overlay network are the ones that count.
+        let overlays: Vec<Network> = inner
+            .store
+            .networks
+            .values()
+            .filter(|n| n.overlay.is_some())
+            .cloned()
+            .collect();
+        for net in overlays {
+            let mut want = peers.remove(&net.id).unwrap_or_default();
+            want.sort();
+            let mut have = net
+                .overlay
+                .as_ref()
+                .map(|o| o.peers.clone())
+                .unwrap_or_default();
+            have.sort();
+            if want != have
+                && let Err(e) = self.set_peers(&mut inner, &net, want)
+            {
+                tracing::warn!(network = %net.name, error = %e, "cannot take the cluster's peers");
+            }
+        }
         let gone: Vec<_> = inner
             .remote
             .keys()
@@ -155,6 +180,7 @@ impl Daemon {
                     self.replug_node(&mut inner, &node);
                 }
             }
+            Some(Key::Peer { network, addr }) => self.cluster_peer(&network, addr, true).await,
             Some(Key::Network(_)) => {
                 if let Ok(rec) = serde_json::from_slice::<NetworkRecord>(value) {
                     self.cluster_network(rec).await;
@@ -182,6 +208,7 @@ impl Daemon {
                 inner.nodes.remove(&node);
                 self.replug_node(&mut inner, &node);
             }
+            Some(Key::Peer { network, addr }) => self.cluster_peer(&network, addr, false).await,
             Some(Key::Network(name)) => {
                 let mut inner = self.inner.lock().await;
                 let Some(net) = inner
@@ -210,6 +237,26 @@ impl Daemon {
                 self.remove_remote(&mut inner, &(network, node, endpoint));
             }
             _ => {}
+        }
+    }
+
+    /// A peer another host (or this one) registered or removed for the whole cluster.
+    async fn cluster_peer(&self, net_id: &str, peer: IpAddr, add: bool) {
+        let mut inner = self.inner.lock().await;
+        let Some(net) = inner.store.networks.get(net_id).cloned() else {
+            return;
+        };
+        let Some(o) = &net.overlay else {
+            return;
+        };
+        let mut peers = o.peers.clone();
+        match (add, peers.contains(&peer)) {
+            (true, false) if peers.len() < 64 => peers.push(peer),
+            (false, true) => peers.retain(|p| *p != peer),
+            _ => return,
+        }
+        if let Err(e) = self.set_peers(&mut inner, &net, peers) {
+            tracing::warn!(network = %net.name, error = %e, "cannot take the cluster's peer");
         }
     }
 

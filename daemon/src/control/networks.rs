@@ -250,13 +250,30 @@ impl Daemon {
             (true, false) => peers.push(peer),
             (false, true) => peers.retain(|p| *p != peer),
         }
+        // In a cluster, peers are the whole cluster's: every host replicates to them.
+        if let Some(c) = self.cluster() {
+            c.set_peer(&net.id, peer, add).await?;
+        }
+        self.set_peers(&mut inner, &net, peers)?;
+        tracing::info!(network = %net.name, %peer, add, "overlay peers changed");
+        Ok(())
+    }
+
+    /// Gives an overlay network these peers: stored, and applied to its tunnel and to who may
+    /// send its VXLAN (members and peers).
+    pub(super) fn set_peers(
+        &self,
+        inner: &mut Inner,
+        net: &Network,
+        peers: Vec<IpAddr>,
+    ) -> Result<()> {
         let mut changed = net.clone();
         if let Some(o) = changed.overlay.as_mut() {
             o.peers.clone_from(&peers);
         }
         inner.store.networks.insert(net.id.clone(), changed);
         if let Err(e) = self.persist(&inner.store) {
-            inner.store.networks.insert(net.id.clone(), net);
+            inner.store.networks.insert(net.id.clone(), net.clone());
             return Err(e);
         }
         if let Some(live) = inner.live.get(&net.id) {
@@ -264,9 +281,7 @@ impl Daemon {
                 .set_peers(peers)
                 .map_err(|e| Error::failed("cannot reach the datapath", e))?;
         }
-        // Who may send the network's VXLAN: its members and its peers.
-        self.refresh_members(&inner, &net.id);
-        tracing::info!(network = %net.name, %peer, add, "overlay peers changed");
+        self.refresh_members(inner, &net.id);
         Ok(())
     }
 
