@@ -6,7 +6,9 @@
 
 use std::process::Command;
 
-use vswitch_tests::{Daemon, Netns, NsDaemon, TempDir, require_root, run, secs, text, wait_until};
+use vswitch_tests::{
+    Daemon, Netns, NsDaemon, TempDir, kernel_vtep, require_root, run, secs, text, wait_until,
+};
 
 const ETCD: &str = "10.99.99.100";
 
@@ -225,77 +227,14 @@ fn hosts_share_an_overlay_network_through_etcd() {
     // and its container reaches containers on both hosts.
     let vt = Netns::new("vt");
     under.link(&vt.name, "10.99.99.50");
-    let kc = Netns::new("kc");
-    let vni_s = vni(&h1).as_str().expect("vni").to_owned();
-    for args in [
-        vec![
-            "ip",
-            "-n",
-            &vt.name,
-            "link",
-            "add",
-            "vx0",
-            "type",
-            "vxlan",
-            "id",
-            &vni_s,
-            "dstport",
-            "4789",
-            "local",
-            "10.99.99.50",
-        ],
-        vec!["ip", "-n", &vt.name, "link", "add", "br0", "type", "bridge"],
-        vec![
-            "ip", "-n", &vt.name, "link", "set", "vx0", "master", "br0", "up",
-        ],
-        vec!["ip", "-n", &vt.name, "link", "set", "br0", "up"],
-        vec![
-            "bridge",
-            "-n",
-            &vt.name,
-            "fdb",
-            "append",
-            "00:00:00:00:00:00",
-            "dev",
-            "vx0",
-            "dst",
-            "10.99.99.1",
-        ],
-        vec![
-            "bridge",
-            "-n",
-            &vt.name,
-            "fdb",
-            "append",
-            "00:00:00:00:00:00",
-            "dev",
-            "vx0",
-            "dst",
-            "10.99.99.2",
-        ],
-        vec![
-            "ip", "-n", &vt.name, "link", "add", "k0", "type", "veth", "peer", "name", "eth0",
-            "netns", &kc.name,
-        ],
-        vec![
-            "ip", "-n", &vt.name, "link", "set", "k0", "master", "br0", "up",
-        ],
-        vec![
-            "ip",
-            "-n",
-            &kc.name,
-            "addr",
-            "add",
-            "10.66.0.200/24",
-            "dev",
-            "eth0",
-        ],
-        vec![
-            "ip", "-n", &kc.name, "link", "set", "eth0", "mtu", "1450", "up",
-        ],
-    ] {
-        sh(&args);
-    }
+    let vni_n: u32 = vni(&h1).as_str().and_then(|v| v.parse().ok()).expect("vni");
+    let kc = kernel_vtep(
+        &vt.name,
+        vni_n,
+        "10.99.99.50",
+        &["10.99.99.1", "10.99.99.2"],
+        "10.66.0.200",
+    );
     h1.ok(&["network", "peer", "add", "ov", "10.99.99.50"]);
     assert!(wait_until(
         secs(10),

@@ -6,73 +6,9 @@
 use std::process::Command;
 
 use vswitch_tests::{
-    Daemon, HttpServer, Netns, NsDaemon, Outside, require_root, run, secs, text, wait_until,
+    Daemon, HttpServer, Netns, NsDaemon, Outside, kernel_vtep, require_root, run, secs, text,
+    wait_until,
 };
-
-/// The kernel side: in `host` (on the underlay, 192.0.2.2), `vx0` with `vni` on bridge `br0`,
-/// and a namespace behind a veth on that bridge holding `ip`/24.
-fn kernel_vtep(host: &str, vni: u32, ip: &str) -> Netns {
-    let kc = Netns::new("kc");
-    let sh = |args: &[&str]| {
-        let out = run(Command::new(args[0]).args(&args[1..]), secs(10));
-        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
-    };
-    let vni = vni.to_string();
-    sh(&[
-        "ip",
-        "-n",
-        host,
-        "link",
-        "add",
-        "vx0",
-        "type",
-        "vxlan",
-        "id",
-        &vni,
-        "dstport",
-        "4789",
-        "local",
-        "192.0.2.2",
-    ]);
-    sh(&["ip", "-n", host, "link", "add", "br0", "type", "bridge"]);
-    sh(&[
-        "ip", "-n", host, "link", "set", "vx0", "master", "br0", "up",
-    ]);
-    sh(&["ip", "-n", host, "link", "set", "br0", "up"]);
-    // Head-end replication towards vswitch's host (the daemon's advertise address).
-    sh(&[
-        "bridge",
-        "-n",
-        host,
-        "fdb",
-        "append",
-        "00:00:00:00:00:00",
-        "dev",
-        "vx0",
-        "dst",
-        "192.0.2.1",
-    ]);
-    sh(&[
-        "ip", "-n", host, "link", "add", "k0", "type", "veth", "peer", "name", "eth0", "netns",
-        &kc.name,
-    ]);
-    sh(&["ip", "-n", host, "link", "set", "k0", "master", "br0", "up"]);
-    sh(&[
-        "ip",
-        "-n",
-        &kc.name,
-        "addr",
-        "add",
-        &format!("{ip}/24"),
-        "dev",
-        "eth0",
-    ]);
-    sh(&[
-        "ip", "-n", &kc.name, "link", "set", "eth0", "mtu", "1450", "up",
-    ]);
-    sh(&["ip", "-n", &kc.name, "link", "set", "lo", "up"]);
-    kc
-}
 
 /// Sends one UDP datagram with `payload` from `src` (an address of namespace `ns`) to the
 /// daemon's VXLAN port.
@@ -145,7 +81,13 @@ fn an_overlay_network_exchanges_frames_with_a_kernel_vtep() {
         net["Options"]["com.docker.network.driver.mtu"], "1450",
         "the underlay's MTU less VXLAN's 50 bytes"
     );
-    let kc = kernel_vtep(&underlay.ns.name, vni, "10.55.0.50");
+    let kc = kernel_vtep(
+        &underlay.ns.name,
+        vni,
+        "192.0.2.2",
+        &["192.0.2.1"],
+        "10.55.0.50",
+    );
     d.ok(&["network", "peer", "add", "ov", "192.0.2.2"]);
     let c1 = Netns::new("c1");
     d.ok(&["attach", "--network", "ov", "--name", "c1", &c1.name]);
