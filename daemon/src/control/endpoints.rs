@@ -523,7 +523,8 @@ fn plumbing_for(net: &Network, ep: &Endpoint) -> Plumbing {
         ifname: ep.ifname.clone(),
         mac: ep.mac.0,
         mtu: net.mtu,
-        offloads: net.overlay.is_none(),
+        // Overlay frames that leave in the tunnel are segmented and checksummed there.
+        offloads: true,
         ipv4: (ep.ipv4, net.subnet.prefix_len()),
         gateway4: net.gateway,
         ipv6: ep.ipv6.zip(net.subnet6).map(|(ip, s)| (ip, s.prefix_len())),

@@ -45,46 +45,60 @@ impl TunnelPort {
 
     /// Sends a frame of the network (virtio-net header first) to the hosts it is for.
     pub fn send(&mut self, now: Instant, frame: &[u8]) {
-        let offloaded = VnetHdr::parse(frame)
-            .is_none_or(|h| h.is_gso() || h.flags & vswitch_switch::vnet::F_NEEDS_CSUM != 0);
-        let Some(eth) = frame.get(VNET_HDR_LEN..).filter(|e| e.len() >= 14) else {
+        let (Some(hdr), Some(eth)) = (
+            VnetHdr::parse(frame),
+            frame.get(VNET_HDR_LEN..).filter(|e| e.len() >= 14),
+        ) else {
             self.tx_dropped += 1;
             return;
         };
-        let hdr = VnetHdr::parse(frame).unwrap_or_default();
-        if hdr.is_gso() {
-            // Only the gateway's own TCP can be a super-segment here (containers' TAPs have no
-            // offloads), and it talks to this host's containers; cutting it up is left for
-            // later.
-            self.tx_dropped += 1;
-            return;
-        }
         let dst = MacAddr(eth[..6].try_into().unwrap_or_default());
-        self.out.clear();
-        self.out
-            .extend_from_slice(&vxlan::header(self.tunnel.vni()));
-        self.out.extend_from_slice(eth);
-        if offloaded && !finish_partial(&mut self.out[VXLAN_HDR_LEN..], hdr) {
-            self.tx_dropped += 1;
-            return;
-        }
+        let egress = self.tunnel.egress(now, dst);
         let flow = usize::from(vxlan::source_port(
             eth,
             0,
             u16::try_from(self.sockets.senders().saturating_sub(1)).unwrap_or(0),
         ));
-        match self.tunnel.egress(now, dst) {
-            Egress::To(host) => {
-                if self.sockets.send(flow, &self.out, host).is_err() {
-                    self.tx_dropped += 1;
+        let vni = vxlan::header(self.tunnel.vni());
+        // A TSO super-frame leaves as the segments its sender's NIC would have cut; anything
+        // else as it is, its checksum finished if the sender left it partial.
+        let segments = if hdr.is_gso() { usize::MAX } else { 1 };
+        for i in 0..segments {
+            self.out.clear();
+            self.out.extend_from_slice(&vni);
+            let last = if hdr.is_gso() {
+                match tcp_segment(eth, hdr, i, &mut self.out) {
+                    Some(last) => last,
+                    None => {
+                        self.tx_dropped += 1;
+                        return;
+                    }
                 }
-            }
-            Egress::Flood => {
-                for &host in self.tunnel.flood_list() {
+            } else {
+                self.out.extend_from_slice(eth);
+                let partial = hdr.flags & vswitch_switch::vnet::F_NEEDS_CSUM != 0;
+                if partial && !finish_partial(&mut self.out[VXLAN_HDR_LEN..], hdr) {
+                    self.tx_dropped += 1;
+                    return;
+                }
+                true
+            };
+            match egress {
+                Egress::To(host) => {
                     if self.sockets.send(flow, &self.out, host).is_err() {
                         self.tx_dropped += 1;
                     }
                 }
+                Egress::Flood => {
+                    for &host in self.tunnel.flood_list() {
+                        if self.sockets.send(flow, &self.out, host).is_err() {
+                            self.tx_dropped += 1;
+                        }
+                    }
+                }
+            }
+            if last {
+                break;
             }
         }
     }
@@ -142,6 +156,83 @@ impl TunnelPort {
             daemon_not_vxlan: not_vxlan,
         }
     }
+}
+
+/// Appends segment `i` of a TCP super-frame (`eth`, Ethernet first, as its virtio-net header
+/// `hdr` describes it) to `out`, as a NIC's TSO would cut it: headers copied, the IP length
+/// (and IPv4 id and checksum), sequence number and flags of each segment fixed, and the TCP
+/// checksum complete. Returns whether it was the last; `None` if the frame is not TCP over IP
+/// that can be cut, or `i` is past its end.
+pub(super) fn tcp_segment(eth: &[u8], hdr: VnetHdr, i: usize, out: &mut Vec<u8>) -> Option<bool> {
+    use vswitch_switch::vnet::{GSO_ECN, GSO_TCPV4, GSO_TCPV6};
+    let ethertype = u16::from_be_bytes([*eth.get(12)?, *eth.get(13)?]);
+    let v4 = match (hdr.gso_type & !GSO_ECN, ethertype) {
+        (GSO_TCPV4, 0x0800) => true,
+        (GSO_TCPV6, 0x86dd) => false,
+        _ => return None,
+    };
+    let ip_len = if v4 {
+        usize::from(eth.get(14)? & 0x0f) * 4
+    } else {
+        // Only a bare IPv6 header: TSO is not offered past extension headers here.
+        if *eth.get(14 + 6)? != 6 {
+            return None;
+        }
+        40
+    };
+    if v4 && (ip_len < 20 || eth.get(14 + 9) != Some(&6)) {
+        return None;
+    }
+    let tcp = 14 + ip_len;
+    let tcp_len = usize::from(eth.get(tcp + 12)? >> 4) * 4;
+    let head = tcp + tcp_len;
+    let mss = usize::from(hdr.gso_size);
+    if tcp_len < 20 || mss == 0 || eth.len() <= head {
+        return None;
+    }
+    let payload = &eth[head..];
+    let start = i.checked_mul(mss)?;
+    if start >= payload.len() {
+        return None;
+    }
+    let end = (start + mss).min(payload.len());
+    let last = end == payload.len();
+    let base = out.len();
+    out.extend_from_slice(&eth[..head]);
+    out.extend_from_slice(&payload[start..end]);
+    let seg = &mut out[base..];
+    let l4_len = tcp_len + end - start;
+    if v4 {
+        let total = (ip_len + l4_len) as u16;
+        seg[16..18].copy_from_slice(&total.to_be_bytes());
+        let id = u16::from_be_bytes([seg[18], seg[19]]).wrapping_add(i as u16);
+        seg[18..20].copy_from_slice(&id.to_be_bytes());
+        seg[24..26].copy_from_slice(&[0, 0]);
+        let sum = !fold(sum16(&seg[14..14 + ip_len]));
+        seg[24..26].copy_from_slice(&sum.to_be_bytes());
+    } else {
+        seg[18..20].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    }
+    let seq = u32::from_be_bytes([seg[tcp + 4], seg[tcp + 5], seg[tcp + 6], seg[tcp + 7]])
+        .wrapping_add(start as u32);
+    seg[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
+    // FIN and PSH belong to the last segment, CWR to the first.
+    if !last {
+        seg[tcp + 13] &= !0x09;
+    }
+    if i > 0 {
+        seg[tcp + 13] &= !0x80;
+    }
+    let pseudo = if v4 {
+        sum16(&seg[14 + 12..14 + 20])
+    } else {
+        sum16(&seg[14 + 8..14 + 40])
+    } + 6
+        + l4_len as u32;
+    seg[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
+    let sum = !fold(pseudo + sum16(&seg[tcp..]));
+    seg[tcp + 16..tcp + 18].copy_from_slice(&sum.to_be_bytes());
+    Some(last)
 }
 
 /// Finishes a checksum the sender left partial (`F_NEEDS_CSUM`: the sum from `csum_start` on,
@@ -367,5 +458,55 @@ mod tests {
         let mut uf = vec![0u8; VNET_HDR_LEN];
         u.write(&mut uf, &[0u8; 3000]).unwrap();
         assert!(!as_tcp_super_frame(&mut uf, 1450));
+    }
+
+    #[test]
+    fn tso_frames_are_cut_as_a_nic_would() {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(40000, 80, 1000, 1000)
+            .psh()
+            .fin();
+        let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let mut eth = Vec::new();
+        b.write(&mut eth, &payload).unwrap();
+        let hdr = VnetHdr {
+            flags: vswitch_switch::vnet::F_NEEDS_CSUM,
+            gso_type: vswitch_switch::vnet::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1400,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let mut got = Vec::new();
+        let mut i = 0;
+        loop {
+            let mut out = Vec::new();
+            let last = tcp_segment(&eth, hdr, i, &mut out).expect("a segment");
+            let p = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
+            let (Some(etherparse::NetSlice::Ipv4(ip)), Some(etherparse::TransportSlice::Tcp(tcp))) =
+                (p.net, p.transport)
+            else {
+                panic!("not TCP");
+            };
+            let iph = ip.header().to_header();
+            assert_eq!(iph.header_checksum, iph.calc_header_checksum());
+            let want = tcp
+                .to_header()
+                .calc_checksum_ipv4(&iph, tcp.payload())
+                .unwrap();
+            assert_eq!(tcp.checksum(), want, "segment {i}");
+            assert_eq!(tcp.sequence_number(), 1000 + (i as u32) * 1400);
+            assert_eq!((tcp.fin(), tcp.psh()), (last, last), "segment {i}");
+            got.extend_from_slice(tcp.payload());
+            i += 1;
+            if last {
+                break;
+            }
+        }
+        assert_eq!(i, 3);
+        assert_eq!(got, payload);
+        assert!(tcp_segment(&eth, hdr, 3, &mut Vec::new()).is_none());
+        assert!(tcp_segment(&eth[..40], hdr, 0, &mut Vec::new()).is_none());
     }
 }
