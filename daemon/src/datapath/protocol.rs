@@ -154,11 +154,19 @@ pub struct PortSpec {
 pub(super) struct Commands {
     queue: mpsc::Sender<Command>,
     wake: Arc<EventFd>,
+    /// The eventfd has been written and the thread has not yet begun draining: further
+    /// commands need no write of their own (under load, one system call wakes the thread for
+    /// many commands rather than one each).
+    armed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Commands {
-    pub(super) fn new(queue: mpsc::Sender<Command>, wake: Arc<EventFd>) -> Self {
-        Self { queue, wake }
+    pub(super) fn new(
+        queue: mpsc::Sender<Command>,
+        wake: Arc<EventFd>,
+        armed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Self { queue, wake, armed }
     }
 
     /// False if the datapath is gone.
@@ -166,7 +174,11 @@ impl Commands {
         if self.queue.send(cmd).is_err() {
             return false;
         }
-        let _ = self.wake.write(1);
+        // The thread clears `armed` before it drains, so a command queued after that point
+        // always writes, and one queued before it is drained.
+        if !self.armed.swap(true, Ordering::SeqCst) {
+            let _ = self.wake.write(1);
+        }
         true
     }
 }
@@ -202,7 +214,10 @@ impl Injector {
         use nix::sys::eventfd::EfdFlags;
         let (queue, rx) = mpsc::channel();
         let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK)?);
-        Ok((Self::new(Commands::new(queue, wake)), Captured(rx)))
+        Ok((
+            Self::new(Commands::new(queue, wake, Arc::default())),
+            Captured(rx),
+        ))
     }
 
     fn send(&self, cmd: Command) -> bool {

@@ -53,6 +53,8 @@ pub(super) struct Worker {
     busy_poll: BusyPoll,
     epoll: Epoll,
     wake: Arc<EventFd>,
+    /// Shared with the senders (see `Commands`): cleared before each drain.
+    armed: Arc<std::sync::atomic::AtomicBool>,
     commands: mpsc::Receiver<Command>,
     /// The sending half of `commands`, for the injectors this thread hands out.
     injector: Injector,
@@ -96,7 +98,8 @@ impl Worker {
             EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
         )?;
         let (tx, rx) = mpsc::channel();
-        let commands = Commands::new(tx, wake.clone());
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let commands = Commands::new(tx, wake.clone(), armed.clone());
         let now = Instant::now();
         // Frames longer than the network's MTU are dropped at the port they come in on.
         let mut bridge = Bridge::new(BridgeConfig {
@@ -145,6 +148,7 @@ impl Worker {
             busy_poll: BusyPoll::new(busy_poll),
             epoll,
             wake,
+            armed,
             commands: rx,
             injector,
             tunnel_injector,
@@ -211,6 +215,7 @@ impl Worker {
                 let token = ev.data();
                 if token == WAKE_TOKEN {
                     let _ = self.wake.read();
+                    self.armed.store(false, std::sync::atomic::Ordering::SeqCst);
                     self.drain_commands();
                     continue;
                 }
