@@ -100,21 +100,7 @@ fn etcd(ns: &str, dir: &std::path::Path) -> NsDaemon {
             "e=http://127.0.0.1:2380",
         ],
     );
-    let up = wait_until(secs(20), || {
-        run(
-            Command::new("ip").args([
-                "netns",
-                "exec",
-                ns,
-                "bash",
-                "-c",
-                &format!("exec 3<>/dev/tcp/{ETCD}/2379"),
-            ]),
-            secs(2),
-        )
-        .status
-        .success()
-    });
+    let up = wait_until(secs(20), || vswitch_tests::tcp_open(ns, ETCD, 2379));
     assert!(up, "etcd did not start");
     e
 }

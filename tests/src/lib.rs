@@ -11,7 +11,9 @@
 //! removed by guards on success and on failure. Every wait is bounded.
 
 pub mod sandbox;
+mod vtep;
 pub use sandbox::{Sandbox, busybox_tar, curl_ok};
+pub use vtep::kernel_vtep;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -115,24 +117,45 @@ pub fn run_with_input(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration
         let _ = stderr.read_to_end(&mut v);
         v
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let s = child.wait().expect("wait");
-            eprintln!("timed out after {timeout:?}: {cmd:?}");
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = wait_child(&mut child, timeout, cmd);
     Output {
         status,
         stdout: out_t.join().unwrap_or_default(),
         stderr: err_t.join().unwrap_or_default(),
     }
+}
+
+/// Waits for `child` (started from `cmd`) at most `timeout`, killing it after that.
+pub fn wait_child(child: &mut Child, timeout: Duration, cmd: &Command) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            eprintln!("timed out after {timeout:?}: {cmd:?}");
+            return child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether a TCP connection to `host:port` opens from inside namespace `ns`.
+pub fn tcp_open(ns: &str, host: &str, port: u16) -> bool {
+    run(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            ns,
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{host}/{port}"),
+        ]),
+        Duration::from_secs(2),
+    )
+    .status
+    .success()
 }
 
 /// Polls `f` every 20 ms until it returns true or `timeout` passes.
@@ -627,21 +650,7 @@ impl HttpServer {
             log.display()
         );
         let proc_ = NsDaemon::spawn(ns, &["sh", "-c", &script]);
-        let ok = wait_until(Duration::from_secs(10), || {
-            run(
-                Command::new("ip").args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "bash",
-                    "-c",
-                    &format!("exec 3<>/dev/tcp/127.0.0.1/{port}"),
-                ]),
-                Duration::from_secs(2),
-            )
-            .status
-            .success()
-        });
+        let ok = wait_until(Duration::from_secs(10), || tcp_open(ns, "127.0.0.1", port));
         assert!(ok, "http.server on {ns}:{port} did not start");
         Self { _proc: proc_, log }
     }
@@ -660,54 +669,4 @@ pub fn curl(ns: &str, args: &[&str]) -> (i32, String) {
         Duration::from_secs(20),
     );
     (out.status.code().unwrap_or(-1), text(&out.stdout))
-}
-
-/// A Linux VXLAN endpoint for interop tests: in namespace `host`, `vx0` (VNI `vni`, port 4789,
-/// from `local`) on bridge `br0`, flooding to each of `flood`; and a new "container" namespace
-/// behind a veth on that bridge, holding `ip`/24 with MTU 1450.
-pub fn kernel_vtep(host: &str, vni: u32, local: &str, flood: &[&str], ip: &str) -> Netns {
-    let kc = Netns::new("kc");
-    let sh = |args: &[&str]| {
-        let out = run(
-            Command::new(args[0]).args(&args[1..]),
-            Duration::from_secs(10),
-        );
-        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
-    };
-    let vni = vni.to_string();
-    let ip = format!("{ip}/24");
-    sh(&[
-        "ip", "-n", host, "link", "add", "vx0", "type", "vxlan", "id", &vni, "dstport", "4789",
-        "local", local,
-    ]);
-    sh(&["ip", "-n", host, "link", "add", "br0", "type", "bridge"]);
-    sh(&[
-        "ip", "-n", host, "link", "set", "vx0", "master", "br0", "up",
-    ]);
-    sh(&["ip", "-n", host, "link", "set", "br0", "up"]);
-    for dst in flood {
-        sh(&[
-            "bridge",
-            "-n",
-            host,
-            "fdb",
-            "append",
-            "00:00:00:00:00:00",
-            "dev",
-            "vx0",
-            "dst",
-            dst,
-        ]);
-    }
-    sh(&[
-        "ip", "-n", host, "link", "add", "k0", "type", "veth", "peer", "name", "eth0", "netns",
-        &kc.name,
-    ]);
-    sh(&["ip", "-n", host, "link", "set", "k0", "master", "br0", "up"]);
-    sh(&["ip", "-n", &kc.name, "addr", "add", &ip, "dev", "eth0"]);
-    sh(&[
-        "ip", "-n", &kc.name, "link", "set", "eth0", "mtu", "1450", "up",
-    ]);
-    sh(&["ip", "-n", &kc.name, "link", "set", "lo", "up"]);
-    kc
 }

@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::{Netns, TempDir, run, secs, text, unique, vswitch_bin, wait_until};
 
@@ -90,18 +90,7 @@ impl Sandbox {
             .stderr(fs::File::create(&err_path).expect("err"))
             .spawn()
             .expect("spawn");
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                eprintln!("timed out after {timeout:?}: {cmd:?}");
-                break child.wait().expect("wait");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = crate::wait_child(&mut child, timeout, cmd);
         Output {
             status,
             stdout: fs::read(&out_path).unwrap_or_default(),

@@ -162,12 +162,25 @@ impl Daemon {
             .filter(|k| !remote.contains_key(*k))
             .cloned()
             .collect();
+        // In one pass: members and held addresses are worked out once at the end, not once
+        // per record.
+        let mut touched: BTreeSet<String> = BTreeSet::new();
         for k in gone {
-            self.remove_remote(&mut inner, &k);
+            if let Some(rec) = inner.remote.remove(&k) {
+                self.unplug_remote(&inner, &k, &rec);
+                touched.insert(k.0);
+            }
         }
         for (k, rec) in remote {
-            self.add_remote(&mut inner, k, rec);
+            let net = k.0.clone();
+            if self.put_remote(&mut inner, k, rec) {
+                touched.insert(net);
+            }
         }
+        for net in &touched {
+            self.refresh_members(&inner, net);
+        }
+        super::docker_ipam::refresh_held(&mut inner);
     }
 
     /// A key the watch saw written.
@@ -297,19 +310,33 @@ impl Daemon {
     }
 
     fn add_remote(&self, inner: &mut Inner, key: (String, String, String), rec: EndpointRecord) {
+        let net = key.0.clone();
+        if self.put_remote(inner, key, rec) {
+            self.refresh_members(inner, &net);
+            super::docker_ipam::refresh_held(inner);
+        }
+    }
+
+    /// Records and plugs a remote endpoint; returns whether anything changed (the caller
+    /// then refreshes the network's members and the held addresses).
+    fn put_remote(
+        &self,
+        inner: &mut Inner,
+        key: (String, String, String),
+        rec: EndpointRecord,
+    ) -> bool {
         if inner.remote.get(&key) == Some(&rec) {
-            return;
+            return false;
         }
         if let Some(old) = inner.remote.get(&key).cloned() {
             self.unplug_remote(inner, &key, &old);
         } else if inner.remote.len() >= MAX_REMOTE {
             tracing::warn!(node = %key.1, "{MAX_REMOTE} remote endpoints known already; one more ignored");
-            return;
+            return false;
         }
         inner.remote.insert(key.clone(), rec.clone());
         self.plug_remote(inner, &key, &rec);
-        self.refresh_members(inner, &key.0);
-        super::docker_ipam::refresh_held(inner);
+        true
     }
 
     fn remove_remote(&self, inner: &mut Inner, key: &(String, String, String)) {

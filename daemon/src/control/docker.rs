@@ -32,6 +32,7 @@ impl Daemon {
     /// NetworkDriver.CreateNetwork: a vswitch network for Docker's, or vswitch's own network of
     /// exactly that subnet adopted. Returns whether its name is still to be learnt.
     pub async fn docker_create_network(&self, req: wire::CreateNetwork) -> Result<bool> {
+        wire::check_id("network", &req.network_id).map_err(Error::bad_request)?;
         let data4 = req.ipv4_data.as_deref().and_then(<[_]>::first);
         let Some(data4) = data4 else {
             return Err(Error::bad_request(

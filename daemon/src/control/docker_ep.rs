@@ -59,7 +59,7 @@ fn docker_endpoint<'a>(inner: &'a Inner, endpoint_id: &str) -> Option<&'a Endpoi
 impl Daemon {
     /// NetworkDriver.CreateEndpoint. Returns the interface fields Docker did not set (the MAC).
     pub async fn docker_create_endpoint(&self, req: wire::CreateEndpoint) -> Result<Interface> {
-        check_id(&req.endpoint_id)?;
+        wire::check_id("endpoint", &req.endpoint_id).map_err(Error::bad_request)?;
         let iface = req.interface.unwrap_or_default();
         let mut inner = self.inner.lock().await;
         let net = docker_network(&inner.store, &req.network_id)?.clone();
@@ -494,14 +494,6 @@ fn check_sandbox_key(key: &str) -> Result<()> {
         return Err(Error::bad_request(format!(
             "invalid sandbox key {key:?}: expected Docker's <exec-root>/netns/<id>"
         )));
-    }
-    Ok(())
-}
-
-/// Docker's ids are hex; anything else is refused before it becomes a device or file name.
-fn check_id(id: &str) -> Result<()> {
-    if id.len() < 12 || id.len() > 128 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(Error::bad_request(format!("invalid endpoint id {id:?}")));
     }
     Ok(())
 }

@@ -174,7 +174,6 @@ async fn dispatch(
         "/NetworkDriver.CreateNetwork" => {
             let req: wire::CreateNetwork = body!();
             let id = req.network_id.clone();
-            check_id(&id)?;
             if daemon.docker_create_network(req).await?
                 && let Some(engine) = engine
             {
@@ -251,13 +250,6 @@ async fn dispatch(
         }
         _ => Err(Error::not_found(format!("unknown plugin call {path}"))),
     }
-}
-
-fn check_id(id: &str) -> Result<(), Error> {
-    if id.len() < 12 || id.len() > 128 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(Error::bad_request(format!("invalid network id {id:?}")));
-    }
-    Ok(())
 }
 
 /// How long the background look-ups keep asking.

@@ -191,6 +191,15 @@ pub struct PortBinding {
     pub host_port_end: u16,
 }
 
+/// Docker's ids are hex (64 digits; at least 12 here): anything else is refused before it
+/// becomes part of a device name, a key or a URL.
+pub fn check_id(kind: &str, id: &str) -> Result<(), String> {
+    if id.len() < 12 || id.len() > 128 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("invalid {kind} id {id:?}"));
+    }
+    Ok(())
+}
+
 /// The port bindings in a request's options.
 pub fn port_bindings(options: &Options) -> Result<Vec<PortBinding>, String> {
     let Some(v) = options.as_ref().and_then(|o| o.get(PORTMAP)) else {
