@@ -8,8 +8,8 @@
 # Cases (per repeat, interleaved):
 #   kernel   on each host: a bridge, a vxlan device (VNI 4242, dstport 4789, the other host in
 #            its flood list), and a veth to the container (MTU 1450)
-#   vswitch  on each host: a vswitch daemon, an overlay network (the other host as its peer:
-#            what the cluster store would tell it), the container attached
+#   vswitch  on each host: a vswitch daemon, the two sharing an etcd (on h1) as their cluster
+#            store; an overlay network created on h1, the container attached on each host
 # Measured: iperf3 TCP, 1 stream (Gbit/s); iperf3 UDP with 64-byte payloads (packets received
 # per second). Prints medians and the median of per-repeat ratios vswitch / kernel.
 # Everything stays in namespaces named vsov-<pid>-*, removed at the end.
@@ -66,27 +66,41 @@ setup_kernel() {
 
 setup_vswitch() {
     underlay
+    local url=http://192.0.2.1:2379
+    ip netns exec "${P}h1" etcd --name e --data-dir "$TMP/etcd-data" --listen-client-urls "$url" \
+        --advertise-client-urls "$url" --listen-peer-urls http://127.0.0.1:2380 \
+        --initial-advertise-peer-urls http://127.0.0.1:2380 \
+        --initial-cluster e=http://127.0.0.1:2380 >"$TMP/etcd.log" 2>&1 &
+    for _ in $(seq 200); do
+        ip netns exec "${P}h1" bash -c 'exec 3<>/dev/tcp/192.0.2.1/2379' 2>/dev/null && break
+        sleep 0.05
+    done
     for i in 1 2; do
-        local h="${P}h$i" c="${P}c$i" other=$((3 - i))
+        local h="${P}h$i" c="${P}c$i"
         ip netns add "$c"
         ip netns exec "$h" "$BIN" --socket "$TMP/h$i.sock" daemon --state-dir "$TMP/h$i" \
-            --advertise-addr "192.0.2.$i" >"$TMP/h$i.log" 2>&1 &
+            --cluster-store etcd://192.0.2.1:2379 --advertise-addr "192.0.2.$i" \
+            --node-name "h$i" >"$TMP/h$i.log" 2>&1 &
     done
     for i in 1 2; do
-        local other=$((3 - i)) V="$BIN --socket $TMP/h$i.sock"
-        for _ in $(seq 100); do [ -S "$TMP/h$i.sock" ] && break; sleep 0.05; done
-        $V network create -d overlay --subnet 10.77.0.0/24 ov >/dev/null
-        $V network peer add ov "192.0.2.$other"
+        for _ in $(seq 200); do grep -q "joined the cluster store" "$TMP/h$i.log" && break; sleep 0.05; done
+    done
+    "$BIN" --socket "$TMP/h1.sock" network create -d overlay --subnet 10.77.0.0/24 ov >/dev/null
+    for i in 1 2; do
+        local V="$BIN --socket $TMP/h$i.sock"
+        for _ in $(seq 200); do $V network inspect ov >/dev/null 2>&1 && break; sleep 0.05; done
         $V attach --network ov --ip "10.77.0.$((i + 1))" --name "c$i" "${P}c$i" >/dev/null
     done
-    ip netns exec "${P}c1" ping -c1 -W2 10.77.0.3 >/dev/null
+    for _ in $(seq 20); do
+        ip netns exec "${P}c1" ping -c1 -W1 10.77.0.3 >/dev/null && break
+    done
 }
 
 teardown() {
-    pkill -f "$TMP/h" 2>/dev/null || true
+    pkill -f "$TMP/" 2>/dev/null || true
     sleep 0.3
     remove_netns_with_prefix "$P"
-    rm -rf "$TMP"/h1 "$TMP"/h2 "$TMP"/*.sock
+    rm -rf "$TMP"/h1 "$TMP"/h2 "$TMP"/*.sock "$TMP"/etcd.log "$TMP"/etcd-data
 }
 
 tcp() {

@@ -228,6 +228,11 @@ impl Tunnel {
         self.reflood();
     }
 
+    /// Whether `host` is a member (a vswitch host of the cluster, not an external VTEP).
+    pub fn is_member(&self, host: IpAddr) -> bool {
+        self.members.contains(&host)
+    }
+
     pub fn peers(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.peers.iter().copied()
     }

@@ -19,6 +19,8 @@
 //! tests (`daemon/tests/sim`).
 
 mod busy_poll;
+mod gro;
+mod offload;
 pub mod protocol;
 mod raw_ping;
 mod services;
@@ -43,6 +45,7 @@ pub use protocol::{
     Injector, NatJob, PortSpec, ReceiveKind, ReplyTo, SharedPolicy,
 };
 use protocol::{Command, Commands};
+pub use tunnel::Datagrams;
 use worker::Worker;
 
 /// What a datapath is for: its network, its gateway, its thread's nice value and how long it

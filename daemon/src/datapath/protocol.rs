@@ -67,11 +67,8 @@ pub(super) enum Command {
     Stats(oneshot::Sender<NetworkStats>),
     /// A frame from the gateway (a forwarded DNS answer) to switch into the network.
     InjectFrame(Vec<u8>),
-    /// A VXLAN packet (the UDP payload) from `from`, for this network's tunnel to check.
-    TunnelIn {
-        from: std::net::IpAddr,
-        packet: Vec<u8>,
-    },
+    /// VXLAN packets (UDP payloads) from one host, for this network's tunnel to check.
+    TunnelIn(super::Datagrams),
     /// The network's external VTEPs (replaces the previous list).
     TunnelPeers(Vec<std::net::IpAddr>),
     /// The member hosts with endpoints on the network (replaces the previous list).
@@ -183,6 +180,11 @@ impl Commands {
     }
 }
 
+/// What a batch of tunnel packets costs the backlog while it waits.
+pub(super) fn tunnel_cost(packets: &super::Datagrams) -> usize {
+    packets.bytes() + packets.count() * QUEUED_COST
+}
+
 /// Frames from host sockets waiting for the datapath, and those dropped because the budget
 /// was spent.
 #[derive(Default)]
@@ -245,13 +247,20 @@ impl Injector {
         Some(false)
     }
 
-    /// Hands a VXLAN packet to the network's tunnel, or drops it (counted) when the backlog is
-    /// full. False only if the datapath is gone.
-    pub fn tunnel_in(&self, from: std::net::IpAddr, packet: Vec<u8>) -> bool {
-        self.send_charged(
-            packet.len() + QUEUED_COST,
-            Command::TunnelIn { from, packet },
-        )
+    /// Hands VXLAN packets to the network's tunnel, or drops them (counted) when the backlog
+    /// is full. False only if the datapath is gone.
+    pub fn tunnel_in(&self, packets: super::Datagrams) -> bool {
+        let n = packets.count() as u64;
+        match self.try_send_charged(tunnel_cost(&packets), Command::TunnelIn(packets)) {
+            Some(queued) => queued,
+            None => {
+                // One was counted for the message; count every packet in it.
+                self.backlog
+                    .dropped
+                    .fetch_add(n.saturating_sub(1), Ordering::Relaxed);
+                true
+            }
+        }
     }
 
     /// The datapath took `len` charged bytes off the backlog.

@@ -18,7 +18,7 @@ use vswitch_switch::vnet::VNET_HDR_LEN;
 use vswitch_switch::{Bridge, Config as BridgeConfig, Decision, MacAddr, PortGuard, PortId};
 
 use super::busy_poll::BusyPoll;
-use super::protocol::{Command, Commands, DNS_PORT, Event, Injector, QUEUED_COST};
+use super::protocol::{Command, Commands, DNS_PORT, Event, Injector, tunnel_cost};
 use super::services::{Detour, Services, StreamAnswer};
 use super::tcp::TcpFlows;
 use super::tunnel::TunnelPort;
@@ -467,14 +467,18 @@ impl Worker {
                 self.switch(now, self.gateway_port, &frame);
                 return;
             }
-            Command::TunnelIn { from, packet } => {
-                self.tunnel_injector.taken(packet.len() + QUEUED_COST);
+            Command::TunnelIn(packets) => {
+                self.tunnel_injector.taken(tunnel_cost(&packets));
                 let Some(t) = self.tunnel.as_mut() else {
                     return;
                 };
                 let port = t.port;
-                if let Some(frame) = t.receive(now, from, &packet) {
-                    self.switch(now, port, &frame);
+                let frames = t.receive(now, &packets);
+                for frame in frames.iter() {
+                    self.switch(now, port, frame);
+                }
+                if let Some(t) = self.tunnel.as_mut() {
+                    t.recycle(frames);
                 }
                 return;
             }

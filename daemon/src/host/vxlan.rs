@@ -5,21 +5,40 @@
 //!
 //! The sockets are opened when the first overlay network starts. Receiving is a thread of its
 //! own that only demultiplexes; every check is the network's tunnel's, on its datapath thread.
+//!
+//! Both directions move packets in batches where the kernel offers it. Sending hands the
+//! kernel a run of equal-sized packets in one call (UDP segmentation offload, `UDP_SEGMENT`),
+//! which a veth or a NIC with USO carries whole as far as it can. Receiving asks for
+//! coalesced runs (`UDP_GRO`) and takes up to [`RX_MSGS`] datagrams per system call
+//! (`recvmmsg`); the packets of one sender and VNI go to their datapath in one message.
 
 use std::collections::{HashMap, HashSet};
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use nix::errno::Errno;
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg,
+    sendmsg, setsockopt, sockopt,
+};
 use parking_lot::{Mutex, RwLock};
 
-use crate::datapath::Injector;
+use crate::datapath::{Datagrams, Injector};
 
 /// Sending sockets: distinct outer source ports for distinct flows.
 const TX_SOCKETS: usize = 16;
-/// Largest UDP payload read: a jumbo inner frame plus the VXLAN header.
+/// Largest UDP payload read: a jumbo inner frame plus the VXLAN header, or a coalesced run.
 const RX_BUF: usize = 65_536;
+/// Datagrams taken per `recvmmsg`.
+const RX_MSGS: usize = 32;
+/// Receive buffer asked for: bursts of coalesced runs (64 KiB each) wait here while the
+/// datapaths catch up. Root gets it whole; others up to `net.core.rmem_max`.
+const RX_SOCKET_BUF: usize = 8 * 1024 * 1024;
+/// A batch for one datapath is handed over once it holds this many bytes.
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// `--vxlan-port` and `--advertise-addr`.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +108,8 @@ pub struct Sockets {
     unknown_vni: AtomicU64,
     /// Packets that were not VXLAN at all.
     malformed: AtomicU64,
+    /// Whether sending with `UDP_SEGMENT` works (until the kernel refuses it once).
+    gso: AtomicBool,
 }
 
 impl Sockets {
@@ -107,6 +128,13 @@ impl Sockets {
                 ),
             )
         })?;
+        if setsockopt(&rx, sockopt::RcvBufForce, &RX_SOCKET_BUF).is_err() {
+            let _ = setsockopt(&rx, sockopt::RcvBuf, &RX_SOCKET_BUF);
+        }
+        // Coalesced runs where the kernel has them; without, datagrams come one by one.
+        if let Err(e) = setsockopt(&rx, sockopt::UdpGroSegment, &true) {
+            tracing::debug!(error = %e, "no UDP GRO on the VXLAN socket");
+        }
         let tx = (0..TX_SOCKETS)
             .map(|_| {
                 let s = UdpSocket::bind(SocketAddr::new(local, 0))?;
@@ -122,6 +150,7 @@ impl Sockets {
             routes: RwLock::new(HashMap::new()),
             unknown_vni: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
+            gso: AtomicBool::new(true),
         })
     }
 
@@ -166,12 +195,34 @@ impl Sockets {
         self.tx.len()
     }
 
-    /// Sends one VXLAN packet to `host` from the sending socket of `flow`. Never blocks: a full
-    /// socket buffer drops the packet (the caller counts it).
-    pub fn send(&self, flow: usize, packet: &[u8], host: IpAddr) -> io::Result<()> {
+    /// Sends the VXLAN packets in `packets` (each `size` bytes long, the last perhaps shorter)
+    /// to `host` from the sending socket of `flow`, in one call where the kernel takes them so.
+    /// Never blocks: a full socket buffer drops packets. Returns how many were dropped.
+    pub fn send(&self, flow: usize, packets: &[u8], size: usize, host: IpAddr) -> u64 {
         let s = &self.tx[flow % self.tx.len()];
-        s.send_to(packet, SocketAddr::new(host, self.port))
-            .map(|_| ())
+        let to = SocketAddr::new(host, self.port);
+        if packets.len() > size && size > 0 && self.gso.load(Ordering::Relaxed) {
+            let dest = SockaddrStorage::from(to);
+            let seg = size as u16;
+            let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+            let iov = [IoSlice::new(packets)];
+            match sendmsg(s.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&dest)) {
+                Ok(_) => return 0,
+                // No segmentation offload on the way out (EIO: no checksum offload either).
+                Err(e @ (Errno::EIO | Errno::EINVAL | Errno::EOPNOTSUPP | Errno::ENOPROTOOPT)) => {
+                    tracing::info!(error = %e, "UDP segmentation offload refused; VXLAN packets leave one by one");
+                    self.gso.store(false, Ordering::Relaxed);
+                }
+                Err(_) => return packets.len().div_ceil(size) as u64,
+            }
+        }
+        let mut dropped = 0;
+        for p in packets.chunks(size.max(1)) {
+            if s.send_to(p, to).is_err() {
+                dropped += 1;
+            }
+        }
+        dropped
     }
 
     /// Packets for no network here, and packets that were not VXLAN.
@@ -183,38 +234,115 @@ impl Sockets {
     }
 
     fn receive(&self) {
-        let mut buf = vec![0u8; RX_BUF];
+        let mut bufs = vec![vec![0u8; RX_BUF]; RX_MSGS];
+        // (length, sender, length of each packet in it)
+        let mut got: Vec<(usize, Option<IpAddr>, usize)> = Vec::with_capacity(RX_MSGS);
+        let mut batches: Vec<(u32, Datagrams)> = Vec::new();
         loop {
-            let (n, from) = match self.rx.recv_from(&mut buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            match read_batch(&self.rx, &mut bufs, &mut got) {
+                Ok(()) => {}
+                Err(Errno::EINTR) => continue,
                 Err(e) => {
                     // Memory pressure and the like pass; the socket stays.
                     tracing::warn!(error = %e, "VXLAN receive failed");
                     std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
                 }
-            };
-            let packet = &buf[..n];
-            let Some((vni, _)) = vswitch_switch::vxlan::parse(packet) else {
-                self.malformed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let routes = self.routes.read();
-            match routes.get(&vni) {
-                Some(r) if !r.senders.contains(&from.ip()) => {
-                    r.strangers.fetch_add(1, Ordering::Relaxed);
+            }
+            for (&(n, from, size), buf) in got.iter().zip(&bufs) {
+                let Some(from) = from else { continue };
+                for packet in buf[..n.min(RX_BUF)].chunks(size.max(1)) {
+                    self.sort(from, packet, &mut batches);
                 }
-                // The network's tunnel checks the frame; the tunnel's own backlog drops what
+            }
+            self.hand_over(&mut batches);
+        }
+    }
+
+    /// Adds `packet` to the batch of its sender and VNI.
+    fn sort(&self, from: IpAddr, packet: &[u8], batches: &mut Vec<(u32, Datagrams)>) {
+        let Some((vni, _)) = vswitch_switch::vxlan::parse(packet) else {
+            self.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let i = match batches
+            .iter()
+            .position(|(v, b)| *v == vni && b.from == from)
+        {
+            Some(i) if batches[i].1.bytes() < BATCH_BYTES => i,
+            _ => {
+                batches.push((vni, Datagrams::new(from)));
+                batches.len() - 1
+            }
+        };
+        batches[i].1.push(packet);
+    }
+
+    /// Hands each batch to its network, or drops it (counted) if it comes from somebody the
+    /// network does not take packets from.
+    fn hand_over(&self, batches: &mut Vec<(u32, Datagrams)>) {
+        let routes = self.routes.read();
+        for (vni, batch) in batches.drain(..) {
+            let n = batch.count() as u64;
+            match routes.get(&vni) {
+                Some(r) if !r.senders.contains(&batch.from) => {
+                    r.strangers.fetch_add(n, Ordering::Relaxed);
+                }
+                // The network's tunnel checks every frame; the tunnel's own backlog drops what
                 // does not fit (counted), so a flood never grows memory or crowds out the
                 // network's DNS answers.
                 Some(r) => {
-                    r.injector.tunnel_in(from.ip(), packet.to_vec());
+                    r.injector.tunnel_in(batch);
                 }
                 None => {
-                    self.unknown_vni.fetch_add(1, Ordering::Relaxed);
+                    self.unknown_vni.fetch_add(n, Ordering::Relaxed);
                 }
             }
         }
     }
+}
+
+/// Waits for datagrams and reads as many as are there (up to one per buffer): for each, its
+/// length, its sender and the length of the packets in it (a coalesced run holds several).
+fn read_batch(
+    socket: &UdpSocket,
+    bufs: &mut [Vec<u8>],
+    got: &mut Vec<(usize, Option<IpAddr>, usize)>,
+) -> nix::Result<()> {
+    got.clear();
+    // Fresh headers every time: the kernel shrinks each header's control and address lengths
+    // to what it wrote, and nix does not restore them, so reused headers would truncate the
+    // next call's GRO control message (and a longer address).
+    let mut headers =
+        MultiHeaders::<SockaddrStorage>::preallocate(bufs.len(), Some(nix::cmsg_space!(i32)));
+    let mut slices: Vec<[IoSliceMut; 1]> = bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+    let flags = MsgFlags::MSG_WAITFORONE;
+    for r in recvmmsg(
+        socket.as_raw_fd(),
+        &mut headers,
+        slices.iter_mut(),
+        flags,
+        None,
+    )? {
+        // Without its control message a coalesced run cannot be cut: dropped (no sender).
+        let Ok(mut cmsgs) = r.cmsgs() else {
+            got.push((0, None, 0));
+            continue;
+        };
+        let gro = cmsgs.find_map(|m| match m {
+            ControlMessageOwned::UdpGroSegments(n) => usize::try_from(n).ok(),
+            _ => None,
+        });
+        let from = r.address.as_ref().and_then(sender);
+        got.push((r.bytes, from, gro.filter(|&n| n > 0).unwrap_or(r.bytes)));
+    }
+    Ok(())
+}
+
+/// The IP address of a datagram's sender.
+fn sender(addr: &SockaddrStorage) -> Option<IpAddr> {
+    if let Some(a) = addr.as_sockaddr_in() {
+        return Some(IpAddr::V4(a.ip()));
+    }
+    Some(IpAddr::V6(addr.as_sockaddr_in6()?.ip()))
 }
