@@ -208,6 +208,19 @@ fn hosts_share_an_overlay_network_through_etcd() {
         secs(40),
     );
     assert!(out.status.success(), "data changed: {}", text(&out.stdout));
+    // It came in runs: the sender's TSO frames leave in one UDP_SEGMENT send, arrive in one
+    // GRO read, and reach the container as one merged frame, not one frame per packet.
+    let s = h1.stats("ov");
+    let packets = s["Tunnel"]["RxPackets"].as_u64().unwrap_or(0);
+    let frames = s["Ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["Endpoint"] == "(tunnel)"))
+        .and_then(|p| p["RxFrames"].as_u64())
+        .unwrap_or(u64::MAX);
+    assert!(
+        packets > 1000 && frames < packets / 2,
+        "{packets} VXLAN packets became {frames} frames"
+    );
 
     // A kernel VTEP on the underlay, registered once as a peer: every host replicates to it,
     // and its container reaches containers on both hosts.
@@ -338,6 +351,15 @@ fn hosts_share_an_overlay_network_through_etcd() {
     let c3 = Netns::new("c3");
     let e = h2.fails(&["attach", "--network", "ov", "--name", "c3", &c3.name]);
     assert!(e.contains("cluster store is unreachable"), "{e}");
+    // A restart meanwhile keeps what h2 knew of the other hosts (its last view of the store,
+    // in its state directory): h1's containers still resolve and answer.
+    h2.kill9_and_restart_after(|| {});
+    assert!(
+        wait_until(secs(10), || resolve(&c2, "c1").contains(&ip1)),
+        "h2 forgot h1 on a restart without etcd: {}",
+        h2.log()
+    );
+    assert!(c2.ping_within("c1", secs(10)), "{}", h2.log());
     // etcd back: the hosts catch up, and a new endpoint on h2 resolves from h1.
     store = Some(etcd(&e_ns.name, &dir.0));
     assert!(joined(&h2, 2), "{}", h2.log());

@@ -372,6 +372,9 @@ pub struct TunnelStatsRow {
     pub tx_unicast: u64,
     pub tx_flooded: u64,
     pub tx_dropped: u64,
+    /// Floods refused because their port had spent its replication budget.
+    #[serde(default)]
+    pub tx_flood_limited: u64,
     /// MACs learned from peers.
     pub learned_macs: usize,
     /// Daemon-wide: packets for a VNI no network here has, and packets that were not VXLAN.

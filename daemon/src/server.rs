@@ -109,7 +109,8 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
     };
     let (daemon, mut events) = Daemon::start(&opts.state_dir, &opts.dns).await?;
     if let Some(cluster) = daemon.cluster() {
-        tokio::spawn(crate::cluster::sync::run(daemon.clone(), cluster));
+        let cache = opts.state_dir.join("cluster.json");
+        tokio::spawn(crate::cluster::sync::run(daemon.clone(), cluster, cache));
     }
     let mut _plugin_file = None;
     if let Some(plugin) = &opts.docker_plugin {

@@ -18,6 +18,7 @@
 //! [`vnet`] describes the virtio-net header that every frame of a vswitch port carries in front
 //! of its Ethernet header (the switch skips it; the gateway reads and writes it).
 
+pub mod budget;
 mod fdb;
 mod guard;
 mod mac;

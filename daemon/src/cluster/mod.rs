@@ -11,6 +11,7 @@
 //! Changes to overlay networks fail with one line until it is back; then the daemon takes a new
 //! lease, publishes its own entries again and re-reads the rest ([`sync::run`]).
 
+mod cache;
 pub mod records;
 pub mod sync;
 

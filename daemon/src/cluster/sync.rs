@@ -1,7 +1,9 @@
 //! The daemon's session with the store: connect, take a lease, register, publish this node's
 //! endpoints, read everything, then follow the watch and keep the lease alive. Any failure
-//! ends the session; the next one starts a second later and catches up by re-reading.
+//! ends the session; the next one starts a second later and catches up by re-reading. What it
+//! read is kept in the state directory ([`Cache`]) for a restart that finds etcd unreachable.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,15 +13,26 @@ use etcd_client::{
     WatchOptions,
 };
 
+use super::cache::Cache;
 use super::records::{Key, PREFIX};
 use super::{CALL_TIMEOUT, Cluster, Session};
 use crate::control::Daemon;
 
-/// Follows the store for as long as the daemon runs.
-pub async fn run(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
+/// Follows the store for as long as the daemon runs; `cache` is where the last view is kept.
+pub async fn run(daemon: Arc<Daemon>, cluster: Arc<Cluster>, cache: PathBuf) {
+    let mut cache = Cache::load(cache);
+    if cache.len() > 0 {
+        // Until the store answers: the other hosts as they were when this daemon last saw
+        // them (the first read replaces this).
+        tracing::info!(
+            entries = cache.len(),
+            "other hosts restored from the last view of the cluster store"
+        );
+        daemon.cluster_sync(cache.entries(), false).await;
+    }
     let mut said = false;
     loop {
-        match session(&daemon, &cluster).await {
+        match session(&daemon, &cluster, &mut cache).await {
             Ok(()) => {}
             Err(e) if !said => {
                 tracing::warn!(error = %format!("{e:#}"), "cluster store session ended; retrying every second");
@@ -43,7 +56,11 @@ async fn within<T, E: Into<anyhow::Error>>(
         .with_context(|| what.to_owned())
 }
 
-async fn session(daemon: &Arc<Daemon>, cluster: &Arc<Cluster>) -> anyhow::Result<()> {
+async fn session(
+    daemon: &Arc<Daemon>,
+    cluster: &Arc<Cluster>,
+    cache: &mut Cache,
+) -> anyhow::Result<()> {
     let cfg = &cluster.config;
     let options = ConnectOptions::new()
         .with_connect_timeout(CALL_TIMEOUT)
@@ -68,8 +85,9 @@ async fn session(daemon: &Arc<Daemon>, cluster: &Arc<Cluster>) -> anyhow::Result
             }
         }
     });
-    let result = follow(daemon, cluster, &mut client, lease, &mut keepalive).await;
+    let result = follow(daemon, cluster, &mut client, lease, &mut keepalive, cache).await;
     keepalive.abort();
+    cache.save();
     result
 }
 
@@ -80,6 +98,7 @@ async fn follow(
     client: &mut Client,
     lease: i64,
     keepalive: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
+    cache: &mut Cache,
 ) -> anyhow::Result<()> {
     let cfg = &cluster.config;
     // The node's name is its own: another host registered under it is an error, not a
@@ -134,7 +153,9 @@ async fn follow(
         .iter()
         .filter_map(|kv| Some((kv.key_str().ok()?.to_owned(), kv.value().to_vec())))
         .collect();
-    daemon.cluster_sync(entries).await;
+    cache.replace(&entries);
+    cache.save();
+    daemon.cluster_sync(entries, true).await;
     tracing::info!(node = %cfg.node, revision, "joined the cluster store");
     let mut watch = within(
         "watch",
@@ -158,6 +179,7 @@ async fn follow(
                 };
             }
             _ = retry.tick() => {
+                cache.save();
                 if cluster.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
                     daemon
                         .cluster_republish()
@@ -174,8 +196,14 @@ async fn follow(
                     let Some(kv) = ev.kv() else { continue };
                     let Ok(key) = kv.key_str() else { continue };
                     match ev.event_type() {
-                        EventType::Put => daemon.cluster_put(key, kv.value()).await,
-                        EventType::Delete => daemon.cluster_delete(key).await,
+                        EventType::Put => {
+                            cache.put(key, kv.value());
+                            daemon.cluster_put(key, kv.value()).await;
+                        }
+                        EventType::Delete => {
+                            cache.delete(key);
+                            daemon.cluster_delete(key).await;
+                        }
                     }
                 }
             }

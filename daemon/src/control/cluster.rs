@@ -82,8 +82,10 @@ impl Daemon {
     }
 
     /// Everything the store holds, read after (re)connecting: networks are created where
-    /// missing, and the other hosts' endpoints replace what was known of them.
-    pub async fn cluster_sync(&self, entries: Vec<(String, Vec<u8>)>) {
+    /// missing, and the other hosts' endpoints replace what was known of them. Unless
+    /// `authoritative` (a saved view, not the store itself), networks missing from it stay
+    /// and the networks' peers stay as they are.
+    pub async fn cluster_sync(&self, entries: Vec<(String, Vec<u8>)>, authoritative: bool) {
         let own = self.node().unwrap_or_default().to_owned();
         let mut remote = Remote::new();
         let mut networks = Vec::new();
@@ -124,6 +126,7 @@ impl Daemon {
             .store
             .networks
             .values()
+            .filter(|_| authoritative)
             .filter(|n| n.overlay.is_some() && !names.contains(&n.name))
             .filter(|n| inner.store.endpoints_of(&n.id).next().is_none())
             .cloned()
@@ -138,7 +141,7 @@ impl Daemon {
             .store
             .networks
             .values()
-            .filter(|n| n.overlay.is_some())
+            .filter(|n| authoritative && n.overlay.is_some())
             .cloned()
             .collect();
         for net in overlays {

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use vswitch_switch::budget::{BudgetConfig, FloodBudget};
 use vswitch_switch::vnet::{VNET_HDR_LEN, VnetHdr};
 use vswitch_switch::vxlan::{self, Egress, Tunnel, TunnelConfig, VXLAN_HDR_LEN};
 use vswitch_switch::{MacAddr, PortId};
@@ -69,6 +70,8 @@ pub(super) struct TunnelPort {
     out: Vec<u8>,
     /// Reused for the frames of incoming packets.
     merger: Merger,
+    /// What each port may have replicated to other hosts.
+    budget: FloodBudget,
     /// Frames that could not leave: offloaded (a GSO super-frame or a partial checksum, which
     /// no receiving kernel would finish) or refused by the socket.
     tx_dropped: u64,
@@ -87,12 +90,14 @@ impl TunnelPort {
             sockets: spec.sockets,
             out: Vec::with_capacity(GSO_MAX_BYTES + VXLAN_HDR_LEN + 65_536),
             merger: Merger::default(),
+            budget: FloodBudget::new(BudgetConfig::default()),
             tx_dropped: 0,
         }
     }
 
-    /// Sends a frame of the network (virtio-net header first) to the hosts it is for.
-    pub fn send(&mut self, now: Instant, frame: &[u8]) {
+    /// Sends a frame of the network (virtio-net header first) that came in on port `ingress`
+    /// to the hosts it is for.
+    pub fn send(&mut self, now: Instant, ingress: PortId, frame: &[u8]) {
         let (Some(hdr), Some(eth)) = (
             VnetHdr::parse(frame),
             frame.get(VNET_HDR_LEN..).filter(|e| e.len() >= 14),
@@ -124,7 +129,7 @@ impl TunnelPort {
                 return;
             }
             let len = self.out.len();
-            self.emit(egress, flow, len);
+            self.emit(now, ingress, egress, flow, len);
             return;
         }
         // A TSO super-frame leaves as the segments its sender's NIC would have cut, as many
@@ -153,7 +158,7 @@ impl TunnelPort {
                 count += 1;
                 i += 1;
             }
-            self.emit(egress, flow, size);
+            self.emit(now, ingress, egress, flow, size);
             if last {
                 return;
             }
@@ -161,18 +166,23 @@ impl TunnelPort {
     }
 
     /// Sends the packets in `self.out` (each `size` bytes, the last perhaps fewer) to the
-    /// hosts `egress` names.
-    fn emit(&mut self, egress: Egress, flow: usize, size: usize) {
+    /// hosts `egress` names; a flood only within `ingress`'s replication budget.
+    fn emit(&mut self, now: Instant, ingress: PortId, egress: Egress, flow: usize, size: usize) {
         let Self {
             tunnel,
             sockets,
             out,
             tx_dropped,
+            budget,
             ..
         } = self;
         match egress {
             Egress::To(host) => *tx_dropped += sockets.send(flow, out, size, host),
             Egress::Flood => {
+                let packets = out.len().div_ceil(size.max(1)) * tunnel.flood_list().len();
+                if !budget.take(now, ingress.index(), packets) {
+                    return;
+                }
                 for &host in tunnel.flood_list() {
                     *tx_dropped += sockets.send(flow, out, size, host);
                 }
@@ -196,6 +206,11 @@ impl TunnelPort {
     /// Gives the buffer [`TunnelPort::receive`] returned back, for the next batch.
     pub fn recycle(&mut self, frames: Frames) {
         self.merger.frames = frames;
+    }
+
+    /// Forgets what `port` spent (it was unplugged; a new port may get its number).
+    pub fn port_gone(&mut self, port: PortId) {
+        self.budget.forget(port.index());
     }
 
     pub fn set_peers(&mut self, peers: Vec<IpAddr>) {
@@ -234,6 +249,7 @@ impl TunnelPort {
             tx_unicast: s.tx_unicast,
             tx_flooded: s.tx_flooded,
             tx_dropped: self.tx_dropped,
+            tx_flood_limited: self.budget.refused,
             learned_macs: self.tunnel.learned_len(),
             daemon_unknown_vni: unknown_vni,
             daemon_not_vxlan: not_vxlan,

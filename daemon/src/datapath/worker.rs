@@ -351,7 +351,7 @@ impl Worker {
         if let Some(t) = self.tunnel.as_mut()
             && t.port == port
         {
-            t.send(now, frame);
+            t.send(now, ingress, frame);
             return;
         }
         let Some(Some(io)) = self.ports.get(port.index()) else {
@@ -399,6 +399,9 @@ impl Worker {
         let io = self.ports.get_mut(port.index())?.take()?;
         let _ = self.epoll.delete(io.fd.as_fd());
         self.bridge.remove_port(port);
+        if let Some(t) = self.tunnel.as_mut() {
+            t.port_gone(port);
+        }
         Some(io)
     }
 
