@@ -60,7 +60,9 @@ impl FloodBudget {
         b.tokens = (b.tokens + elapsed * f64::from(self.config.per_second)).min(burst);
         b.at = now;
         let want = packets as f64;
-        if b.tokens < want {
+        // A full bucket lets anything go (into debt): a flood to more hosts than the burst
+        // still leaves, as rarely as the rate allows.
+        if b.tokens < want && b.tokens < burst {
             self.refused += 1;
             return false;
         }
@@ -101,8 +103,18 @@ mod tests {
         assert!(!b.take(t0 + Duration::from_millis(10), 3, 1));
         assert!(b.take(t0 + Duration::from_secs(60), 3, 100));
         assert!(!b.take(t0 + Duration::from_secs(60), 3, 1));
-        // A frame bigger than the burst never goes.
-        assert!(!b.take(t0 + Duration::from_secs(120), 5, 101));
+        // More than the burst goes from a full bucket, and then nothing until the debt is paid.
+        assert!(b.take(t0 + Duration::from_secs(120), 5, 150));
+        assert!(!b.take(
+            t0 + Duration::from_secs(120) + Duration::from_millis(20),
+            5,
+            1
+        ));
+        assert!(b.take(
+            t0 + Duration::from_secs(120) + Duration::from_millis(52),
+            5,
+            1
+        ));
         // A forgotten port starts again full.
         b.forget(3);
         assert!(b.take(t0 + Duration::from_secs(60), 3, 100));

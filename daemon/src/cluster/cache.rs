@@ -11,6 +11,8 @@ use super::records::Key;
 
 /// Most entries kept (the control plane accepts fewer remote endpoints than this).
 const MAX_ENTRIES: usize = 65_536;
+/// Largest file read back.
+const MAX_FILE: u64 = 64 * 1024 * 1024;
 
 pub struct Cache {
     path: PathBuf,
@@ -21,18 +23,33 @@ pub struct Cache {
 impl Cache {
     /// The view saved at `path`; empty if there is none or it cannot be read (said once).
     pub fn load(path: PathBuf) -> Self {
-        let entries = match std::fs::read(&path) {
-            Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable copy of the cluster store");
-                BTreeMap::new()
-            }),
-            Err(_) => BTreeMap::new(),
-        };
-        Self {
+        let mut cache = Self {
             path,
-            entries,
+            entries: BTreeMap::new(),
             dirty: false,
+        };
+        let raw = match std::fs::metadata(&cache.path) {
+            Ok(m) if m.len() <= MAX_FILE => std::fs::read(&cache.path).unwrap_or_default(),
+            Ok(_) => {
+                tracing::warn!(path = %cache.path.display(), "ignoring an oversized copy of the cluster store");
+                return cache;
+            }
+            Err(_) => return cache,
+        };
+        match serde_json::from_slice::<BTreeMap<String, String>>(&raw) {
+            // Through `put`: what was written by hand or by another version is held to the
+            // same keys and bounds.
+            Ok(entries) => {
+                for (k, v) in entries {
+                    cache.put(&k, v.as_bytes());
+                }
+                cache.dirty = false;
+            }
+            Err(e) => {
+                tracing::warn!(path = %cache.path.display(), error = %e, "ignoring an unreadable copy of the cluster store");
+            }
         }
+        cache
     }
 
     pub fn len(&self) -> usize {
@@ -120,6 +137,13 @@ mod tests {
         let back = Cache::load(path.clone());
         let keys: Vec<String> = back.entries().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec![ep.to_owned(), "/vswitch/v1/nodes/h3".to_owned()]);
+        // Keys written by something else are not taken back.
+        std::fs::write(
+            &path,
+            br#"{"/vswitch/v1/vni/7":"x","/vswitch/v1/nodes/h4":"{}"}"#,
+        )
+        .unwrap();
+        assert_eq!(Cache::load(path.clone()).len(), 1);
         // A damaged file is an empty view, not a failure.
         std::fs::write(&path, b"{not json").unwrap();
         assert_eq!(Cache::load(path).len(), 0);

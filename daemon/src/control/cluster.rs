@@ -117,11 +117,9 @@ impl Daemon {
             }
         }
         let names: BTreeSet<String> = networks.iter().map(|r| r.name.clone()).collect();
-        for rec in networks {
-            self.cluster_network(rec).await;
-        }
         let mut inner = self.inner.lock().await;
-        // Overlay networks removed while this host was away go here too, if nothing uses them.
+        // Overlay networks removed while this host was away go here too, if nothing uses them;
+        // first, so that one of them cannot stand in the way of a new one with its subnet.
         let missing: Vec<Network> = inner
             .store
             .networks
@@ -135,6 +133,11 @@ impl Daemon {
             tracing::info!(network = %net.name, "removed from the cluster meanwhile");
             let _ = self.drop_network(&mut inner, net).await;
         }
+        drop(inner);
+        for rec in networks {
+            self.cluster_network(rec).await;
+        }
+        let mut inner = self.inner.lock().await;
         inner.nodes = nodes;
         // The cluster's peers of each overlay network are the ones that count.
         let overlays: Vec<Network> = inner

@@ -152,7 +152,13 @@ impl Merger {
                     mss: seg.payload(),
                     next_seq: seg.seq.wrapping_add(seg.payload() as u32),
                     segments: 1,
-                    open: seg.flags == TCP_ACK,
+                    // A run starts only from a packet that fits the network (a longer one is
+                    // a local sender's super-packet: see `close`) and whose IPv4 header is
+                    // sound (the merged frame gets a new header checksum).
+                    open: seg.flags == TCP_ACK
+                        && seg.len - 14 <= mtu
+                        && seg.len - 14 + seg.payload() <= MAX_IP_LEN
+                        && ip_sound(eth, seg),
                 });
             }
             _ => {
@@ -209,10 +215,16 @@ fn joins(first: &[u8], run: &Run, eth: &[u8], seg: Segment) -> bool {
     // The TCP header but for the sequence number (4..8), flags (13) and checksum (16..18).
     let l4 = r.l4;
     ip_same
+        && ip_sound(eth, seg)
         && same(l4, l4 + 4)
         && same(l4 + 8, l4 + 13)
         && same(l4 + 14, l4 + 16)
         && same(l4 + 18, r.head)
+}
+
+/// Whether an IPv4 header's checksum holds (IPv6 has none).
+fn ip_sound(eth: &[u8], seg: Segment) -> bool {
+    !seg.v4 || fold(sum16(&eth[14..seg.l4])) == 0xffff
 }
 
 /// Writes a merged frame's IP length (and IPv4 checksum), the pseudo-header sum in the TCP
@@ -295,7 +307,7 @@ mod tests {
         let mut out = Vec::new();
         for i in 0.. {
             let mut s = Vec::new();
-            let last = super::super::offload::tcp_segment(eth, hdr, i, &mut s, true).unwrap();
+            let last = super::super::offload::tcp_segment(eth, hdr, i, &mut s, true, MTU).unwrap();
             out.push(s);
             if last {
                 break;
@@ -397,12 +409,15 @@ mod tests {
             f
         };
         let longer = seg4(1 + mss as u32, &payload(mss + 1, 4), false);
+        let mut bad_ip = seg4(1 + mss as u32, &payload(mss, 5), false);
+        bad_ip[24] ^= 1;
         for (what, pair) in [
             ("a gap in the sequence", [a.clone(), gap]),
             ("another flow", [a.clone(), other_port]),
             ("a SYN", [syn.clone(), a.clone()]),
             ("UDP", [udp, a.clone()]),
             ("a longer second segment", [a.clone(), longer]),
+            ("a bad IPv4 header checksum", [a.clone(), bad_ip]),
         ] {
             let got = merge(&pair);
             assert_eq!(got.len(), 2, "{what}");
@@ -411,6 +426,10 @@ mod tests {
                 assert!(finished(g) == s[..], "{what}: changed");
             }
         }
+        // A packet longer than the MTU starts no run (it leaves as a GSO frame of its own).
+        let big = seg4(1, &payload(MTU, 8), false);
+        let after_big = seg4(1 + MTU as u32, &payload(MTU, 9), false);
+        assert_eq!(merge(&[big, after_big]).len(), 2);
         // After a shorter segment (or PSH) the run is over.
         let full = seg4(1, &payload(10, 5), false);
         let short = seg4(11, &payload(5, 6), false);

@@ -4,18 +4,24 @@
 
 use vswitch_switch::vnet::{VNET_HDR_LEN, VnetHdr};
 
+/// The smallest MSS a TCP sender uses (Linux's `TCP_MIN_MSS`).
+const MIN_MSS: u16 = 88;
+
 /// Appends segment `i` of a TCP super-frame (`eth`, Ethernet first, as its virtio-net header
 /// `hdr` describes it) to `out`, as a NIC's TSO would cut it: headers copied, the IP length
 /// (and IPv4 id and checksum), sequence number and flags of each segment fixed, and the TCP
 /// checksum complete (or, unless `full`, only its pseudo-header part, for a receiver that
-/// ignores it). Returns whether it was the last; `None` if the frame is not TCP over IP that
-/// can be cut, or `i` is past its end.
+/// ignores it). Segments are never longer than `mtu`, whatever size the sender asked for; a
+/// size below TCP's minimum MSS is refused (it would multiply the packets). Returns whether
+/// it was the last; `None` if the frame is not TCP over IP that can be cut, or `i` is past
+/// its end.
 pub(super) fn tcp_segment(
     eth: &[u8],
     hdr: VnetHdr,
     i: usize,
     out: &mut Vec<u8>,
     full: bool,
+    mtu: usize,
 ) -> Option<bool> {
     use vswitch_switch::vnet::{GSO_ECN, GSO_TCPV4, GSO_TCPV6};
     let ethertype = u16::from_be_bytes([*eth.get(12)?, *eth.get(13)?]);
@@ -39,8 +45,8 @@ pub(super) fn tcp_segment(
     let tcp = 14 + ip_len;
     let tcp_len = usize::from(eth.get(tcp + 12)? >> 4) * 4;
     let head = tcp + tcp_len;
-    let mss = usize::from(hdr.gso_size);
-    if tcp_len < 20 || mss == 0 || eth.len() <= head {
+    let mss = usize::from(hdr.gso_size).min(mtu.saturating_sub(ip_len + tcp_len));
+    if tcp_len < 20 || hdr.gso_size < MIN_MSS || mss == 0 || eth.len() <= head {
         return None;
     }
     let payload = &eth[head..];
@@ -174,33 +180,52 @@ pub(super) fn as_tcp_super_frame(frame: &mut [u8], mtu: usize) -> bool {
 /// Returns false (frame untouched) for anything but unfragmented TCP or UDP over IPv4 or a
 /// bare IPv6 header, and for UDP over IPv4 without a checksum.
 pub(super) fn mark_partial(frame: &mut [u8]) -> bool {
-    let Some(eth) = frame.get_mut(VNET_HDR_LEN..) else {
+    let Some(l) = frame.get(VNET_HDR_LEN..).and_then(checksum_layout) else {
         return false;
     };
-    let Some(ethertype) = eth.get(12..14).map(|t| u16::from_be_bytes([t[0], t[1]])) else {
-        return false;
+    let field = VNET_HDR_LEN + l.start + l.offset;
+    frame[field..field + 2].copy_from_slice(&fold(l.pseudo).to_be_bytes());
+    let hdr = VnetHdr {
+        flags: vswitch_switch::vnet::F_NEEDS_CSUM,
+        csum_start: l.start as u16,
+        csum_offset: l.offset as u16,
+        ..VnetHdr::default()
     };
+    hdr.write(frame).is_some()
+}
+
+/// Where a frame's (Ethernet first) TCP or UDP checksum lives, as [`mark_partial`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Layout {
+    /// Offset of the L4 header.
+    pub start: usize,
+    /// Offset of the checksum field in it.
+    pub offset: usize,
+    /// The pseudo-header's sum, unfolded.
+    pub pseudo: u32,
+}
+
+/// The checksum layout of unfragmented TCP or UDP over IPv4 or a bare IPv6 header; `None` for
+/// anything else, and for UDP over IPv4 without a checksum.
+pub(super) fn checksum_layout(eth: &[u8]) -> Option<Layout> {
+    let ethertype = u16::from_be_bytes([*eth.get(12)?, *eth.get(13)?]);
     let ip = &eth[14..];
-    let (proto, l4_start, l4_len, pseudo) = match ethertype {
+    let (proto, start, l4_len, pseudo) = match ethertype {
         0x0800 if ip.len() >= 20 && ip[0] >> 4 == 4 => {
             let ihl = usize::from(ip[0] & 0x0f) * 4;
             let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
             let fragmented = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
             if fragmented || ihl < 20 || total < ihl || total > ip.len() {
-                return false;
+                return None;
             }
             let len = total - ihl;
-            (
-                ip[9],
-                14 + ihl,
-                len,
-                sum16(&ip[12..20]) + u32::from(ip[9]) + len as u32,
-            )
+            let pseudo = sum16(&ip[12..20]) + u32::from(ip[9]) + len as u32;
+            (ip[9], 14 + ihl, len, pseudo)
         }
         0x86dd if ip.len() >= 40 && ip[0] >> 4 == 6 => {
             let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
             if 40 + len > ip.len() {
-                return false;
+                return None;
             }
             (
                 ip[6],
@@ -209,25 +234,22 @@ pub(super) fn mark_partial(frame: &mut [u8]) -> bool {
                 sum16(&ip[8..40]) + u32::from(ip[6]) + len as u32,
             )
         }
-        _ => return false,
+        _ => return None,
     };
     let offset = match proto {
         6 if l4_len >= 20 => 16,
         17 if l4_len >= 8 => 6,
-        _ => return false,
+        _ => return None,
     };
-    let field = l4_start + offset;
+    let field = start + offset;
     if proto == 17 && ethertype == 0x0800 && eth[field] == 0 && eth[field + 1] == 0 {
-        return false; // No checksum (UDP over IPv4 may omit it).
+        return None; // No checksum (UDP over IPv4 may omit it).
     }
-    eth[field..field + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
-    let hdr = VnetHdr {
-        flags: vswitch_switch::vnet::F_NEEDS_CSUM,
-        csum_start: l4_start as u16,
-        csum_offset: offset as u16,
-        ..VnetHdr::default()
-    };
-    hdr.write(frame).is_some()
+    Some(Layout {
+        start,
+        offset,
+        pseudo,
+    })
 }
 
 /// The ones' complement sum of `bytes` as 16-bit words (an odd last byte padded), unfolded.
@@ -372,7 +394,7 @@ mod tests {
         let mut i = 0;
         loop {
             let mut out = Vec::new();
-            let last = tcp_segment(&eth, hdr, i, &mut out, true).expect("a segment");
+            let last = tcp_segment(&eth, hdr, i, &mut out, true, 1500).expect("a segment");
             let p = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
             let (Some(etherparse::NetSlice::Ipv4(ip)), Some(etherparse::TransportSlice::Tcp(tcp))) =
                 (p.net, p.transport)
@@ -396,7 +418,16 @@ mod tests {
         }
         assert_eq!(i, 3);
         assert_eq!(got, payload);
-        assert!(tcp_segment(&eth, hdr, 3, &mut Vec::new(), true).is_none());
-        assert!(tcp_segment(&eth[..40], hdr, 0, &mut Vec::new(), true).is_none());
+        assert!(tcp_segment(&eth, hdr, 3, &mut Vec::new(), true, 1500).is_none());
+        // A sender's size is capped by the MTU, and a tiny one refused.
+        let mut seg = Vec::new();
+        assert_eq!(tcp_segment(&eth, hdr, 0, &mut seg, true, 1040), Some(false));
+        assert_eq!(seg.len(), 14 + 1040);
+        let tiny = VnetHdr {
+            gso_size: 40,
+            ..hdr
+        };
+        assert!(tcp_segment(&eth, tiny, 0, &mut Vec::new(), true, 1500).is_none());
+        assert!(tcp_segment(&eth[..40], hdr, 0, &mut Vec::new(), true, 1500).is_none());
     }
 }

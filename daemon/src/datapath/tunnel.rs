@@ -13,7 +13,7 @@ use vswitch_switch::{MacAddr, PortId};
 
 use super::TunnelSpec;
 use super::gro::{Frames, Merger};
-use super::offload::{finish_partial, tcp_segment};
+use super::offload::{checksum_layout, finish_partial, tcp_segment};
 use crate::api::TunnelStatsRow;
 use crate::host::vxlan::Sockets;
 
@@ -123,8 +123,14 @@ impl TunnelPort {
             // sender left it partial.
             self.out.extend_from_slice(&vni);
             self.out.extend_from_slice(eth);
+            // A partial checksum is left for a member host only where its `mark_partial` will
+            // find it; anything else (a VLAN tag, extension headers, a tunnel inside the
+            // container) is finished here.
             let partial = hdr.flags & vswitch_switch::vnet::F_NEEDS_CSUM != 0;
-            if partial && full && !finish_partial(&mut self.out[VXLAN_HDR_LEN..], hdr) {
+            let leave = !full
+                && checksum_layout(eth).map(|l| (l.start, l.offset))
+                    == Some((usize::from(hdr.csum_start), usize::from(hdr.csum_offset)));
+            if partial && !leave && !finish_partial(&mut self.out[VXLAN_HDR_LEN..], hdr) {
                 self.tx_dropped += 1;
                 return;
             }
@@ -145,7 +151,7 @@ impl TunnelPort {
             {
                 let before = self.out.len();
                 self.out.extend_from_slice(&vni);
-                match tcp_segment(eth, hdr, i, &mut self.out, full) {
+                match tcp_segment(eth, hdr, i, &mut self.out, full, self.mtu) {
                     Some(l) => last = l,
                     None => {
                         self.tx_dropped += 1;

@@ -17,7 +17,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -37,6 +37,9 @@ const RX_MSGS: usize = 32;
 /// Receive buffer asked for: bursts of coalesced runs (64 KiB each) wait here while the
 /// datapaths catch up. Root gets it whole; others up to `net.core.rmem_max`.
 const RX_SOCKET_BUF: usize = 8 * 1024 * 1024;
+/// Refusals of `UDP_SEGMENT` in a row, with no success between, after which it is not tried
+/// again.
+const GSO_GIVE_UP: u32 = 64;
 /// A batch for one datapath is handed over once it holds this many bytes.
 const BATCH_BYTES: usize = 256 * 1024;
 
@@ -108,8 +111,10 @@ pub struct Sockets {
     unknown_vni: AtomicU64,
     /// Packets that were not VXLAN at all.
     malformed: AtomicU64,
-    /// Whether sending with `UDP_SEGMENT` works (until the kernel refuses it once).
+    /// Whether sending with `UDP_SEGMENT` works (until the kernel refuses it for good).
     gso: AtomicBool,
+    /// Refusals of `UDP_SEGMENT` since it last worked.
+    gso_refused: AtomicU32,
 }
 
 impl Sockets {
@@ -151,6 +156,7 @@ impl Sockets {
             unknown_vni: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             gso: AtomicBool::new(true),
+            gso_refused: AtomicU32::new(0),
         })
     }
 
@@ -207,11 +213,20 @@ impl Sockets {
             let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
             let iov = [IoSlice::new(packets)];
             match sendmsg(s.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&dest)) {
-                Ok(_) => return 0,
-                // No segmentation offload on the way out (EIO: no checksum offload either).
+                Ok(_) => {
+                    self.gso_refused.store(0, Ordering::Relaxed);
+                    return 0;
+                }
+                // No segmentation offload on this way out (EIO: a route without checksum
+                // offload, IPsec), or none at all: these packets leave one by one, and after
+                // a run of refusals with no success between, all of them do.
                 Err(e @ (Errno::EIO | Errno::EINVAL | Errno::EOPNOTSUPP | Errno::ENOPROTOOPT)) => {
-                    tracing::info!(error = %e, "UDP segmentation offload refused; VXLAN packets leave one by one");
-                    self.gso.store(false, Ordering::Relaxed);
+                    let streak = self.gso_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    if streak >= GSO_GIVE_UP || matches!(e, Errno::EOPNOTSUPP | Errno::ENOPROTOOPT)
+                    {
+                        tracing::info!(error = %e, "UDP segmentation offload refused; VXLAN packets leave one by one");
+                        self.gso.store(false, Ordering::Relaxed);
+                    }
                 }
                 Err(_) => return packets.len().div_ceil(size) as u64,
             }
@@ -250,7 +265,11 @@ impl Sockets {
                 }
             }
             for (&(n, from, size), buf) in got.iter().zip(&bufs) {
-                let Some(from) = from else { continue };
+                let Some(from) = from else {
+                    // Dropped when read (cut short, or a run without its segment size).
+                    self.malformed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
                 for packet in buf[..n.min(RX_BUF)].chunks(size.max(1)) {
                     self.sort(from, packet, &mut batches);
                 }
@@ -333,6 +352,11 @@ fn read_batch(
             ControlMessageOwned::UdpGroSegments(n) => usize::try_from(n).ok(),
             _ => None,
         });
+        // Cut short (longer than the buffer): its last packet is incomplete.
+        if r.flags.contains(MsgFlags::MSG_TRUNC) {
+            got.push((0, None, 0));
+            continue;
+        }
         let from = r.address.as_ref().and_then(sender);
         got.push((r.bytes, from, gro.filter(|&n| n > 0).unwrap_or(r.bytes)));
     }
