@@ -7,8 +7,9 @@
 # runc, containernetworking-plugins and busybox-static (vswitch as a CNI plugin of real podman),
 # docker.io (vswitch as dockerd's network driver; the tests start their own dockerd),
 # protobuf-compiler (the etcd client crate runs protoc when it builds) and etcd-server (the
-# cluster store of overlay networks; the tests start their own etcd).
-VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap nftables podman runc containernetworking-plugins busybox-static docker.io protobuf-compiler etcd-server"
+# cluster store of overlay networks; the tests start their own etcd), prometheus (its promtool
+# checks the daemon's /metrics; the test runs its own scraper).
+VSWITCH_PACKAGES="iproute2 iputils-ping dnsutils dnsmasq-base ldnsutils curl python3 iperf3 procps util-linux uidmap nftables podman runc containernetworking-plugins busybox-static docker.io protobuf-compiler etcd-server prometheus"
 
 install_packages() {
     local missing=() p

@@ -175,6 +175,10 @@ pub(crate) struct DaemonArgs {
     /// Also serve <name>.<network> for every network to the host on ADDR:PORT (UDP and TCP)
     #[arg(long, value_name = "ADDR:PORT")]
     pub(crate) dns_listen: Option<std::net::SocketAddr>,
+    /// Also serve GET /metrics (Prometheus) over TCP on IP:PORT [default: off; always on the
+    /// control socket]
+    #[arg(long, value_name = "IP:PORT")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     /// UDP port of VXLAN for overlay networks (this host's and every other VTEP's)
     #[arg(long, default_value_t = 4789, value_parser = clap::value_parser!(u16).range(1..))]
     pub(crate) vxlan_port: u16,

@@ -182,6 +182,7 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf, is_root: bool) -> anyhow::Resul
             cluster,
         },
         dns_listen: args.dns_listen,
+        metrics_addr: args.metrics_addr,
         docker_plugin: match args.docker_plugin {
             Some(name) => {
                 if !vswitch_daemon::valid_plugin_name(&name) {

@@ -343,6 +343,29 @@ pub struct NetworkStats {
     /// An overlay network's tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelStatsRow>,
+    /// Queries to the network's DNS.
+    #[serde(default)]
+    pub dns: DnsCounters,
+}
+
+/// Queries to a network's DNS, by who answered.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DnsCounters {
+    /// Answered here, by response code (the index; codes from 15 up count as 15).
+    #[serde(default)]
+    pub local: Vec<u64>,
+    /// Answered by an upstream server, by response code.
+    #[serde(default)]
+    pub upstream: Vec<u64>,
+    /// Refused because the asker or its network was over its share of forwards in flight.
+    #[serde(default)]
+    pub refused: u64,
+}
+
+/// The response code of a DNS message (its 4 low bits; an extended code is not read).
+pub fn dns_rcode(message: &[u8]) -> usize {
+    message.get(3).map_or(15, |b| usize::from(b & 0x0f))
 }
 
 /// `POST /networks/{id}/peers/add` and `/peers/rm`: an external VTEP of an overlay network.

@@ -13,6 +13,7 @@
 //!   (published ports, outbound NAT, DNS forwarding);
 //! - [`netns`]: namespace plumbing (TAPs made inside targets, targets watched);
 //! - `nsfiles`: the resolv.conf and hosts files vswitch writes for namespaces;
+//! - [`metrics`]: `GET /metrics` (OpenMetrics text from the datapaths' counters);
 //! - [`api`]: the control API's types, shared with the client; [`container_init`]: what a
 //!   container's first process is told.
 //!
@@ -29,6 +30,7 @@ pub mod docker;
 mod error;
 pub mod host;
 pub mod ipam;
+pub mod metrics;
 pub mod netns;
 mod nsfiles;
 mod plan;

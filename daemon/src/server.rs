@@ -42,6 +42,8 @@ pub struct Options {
     pub dns_listen: Option<std::net::SocketAddr>,
     /// `--docker-plugin`: serve dockerd as its network and IPAM driver.
     pub docker_plugin: Option<crate::docker::PluginOptions>,
+    /// `--metrics-addr`: serve `GET /metrics` over TCP on this address too.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// How long a starting daemon waits for the previous one to let go of the state directory:
@@ -107,6 +109,14 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let metrics_listener = match opts.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let (daemon, mut events) = Daemon::start(&opts.state_dir, &opts.dns).await?;
     if let Some(cluster) = daemon.cluster() {
         let cache = opts.state_dir.join("cluster.json");
@@ -122,6 +132,10 @@ pub async fn serve(opts: Options) -> anyhow::Result<()> {
             listener,
             plugin.clone(),
         ));
+    }
+    if let Some(l) = metrics_listener {
+        tracing::info!(addr = %l.local_addr()?, "serving metrics");
+        tokio::spawn(crate::metrics::http::serve(daemon.clone(), l));
     }
     if let Some(l) = host_dns {
         tracing::info!(addr = %l.local_addr()?, "serving container names to the host");
@@ -380,6 +394,7 @@ async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply,
                 .unwrap_or(0);
             json(StatusCode::OK, &daemon.container_logs(key, offset).await?)
         }
+        (&Method::GET, ["metrics"]) => Ok(metrics_reply(daemon, req.headers()).await),
         (&Method::GET, ["stats"]) => {
             let network = query_param(&query, "network")?;
             json(StatusCode::OK, &daemon.stats(network.as_deref()).await?)
@@ -465,6 +480,16 @@ fn percent_decode(s: &str) -> Result<String, Error> {
         }
     }
     String::from_utf8(out).map_err(|_| Error::bad_request("path is not UTF-8"))
+}
+
+async fn metrics_reply(daemon: &Daemon, headers: &hyper::HeaderMap) -> Reply {
+    let (body, kind) = crate::metrics::negotiate(headers, daemon.metrics_text().await);
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(kind),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: &'static str) -> Reply {

@@ -23,7 +23,18 @@ impl Daemon {
     /// `attach` and `network connect`. With a container's name as the target (and no
     /// `ip netns` of that name), the container joins the network through its init process, and
     /// joins it again at each of its later starts.
-    pub async fn attach(&self, network: &str, mut req: AttachRequest) -> Result<EndpointInfo> {
+    pub async fn attach(&self, network: &str, req: AttachRequest) -> Result<EndpointInfo> {
+        let began = std::time::Instant::now();
+        let r = self.attach_request(network, req).await;
+        if r.is_ok() {
+            self.metrics
+                .attach_duration
+                .observe(began.elapsed().as_secs_f64());
+        }
+        r
+    }
+
+    async fn attach_request(&self, network: &str, mut req: AttachRequest) -> Result<EndpointInfo> {
         let mut inner = self.inner.lock().await;
         let container = match &req.target {
             Target::Name(n) if !std::path::Path::new(NETNS_DIR).join(n).exists() => inner

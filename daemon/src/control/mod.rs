@@ -128,6 +128,8 @@ pub struct Daemon {
     vxlan: host::vxlan::VxlanHost,
     /// The cluster store's handle, in a cluster.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// `GET /metrics`'s histograms.
+    metrics: crate::metrics::Metrics,
 }
 
 impl Daemon {
@@ -149,7 +151,12 @@ impl Daemon {
         ));
         let forwarder = Forwarder::new(upstreams, opts.max_forwards);
         let (jobs, job_rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(host::dns::run_forwarder(forwarder.clone(), job_rx));
+        let metrics = crate::metrics::Metrics::default();
+        tokio::spawn(host::dns::run_forwarder(
+            forwarder.clone(),
+            job_rx,
+            metrics.upstream_latency.clone(),
+        ));
         let (nat_jobs, nat_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(host::outbound::run_jobs(nat_rx));
         let policy = Arc::new(parking_lot::RwLock::new(Policy {
@@ -204,6 +211,7 @@ impl Daemon {
                 .cluster
                 .clone()
                 .map(|c| Arc::new(crate::cluster::Cluster::new(c))),
+            metrics,
         });
         {
             let mut inner = daemon.inner.lock().await;

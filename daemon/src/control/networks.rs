@@ -321,4 +321,29 @@ impl Daemon {
         }
         Ok(out)
     }
+
+    /// `GET /metrics`: the counters of every network's datapath (asked by message, one
+    /// network at a time) and the daemon's histograms, as OpenMetrics text. A datapath that
+    /// does not answer is left out; its endpoints are still counted.
+    pub async fn metrics_text(&self) -> String {
+        let inner = self.inner.lock().await;
+        let mut nets: Vec<&Network> = inner.store.networks.values().collect();
+        nets.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut networks = Vec::new();
+        let mut endpoints = Vec::new();
+        for n in nets {
+            endpoints.push((n.name.clone(), inner.store.endpoints_of(&n.id).count()));
+            if let Some(live) = inner.live.get(&n.id)
+                && let Ok(stats) = live.datapath.stats().await
+            {
+                networks.push(stats);
+            }
+        }
+        drop(inner);
+        let snapshot = crate::metrics::Snapshot {
+            networks,
+            endpoints,
+        };
+        crate::metrics::render(&snapshot, &self.metrics)
+    }
 }

@@ -191,6 +191,8 @@ pub(super) fn tunnel_cost(packets: &super::Datagrams) -> usize {
 struct Backlog {
     bytes: AtomicUsize,
     dropped: AtomicU64,
+    /// Forwarded DNS answers delivered, by response code (counted by the relay's tasks).
+    upstream_rcodes: [AtomicU64; 16],
 }
 
 /// Hands frames and stream data to a datapath thread from elsewhere (tokio tasks of published
@@ -335,8 +337,16 @@ impl Injector {
         )
     }
 
+    /// Forwarded DNS answers delivered so far, by response code.
+    pub(super) fn upstream_rcodes(&self) -> Vec<u64> {
+        let c = &self.backlog.upstream_rcodes;
+        c.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+    }
+
     /// Delivers a forwarded DNS answer to whoever asked.
     pub fn deliver(&self, to: ReplyTo, answer: Vec<u8>) {
+        self.backlog.upstream_rcodes[crate::api::dns_rcode(&answer)]
+            .fetch_add(1, Ordering::Relaxed);
         match to {
             ReplyTo::Udp(peer) => {
                 if let Some(frame) = peer.frame(&answer) {

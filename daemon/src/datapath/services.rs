@@ -115,9 +115,16 @@ pub(super) struct Services {
     pub(super) nat: bool,
     pub(super) udp: UdpFlows<UdpFlow>,
     pub(super) icmp: IcmpFlows<IcmpFlow>,
+    /// Queries answered here, by response code, and refused for the fair share.
+    pub(super) dns_local: [u64; 16],
+    pub(super) dns_refused: u64,
 }
 
 impl Services {
+    fn count_local(&mut self, answer: &[u8]) {
+        self.dns_local[crate::api::dns_rcode(answer)] += 1;
+    }
+
     /// Answers a UDP query to the gateway's port 53 in place.
     pub(super) fn dns_udp(&mut self, u: &UdpView<'_>, namespace: Option<&str>) -> Detour {
         let Some(hook) = &self.dns else {
@@ -138,7 +145,10 @@ impl Services {
             namespace,
         };
         let answer = match hook.responder.answer(asker, Transport::Udp, u.payload) {
-            Outcome::Reply(answer) => Some(answer),
+            Outcome::Reply(answer) => {
+                self.count_local(&answer);
+                Some(answer)
+            }
             Outcome::Forward(via) => {
                 match self.forward(
                     u.payload.to_vec(),
@@ -147,7 +157,10 @@ impl Services {
                     via,
                 ) {
                     Forwarded::Queued => None,
-                    Forwarded::Refused(answer) => answer,
+                    Forwarded::Refused(answer) => {
+                        self.dns_refused += 1;
+                        answer
+                    }
                 }
             }
             Outcome::Drop => None,
@@ -171,12 +184,17 @@ impl Services {
             namespace: None,
         };
         match hook.responder.answer(asker, Transport::Tcp, &m.message) {
-            Outcome::Reply(answer) => StreamAnswer::Reply(answer),
+            Outcome::Reply(answer) => {
+                self.count_local(&answer);
+                StreamAnswer::Reply(answer)
+            }
             Outcome::Forward(via) => {
                 match self.forward(m.message, m.peer, ReplyTo::Tcp(m.conn), via) {
                     Forwarded::Queued => StreamAnswer::Forwarded,
-                    Forwarded::Refused(Some(refused)) => StreamAnswer::Reply(refused),
-                    Forwarded::Refused(None) => StreamAnswer::Unanswered,
+                    Forwarded::Refused(r) => {
+                        self.dns_refused += 1;
+                        r.map_or(StreamAnswer::Unanswered, StreamAnswer::Reply)
+                    }
                 }
             }
             Outcome::Drop => StreamAnswer::Unanswered,

@@ -141,6 +141,8 @@ impl Worker {
             nat: gateway.nat,
             udp: UdpFlows::default(),
             icmp: IcmpFlows::default(),
+            dns_local: [0; 16],
+            dns_refused: 0,
         };
         let worker = Self {
             network_id,

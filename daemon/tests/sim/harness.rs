@@ -57,6 +57,7 @@ impl Sim {
         rt.spawn(vswitch_daemon::host::dns::run_forwarder(
             forwarder.clone(),
             job_rx,
+            vswitch_daemon::metrics::Metrics::default().upstream_latency,
         ));
         rt.spawn(vswitch_daemon::host::outbound::run_jobs(nat_rx));
         let links = Links {

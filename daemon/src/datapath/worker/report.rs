@@ -65,6 +65,11 @@ impl Worker {
             udp_flows: self.services.udp.len(),
             icmp_flows: self.services.icmp.len(),
             tunnel: self.tunnel.as_ref().map(TunnelPort::stats),
+            dns: crate::api::DnsCounters {
+                local: self.services.dns_local.to_vec(),
+                upstream: self.injector.upstream_rcodes(),
+                refused: self.services.dns_refused,
+            },
         }
     }
 
