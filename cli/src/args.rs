@@ -60,7 +60,27 @@ pub(crate) enum Command {
         /// Show all containers (default: running only)
         #[arg(short, long)]
         all: bool,
+        /// Only print ids
+        #[arg(short, long)]
+        quiet: bool,
+        /// Output format: table or json (one object per line)
+        #[arg(long, default_value = "table")]
+        format: String,
     },
+    /// Show containers or endpoints as JSON, shaped like `docker inspect`
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Show the client's and the daemon's versions
+    Version,
+    /// Show what the daemon is and holds: version, state directory, socket, upstream DNS
+    /// servers, counts, rootless or not, features
+    Info,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completion { shell: clap_complete::Shell },
+    /// Write man pages (vswitch.1 and one per subcommand) into DIR
+    Man { dir: PathBuf },
     /// Stop containers (SIGTERM, then SIGKILL after the timeout)
     Stop {
         #[arg(required = true)]
@@ -293,6 +313,10 @@ pub(crate) enum NetworkCommand {
         /// Output format: table or json (one object per line)
         #[arg(long, default_value = "table")]
         format: String,
+        /// Only networks that match KEY=VALUE: name (a part of the name), id (a prefix),
+        /// driver or scope; repeatable (all must match)
+        #[arg(short, long = "filter", value_name = "KEY=VALUE")]
+        filter: Vec<String>,
     },
     /// Show networks as JSON
     Inspect {

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use vswitch_daemon::api::{
-    AttachRequest, Created, DisconnectRequest, EndpointInfo, FdbRow, NetworkCreate, NetworkInspect,
-    NetworkStats, Target,
+    AttachRequest, ContainerInfo, Created, DaemonInfo, DisconnectRequest, EndpointInfo, FdbRow,
+    NetworkCreate, NetworkInspect, NetworkStats, Target,
 };
 
 use crate::args::{AttachOpts, CniCommand, Command, NetworkCommand, PeerCommand};
@@ -33,12 +33,65 @@ pub(crate) fn run_client(command: Command, socket: &std::path::Path) -> anyhow::
         | Command::Init { .. }
         | Command::Demo { .. }
         | Command::TapHelper { .. }
+        | Command::Completion { .. }
+        | Command::Man { .. }
         | Command::SocketHelper { .. } => {
             unreachable!("handled by main")
         }
         Command::Run(args) => containers::run(&client, args),
         Command::Exec { name, cmd } => containers::exec(client, &name, &cmd),
-        Command::Ps { all } => containers::ps(&client, all),
+        Command::Ps { all, quiet, format } => containers::ps(&client, all, quiet, &format),
+        Command::Inspect { names } => {
+            let cs: Vec<ContainerInfo> = client.get("/containers")?;
+            let eps: Vec<EndpointInfo> = client.get("/endpoints")?;
+            let mut found = Vec::new();
+            let mut failed = false;
+            for n in &names {
+                match crate::inspect::find(n, &cs, &eps) {
+                    Some(v) => found.push(v),
+                    None => {
+                        eprintln!("Error: no such container or endpoint: {n}");
+                        failed = true;
+                    }
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&found)?);
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Info => {
+            let info: DaemonInfo = client.get("/info")?;
+            println!("Version: {}", info.version);
+            println!("Socket: {}", socket.display());
+            println!("State directory: {}", info.state_dir);
+            println!("Rootless: {}", info.rootless);
+            if let Some(node) = &info.node {
+                println!("Cluster node: {node}");
+            }
+            println!("Upstream DNS: {}", info.upstreams.join(", "));
+            println!("Networks: {}", info.networks);
+            println!("Endpoints: {}", info.endpoints);
+            println!(
+                "Containers: {} ({} running)",
+                info.containers, info.running_containers
+            );
+            println!("Features: {}", info.features.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Version => {
+            println!("Client: vswitch {}", env!("CARGO_PKG_VERSION"));
+            match client.get::<DaemonInfo>("/info") {
+                Ok(info) => println!("Daemon: vswitch {}", info.version),
+                Err(e) => {
+                    println!("Daemon: not reachable on {} ({e})", socket.display());
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stop { names, time } => containers::each(&names, |n| {
             client.post_empty_reply(&format!("/containers/{}/stop?t={time}", seg(n)), &())
         }),
@@ -193,8 +246,14 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
             println!("{}", created.id);
             Ok(ExitCode::SUCCESS)
         }
-        NetworkCommand::Ls { quiet, format } => {
-            let nets: Vec<NetworkInspect> = client.get("/networks")?;
+        NetworkCommand::Ls {
+            quiet,
+            format,
+            filter,
+        } => {
+            let filters = crate::inspect::parse_filters(&filter)?;
+            let mut nets: Vec<NetworkInspect> = client.get("/networks")?;
+            nets.retain(|n| crate::inspect::matches(n, &filters));
             match (quiet, format.as_str()) {
                 (true, _) => nets.iter().for_each(|n| println!("{}", &n.id[..12])),
                 (false, "json") => {

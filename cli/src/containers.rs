@@ -124,8 +124,20 @@ pub fn exec(client: Client, name: &str, cmd: &[String]) -> anyhow::Result<ExitCo
     }))
 }
 
-pub fn ps(client: &Client, all: bool) -> anyhow::Result<ExitCode> {
+pub fn ps(client: &Client, all: bool, quiet: bool, format: &str) -> anyhow::Result<ExitCode> {
+    if !matches!(format, "table" | "json") {
+        anyhow::bail!("unknown --format {format:?}: use table or json");
+    }
     let list: Vec<ContainerInfo> = client.get("/containers")?;
+    let shown = list.iter().filter(|c| all || c.pid.is_some());
+    if quiet {
+        shown.for_each(|c| println!("{}", &c.id[..c.id.len().min(12)]));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if format == "json" {
+        shown.for_each(|c| println!("{}", crate::inspect::ps_line(c)));
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut rows = vec![
         [
             "CONTAINER ID",
@@ -139,19 +151,15 @@ pub fn ps(client: &Client, all: bool) -> anyhow::Result<ExitCode> {
         .map(String::from)
         .to_vec(),
     ];
-    for c in list.iter().filter(|c| all || c.pid.is_some()) {
-        let status = match (c.pid, c.exit_code) {
-            (Some(_), _) => "running".to_owned(),
-            (None, Some(code)) => format!("exited ({code})"),
-            (None, None) => "exited".to_owned(),
-        };
+    for c in shown {
+        let line = crate::inspect::ps_line(c);
         rows.push(vec![
-            c.id[..12].to_owned(),
+            c.id[..c.id.len().min(12)].to_owned(),
             c.name.clone(),
             c.network.clone(),
             c.ips.join(","),
             c.ports.join(", "),
-            status,
+            line["Status"].as_str().unwrap_or_default().to_owned(),
             c.cmd.join(" "),
         ]);
     }

@@ -11,6 +11,7 @@ mod commands;
 mod containers;
 mod demo;
 mod init;
+mod inspect;
 mod table;
 
 use std::path::PathBuf;
@@ -59,6 +60,26 @@ fn main() -> ExitCode {
         let code = init::run(config);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    match &cli.command {
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "vswitch", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            return match write_man_pages(dir) {
+                Ok(n) => {
+                    println!("wrote {n} man pages to {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("Error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let is_root = nix::unistd::geteuid().is_root();
     let socket = match cli.socket.clone() {
         Some(s) => s,
@@ -86,6 +107,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `vswitch man DIR`: `vswitch.1`, and `vswitch-SUB.1` (`vswitch-network-ls.1`, ...) for every
+/// subcommand but the hidden ones. Returns how many pages it wrote.
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    fn walk(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> anyhow::Result<usize> {
+        let cmd = cmd.clone().name(name.to_owned());
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        let mut n = 1;
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            n += walk(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(n)
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    walk(&cmd, "vswitch", dir)
 }
 
 fn default_socket(is_root: bool) -> Result<PathBuf, String> {

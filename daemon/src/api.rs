@@ -486,6 +486,27 @@ pub struct ContainerInfo {
     pub created: String,
 }
 
+/// `GET /info`: what the daemon is and holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DaemonInfo {
+    pub version: String,
+    pub state_dir: String,
+    pub rootless: bool,
+    /// The upstream DNS servers queries go to now.
+    pub upstreams: Vec<String>,
+    pub networks: usize,
+    pub endpoints: usize,
+    pub containers: usize,
+    pub running_containers: usize,
+    /// What this daemon does: always `dns`, `nat`, `published-ports`, `cni`, `metrics`; and
+    /// `overlay` with an advertise address or a cluster store, `cluster` with a store.
+    pub features: Vec<String>,
+    /// This host's node name, in a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
 /// A slice of a container's log, from byte `offset` on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]

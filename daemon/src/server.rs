@@ -394,6 +394,7 @@ async fn dispatch(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Result<Reply,
                 .unwrap_or(0);
             json(StatusCode::OK, &daemon.container_logs(key, offset).await?)
         }
+        (&Method::GET, ["info"]) => json(StatusCode::OK, &daemon.info().await),
         (&Method::GET, ["metrics"]) => Ok(metrics_reply(daemon, req.headers()).await),
         (&Method::GET, ["stats"]) => {
             let network = query_param(&query, "network")?;

@@ -125,6 +125,11 @@ impl Forwarder {
         }
     }
 
+    /// The servers queries go to now (the fixed ones, or resolv.conf's).
+    pub fn upstreams(&self) -> Vec<SocketAddr> {
+        self.upstreams.current()
+    }
+
     /// A slot for one forward by `client` on `network`, or `None` if the pool or their fair
     /// share of it is used up (answer REFUSED then).
     pub fn try_acquire(&self, network: &str, client: IpAddr) -> Option<Permit> {

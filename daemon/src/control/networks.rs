@@ -346,4 +346,41 @@ impl Daemon {
         };
         crate::metrics::render(&snapshot, &self.metrics)
     }
+
+    /// `GET /info`.
+    pub async fn info(&self) -> crate::api::DaemonInfo {
+        let inner = self.inner.lock().await;
+        let mut features: Vec<String> = ["dns", "nat", "published-ports", "cni", "metrics"]
+            .map(String::from)
+            .to_vec();
+        if self.vxlan.config.advertise.is_some() || self.cluster.is_some() {
+            features.push("overlay".into());
+        }
+        if self.cluster.is_some() {
+            features.push("cluster".into());
+        }
+        crate::api::DaemonInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            state_dir: self.state_dir.path().display().to_string(),
+            rootless: self.rootless,
+            upstreams: self
+                .dns
+                .forwarder
+                .upstreams()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            networks: inner.store.networks.len(),
+            endpoints: inner.store.endpoints.len(),
+            containers: inner.store.containers.len(),
+            running_containers: inner
+                .store
+                .containers
+                .values()
+                .filter(|c| c.pid.is_some())
+                .count(),
+            features,
+            node: self.node().map(str::to_owned),
+        }
+    }
 }
