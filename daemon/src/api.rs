@@ -346,6 +346,13 @@ pub struct NetworkStats {
     /// Queries to the network's DNS.
     #[serde(default)]
     pub dns: DnsCounters,
+    /// MAC table entries learned, moved to another port, and aged out.
+    #[serde(default)]
+    pub fdb_learned: u64,
+    #[serde(default)]
+    pub fdb_moved: u64,
+    #[serde(default)]
+    pub fdb_aged: u64,
 }
 
 /// Queries to a network's DNS, by who answered.

@@ -41,6 +41,19 @@ pub struct Fdb {
     /// Earliest time a full table is swept again, so a flood of new sources costs one sweep per
     /// second rather than one per frame.
     next_full_sweep: Option<Instant>,
+    /// What happened to learned entries so far.
+    pub events: FdbEvents,
+}
+
+/// Counts of what happened to learned (not pinned) entries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FdbEvents {
+    /// New addresses recorded.
+    pub learned: u64,
+    /// Known addresses seen on another port than before.
+    pub moved: u64,
+    /// Entries removed for being older than the aging time.
+    pub aged: u64,
 }
 
 impl Fdb {
@@ -50,6 +63,7 @@ impl Fdb {
             capacity,
             aging,
             next_full_sweep: None,
+            events: FdbEvents::default(),
         }
     }
 
@@ -62,6 +76,9 @@ impl Fdb {
                 } else {
                     Learned::PinnedElsewhere
                 };
+            }
+            if entry.port != port {
+                self.events.moved += 1;
             }
             entry.port = port;
             entry.last_seen = now;
@@ -85,6 +102,7 @@ impl Fdb {
                 pinned: false,
             },
         );
+        self.events.learned += 1;
         Learned::Yes
     }
 
@@ -122,8 +140,10 @@ impl Fdb {
     /// Removes learned entries older than the aging time.
     pub fn expire(&mut self, now: Instant) {
         let aging = self.aging;
+        let before = self.entries.len();
         self.entries
             .retain(|_, e| e.pinned || now.saturating_duration_since(e.last_seen) < aging);
+        self.events.aged += (before - self.entries.len()) as u64;
     }
 
     /// Removes every learned entry that points at `port` (pins stay: they go with the port,

@@ -27,7 +27,7 @@ pub mod vxlan;
 
 use std::time::{Duration, Instant};
 
-pub use fdb::{Fdb, FdbEntry, Learned};
+pub use fdb::{Fdb, FdbEntry, FdbEvents, Learned};
 pub use guard::{PortGuard, Violation};
 pub use mac::{MacAddr, ParseMacError};
 
@@ -405,6 +405,11 @@ impl Bridge {
 
     pub fn stats(&self) -> &BridgeStats {
         &self.stats
+    }
+
+    /// What happened to learned MAC table entries so far.
+    pub fn fdb_events(&self) -> FdbEvents {
+        self.fdb.events
     }
 
     /// Expired entries are ignored by lookups at once; the sweep only reclaims their memory,

@@ -95,6 +95,9 @@ fn moved_address_follows_its_new_port() {
         lab.send(1, 1, &frame(A, B)),
         Decision::Forward(lab.ports[2])
     );
+    // Learned A and B, and A moved once.
+    let e = lab.bridge.fdb_events();
+    assert_eq!((e.learned, e.moved, e.aged), (2, 1, 0));
 }
 
 #[test]
@@ -188,6 +191,7 @@ fn entries_age_out_and_the_sweep_reclaims_them() {
     // Once everything aged out the bridge stops asking for timers.
     lab.bridge.handle_timeout(lab.at(30));
     assert!(lab.bridge.fdb().is_empty());
+    assert_eq!(lab.bridge.fdb_events().aged, 2, "A, then B");
     assert_eq!(lab.bridge.poll_timeout(), None);
 }
 

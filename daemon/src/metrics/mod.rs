@@ -233,10 +233,10 @@ fn networks(r: &mut Registry, s: &Snapshot) {
         "Frames the switch dropped, by reason (malformed, invalid_source, spoofed, too_big)",
     );
     let fdb = gauge(r, "vswitch_fdb_entries", "MAC table entries");
-    let refused = counter(
+    let events = counter(
         r,
-        "vswitch_fdb_learn_refused",
-        "New source MACs that did not fit the MAC table",
+        "vswitch_fdb_events",
+        "MAC table events: learned, moved (to another port), aged (out), refused (table full)",
     );
     let floods = counter(
         r,
@@ -267,7 +267,14 @@ fn networks(r: &mut Registry, s: &Snapshot) {
                 .inc_by(v);
         }
         set(&fdb, &l, n.fdb_entries as u64);
-        refused.get_or_create(&l).inc_by(n.learn_refused);
+        for (event, v) in [
+            ("learned", n.fdb_learned),
+            ("moved", n.fdb_moved),
+            ("aged", n.fdb_aged),
+            ("refused", n.learn_refused),
+        ] {
+            events.get_or_create(&with(l.clone(), "event", event)).inc_by(v);
+        }
         floods.get_or_create(&l).inc_by(n.flooded);
         for (proto, v) in [
             ("tcp", n.tcp_flows),
@@ -389,6 +396,9 @@ mod tests {
                 upstream: vec![1],
                 refused: 3,
             },
+            fdb_learned: 6,
+            fdb_moved: 1,
+            fdb_aged: 0,
         }
     }
 
@@ -410,6 +420,7 @@ mod tests {
             "vswitch_port_receive_drops_total{network=\"web\",endpoint=\"tomcat82\",reason=\"port\"} 2",
             "vswitch_drops_total{network=\"web\",reason=\"spoofed\"} 5",
             "vswitch_fdb_entries{network=\"web\"} 3",
+            "vswitch_fdb_events_total{network=\"web\",event=\"learned\"} 6",
             "vswitch_endpoints{network=\"idle\"} 0",
             "vswitch_nat_flows{network=\"web\",proto=\"tcp\"} 2",
             "vswitch_dns_queries_total{network=\"web\",answered=\"local\",rcode=\"NOERROR\"} 7",

@@ -65,6 +65,9 @@ impl Worker {
             udp_flows: self.services.udp.len(),
             icmp_flows: self.services.icmp.len(),
             tunnel: self.tunnel.as_ref().map(TunnelPort::stats),
+            fdb_learned: self.bridge.fdb_events().learned,
+            fdb_moved: self.bridge.fdb_events().moved,
+            fdb_aged: self.bridge.fdb_events().aged,
             dns: crate::api::DnsCounters {
                 local: self.services.dns_local.to_vec(),
                 upstream: self.injector.upstream_rcodes(),
