@@ -284,6 +284,13 @@ fn traffic_comes_back_after_the_daemon_is_killed_and_restarted() {
         "same endpoints, addresses, MACs"
     );
     assert!(b.ping("10.78.0.1"), "gateway back too");
+    // The log says how far the restart is.
+    let log = d.log();
+    assert!(log.contains("restoring endpoints"), "{log}");
+    assert!(
+        log.contains("2 of 2 endpoints restored (0 failed)"),
+        "{log}"
+    );
     // A network created before the crash still refuses overlaps, and bridge is still there.
     d.fails(&["network", "create", "again", "--subnet", "10.78.0.0/24"]);
     assert!(d.ok(&["network", "ls"]).contains("bridge"));

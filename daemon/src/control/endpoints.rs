@@ -396,14 +396,26 @@ impl Daemon {
         // attached in.
         let order = |e: &Endpoint| (e.route_metric.unwrap_or(u32::MAX), e.ifname.len());
         endpoints.sort_by(|a, b| (order(a), &a.ifname).cmp(&(order(b), &b.ifname)));
+        if !endpoints.is_empty() {
+            tracing::info!(endpoints = endpoints.len(), "restoring endpoints");
+        }
+        let mut progress = super::progress::Progress::new(
+            "endpoints restored",
+            endpoints.len(),
+            std::time::Instant::now(),
+        );
         for ep in endpoints {
             // The state file was checked at load: every endpoint's network is there.
             let Some(net) = inner.store.networks.get(&ep.network_id).cloned() else {
                 continue;
             };
-            match self.replumb(inner, &net, &ep).await {
+            let r = self.replumb(inner, &net, &ep).await;
+            if let Some(line) = progress.step(r.is_ok(), std::time::Instant::now()) {
+                tracing::info!("{line}");
+            }
+            match r {
                 Ok(()) => {
-                    tracing::info!(endpoint = %ep.name, network = %net.name, "endpoint restored");
+                    tracing::debug!(endpoint = %ep.name, network = %net.name, "endpoint restored");
                     nsfiles::restore_netns_resolv_conf(&ep, &net);
                 }
                 Err(e) => {

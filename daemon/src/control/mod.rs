@@ -25,6 +25,7 @@ pub use containers::STOP_TIMEOUT;
 mod endpoints;
 mod networks;
 mod process;
+mod progress;
 mod publish;
 mod render;
 

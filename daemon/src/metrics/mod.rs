@@ -273,7 +273,9 @@ fn networks(r: &mut Registry, s: &Snapshot) {
             ("aged", n.fdb_aged),
             ("refused", n.learn_refused),
         ] {
-            events.get_or_create(&with(l.clone(), "event", event)).inc_by(v);
+            events
+                .get_or_create(&with(l.clone(), "event", event))
+                .inc_by(v);
         }
         floods.get_or_create(&l).inc_by(n.flooded);
         for (proto, v) in [
