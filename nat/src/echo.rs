@@ -12,7 +12,7 @@
 //! with one hash lookup ([`EchoIds::reply`]). Sans-IO: the daemon owns the socket.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use etherparse::{IcmpEchoHeader, Icmpv4Header, Icmpv4Type};
 
@@ -23,7 +23,7 @@ const RECENT: usize = 16;
 pub const MAX_ECHO_FLOWS: usize = 32_768;
 
 struct Entry<V> {
-    dst: Ipv4Addr,
+    dst: IpAddr,
     recent: [Option<u16>; RECENT],
     next_slot: usize,
     value: V,
@@ -53,7 +53,7 @@ impl<V> EchoIds<V> {
     }
 
     /// A new flow to `dst`: its echo id, or `None` when the table is full.
-    pub fn allocate(&mut self, dst: Ipv4Addr, value: V) -> Option<u16> {
+    pub fn allocate(&mut self, dst: IpAddr, value: V) -> Option<u16> {
         if self.by_id.len() >= self.capacity {
             return None;
         }
@@ -86,7 +86,7 @@ impl<V> EchoIds<V> {
     }
 
     /// The flow an echo reply from `src` with `id` and `seq` answers, if any.
-    pub fn reply(&self, src: Ipv4Addr, id: u16, seq: u16) -> Option<&V> {
+    pub fn reply(&self, src: IpAddr, id: u16, seq: u16) -> Option<&V> {
         let e = self.by_id.get(&id)?;
         (e.dst == src && e.recent.contains(&Some(seq))).then_some(&e.value)
     }
@@ -105,9 +105,20 @@ impl<V> EchoIds<V> {
     }
 }
 
-/// An echo request message (ICMP header and payload) with its id replaced, checksum
-/// included; `None` if `message` is not an echo request.
+/// ICMPv6's echo request and reply types.
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// An echo request message (ICMP or ICMPv6 header and payload) with its id replaced: an ICMP
+/// one with its checksum, an ICMPv6 one with a zero checksum, which the kernel fills in (it
+/// does for every ICMPv6 socket); `None` if `message` is not an echo request.
 pub fn with_echo_id(message: &[u8], id: u16) -> Option<Vec<u8>> {
+    if message.first() == Some(&ICMPV6_ECHO_REQUEST) && message.len() >= 8 && message[1] == 0 {
+        let mut out = message.to_vec();
+        out[2..4].copy_from_slice(&[0, 0]);
+        out[4..6].copy_from_slice(&id.to_be_bytes());
+        return Some(out);
+    }
     let (header, payload) = Icmpv4Header::from_slice(message).ok()?;
     let Icmpv4Type::EchoRequest(echo) = header.icmp_type else {
         return None;
@@ -136,11 +147,23 @@ pub fn raw_echo_reply(datagram: &[u8]) -> Option<(Ipv4Addr, u16, u16, &[u8])> {
     Some((ip.header().source_addr(), echo.id, echo.seq, message))
 }
 
+/// An ICMPv6 echo reply as a raw ICMPv6 socket gives it (no IP header: the source comes with
+/// the read): its id and sequence number; `None` for anything else.
+pub fn raw_echo_reply6(message: &[u8]) -> Option<(u16, u16)> {
+    if message.len() < 8 || message[0] != ICMPV6_ECHO_REPLY || message[1] != 0 {
+        return None;
+    }
+    let id = u16::from_be_bytes([message[4], message[5]]);
+    let seq = u16::from_be_bytes([message[6], message[7]]);
+    Some((id, seq))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const DST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 9);
+    const DST4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 9);
+    const DST: IpAddr = IpAddr::V4(DST4);
 
     #[test]
     fn a_reply_is_for_the_flow_whose_id_destination_and_sequence_it_matches() {
@@ -155,7 +178,10 @@ mod tests {
         assert_eq!(ids.reply(DST, a, 1), Some(&"a"));
         assert_eq!(ids.reply(DST, b, 1), Some(&"b"));
         // Another source, or a sequence never sent, answers nothing.
-        assert_eq!(ids.reply(Ipv4Addr::new(192, 0, 2, 10), a, 1), None);
+        assert_eq!(
+            ids.reply(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)), a, 1),
+            None
+        );
         assert_eq!(ids.reply(DST, a, 2), None);
         // Only the latest requests are answered.
         for seq in 2..2 + RECENT as u16 {
@@ -203,13 +229,23 @@ mod tests {
         assert_eq!(payload, b"ping");
         assert_eq!(h.checksum, h.icmp_type.calc_checksum(payload));
         assert_eq!(with_echo_id(b"junk", 1), None);
+        // ICMPv6: the id replaced, the checksum left to the kernel.
+        let v6 = [128, 0, 0xab, 0xcd, 0, 7, 0, 3, b'p', b'i'];
+        let out = with_echo_id(&v6, 4242).expect("ICMPv6 echo request");
+        assert_eq!(out, [128, 0, 0, 0, 0x10, 0x92, 0, 3, b'p', b'i']);
+        assert_eq!(
+            raw_echo_reply6(&[129, 0, 0, 0, 0x10, 0x92, 0, 3]),
+            Some((4242, 3))
+        );
+        assert_eq!(raw_echo_reply6(&[128, 0, 0, 0, 0x10, 0x92, 0, 3]), None);
+        assert_eq!(raw_echo_reply6(&[129, 0, 0]), None);
     }
 
     #[test]
     fn only_echo_replies_are_read_from_the_raw_socket() {
         let reply = |ty| {
             let mut out = Vec::new();
-            etherparse::PacketBuilder::ipv4(DST.octets(), [10, 0, 0, 2], 64)
+            etherparse::PacketBuilder::ipv4(DST4.octets(), [10, 0, 0, 2], 64)
                 .icmpv4(ty)
                 .write(&mut out, b"pong")
                 .expect("packet");
@@ -217,7 +253,7 @@ mod tests {
         };
         let r = reply(Icmpv4Type::EchoReply(IcmpEchoHeader { id: 9, seq: 4 }));
         let (src, id, seq, message) = raw_echo_reply(&r).expect("echo reply");
-        assert_eq!((src, id, seq), (DST, 9, 4));
+        assert_eq!((src, id, seq), (DST4, 9, 4));
         assert_eq!(&message[8..], b"pong");
         let q = reply(Icmpv4Type::EchoRequest(IcmpEchoHeader { id: 9, seq: 4 }));
         assert_eq!(raw_echo_reply(&q), None);

@@ -5,7 +5,7 @@
 //! What is read is sliced with etherparse's checked views; what is written has an all-zero
 //! header (complete checksums, no GSO).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{Icmpv4Type, LinkSlice, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use vswitch_switch::vnet::{VNET_HDR_LEN, VnetHdr};
@@ -97,12 +97,12 @@ pub fn link_local_beyond_link(frame: &[u8]) -> bool {
         && !(dst.is_unicast_link_local() || dst.is_multicast())
 }
 
-/// An IPv4 echo request in a frame from a container.
+/// An echo request (ICMP or ICMPv6) in a frame from a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EchoRequest {
     pub src_mac: [u8; 6],
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub id: u16,
     pub seq: u16,
     /// The ICMP message (header with a fresh checksum, then the payload), ready for a host
@@ -110,33 +110,53 @@ pub struct EchoRequest {
     pub message: Vec<u8>,
 }
 
-/// The IPv4 echo request in `frame`, unless it is something else.
+/// The echo request (ICMP or ICMPv6) in `frame`, unless it is something else. The message is
+/// ready for a host socket: ICMP with a fresh checksum, ICMPv6 with a zero one (the kernel
+/// computes ICMPv6 checksums itself).
 pub fn slice_echo_request(frame: &[u8]) -> Option<EchoRequest> {
     let p = SlicedPacket::from_ethernet(frame.get(VNET_HDR_LEN..)?).ok()?;
     let Some(LinkSlice::Ethernet2(eth)) = &p.link else {
         return None;
     };
-    let Some(NetSlice::Ipv4(ip)) = &p.net else {
-        return None;
-    };
-    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
-        return None;
-    };
-    let Icmpv4Type::EchoRequest(echo) = icmp.icmp_type() else {
-        return None;
-    };
-    let header =
-        etherparse::Icmpv4Header::with_checksum(Icmpv4Type::EchoRequest(echo), icmp.payload());
-    let mut message = header.to_bytes().to_vec();
-    message.extend_from_slice(icmp.payload());
-    Some(EchoRequest {
-        src_mac: eth.source(),
-        src: ip.header().source_addr(),
-        dst: ip.header().destination_addr(),
-        id: echo.id,
-        seq: echo.seq,
-        message,
-    })
+    match (&p.net, &p.transport) {
+        (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Icmpv4(icmp))) => {
+            let Icmpv4Type::EchoRequest(echo) = icmp.icmp_type() else {
+                return None;
+            };
+            let header = etherparse::Icmpv4Header::with_checksum(
+                Icmpv4Type::EchoRequest(echo),
+                icmp.payload(),
+            );
+            let mut message = header.to_bytes().to_vec();
+            message.extend_from_slice(icmp.payload());
+            Some(EchoRequest {
+                src_mac: eth.source(),
+                src: IpAddr::V4(ip.header().source_addr()),
+                dst: IpAddr::V4(ip.header().destination_addr()),
+                id: echo.id,
+                seq: echo.seq,
+                message,
+            })
+        }
+        (Some(NetSlice::Ipv6(ip)), Some(TransportSlice::Icmpv6(icmp))) => {
+            let etherparse::Icmpv6Type::EchoRequest(echo) = icmp.icmp_type() else {
+                return None;
+            };
+            let mut message = vec![128, 0, 0, 0];
+            message.extend_from_slice(&echo.id.to_be_bytes());
+            message.extend_from_slice(&echo.seq.to_be_bytes());
+            message.extend_from_slice(icmp.payload());
+            Some(EchoRequest {
+                src_mac: eth.source(),
+                src: IpAddr::V6(ip.header().source_addr()),
+                dst: IpAddr::V6(ip.header().destination_addr()),
+                id: echo.id,
+                seq: echo.seq,
+                message,
+            })
+        }
+        _ => None,
+    }
 }
 
 /// Who an echo reply read from a host ICMP socket is for: the container's ping `id` to `dst`.
@@ -144,8 +164,8 @@ pub fn slice_echo_request(frame: &[u8]) -> Option<EchoRequest> {
 pub struct EchoFlow {
     pub gateway_mac: [u8; 6],
     pub container_mac: [u8; 6],
-    pub container: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub container: IpAddr,
+    pub dst: IpAddr,
     pub id: u16,
 }
 
@@ -154,16 +174,28 @@ pub struct EchoFlow {
 /// datagram), or `None` if it is not an echo reply. The id is the container's own again
 /// (the host socket's was another).
 pub fn echo_reply_frame(flow: &EchoFlow, message: &[u8]) -> Option<Vec<u8>> {
-    let (header, payload) = etherparse::Icmpv4Header::from_slice(message).ok()?;
-    let Icmpv4Type::EchoReply(echo) = header.icmp_type else {
-        return None;
-    };
     let mut frame = vec![0u8; VNET_HDR_LEN];
-    PacketBuilder::ethernet2(flow.gateway_mac, flow.container_mac)
-        .ipv4(flow.dst.octets(), flow.container.octets(), 64)
-        .icmpv4_echo_reply(flow.id, echo.seq)
-        .write(&mut frame, payload)
-        .ok()?;
+    let eth = PacketBuilder::ethernet2(flow.gateway_mac, flow.container_mac);
+    match (flow.dst, flow.container) {
+        (IpAddr::V4(dst), IpAddr::V4(container)) => {
+            let (header, payload) = etherparse::Icmpv4Header::from_slice(message).ok()?;
+            let Icmpv4Type::EchoReply(echo) = header.icmp_type else {
+                return None;
+            };
+            eth.ipv4(dst.octets(), container.octets(), 64)
+                .icmpv4_echo_reply(flow.id, echo.seq)
+                .write(&mut frame, payload)
+                .ok()?;
+        }
+        (IpAddr::V6(dst), IpAddr::V6(container)) => {
+            let (_, seq) = crate::echo::raw_echo_reply6(message)?;
+            eth.ipv6(dst.octets(), container.octets(), 64)
+                .icmpv6_echo_reply(flow.id, seq)
+                .write(&mut frame, &message[8..])
+                .ok()?;
+        }
+        _ => return None,
+    }
     Some(frame)
 }
 
@@ -228,11 +260,69 @@ mod tests {
     fn echo_requests_are_sliced_with_a_message_for_the_host_socket() {
         let req = slice_echo_request(&echo_request_frame(7, 3, b"ping")).expect("echo");
         assert_eq!((req.id, req.seq, req.src_mac), (7, 3, A));
-        assert_eq!(req.src, Ipv4Addr::new(10, 0, 0, 2));
-        assert_eq!(req.dst, Ipv4Addr::new(192, 0, 2, 9));
+        assert_eq!(req.src, IpAddr::from([10, 0, 0, 2]));
+        assert_eq!(req.dst, IpAddr::from([192, 0, 2, 9]));
         let (h, payload) = etherparse::Icmpv4Header::from_slice(&req.message).expect("icmp");
         assert!(matches!(h.icmp_type, Icmpv4Type::EchoRequest(e) if e.id == 7 && e.seq == 3));
         assert_eq!(payload, b"ping");
+    }
+
+    #[test]
+    fn icmpv6_echo_requests_are_sliced_and_replies_framed() {
+        let (src, dst): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
+            "fd77::2".parse().expect("v6"),
+            "2001:db8::2".parse().expect("v6"),
+        );
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        PacketBuilder::ethernet2(A, B)
+            .ipv6(src.octets(), dst.octets(), 64)
+            .icmpv6_echo_request(7, 3)
+            .write(&mut frame, b"ping6")
+            .expect("frame");
+        let req = slice_echo_request(&frame).expect("an ICMPv6 echo request");
+        assert_eq!((req.src, req.dst), (IpAddr::V6(src), IpAddr::V6(dst)));
+        assert_eq!((req.id, req.seq), (7, 3));
+        assert_eq!(&req.message[..8], &[128, 0, 0, 0, 0, 7, 0, 3]);
+        assert_eq!(&req.message[8..], b"ping6");
+        // The reply as a ping socket gives it (another id), back as the container's.
+        let flow = EchoFlow {
+            gateway_mac: B,
+            container_mac: A,
+            container: IpAddr::V6(src),
+            dst: IpAddr::V6(dst),
+            id: 7,
+        };
+        let mut reply = vec![129, 0, 0, 0, 0x10, 0x92, 0, 3];
+        reply.extend_from_slice(b"ping6");
+        let f = echo_reply_frame(&flow, &reply).expect("a reply frame");
+        let p = SlicedPacket::from_ethernet(&f[VNET_HDR_LEN..]).expect("frame");
+        let (Some(NetSlice::Ipv6(ip)), Some(TransportSlice::Icmpv6(icmp))) = (&p.net, &p.transport)
+        else {
+            panic!("not ICMPv6");
+        };
+        assert_eq!(ip.header().source_addr(), dst);
+        assert_eq!(ip.header().destination_addr(), src);
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv6Type::EchoReply(etherparse::IcmpEchoHeader { id: 7, seq: 3 })
+        );
+        assert_eq!(icmp.payload(), b"ping6");
+        let want = icmp
+            .icmp_type()
+            .calc_checksum(
+                ip.header().source(),
+                ip.header().destination(),
+                icmp.payload(),
+            )
+            .expect("checksum");
+        assert_eq!(icmp.checksum(), want);
+        // A request is not a reply; families must agree.
+        assert!(echo_reply_frame(&flow, &req.message).is_none());
+        let mixed = EchoFlow {
+            dst: IpAddr::from([192, 0, 2, 9]),
+            ..flow
+        };
+        assert!(echo_reply_frame(&mixed, &reply).is_none());
     }
 
     #[test]
@@ -263,8 +353,8 @@ mod tests {
         let flow = EchoFlow {
             gateway_mac: B,
             container_mac: A,
-            container: Ipv4Addr::new(10, 0, 0, 2),
-            dst: Ipv4Addr::new(192, 0, 2, 9),
+            container: IpAddr::from([10, 0, 0, 2]),
+            dst: IpAddr::from([192, 0, 2, 9]),
             id: 7,
         };
         // A ping socket's reply: the ICMP message alone, with the socket's own id.

@@ -211,11 +211,18 @@ proptest! {
         let flow = EchoFlow {
             gateway_mac: GW_MAC,
             container_mac: CTR_MAC,
-            container: Ipv4Addr::from(CTR),
-            dst: Ipv4Addr::from([192, 0, 2, 9]),
+            container: Ipv4Addr::from(CTR).into(),
+            dst: Ipv4Addr::from([192, 0, 2, 9]).into(),
             id: 1,
         };
         let _ = echo_reply_frame(&flow, &f);
+        let flow6 = EchoFlow {
+            container: "fd00::2".parse::<std::net::Ipv6Addr>().expect("v6").into(),
+            dst: "2001:db8::9".parse::<std::net::Ipv6Addr>().expect("v6").into(),
+            ..flow
+        };
+        let _ = echo_reply_frame(&flow6, &f);
+        let _ = vswitch_nat::echo::raw_echo_reply6(&f);
         let _ = vswitch_nat::echo::raw_echo_reply(&f);
         let _ = vswitch_nat::echo::with_echo_id(&f, 7);
     }

@@ -8,7 +8,7 @@ use vswitch_nat::{PortMapping, Proto};
 use super::{Daemon, Inner};
 use crate::error::{Error, Result};
 use crate::host::direct;
-use crate::host::published::{UdpTarget, serve_published_tcp, serve_published_udp};
+use crate::host::published::{Family, Leads, UdpTarget, serve_published_tcp, serve_published_udp};
 use crate::netns::target::{netns_path, target_pid};
 use crate::state::{Endpoint, Network};
 
@@ -194,7 +194,21 @@ impl Daemon {
             }
             _ => None,
         };
-        let gateway = IpAddr::V4(net.gateway);
+        let leads = |port: u16| Leads {
+            v4: Family {
+                container: SocketAddr::new(IpAddr::V4(ep.ipv4), port),
+                gateway: IpAddr::V4(net.gateway),
+                subnet,
+            },
+            v6: match (ep.ipv6, net.gateway6, net.subnet6) {
+                (Some(ip), Some(gw), Some(sub)) => Some(Family {
+                    container: SocketAddr::new(IpAddr::V6(ip), port),
+                    gateway: IpAddr::V6(gw),
+                    subnet: ipnet::IpNet::V6(sub),
+                }),
+                _ => None,
+            },
+        };
         let mut handles = Vec::new();
         // Gateway ports of the endpoint's clients shown as the gateway, one pool for all its
         // published ports.
@@ -203,9 +217,7 @@ impl Daemon {
             let task = match b {
                 Bound::Tcp(listener, m) => tokio::spawn(serve_published_tcp(
                     listener,
-                    SocketAddr::new(IpAddr::V4(ep.ipv4), m.container_port),
-                    gateway,
-                    subnet,
+                    leads(m.container_port),
                     injector.clone(),
                     inside.clone(),
                     ports.clone(),
@@ -213,11 +225,9 @@ impl Daemon {
                 Bound::Udp(socket, m) => tokio::spawn(serve_published_udp(
                     socket,
                     UdpTarget {
-                        container: SocketAddr::new(IpAddr::V4(ep.ipv4), m.container_port),
+                        leads: leads(m.container_port),
                         container_mac: ep.mac.0,
-                        gateway,
                         gateway_mac: net.gateway_mac().0,
-                        subnet,
                     },
                     injector.clone(),
                     ports.clone(),

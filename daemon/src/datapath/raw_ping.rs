@@ -1,17 +1,19 @@
-//! Outbound ping through the daemon's one raw ICMP socket, for when ping sockets are not
-//! allowed (`net.ipv4.ping_group_range` closed) and the daemon has CAP_NET_RAW.
+//! Outbound ping through the daemon's raw ICMP and ICMPv6 sockets, for when ping sockets are
+//! not allowed (`net.ipv4.ping_group_range` closed) and the daemon has CAP_NET_RAW.
 //!
-//! One socket serves every network: each flow gets an echo id unique in the daemon, and each
-//! reply read is matched to its flow by id, source and sequence number in one lookup
-//! ([`vswitch_nat::echo`]). A blocking thread reads the socket for the daemon's lifetime.
+//! One socket per family serves every network: each flow gets an echo id unique in the
+//! daemon (per family), and each reply read is matched to its flow by id, source and sequence
+//! number in one lookup ([`vswitch_nat::echo`]). A blocking thread per family reads its socket
+//! for the daemon's lifetime. An ICMPv6 socket sees every ICMPv6 message (neighbour
+//! discovery too): all but echo replies are skipped.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
 
-use nix::sys::socket::{MsgFlags, SockaddrIn, sendto};
+use nix::sys::socket::{MsgFlags, SockaddrIn, SockaddrIn6, sendto};
 use parking_lot::Mutex;
-use vswitch_nat::echo::{EchoIds, raw_echo_reply, with_echo_id};
+use vswitch_nat::echo::{EchoIds, raw_echo_reply, raw_echo_reply6, with_echo_id};
 use vswitch_nat::flows::IcmpKey;
 use vswitch_nat::frame::{EchoFlow, echo_reply_frame};
 
@@ -27,9 +29,10 @@ struct Registration {
     injector: Injector,
 }
 
-/// The raw ICMP socket and the flows that share it.
+/// A raw ICMP (or ICMPv6) socket and the flows that share it.
 pub(super) struct RawPinger {
     socket: std::net::UdpSocket,
+    v6: bool,
     flows: Mutex<EchoIds<Registration>>,
 }
 
@@ -37,24 +40,28 @@ pub(super) struct RawPinger {
 pub(super) struct RawEcho {
     pinger: Arc<RawPinger>,
     id: u16,
-    dst: Ipv4Addr,
+    dst: IpAddr,
 }
 
 impl RawPinger {
-    /// The daemon's raw pinger, opened on first use; `None` without CAP_NET_RAW.
-    pub(super) fn shared() -> Option<Arc<RawPinger>> {
+    /// The daemon's raw pinger of IPv6 (or IPv4), opened on first use; `None` without
+    /// CAP_NET_RAW.
+    pub(super) fn shared(v6: bool) -> Option<Arc<RawPinger>> {
         static PINGER: OnceLock<Option<Arc<RawPinger>>> = OnceLock::new();
-        PINGER.get_or_init(Self::open).clone()
+        static PINGER6: OnceLock<Option<Arc<RawPinger>>> = OnceLock::new();
+        match v6 {
+            false => PINGER.get_or_init(|| Self::open(false)).clone(),
+            true => PINGER6.get_or_init(|| Self::open(true)).clone(),
+        }
     }
 
-    fn open() -> Option<Arc<RawPinger>> {
+    fn open(v6: bool) -> Option<Arc<RawPinger>> {
         use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
-        let fd = match socket(
-            AddressFamily::Inet,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::Icmp,
-        ) {
+        let (family, protocol) = match v6 {
+            false => (AddressFamily::Inet, SockProtocol::Icmp),
+            true => (AddressFamily::Inet6, SockProtocol::IcmpV6),
+        };
+        let fd = match socket(family, SockType::Raw, SockFlag::SOCK_CLOEXEC, protocol) {
             Ok(fd) => fd,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open an ICMP socket: outbound ping needs net.ipv4.ping_group_range to include the daemon's group, or CAP_NET_RAW");
@@ -64,14 +71,18 @@ impl RawPinger {
         // A datagram socket of another protocol: std's UdpSocket is a wrapper over send/recv.
         let pinger = Arc::new(RawPinger {
             socket: std::net::UdpSocket::from(fd),
+            v6,
             flows: Mutex::new(EchoIds::default()),
         });
         let reader = pinger.clone();
         std::thread::Builder::new()
-            .name("raw-ping".into())
+            .name(if v6 { "raw-ping6" } else { "raw-ping" }.into())
             .spawn(move || reader.read_replies())
             .ok()?;
-        tracing::info!("outbound ping uses a raw ICMP socket (ping sockets are not allowed)");
+        tracing::info!(
+            ipv6 = v6,
+            "outbound ping uses a raw ICMP socket (ping sockets are not allowed)"
+        );
         Some(pinger)
     }
 
@@ -101,15 +112,21 @@ impl RawPinger {
     fn read_replies(&self) {
         let mut buf = vec![0u8; DATAGRAM_MAX];
         loop {
-            let n = match self.socket.recv(&mut buf) {
-                Ok(n) => n,
+            let (n, from) = match self.socket.recv_from(&mut buf) {
+                Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "raw ICMP socket failed; outbound ping stops");
                     return;
                 }
             };
-            let Some((src, id, seq, message)) = raw_echo_reply(&buf[..n]) else {
+            // IPv4 comes with its IP header; ICMPv6 without, its source with the read.
+            let reply = if self.v6 {
+                raw_echo_reply6(&buf[..n]).map(|(id, seq)| (from.ip(), id, seq, &buf[..n]))
+            } else {
+                raw_echo_reply(&buf[..n]).map(|(src, id, seq, m)| (IpAddr::V4(src), id, seq, m))
+            };
+            let Some((src, id, seq, message)) = reply else {
                 continue;
             };
             let flows = self.flows.lock();
@@ -133,13 +150,22 @@ impl RawEcho {
         self.pinger.flows.lock().sent(self.id, seq);
         // Never blocks the datapath thread: with the socket's buffer full (a congested way
         // out), the request is dropped, as a full link would.
-        let to = SockaddrIn::from(SocketAddrV4::new(self.dst, 0));
-        let _ = sendto(
-            self.pinger.socket.as_raw_fd(),
-            &message,
-            &to,
-            MsgFlags::MSG_DONTWAIT,
-        );
+        let fd = self.pinger.socket.as_raw_fd();
+        let flags = MsgFlags::MSG_DONTWAIT;
+        let _ = match self.dst {
+            IpAddr::V4(v4) => sendto(
+                fd,
+                &message,
+                &SockaddrIn::from(SocketAddrV4::new(v4, 0)),
+                flags,
+            ),
+            IpAddr::V6(v6) => sendto(
+                fd,
+                &message,
+                &SockaddrIn6::from(SocketAddrV6::new(v6, 0, 0, 0)),
+                flags,
+            ),
+        };
     }
 }
 

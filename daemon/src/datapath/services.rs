@@ -315,8 +315,9 @@ impl Services {
         let Some(echo) = slice_echo_request(frame) else {
             return Detour::Pass;
         };
-        let (src, dst) = (IpAddr::V4(echo.src), IpAddr::V4(echo.dst));
-        if self.gateway_ips.contains(&dst) || dst.is_multicast() {
+        let (src, dst) = (echo.src, echo.dst);
+        let link_local = matches!(dst, IpAddr::V6(v6) if v6.is_unicast_link_local());
+        if self.gateway_ips.contains(&dst) || dst.is_multicast() || link_local {
             return Detour::Pass;
         }
         let key = (src, echo.id, dst);
@@ -341,8 +342,8 @@ impl Services {
                     dst: echo.dst,
                     id: echo.id,
                 };
-                let raw =
-                    RawPinger::shared().and_then(|p| p.register(flow, key, self.injector.clone()));
+                let raw = RawPinger::shared(dst.is_ipv6())
+                    .and_then(|p| p.register(flow, key, self.injector.clone()));
                 match raw {
                     Some(raw) => IcmpFlow::Raw(raw),
                     None => return Detour::Taken,
@@ -374,21 +375,25 @@ impl Services {
     }
 }
 
-/// An unprivileged ping socket connected to `dst`, if the namespace allows those
-/// (`net.ipv4.ping_group_range`).
-fn ping_socket(dst: std::net::Ipv4Addr) -> Option<Arc<std::net::UdpSocket>> {
+/// An unprivileged ping socket (ICMP or ICMPv6) connected to `dst`, if the namespace allows
+/// those (`net.ipv4.ping_group_range`, which governs both families).
+fn ping_socket(dst: IpAddr) -> Option<Arc<std::net::UdpSocket>> {
     use nix::sys::socket::{
-        AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn, connect, socket,
+        AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6, connect, socket,
     };
     static REFUSED: AtomicBool = AtomicBool::new(false);
     if REFUSED.load(Ordering::Relaxed) {
         return None;
     }
+    let (family, protocol) = match dst {
+        IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp),
+        IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6),
+    };
     let fd = match socket(
-        AddressFamily::Inet,
+        family,
         SockType::Datagram,
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        SockProtocol::Icmp,
+        protocol,
     ) {
         Ok(fd) => fd,
         Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) => {
@@ -399,10 +404,14 @@ fn ping_socket(dst: std::net::Ipv4Addr) -> Option<Arc<std::net::UdpSocket>> {
         }
         Err(_) => return None,
     };
-    connect(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0)),
-    )
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    match dst {
+        IpAddr::V4(v4) => connect(raw, &SockaddrIn::from(std::net::SocketAddrV4::new(v4, 0))),
+        IpAddr::V6(v6) => connect(
+            raw,
+            &SockaddrIn6::from(std::net::SocketAddrV6::new(v6, 0, 0, 0)),
+        ),
+    }
     .ok()?;
     // A datagram socket of another protocol: std's UdpSocket is only a wrapper over send/recv.
     Some(Arc::new(std::net::UdpSocket::from(fd)))

@@ -1,7 +1,7 @@
 //! The host side of outbound NAT: dialling a container's TCP destinations, and receiving the
 //! answers of its UDP and ping flows, which go back to the datapath as frames.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -106,9 +106,7 @@ async fn receive(job: FlowReceive) {
                 job.injector.udp_in((container, peer), frame, None)
             }
             ReceiveKind::Icmp { key } => {
-                let (IpAddr::V4(container), id, IpAddr::V4(dst)) = key else {
-                    return; // only IPv4 pings are carried
-                };
+                let (container, id, dst) = key;
                 let flow = EchoFlow {
                     gateway_mac: job.gateway_mac,
                     container_mac: job.container_mac,

@@ -28,6 +28,38 @@ fn shown_as_itself(ip: IpAddr, container: SocketAddr, subnet: &ipnet::IpNet) -> 
         || subnet.contains(&ip))
 }
 
+/// Where a published port leads in one address family: the container's address and port, its
+/// gateway, and its network's subnet.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    pub container: SocketAddr,
+    pub gateway: IpAddr,
+    pub subnet: ipnet::IpNet,
+}
+
+/// Where a published port leads: over IPv4, and over IPv6 when the endpoint has an IPv6
+/// address.
+#[derive(Debug, Clone, Copy)]
+pub struct Leads {
+    pub v4: Family,
+    pub v6: Option<Family>,
+}
+
+impl Leads {
+    /// The family a client goes to, and whether it is shown as itself there: an IPv6 client
+    /// the container can answer over IPv6 goes there, with its own address; everybody else
+    /// goes over IPv4 as before.
+    fn pick(&self, ip: IpAddr) -> (Family, bool) {
+        if let (IpAddr::V6(_), Some(f)) = (ip, self.v6)
+            && shown_as_itself(ip, f.container, &f.subnet)
+        {
+            return (f, true);
+        }
+        let f = self.v4;
+        (f, shown_as_itself(ip, f.container, &f.subnet))
+    }
+}
+
 /// Accepts connections on a published TCP port and carries each to the container.
 ///
 /// Clients the container can see as themselves go through the gateway's TCP stack, which
@@ -37,9 +69,7 @@ fn shown_as_itself(ip: IpAddr, container: SocketAddr, subnet: &ipnet::IpNet) -> 
 /// aborting it (detach, GC) ends them.
 pub async fn serve_published_tcp(
     listener: TcpListener,
-    container: SocketAddr,
-    gateway: IpAddr,
-    subnet: ipnet::IpNet,
+    leads: Leads,
     injector: Injector,
     direct: Option<super::direct::Inside>,
     ports: masq::Ports,
@@ -59,7 +89,12 @@ pub async fn serve_published_tcp(
             }
         };
         let ip = client.ip().to_canonical();
-        let itself = shown_as_itself(ip, container, &subnet);
+        let (
+            Family {
+                container, gateway, ..
+            },
+            itself,
+        ) = leads.pick(ip);
         let injector = injector.clone();
         let direct = direct.clone().filter(|_| !itself);
         let ports = ports.clone();
@@ -104,15 +139,12 @@ pub async fn serve_published_tcp(
     }
 }
 
-/// Where a published UDP port leads: the container's address and MAC, its gateway's, and its
-/// network.
+/// Where a published UDP port leads: the container's addresses and MAC, and its gateway's.
 #[derive(Debug, Clone, Copy)]
 pub struct UdpTarget {
-    pub container: SocketAddr,
+    pub leads: Leads,
     pub container_mac: [u8; 6],
-    pub gateway: IpAddr,
     pub gateway_mac: [u8; 6],
-    pub subnet: ipnet::IpNet,
 }
 
 /// Receives datagrams on a published UDP port and carries them to the container, each client
@@ -126,11 +158,9 @@ pub async fn serve_published_udp(
     ports: masq::Ports,
 ) {
     let UdpTarget {
-        container,
+        leads,
         container_mac,
-        gateway,
         gateway_mac,
-        subnet,
     } = target;
     let Ok(send) = socket.try_clone().map(Arc::new) else {
         return;
@@ -139,13 +169,14 @@ pub async fn serve_published_udp(
         return;
     };
     let mut buf = vec![0u8; 65_535];
-    let mut masq = masq::Clients::new(ports, gateway, MASQUERADED_CLIENTS);
+    let mut masq = masq::Clients::new(ports, leads.v4.gateway, MASQUERADED_CLIENTS);
     loop {
         let Ok((n, client)) = sock.recv_from(&mut buf).await else {
             continue;
         };
         let ip = client.ip().to_canonical();
-        let seen_as = if shown_as_itself(ip, container, &subnet) {
+        let (Family { container, .. }, itself) = leads.pick(ip);
+        let seen_as = if itself {
             SocketAddr::new(ip, client.port())
         } else {
             match masq.seen_as(std::time::Instant::now(), client) {
@@ -165,5 +196,44 @@ pub async fn serve_published_udp(
         if !injector.udp_in((container, seen_as), frame, Some((send.clone(), client))) {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leads(v6: bool) -> Leads {
+        Leads {
+            v4: Family {
+                container: "172.18.0.2:8080".parse().expect("addr"),
+                gateway: "172.18.0.1".parse().expect("ip"),
+                subnet: "172.18.0.0/16".parse().expect("net"),
+            },
+            v6: v6.then(|| Family {
+                container: "[fd79::2]:8080".parse().expect("addr"),
+                gateway: "fd79::1".parse().expect("ip"),
+                subnet: "fd79::/64".parse().expect("net"),
+            }),
+        }
+    }
+
+    #[test]
+    fn clients_go_to_the_family_where_they_can_be_themselves() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        // An IPv6 client of a dual-stack endpoint: over IPv6, as itself.
+        let (f, itself) = leads(true).pick(ip("2001:db8::2"));
+        assert_eq!((f.container.is_ipv6(), itself), (true, true));
+        // Without IPv6 on the endpoint: over IPv4, shown as the gateway.
+        let (f, itself) = leads(false).pick(ip("2001:db8::2"));
+        assert_eq!((f.container.is_ipv4(), itself), (true, false));
+        // IPv6 loopback, or an address of the network itself: over IPv4, not as itself.
+        for c in ["::1", "fd79::9"] {
+            let (f, itself) = leads(true).pick(ip(c));
+            assert_eq!((f.container.is_ipv4(), itself), (true, false), "{c}");
+        }
+        // IPv4 clients as before.
+        let (f, itself) = leads(true).pick(ip("192.0.2.2"));
+        assert_eq!((f.container.is_ipv4(), itself), (true, true));
     }
 }
