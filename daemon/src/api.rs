@@ -353,6 +353,15 @@ pub struct NetworkStats {
     pub fdb_moved: u64,
     #[serde(default)]
     pub fdb_aged: u64,
+    /// Frames and answers from host sockets dropped because the datapath's backlog was full
+    /// (the gateway's and the tunnel's; also in the gateway port's receive drops).
+    #[serde(default)]
+    pub backlog_dropped: u64,
+    /// UDP flows evicted to make room for new ones, and ping flows refused for want of room.
+    #[serde(default)]
+    pub udp_flows_evicted: u64,
+    #[serde(default)]
+    pub icmp_flows_refused: u64,
 }
 
 /// Queries to a network's DNS, by who answered.

@@ -118,6 +118,9 @@ pub(super) struct Services {
     /// Queries answered here, by response code, and refused for the fair share.
     pub(super) dns_local: [u64; 16],
     pub(super) dns_refused: u64,
+    /// UDP flows evicted to make room, and ping flows refused for want of it.
+    pub(super) udp_evicted: u64,
+    pub(super) icmp_refused: u64,
 }
 
 impl Services {
@@ -284,7 +287,7 @@ impl Services {
             reply_to: None,
             alive,
         };
-        self.udp.insert(now, key, UdpKind::Outbound, flow);
+        self.udp_evicted += self.udp.insert(now, key, UdpKind::Outbound, flow) as u64;
         Detour::Taken
     }
 
@@ -302,7 +305,7 @@ impl Services {
             reply_to: Some(client),
             alive: Arc::new(AtomicBool::new(true)),
         };
-        self.udp.insert(now, key, UdpKind::Published, flow);
+        self.udp_evicted += self.udp.insert(now, key, UdpKind::Published, flow) as u64;
     }
 
     /// Sends a container's echo request to the outside through a host ICMP socket (an
@@ -325,8 +328,12 @@ impl Services {
             flow.send(&echo);
             return Detour::Taken;
         }
-        if self.icmp.is_full_for(src) || !self.policy.read().may_reach(dst) {
-            // Over the bound; or the host's loopback, or another vswitch network: dropped.
+        if self.icmp.is_full_for(src) {
+            self.icmp_refused += 1;
+            return Detour::Taken;
+        }
+        if !self.policy.read().may_reach(dst) {
+            // The host's loopback, or another vswitch network: dropped.
             return Detour::Taken;
         }
         let flow = match ping_socket(echo.dst) {

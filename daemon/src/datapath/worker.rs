@@ -143,6 +143,8 @@ impl Worker {
             icmp: IcmpFlows::default(),
             dns_local: [0; 16],
             dns_refused: 0,
+            udp_evicted: 0,
+            icmp_refused: 0,
         };
         let worker = Self {
             network_id,

@@ -230,7 +230,7 @@ fn networks(r: &mut Registry, s: &Snapshot) {
     let drops = counter(
         r,
         "vswitch_drops",
-        "Frames the switch dropped, by reason (malformed, invalid_source, spoofed, too_big)",
+        "Frames the switch dropped, by reason (malformed, invalid_source, spoofed, too_big, backlog)",
     );
     let fdb = gauge(r, "vswitch_fdb_entries", "MAC table entries");
     let events = counter(
@@ -254,6 +254,11 @@ fn networks(r: &mut Registry, s: &Snapshot) {
         "TCP flows with large buffers",
     );
     let endpoints = gauge(r, "vswitch_endpoints", "Endpoints attached to a network");
+    let nat_lost = counter(
+        r,
+        "vswitch_nat_flows_lost",
+        "NAT flows evicted to make room (UDP) or refused for want of room (ping)",
+    );
     for n in &s.networks {
         let l = net(&n.network);
         for (reason, v) in [
@@ -261,10 +266,18 @@ fn networks(r: &mut Registry, s: &Snapshot) {
             ("invalid_source", n.invalid_source),
             ("spoofed", n.spoofed),
             ("too_big", n.too_big),
+            ("backlog", n.backlog_dropped),
         ] {
             drops
                 .get_or_create(&with(l.clone(), "reason", reason))
                 .inc_by(v);
+        }
+        for (outcome, v) in [
+            ("udp_evicted", n.udp_flows_evicted),
+            ("icmp_refused", n.icmp_flows_refused),
+        ] {
+            let l = with(l.clone(), "outcome", outcome);
+            nat_lost.get_or_create(&l).inc_by(v);
         }
         set(&fdb, &l, n.fdb_entries as u64);
         for (event, v) in [
@@ -398,6 +411,9 @@ mod tests {
                 upstream: vec![1],
                 refused: 3,
             },
+            backlog_dropped: 9,
+            udp_flows_evicted: 0,
+            icmp_flows_refused: 0,
             fdb_learned: 6,
             fdb_moved: 1,
             fdb_aged: 0,
@@ -421,6 +437,7 @@ mod tests {
             "vswitch_port_transmit_packets_total{network=\"web\",endpoint=\"tomcat82\"} 10",
             "vswitch_port_receive_drops_total{network=\"web\",endpoint=\"tomcat82\",reason=\"port\"} 2",
             "vswitch_drops_total{network=\"web\",reason=\"spoofed\"} 5",
+            "vswitch_drops_total{network=\"web\",reason=\"backlog\"} 9",
             "vswitch_fdb_entries{network=\"web\"} 3",
             "vswitch_fdb_events_total{network=\"web\",event=\"learned\"} 6",
             "vswitch_endpoints{network=\"idle\"} 0",
