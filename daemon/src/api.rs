@@ -362,6 +362,9 @@ pub struct NetworkStats {
     pub udp_flows_evicted: u64,
     #[serde(default)]
     pub icmp_flows_refused: u64,
+    /// TCP flows (outbound and published) refused for want of room.
+    #[serde(default)]
+    pub tcp_flows_refused: u64,
 }
 
 /// Queries to a network's DNS, by who answered.

@@ -141,6 +141,8 @@ pub(crate) struct Budget {
     flows: usize,
     large: usize,
     per_container: HashMap<IpAddr, Count>,
+    /// Flows refused for want of room (in the table or the container's share).
+    refused: u64,
 }
 
 impl Budget {
@@ -153,11 +155,17 @@ impl Budget {
             .copied()
             .unwrap_or_default();
         if self.flows >= MAX_FLOWS || *count.of(inbound) >= MAX_FLOWS_PER_CONTAINER {
+            self.refused += 1;
             return false;
         }
         self.flows += 1;
         *self.per_container.entry(container).or_default().of(inbound) += 1;
         true
+    }
+
+    /// Flows refused so far.
+    pub(crate) fn refused(&self) -> u64 {
+        self.refused
     }
 
     /// Whether an admitted flow of `container` gets large buffers (counted if so).

@@ -257,7 +257,7 @@ fn networks(r: &mut Registry, s: &Snapshot) {
     let nat_lost = counter(
         r,
         "vswitch_nat_flows_lost",
-        "NAT flows evicted to make room (UDP) or refused for want of room (ping)",
+        "NAT flows evicted to make room (UDP) or refused for want of room (ping, TCP)",
     );
     for n in &s.networks {
         let l = net(&n.network);
@@ -275,6 +275,7 @@ fn networks(r: &mut Registry, s: &Snapshot) {
         for (outcome, v) in [
             ("udp_evicted", n.udp_flows_evicted),
             ("icmp_refused", n.icmp_flows_refused),
+            ("tcp_refused", n.tcp_flows_refused),
         ] {
             let l = with(l.clone(), "outcome", outcome);
             nat_lost.get_or_create(&l).inc_by(v);
@@ -414,6 +415,7 @@ mod tests {
             backlog_dropped: 9,
             udp_flows_evicted: 0,
             icmp_flows_refused: 0,
+            tcp_flows_refused: 0,
             fdb_learned: 6,
             fdb_moved: 1,
             fdb_aged: 0,

@@ -194,4 +194,9 @@ impl Gateway {
     pub fn tcp_flows(&self) -> usize {
         self.budget.flows()
     }
+
+    /// TCP flows refused for want of room (the network's table, or the container's share).
+    pub fn tcp_flows_refused(&self) -> u64 {
+        self.budget.refused()
+    }
 }

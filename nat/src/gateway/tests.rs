@@ -591,6 +591,9 @@ fn one_container_cannot_take_more_than_a_quarter_of_the_flow_table_each_way() {
         .count();
     assert_eq!(inbound, cap as usize);
     assert_eq!(gw.tcp_flows_of(IpAddr::from(CTR)), 2 * cap);
+    // Every flow over a share was refused and counted (the outbound SYN retransmissions of
+    // one flow are not new flows).
+    assert_eq!(gw.tcp_flows_refused(), 20);
 }
 
 #[test]

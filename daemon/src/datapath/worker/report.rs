@@ -68,6 +68,7 @@ impl Worker {
             backlog_dropped: self.injector.dropped() + self.tunnel_injector.dropped(),
             udp_flows_evicted: self.services.udp_evicted,
             icmp_flows_refused: self.services.icmp_refused,
+            tcp_flows_refused: self.gateway.tcp_flows_refused(),
             fdb_learned: self.bridge.fdb_events().learned,
             fdb_moved: self.bridge.fdb_events().moved,
             fdb_aged: self.bridge.fdb_events().aged,
