@@ -15,6 +15,8 @@
 #   bridge   a kernel bridge in a third namespace, a veth per container (the docker0 model)
 #   vde      vde_switch plus one vde_plug2tap per container (Debian vde2), as
 #            ../shared/tools/baseline.sh sets it up
+#   tapfwd   a bare TAP-to-TAP forwarder (benches/src/bin/tapfwd.rs): the design's limit, with
+#            the datapath's thread priority and busy-poll; the table adds vswitch / tapfwd
 #   vswitch  the vswitch daemon in its own namespace, one TAP per container
 # Per case and repeat: iperf3 TCP 1 and 4 streams, iperf3 UDP with 64-byte payloads (packets
 # received per second), ping (50 x 10 ms), sockperf TCP ping-pong RTT (64 B), connects/s (a
@@ -45,18 +47,21 @@ while getopts "r:t:n:a:s" o; do
     esac
 done
 
-cargo build --release --locked -p vswitch >&2
+cargo build --release --locked -p vswitch -p vswitch-benches --bin vswitch --bin tapfwd >&2
 BIN=$PWD/target/release/vswitch
+TAPFWD=$PWD/target/release/tapfwd
 H=$PWD/benches/e2e_helper.py
 P=vse2e-$$-
 TMP=$(mktemp -d /tmp/vse2e.XXXXXX)
 export VSWITCH_SOCKET=$TMP/vswitch.sock
 cleanup() {
     if declare -F stop_rootless >/dev/null; then stop_rootless; fi
-    if [ -n "${DPID:-}" ]; then
-        kill "$DPID" 2>/dev/null || true
-        wait "$DPID" 2>/dev/null || true
-    fi
+    local p
+    for p in "${DPID:-}" "${TFPID:-}"; do
+        [ -n "$p" ] || continue
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
     remove_netns_with_prefix "$P"
     rm -rf "$TMP"
     true
@@ -96,6 +101,16 @@ for i in 1 2; do
     ip -n ${P}d$i link set tap0 up; ip -n ${P}d$i link set lo up
 done
 
+# --- tapfwd: a TAP in t1 and t2, moved to each other by the bare forwarder
+ip netns add ${P}t1; ip netns add ${P}t2
+"$TAPFWD" ${P}t1 ${P}t2 >"$TMP/tapfwd.out" 2>"$TMP/tapfwd.err" &
+TFPID=$!
+for _ in $(seq 100); do grep -q ready "$TMP/tapfwd.out" 2>/dev/null && break; sleep 0.05; done
+for i in 1 2; do
+    ip -n ${P}t$i addr add 10.231.17.$i/24 dev eth0
+    ip -n ${P}t$i link set eth0 up; ip -n ${P}t$i link set lo up
+done
+
 # --- vswitch: daemon in vh, v1 and v2 attached
 for n in vh v1 v2; do ip netns add $P$n; done
 # Started without a shell function in between, so that $! is the daemon itself (its CPU and
@@ -107,10 +122,11 @@ for _ in $(seq 200); do [ -S "$VSWITCH_SOCKET" ] && break; sleep 0.05; done
 "$BIN" attach --network e2e --ip 10.231.14.11 ${P}v1 >/dev/null
 "$BIN" attach --network e2e --ip 10.231.14.12 ${P}v2 >/dev/null
 
-declare -A CLI=([veth]=${P}a1 [bridge]=${P}b1 [vde]=${P}d1 [vswitch]=${P}v1) \
-           SRV=([veth]=${P}a2 [bridge]=${P}b2 [vde]=${P}d2 [vswitch]=${P}v2) \
-           DST=([veth]=10.231.11.2 [bridge]=10.231.12.2 [vde]=10.231.13.2 [vswitch]=10.231.14.12)
-CASES="veth bridge vde vswitch"
+declare -A CLI=([veth]=${P}a1 [bridge]=${P}b1 [vde]=${P}d1 [tapfwd]=${P}t1 [vswitch]=${P}v1) \
+           SRV=([veth]=${P}a2 [bridge]=${P}b2 [vde]=${P}d2 [tapfwd]=${P}t2 [vswitch]=${P}v2) \
+           DST=([veth]=10.231.11.2 [bridge]=10.231.12.2 [vde]=10.231.13.2 [tapfwd]=10.231.17.2
+                [vswitch]=10.231.14.12)
+CASES="veth bridge vde tapfwd vswitch"
 RES=$TMP/results.tsv; : >"$RES"
 
 # One measurement set between CLI and SRV namespaces, recorded as case $1, repeat $2.
@@ -249,7 +265,7 @@ echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, kernel $(uname -r), $REPS inte
 echo
 echo "### Container to container (L2)"
 echo
-python3 "$H" summary "$RES" veth,bridge,vde,vswitch
+python3 "$H" summary "$RES" veth,bridge,vde,tapfwd,vswitch vswitch/tapfwd
 echo
 echo "### Attach, scale, idle"
 echo

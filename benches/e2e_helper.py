@@ -90,8 +90,9 @@ METRICS = collections.OrderedDict([
 ])
 
 
-def summary(path, cases):
-    """Medians per case and the median of per-repeat ratios to the kernel bridge."""
+def summary(path, cases, extra=None):
+    """Medians per case and the median of per-repeat ratios to the kernel bridge; `extra`
+    ("vswitch/tapfwd") adds one more ratio column."""
     cases = cases.split(",")
     data = collections.defaultdict(lambda: collections.defaultdict(dict))
     for line in open(path):
@@ -108,10 +109,15 @@ def summary(path, cases):
         return "%.0f" % x if x >= 1000 else "%.2f" % x if x >= 1 else "%.3f" % x
 
     shown = [c for c in cases if any(c in data[m] for m in METRICS)]
+    pair = extra.split("/") if extra else None
+    if pair and not all(c in shown for c in pair):
+        pair = None
     head = "| metric | " + " | ".join(shown) + " | " + " | ".join(
-        "%s / bridge" % c for c in shown if c != "bridge") + " |"
+        "%s / bridge" % c for c in shown if c != "bridge") + (
+        " | %s / %s" % tuple(pair) if pair else "") + " |"
     print(head)
-    print("|" + "---|" * (1 + len(shown) + len([c for c in shown if c != "bridge"])))
+    print("|" + "---|" * (1 + len(shown) + len([c for c in shown if c != "bridge"])
+                         + (1 if pair else 0)))
     for metric, (label, _) in METRICS.items():
         row = data.get(metric, {})
         cells, ratios = [], []
@@ -124,6 +130,10 @@ def summary(path, cases):
                 continue
             reps = row.get(c, {})
             rs = [reps[r] / ref[r] for r in reps if ref.get(r)]
+            ratios.append("%.2fx" % statistics.median(rs) if rs else "-")
+        if pair:
+            num, den = row.get(pair[0], {}), row.get(pair[1], {})
+            rs = [num[r] / den[r] for r in num if den.get(r)]
             ratios.append("%.2fx" % statistics.median(rs) if rs else "-")
         print("| %s | %s | %s |" % (label, " | ".join(cells), " | ".join(ratios)))
 
@@ -141,7 +151,7 @@ def main():
     elif cmd == "sockperf":
         sockperf(args[0])
     elif cmd == "summary":
-        summary(args[0], args[1])
+        summary(args[0], args[1], args[2] if len(args) > 2 else None)
 
 
 if __name__ == "__main__":

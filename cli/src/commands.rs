@@ -255,11 +255,11 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
             let mut nets: Vec<NetworkInspect> = client.get("/networks")?;
             nets.retain(|n| crate::inspect::matches(n, &filters));
             match (quiet, format.as_str()) {
-                (true, _) => nets.iter().for_each(|n| println!("{}", &n.id[..12])),
+                (true, _) => nets.iter().for_each(|n| println!("{}", short_id(&n.id))),
                 (false, "json") => {
                     for n in &nets {
                         let line = serde_json::json!({
-                            "ID": &n.id[..12], "Name": n.name, "Driver": n.driver,
+                            "ID": short_id(&n.id), "Name": n.name, "Driver": n.driver,
                             "Scope": n.scope, "IPv6": n.enable_ipv6, "Internal": n.internal,
                             "CreatedAt": n.created,
                         });
@@ -274,7 +274,7 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
                     ];
                     for n in &nets {
                         table.push(vec![
-                            n.id[..12].to_owned(),
+                            short_id(&n.id).to_owned(),
                             n.name.clone(),
                             n.driver.clone(),
                             n.scope.clone(),
@@ -332,4 +332,9 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The first 12 characters of an id (all of a shorter one), as Docker shows ids.
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }

@@ -118,7 +118,17 @@ fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<usize> {
         let path = dir.join(format!("{name}.1"));
         let mut page = Vec::new();
         clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
-        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        // Never through a symbolic link someone left in the directory.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&path)
+            .and_then(|mut f| f.write_all(&page))
+            .with_context(|| format!("cannot write {}", path.display()))?;
         let mut n = 1;
         for sub in cmd
             .get_subcommands()

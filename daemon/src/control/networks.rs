@@ -1,6 +1,7 @@
 //! Networks: create, remove, list and inspect, and each datapath's FDB and counters.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use super::{Daemon, Inner, find_network, ids, render, subnets};
 use crate::api::{Created, FdbRow, NetworkCreate, NetworkInspect, NetworkStats};
@@ -322,24 +323,34 @@ impl Daemon {
         Ok(out)
     }
 
-    /// `GET /metrics`: the counters of every network's datapath (asked by message, one
-    /// network at a time) and the daemon's histograms, as OpenMetrics text. A datapath that
-    /// does not answer is left out; its endpoints are still counted.
+    /// `GET /metrics`: the counters of every network's datapath and the daemon's histograms,
+    /// as OpenMetrics text. The datapaths are asked by message under the control lock, which
+    /// is let go before the answers are awaited (a second at most each): a scraper never
+    /// holds up attaches. A datapath that does not answer is left out; its endpoints are
+    /// still counted.
     pub async fn metrics_text(&self) -> String {
         let inner = self.inner.lock().await;
         let mut nets: Vec<&Network> = inner.store.networks.values().collect();
         nets.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut networks = Vec::new();
         let mut endpoints = Vec::new();
+        let mut asked = Vec::new();
         for n in nets {
             endpoints.push((n.name.clone(), inner.store.endpoints_of(&n.id).count()));
-            if let Some(live) = inner.live.get(&n.id)
-                && let Ok(stats) = live.datapath.stats().await
+            if let Some(rx) = inner
+                .live
+                .get(&n.id)
+                .and_then(|l| l.datapath.request_stats())
             {
-                networks.push(stats);
+                asked.push(rx);
             }
         }
         drop(inner);
+        let mut networks = Vec::new();
+        for rx in asked {
+            if let Ok(Ok(stats)) = tokio::time::timeout(Duration::from_secs(1), rx).await {
+                networks.push(stats);
+            }
+        }
         let snapshot = crate::metrics::Snapshot {
             networks,
             endpoints,

@@ -201,6 +201,13 @@ impl Datapath {
         self.ask(Command::Stats).await
     }
 
+    /// Asks for the counters now and returns where they will arrive, so that the caller can
+    /// wait for them without holding anything (`None` if the thread is gone).
+    pub fn request_stats(&self) -> Option<oneshot::Receiver<NetworkStats>> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Stats(reply)).then_some(rx)
+    }
+
     /// Replaces the tunnel's member hosts.
     pub fn set_members(&self, members: Vec<std::net::IpAddr>) -> io::Result<()> {
         self.send(Command::TunnelMembers(members))

@@ -319,7 +319,9 @@ impl Services {
             return Detour::Pass;
         };
         let (src, dst) = (echo.src, echo.dst);
-        let link_local = matches!(dst, IpAddr::V6(v6) if v6.is_unicast_link_local());
+        // Link-local is the link's; an IPv4-mapped address is no ICMPv6 destination.
+        let link_local = matches!(dst, IpAddr::V6(v6)
+            if v6.is_unicast_link_local() || v6.to_ipv4_mapped().is_some());
         if self.gateway_ips.contains(&dst) || dst.is_multicast() || link_local {
             return Detour::Pass;
         }

@@ -22,7 +22,12 @@ const MASQUERADED_CLIENTS: usize = 4096;
 /// the real client address, except for clients it could not answer directly: loopback, the
 /// other address family, or an address of its own network. Those appear as the gateway.
 fn shown_as_itself(ip: IpAddr, container: SocketAddr, subnet: &ipnet::IpNet) -> bool {
+    // An IPv6 link-local client would be answered on the container's own link, where a
+    // neighbour could claim its address.
+    let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
     !(ip.is_loopback()
+        || link_local
+        || ip.is_multicast()
         || ip.is_unspecified()
         || ip.is_ipv4() != container.is_ipv4()
         || subnet.contains(&ip))
@@ -227,8 +232,9 @@ mod tests {
         // Without IPv6 on the endpoint: over IPv4, shown as the gateway.
         let (f, itself) = leads(false).pick(ip("2001:db8::2"));
         assert_eq!((f.container.is_ipv4(), itself), (true, false));
-        // IPv6 loopback, or an address of the network itself: over IPv4, not as itself.
-        for c in ["::1", "fd79::9"] {
+        // IPv6 loopback, link-local, or an address of the network itself: over IPv4, not as
+        // itself.
+        for c in ["::1", "fe80::1", "fd79::9"] {
             let (f, itself) = leads(true).pick(ip(c));
             assert_eq!((f.container.is_ipv4(), itself), (true, false), "{c}");
         }

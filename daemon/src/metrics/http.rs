@@ -1,7 +1,9 @@
 //! `--metrics-addr`: `GET /metrics` over TCP for a Prometheus server, and nothing else. The
 //! control API stays on its owner-only Unix socket; this listener answers every other path
 //! with 404 and every other method with 405. Connections are bounded in number
-//! ([`MAX_CONNECTIONS`]) and in time, as on the control socket.
+//! ([`MAX_CONNECTIONS`]), carry one request each, and have 5 s for their headers and 15 s in
+//! all. What it shows (network and endpoint names, counters) is for whoever can reach the
+//! address: bind it to an address only the scraper reaches.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -43,12 +45,15 @@ pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
                 async move { Ok::<_, Infallible>(answer(&daemon, &req).await) }
             });
             let mut builder = http1::Builder::new();
+            // One request per connection, and little time for it: a client that holds
+            // connections open cannot keep the scraper out for long.
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .keep_alive(false)
+                .header_read_timeout(Duration::from_secs(5))
                 .max_buf_size(16 * 1024);
             let served = builder.serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(Duration::from_secs(60), served).await;
+            let _ = tokio::time::timeout(Duration::from_secs(15), served).await;
             drop(permit);
         });
     }
