@@ -50,10 +50,11 @@ ip netns exec "${P}a" ping -c1 -W2 10.89.0.3 >/dev/null
 ip netns exec "${P}ta" ping -c1 -W2 10.89.1.3 >/dev/null
 DTID=$(ps -L -o tid=,comm= -p "$DPID" | awk '$2 == "dp-cyc" {print $1}')
 
-# Frames and bytes the forwarder delivered so far, both ways.
+# Frames and bytes the forwarder delivered so far, both ways ("%.0f": mawk's "%d" stops at
+# 2^31).
 moved() { # case -> "frames bytes"
     if [ "$1" = vswitch ]; then
-        $V stats cyc | awk '$3 != "(gateway)" && $1 == "cyc" {f += $7; b += $8} END {printf "%d %d\n", f, b}'
+        $V stats cyc | awk '$3 != "(gateway)" && $1 == "cyc" {f += $7; b += $8} END {printf "%.0f %.0f\n", f, b}'
     else
         local f=0 b=0 n
         for n in ta tb; do
