@@ -9,9 +9,10 @@
 //! may be shorter or carry PSH. Anything else (other flags, options that change, a gap in the
 //! sequence, IP options that differ, other protocols) passes as it came.
 
-use vswitch_switch::vnet::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN, VnetHdr};
+use vswitch_switch::vnet::VNET_HDR_LEN;
 
-use super::offload::{as_tcp_super_frame, fold, mark_partial, sum16};
+use super::offload::{as_tcp_super_frame, checksum_layout, fold, mark_partial, mark_tso, sum16};
+use super::packed::Packed;
 
 /// Most segments merged into one frame.
 const MAX_SEGMENTS: usize = 64;
@@ -19,25 +20,6 @@ const MAX_SEGMENTS: usize = 64;
 const MAX_IP_LEN: usize = 65_535;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
-
-/// Frames (virtio-net header first), stored end to end.
-#[derive(Default)]
-pub(super) struct Frames {
-    data: Vec<u8>,
-    ends: Vec<usize>,
-}
-
-impl Frames {
-    pub fn clear(&mut self) {
-        self.data.clear();
-        self.ends.clear();
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts.zip(&self.ends).map(|(a, &b)| &self.data[a..b])
-    }
-}
 
 /// A TCP segment's layout, as far as merging needs it.
 #[derive(Clone, Copy)]
@@ -114,7 +96,8 @@ struct Run {
 /// Merges the frames of one batch; see the module's documentation.
 #[derive(Default)]
 pub(super) struct Merger {
-    pub frames: Frames,
+    /// The frames (virtio-net header first).
+    pub frames: Packed,
     run: Option<Run>,
 }
 
@@ -164,7 +147,7 @@ impl Merger {
             _ => {
                 self.frames.data.extend_from_slice(eth);
                 mark_partial(&mut self.frames.data[start..]);
-                self.frames.ends.push(self.frames.data.len());
+                self.frames.seal();
             }
         }
     }
@@ -186,7 +169,7 @@ impl Merger {
         } else {
             mark_merged(frame, &run);
         }
-        self.frames.ends.push(self.frames.data.len());
+        self.frames.seal();
     }
 }
 
@@ -227,40 +210,31 @@ fn ip_sound(eth: &[u8], seg: Segment) -> bool {
     !seg.v4 || fold(sum16(&eth[14..seg.l4])) == 0xffff
 }
 
-/// Writes a merged frame's IP length (and IPv4 checksum), the pseudo-header sum in the TCP
-/// checksum field, and the virtio-net header that tells the TAP's kernel how to cut it again.
+/// Writes a merged frame's IP length (and IPv4 checksum), then marks it for the TAP's kernel
+/// to cut again (see `offload::mark_tso`).
 fn mark_merged(frame: &mut [u8], run: &Run) {
     let r = run.seg;
     let eth = &mut frame[VNET_HDR_LEN..];
     let l4_len = eth.len() - r.l4;
-    let pseudo = if r.v4 {
+    if r.v4 {
         let total = (r.l4 - 14 + l4_len) as u16;
         eth[16..18].copy_from_slice(&total.to_be_bytes());
         eth[24..26].copy_from_slice(&[0, 0]);
         let sum = !fold(sum16(&eth[14..r.l4]));
         eth[24..26].copy_from_slice(&sum.to_be_bytes());
-        sum16(&eth[26..34])
     } else {
         eth[18..20].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        sum16(&eth[22..54])
-    } + 6
-        + l4_len as u32;
-    eth[r.l4 + 16..r.l4 + 18].copy_from_slice(&fold(pseudo).to_be_bytes());
-    let hdr = VnetHdr {
-        flags: F_NEEDS_CSUM,
-        gso_type: if r.v4 { GSO_TCPV4 } else { GSO_TCPV6 },
-        hdr_len: r.head as u16,
-        gso_size: run.mss as u16,
-        csum_start: r.l4 as u16,
-        csum_offset: 16,
-    };
-    let _ = hdr.write(frame);
+    }
+    if let Some(l) = checksum_layout(eth) {
+        mark_tso(frame, l, r.head, run.mss);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use etherparse::PacketBuilder;
+    use vswitch_switch::vnet::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VnetHdr};
 
     const MTU: usize = 1450;
 

@@ -21,6 +21,7 @@
 mod busy_poll;
 mod gro;
 mod offload;
+mod packed;
 pub mod protocol;
 mod raw_ping;
 mod services;

@@ -121,49 +121,40 @@ pub(super) fn as_tcp_super_frame(frame: &mut [u8], mtu: usize) -> bool {
     let Some(eth) = frame.get(VNET_HDR_LEN..) else {
         return false;
     };
-    let Some(ethertype) = eth.get(12..14).map(|t| u16::from_be_bytes([t[0], t[1]])) else {
+    // TCP (its checksum at offset 16), longer than the MTU.
+    let Some(l) = checksum_layout(eth).filter(|l| l.offset == 16 && l.end - 14 > mtu) else {
         return false;
     };
-    let ip = &eth[14..];
-    let (gso_type, ip_hdr, l4_len, pseudo) = match ethertype {
-        0x0800 if ip.len() >= 20 && ip[0] >> 4 == 4 && ip[9] == 6 => {
-            let ihl = usize::from(ip[0] & 0x0f) * 4;
-            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-            let fragmented = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
-            if fragmented || ihl < 20 || total <= mtu || total > ip.len() || total < ihl {
-                return false;
-            }
-            let sum = sum16(&ip[12..20]) + 6 + (total - ihl) as u32;
-            (vswitch_switch::vnet::GSO_TCPV4, ihl, total - ihl, sum)
-        }
-        0x86dd if ip.len() >= 40 && ip[6] == 6 => {
-            let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-            if 40 + len <= mtu || 40 + len > ip.len() {
-                return false;
-            }
-            let sum = sum16(&ip[8..40]) + 6 + len as u32;
-            (vswitch_switch::vnet::GSO_TCPV6, 40, len, sum)
-        }
-        _ => return false,
-    };
-    let l4 = 14 + ip_hdr;
-    let Some(&off) = eth.get(l4 + 12) else {
+    let Some(&off) = eth.get(l.start + 12) else {
         return false;
     };
-    let tcp_hdr = usize::from(off >> 4) * 4;
-    if tcp_hdr < 20 || l4_len < tcp_hdr || ip_hdr + tcp_hdr >= mtu {
+    let (ip_hdr, tcp_hdr) = (l.start - 14, usize::from(off >> 4) * 4);
+    if tcp_hdr < 20 || l.end < l.start + tcp_hdr || ip_hdr + tcp_hdr >= mtu {
         return false;
     }
-    let hdr = VnetHdr {
-        flags: vswitch_switch::vnet::F_NEEDS_CSUM,
-        gso_type,
-        hdr_len: (l4 + tcp_hdr) as u16,
-        gso_size: (mtu - ip_hdr - tcp_hdr) as u16,
-        csum_start: l4 as u16,
-        csum_offset: 16,
+    mark_tso(frame, l, l.start + tcp_hdr, mtu - ip_hdr - tcp_hdr)
+}
+
+/// Marks a TCP frame (virtio-net header first) whose checksum sits as `l` says, and whose
+/// payload starts at `head`, for the receiving kernel to cut into `gso_size`-byte segments
+/// and finish their checksums (TSO): the field gets the pseudo-header's sum, and the header
+/// says the rest.
+pub(super) fn mark_tso(frame: &mut [u8], l: Layout, head: usize, gso_size: usize) -> bool {
+    use vswitch_switch::vnet::{F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6};
+    let field = VNET_HDR_LEN + l.start + l.offset;
+    let Some(f) = frame.get_mut(field..field + 2) else {
+        return false;
     };
-    let field = VNET_HDR_LEN + l4 + 16;
-    frame[field..field + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
+    f.copy_from_slice(&fold(l.pseudo).to_be_bytes());
+    let v4 = frame.get(VNET_HDR_LEN + 12..VNET_HDR_LEN + 14) == Some(&[0x08, 0x00][..]);
+    let hdr = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: if v4 { GSO_TCPV4 } else { GSO_TCPV6 },
+        hdr_len: head as u16,
+        gso_size: gso_size as u16,
+        csum_start: l.start as u16,
+        csum_offset: l.offset as u16,
+    };
     hdr.write(frame).is_some()
 }
 
@@ -199,6 +190,8 @@ pub(super) fn mark_partial(frame: &mut [u8]) -> bool {
 pub(super) struct Layout {
     /// Offset of the L4 header.
     pub start: usize,
+    /// Offset of the IP packet's end (link-layer padding after it).
+    pub end: usize,
     /// Offset of the checksum field in it.
     pub offset: usize,
     /// The pseudo-header's sum, unfolded.
@@ -247,6 +240,7 @@ pub(super) fn checksum_layout(eth: &[u8]) -> Option<Layout> {
     }
     Some(Layout {
         start,
+        end: start + l4_len,
         offset,
         pseudo,
     })

@@ -12,8 +12,9 @@ use vswitch_switch::vxlan::{self, Egress, Tunnel, TunnelConfig, VXLAN_HDR_LEN};
 use vswitch_switch::{MacAddr, PortId};
 
 use super::TunnelSpec;
-use super::gro::{Frames, Merger};
+use super::gro::Merger;
 use super::offload::{checksum_layout, finish_partial, tcp_segment};
+use super::packed::Packed;
 use crate::api::TunnelStatsRow;
 use crate::host::vxlan::Sockets;
 
@@ -22,41 +23,37 @@ const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes sent in one such call: what fits one UDP datagram over IPv4 or IPv6.
 const GSO_MAX_BYTES: usize = 65_000;
 
-/// VXLAN packets (UDP payloads) from one sender, stored end to end: what the receiving thread
-/// hands a network's datapath at once.
+/// VXLAN packets (UDP payloads) from one sender: what the receiving thread hands a network's
+/// datapath at once.
 pub struct Datagrams {
     pub from: IpAddr,
-    data: Vec<u8>,
-    ends: Vec<usize>,
+    packets: Packed,
 }
 
 impl Datagrams {
     pub fn new(from: IpAddr) -> Self {
         Self {
             from,
-            data: Vec::new(),
-            ends: Vec::new(),
+            packets: Packed::default(),
         }
     }
 
     pub fn push(&mut self, packet: &[u8]) {
-        self.data.extend_from_slice(packet);
-        self.ends.push(self.data.len());
+        self.packets.push(packet);
     }
 
     /// How many packets.
     pub fn count(&self) -> usize {
-        self.ends.len()
+        self.packets.count()
     }
 
     /// The packets' bytes together.
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.packets.bytes()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts.zip(&self.ends).map(|(a, &b)| &self.data[a..b])
+        self.packets.iter()
     }
 }
 
@@ -198,7 +195,7 @@ impl TunnelPort {
 
     /// The frames (virtio-net header first) inside the VXLAN packets the tunnel believes,
     /// runs of one TCP flow's segments merged. Hand them back with [`TunnelPort::recycle`].
-    pub fn receive(&mut self, now: Instant, packets: &Datagrams) -> Frames {
+    pub fn receive(&mut self, now: Instant, packets: &Datagrams) -> Packed {
         self.merger.frames.clear();
         for packet in packets.iter() {
             if let Ok(inner) = self.tunnel.ingress(now, packets.from, packet) {
@@ -210,7 +207,7 @@ impl TunnelPort {
     }
 
     /// Gives the buffer [`TunnelPort::receive`] returned back, for the next batch.
-    pub fn recycle(&mut self, frames: Frames) {
+    pub fn recycle(&mut self, frames: Packed) {
         self.merger.frames = frames;
     }
 
