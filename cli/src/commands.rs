@@ -10,7 +10,7 @@ use vswitch_daemon::api::{
 use crate::args::{AttachOpts, CniCommand, Command, NetworkCommand, PeerCommand};
 use crate::client::{Client, seg};
 use crate::containers;
-use crate::table::print_table;
+use crate::table::{print_table, short_id};
 
 fn attach_request(target: &str, opts: AttachOpts) -> anyhow::Result<AttachRequest> {
     Ok(AttachRequest {
@@ -44,22 +44,9 @@ pub(crate) fn run_client(command: Command, socket: &std::path::Path) -> anyhow::
         Command::Inspect { names } => {
             let cs: Vec<ContainerInfo> = client.get("/containers")?;
             let eps: Vec<EndpointInfo> = client.get("/endpoints")?;
-            let mut found = Vec::new();
-            let mut failed = false;
-            for n in &names {
-                match crate::inspect::find(n, &cs, &eps) {
-                    Some(v) => found.push(v),
-                    None => {
-                        eprintln!("Error: no such container or endpoint: {n}");
-                        failed = true;
-                    }
-                }
-            }
-            println!("{}", serde_json::to_string_pretty(&found)?);
-            Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
+            print_found(&names, |n| {
+                crate::inspect::find(n, &cs, &eps)
+                    .ok_or_else(|| format!("no such container or endpoint: {n}"))
             })
         }
         Command::Info => {
@@ -286,25 +273,11 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        NetworkCommand::Inspect { networks } => {
-            let mut found = Vec::new();
-            let mut failed = false;
-            for n in &networks {
-                match client.get::<NetworkInspect>(&format!("/networks/{}", seg(n))) {
-                    Ok(net) => found.push(net),
-                    Err(e) => {
-                        eprintln!("Error: {e}");
-                        failed = true;
-                    }
-                }
-            }
-            println!("{}", serde_json::to_string_pretty(&found)?);
-            Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
+        NetworkCommand::Inspect { networks } => print_found(&networks, |n| {
+            client
+                .get::<NetworkInspect>(&format!("/networks/{}", seg(n)))
+                .map_err(|e| e.to_string())
+        }),
         NetworkCommand::Rm { networks } => containers::each(&networks, |n| {
             client.delete(&format!("/networks/{}", seg(n)))
         }),
@@ -334,7 +307,27 @@ fn network(client: &Client, cmd: NetworkCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The first 12 characters of an id (all of a shorter one), as Docker shows ids.
-fn short_id(id: &str) -> &str {
-    id.get(..12).unwrap_or(id)
+/// Prints what `lookup` finds for each name as one JSON array, and one error line for each it
+/// does not (failing the command then), as `docker inspect` does.
+fn print_found<T: serde::Serialize>(
+    names: &[String],
+    lookup: impl Fn(&str) -> Result<T, String>,
+) -> anyhow::Result<ExitCode> {
+    let mut found = Vec::new();
+    let mut failed = false;
+    for n in names {
+        match lookup(n) {
+            Ok(v) => found.push(v),
+            Err(e) => {
+                eprintln!("Error: {e}");
+                failed = true;
+            }
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&found)?);
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

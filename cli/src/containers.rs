@@ -131,7 +131,7 @@ pub fn ps(client: &Client, all: bool, quiet: bool, format: &str) -> anyhow::Resu
     let list: Vec<ContainerInfo> = client.get("/containers")?;
     let shown = list.iter().filter(|c| all || c.pid.is_some());
     if quiet {
-        shown.for_each(|c| println!("{}", &c.id[..c.id.len().min(12)]));
+        shown.for_each(|c| println!("{}", crate::table::short_id(&c.id)));
         return Ok(ExitCode::SUCCESS);
     }
     if format == "json" {
@@ -154,7 +154,7 @@ pub fn ps(client: &Client, all: bool, quiet: bool, format: &str) -> anyhow::Resu
     for c in shown {
         let line = crate::inspect::ps_line(c);
         rows.push(vec![
-            c.id[..c.id.len().min(12)].to_owned(),
+            crate::table::short_id(&c.id).to_owned(),
             c.name.clone(),
             c.network.clone(),
             c.ips.join(","),

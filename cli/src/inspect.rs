@@ -109,7 +109,7 @@ pub fn ps_line(c: &ContainerInfo) -> Value {
         (None, None) => "exited".to_owned(),
     };
     json!({
-        "ID": &c.id[..c.id.len().min(12)],
+        "ID": crate::table::short_id(&c.id),
         "Names": c.name,
         "Command": c.cmd.join(" "),
         "CreatedAt": c.created,

@@ -24,3 +24,8 @@ pub(crate) fn print_table(rows: &[Vec<String>]) {
         println!("{line}");
     }
 }
+
+/// The first 12 characters of an id (all of a shorter one), as Docker shows ids.
+pub(crate) fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
