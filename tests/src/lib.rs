@@ -643,9 +643,14 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub fn start(ns: &str, port: u16, dir: &Path) -> Self {
+        Self::start_on(ns, "0.0.0.0", port, dir)
+    }
+
+    /// The same, bound to `bind` (`::` serves both families).
+    pub fn start_on(ns: &str, bind: &str, port: u16, dir: &Path) -> Self {
         let log = dir.with_file_name(format!("http-{ns}-{port}.log"));
         let script = format!(
-            "exec python3 -m http.server {port} --bind 0.0.0.0 --directory {} 2>{}",
+            "exec python3 -m http.server {port} --bind {bind} --directory {} 2>{}",
             dir.display(),
             log.display()
         );

@@ -309,16 +309,15 @@ impl Daemon {
                 nets.into_iter().map(|n| n.id.clone()).collect()
             }
         };
+        // Asked under the lock, awaited without it: a slow answer holds up no attach.
+        let asked = ask_counters(&inner, &ids);
+        drop(inner);
         let mut out = Vec::new();
-        for id in ids {
-            if let Some(live) = inner.live.get(&id) {
-                let stats = live
-                    .datapath
-                    .stats()
-                    .await
-                    .map_err(|e| Error::failed("cannot read the counters", e))?;
-                out.push(stats);
-            }
+        for rx in asked {
+            let stats = rx
+                .await
+                .map_err(|e| Error::failed("cannot read the counters", e))?;
+            out.push(stats);
         }
         Ok(out)
     }
@@ -332,18 +331,12 @@ impl Daemon {
         let inner = self.inner.lock().await;
         let mut nets: Vec<&Network> = inner.store.networks.values().collect();
         nets.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut endpoints = Vec::new();
-        let mut asked = Vec::new();
-        for n in nets {
-            endpoints.push((n.name.clone(), inner.store.endpoints_of(&n.id).count()));
-            if let Some(rx) = inner
-                .live
-                .get(&n.id)
-                .and_then(|l| l.datapath.request_stats())
-            {
-                asked.push(rx);
-            }
-        }
+        let endpoints: Vec<(String, usize)> = nets
+            .iter()
+            .map(|n| (n.name.clone(), inner.store.endpoints_of(&n.id).count()))
+            .collect();
+        let ids: Vec<String> = nets.iter().map(|n| n.id.clone()).collect();
+        let asked = ask_counters(&inner, &ids);
         drop(inner);
         let mut networks = Vec::new();
         for rx in asked {
@@ -394,4 +387,15 @@ impl Daemon {
             node: self.node().map(str::to_owned),
         }
     }
+}
+
+/// Asks the running datapaths of networks `ids` for their counters, in that order, and returns
+/// where the answers will arrive: the caller lets go of the control lock before it waits.
+fn ask_counters(
+    inner: &Inner,
+    ids: &[String],
+) -> Vec<tokio::sync::oneshot::Receiver<NetworkStats>> {
+    ids.iter()
+        .filter_map(|id| inner.live.get(id)?.datapath.request_stats())
+        .collect()
 }

@@ -19,6 +19,7 @@
 //! tests (`daemon/tests/sim`).
 
 mod busy_poll;
+mod flow;
 mod gro;
 mod offload;
 mod packed;
@@ -41,11 +42,11 @@ use vswitch_nat::GatewayConfig;
 use vswitch_switch::PortId;
 
 use crate::api::{FdbRow, NetworkStats};
-pub use protocol::{
-    CHUNK, CHUNK_OVERHEAD, Event, FLOW_WINDOW, FlowChannel, FlowReceive, FlowShared, ForwardJob,
-    Injector, NatJob, PortSpec, ReceiveKind, ReplyTo, SharedPolicy,
-};
+pub use flow::{CHUNK, CHUNK_OVERHEAD, FLOW_WINDOW, FlowChannel, FlowShared};
 use protocol::{Command, Commands};
+pub use protocol::{
+    Event, FlowReceive, ForwardJob, Injector, NatJob, PortSpec, ReceiveKind, ReplyTo, SharedPolicy,
+};
 pub use tunnel::Datagrams;
 use worker::Worker;
 

@@ -10,7 +10,7 @@
 //! Frames from host sockets (UDP datagrams, echo replies, DNS answers over UDP and TCP) can be
 //! sent by anyone on the network faster than the datapath takes them, so they queue under a
 //! byte budget ([`Backlog`]): past it they are dropped and counted, as a NIC drops on a full
-//! ring. TCP data of NAT flows has its own per-flow credits instead ([`FlowShared`]).
+//! ring. TCP data of NAT flows has its own per-flow credits instead ([`super::flow`]).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -20,11 +20,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use nix::sys::eventfd::EventFd;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use vswitch_nat::flows::{IcmpKey, UdpKey};
 use vswitch_nat::{FlowId, Policy};
 use vswitch_switch::{PortGuard, PortId};
 
+use super::flow::FlowChannel;
 use crate::api::{FdbRow, NetworkStats};
 
 /// The NAT policy as the datapaths and dial tasks share it (read once per new flow).
@@ -469,102 +470,9 @@ pub enum ReceiveKind {
     Icmp { key: IcmpKey },
 }
 
-/// Bytes of one TCP flow in flight from the host side to the datapath at most, for a flow
-/// with large socket buffers (see `vswitch_nat::tcp::MAX_LARGE_FLOWS`), and what the host side
-/// reads at once for it.
-pub const FLOW_WINDOW: usize = 1024 * 1024;
-pub const CHUNK: usize = 256 * 1024;
-/// The same for the other flows: every flow starts small and is made large once the gateway
-/// has given it large buffers.
-pub const SMALL_CHUNK: usize = 16 * 1024;
-pub const SMALL_FLOW_WINDOW: usize = 2 * (SMALL_CHUNK + CHUNK_OVERHEAD);
-/// Bytes of one flow queued from the datapath for the host side at most (large, small).
-pub const TO_HOST_MAX: usize = 512 * 1024;
-pub const SMALL_TO_HOST_MAX: usize = 32 * 1024;
-/// What a queued chunk costs beyond its bytes (allocation, queue slot, command), charged
-/// against the window: a peer trickling 1-byte segments can queue 4096 chunks, not a million.
-pub const CHUNK_OVERHEAD: usize = 256;
-/// Chunks of one flow queued from the datapath to the host side.
-const CHANNEL_CHUNKS: usize = 8;
-
-/// State shared by the two halves of a TCP flow's splice.
-#[derive(Debug)]
-pub struct FlowShared {
-    /// Bytes the host side may still hand over ([`SMALL_FLOW_WINDOW`] at first); the
-    /// datapath returns them as they enter the container's socket.
-    pub credits: Semaphore,
-    /// What the host side reads at once ([`SMALL_CHUNK`] at first).
-    pub chunk: AtomicUsize,
-    /// Bytes queued for the host side and not yet written, and how many may be.
-    pub to_host_bytes: AtomicUsize,
-    pub to_host_max: AtomicUsize,
-    /// The datapath stopped reading from the container because the host side's queue was full.
-    pub blocked: AtomicBool,
-    /// The container reset the connection.
-    pub reset: AtomicBool,
-}
-
-impl FlowShared {
-    /// The flow got large socket buffers: its splice may move bigger chunks and keep more in
-    /// flight.
-    pub fn make_large(&self) {
-        if self.chunk.swap(CHUNK, Ordering::AcqRel) != CHUNK {
-            self.to_host_max.store(TO_HOST_MAX, Ordering::SeqCst);
-            self.credits.add_permits(FLOW_WINDOW - SMALL_FLOW_WINDOW);
-        }
-    }
-
-    /// Whether the host side's queue has no room for `len` more bytes (it always has room
-    /// for one chunk).
-    pub fn to_host_full(&self, len: usize) -> bool {
-        let queued = self.to_host_bytes.load(Ordering::SeqCst);
-        queued > 0 && queued + len > self.to_host_max.load(Ordering::SeqCst)
-    }
-}
-
-/// What the datapath keeps of a flow's host side.
-#[derive(Debug)]
-pub struct FlowChannel {
-    pub to_host: tokio::sync::mpsc::Sender<Vec<u8>>,
-    pub shared: Arc<FlowShared>,
-}
-
-impl FlowChannel {
-    /// A new flow's channel, the host side's receiver of chunks, and the shared state.
-    pub fn new() -> (Self, tokio::sync::mpsc::Receiver<Vec<u8>>, Arc<FlowShared>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CHUNKS);
-        let shared = Arc::new(FlowShared {
-            credits: Semaphore::new(SMALL_FLOW_WINDOW),
-            chunk: AtomicUsize::new(SMALL_CHUNK),
-            to_host_bytes: AtomicUsize::new(0),
-            to_host_max: AtomicUsize::new(SMALL_TO_HOST_MAX),
-            blocked: AtomicBool::new(false),
-            reset: AtomicBool::new(false),
-        });
-        (
-            Self {
-                to_host: tx,
-                shared: shared.clone(),
-            },
-            rx,
-            shared,
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Flows' socket buffers are mapped on their own (their memory comes and goes with the
-    /// flow); the splice's chunks, allocated by the thousand per second, are not.
-    #[test]
-    fn socket_buffers_are_mapped_and_chunks_are_not() {
-        const {
-            assert!(vswitch_nat::tcp::LARGE_BUF >= vswitch_netdev::MMAP_THRESHOLD);
-            assert!(CHUNK < vswitch_netdev::MMAP_THRESHOLD);
-        }
-    }
 
     /// Datagrams from anywhere on the network queue up to a byte budget for the datapath;
     /// past it they are dropped and counted, and a slow datapath never means unbounded memory.

@@ -15,7 +15,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::error::TrySendError;
 use vswitch_nat::{FlowId, FlowState, Gateway};
 
-use super::protocol::{CHUNK_OVERHEAD, FlowChannel, FlowShared};
+use super::flow::{CHUNK_OVERHEAD, FlowChannel, FlowShared};
 
 /// Largest chunk read from a flow's socket at once.
 const CHUNK_FROM_CONTAINER: usize = 64 * 1024;

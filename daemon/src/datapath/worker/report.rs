@@ -50,6 +50,7 @@ impl Worker {
             })
             .collect();
         let b = self.bridge.stats();
+        let fdb = self.bridge.fdb_events();
         NetworkStats {
             network: self.network_name.clone(),
             ports,
@@ -69,9 +70,9 @@ impl Worker {
             udp_flows_evicted: self.services.udp_evicted,
             icmp_flows_refused: self.services.icmp_refused,
             tcp_flows_refused: self.gateway.tcp_flows_refused(),
-            fdb_learned: self.bridge.fdb_events().learned,
-            fdb_moved: self.bridge.fdb_events().moved,
-            fdb_aged: self.bridge.fdb_events().aged,
+            fdb_learned: fdb.learned,
+            fdb_moved: fdb.moved,
+            fdb_aged: fdb.aged,
             dns: crate::api::DnsCounters {
                 local: self.services.dns_local.to_vec(),
                 upstream: self.injector.upstream_rcodes(),
