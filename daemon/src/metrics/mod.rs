@@ -152,6 +152,13 @@ fn set(g: &Family<Labels, Gauge>, l: &Labels, v: u64) {
     g.get_or_create(l).set(i64::try_from(v).unwrap_or(i64::MAX));
 }
 
+/// Counts each `(value of key, count)` of `items` under `base` labels plus `key`.
+fn count_by(f: &Family<Labels, Counter>, base: &Labels, key: &'static str, items: &[(&str, u64)]) {
+    for &(value, n) in items {
+        f.get_or_create(&with(base.clone(), key, value)).inc_by(n);
+    }
+}
+
 /// The text of one scrape.
 pub fn render(s: &Snapshot, m: &Metrics) -> String {
     let mut r = Registry::default();
@@ -261,36 +268,40 @@ fn networks(r: &mut Registry, s: &Snapshot) {
     );
     for n in &s.networks {
         let l = net(&n.network);
-        for (reason, v) in [
-            ("malformed", n.malformed),
-            ("invalid_source", n.invalid_source),
-            ("spoofed", n.spoofed),
-            ("too_big", n.too_big),
-            ("backlog", n.backlog_dropped),
-        ] {
-            drops
-                .get_or_create(&with(l.clone(), "reason", reason))
-                .inc_by(v);
-        }
-        for (outcome, v) in [
-            ("udp_evicted", n.udp_flows_evicted),
-            ("icmp_refused", n.icmp_flows_refused),
-            ("tcp_refused", n.tcp_flows_refused),
-        ] {
-            let l = with(l.clone(), "outcome", outcome);
-            nat_lost.get_or_create(&l).inc_by(v);
-        }
+        count_by(
+            &drops,
+            &l,
+            "reason",
+            &[
+                ("malformed", n.malformed),
+                ("invalid_source", n.invalid_source),
+                ("spoofed", n.spoofed),
+                ("too_big", n.too_big),
+                ("backlog", n.backlog_dropped),
+            ],
+        );
+        count_by(
+            &nat_lost,
+            &l,
+            "outcome",
+            &[
+                ("udp_evicted", n.udp_flows_evicted),
+                ("icmp_refused", n.icmp_flows_refused),
+                ("tcp_refused", n.tcp_flows_refused),
+            ],
+        );
         set(&fdb, &l, n.fdb_entries as u64);
-        for (event, v) in [
-            ("learned", n.fdb_learned),
-            ("moved", n.fdb_moved),
-            ("aged", n.fdb_aged),
-            ("refused", n.learn_refused),
-        ] {
-            events
-                .get_or_create(&with(l.clone(), "event", event))
-                .inc_by(v);
-        }
+        count_by(
+            &events,
+            &l,
+            "event",
+            &[
+                ("learned", n.fdb_learned),
+                ("moved", n.fdb_moved),
+                ("aged", n.fdb_aged),
+                ("refused", n.learn_refused),
+            ],
+        );
         floods.get_or_create(&l).inc_by(n.flooded);
         for (proto, v) in [
             ("tcp", n.tcp_flows),
@@ -354,26 +365,32 @@ fn tunnels(r: &mut Registry, nets: &[NetworkStats]) {
         let Some(t) = &n.tunnel else { continue };
         let l = net(&n.network);
         rx.get_or_create(&l).inc_by(t.rx_packets);
-        for (reason, v) in [
-            ("malformed", t.rx_malformed),
-            ("foreign_vni", t.rx_foreign_vni),
-            ("not_member", t.rx_not_member),
-            ("spoofed", t.rx_spoofed),
-        ] {
-            drops
-                .get_or_create(&with(l.clone(), "reason", reason))
-                .inc_by(v);
-        }
-        tx.get_or_create(&with(l.clone(), "kind", "unicast"))
-            .inc_by(t.tx_unicast);
-        tx.get_or_create(&with(l.clone(), "kind", "flood"))
-            .inc_by(t.tx_flooded);
-        tx_drops
-            .get_or_create(&with(l.clone(), "reason", "socket"))
-            .inc_by(t.tx_dropped);
-        tx_drops
-            .get_or_create(&with(l, "reason", "flood_budget"))
-            .inc_by(t.tx_flood_limited);
+        count_by(
+            &drops,
+            &l,
+            "reason",
+            &[
+                ("malformed", t.rx_malformed),
+                ("foreign_vni", t.rx_foreign_vni),
+                ("not_member", t.rx_not_member),
+                ("spoofed", t.rx_spoofed),
+            ],
+        );
+        count_by(
+            &tx,
+            &l,
+            "kind",
+            &[("unicast", t.tx_unicast), ("flood", t.tx_flooded)],
+        );
+        count_by(
+            &tx_drops,
+            &l,
+            "reason",
+            &[
+                ("socket", t.tx_dropped),
+                ("flood_budget", t.tx_flood_limited),
+            ],
+        );
     }
 }
 
@@ -457,5 +474,28 @@ mod tests {
             !text.contains("vswitch_vxlan_receive_packets_total{"),
             "no tunnel, no series"
         );
+        // An overlay network's tunnel counters.
+        let mut ov = stats();
+        ov.network = "ov".into();
+        ov.tunnel = Some(crate::api::TunnelStatsRow {
+            rx_not_member: 2,
+            tx_flooded: 3,
+            tx_flood_limited: 4,
+            ..Default::default()
+        });
+        let text = render(
+            &Snapshot {
+                networks: vec![ov],
+                endpoints: vec![],
+            },
+            &m,
+        );
+        for line in [
+            "vswitch_vxlan_receive_drops_total{network=\"ov\",reason=\"not_member\"} 2",
+            "vswitch_vxlan_transmit_packets_total{network=\"ov\",kind=\"flood\"} 3",
+            "vswitch_vxlan_transmit_drops_total{network=\"ov\",reason=\"flood_budget\"} 4",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
     }
 }
