@@ -68,11 +68,13 @@ impl Policy {
     }
 
     /// Whether a container may reach `ip` through NAT at all (ping included): not the host's
-    /// loopback, not "any address", not a vswitch network. (The gateway's own addresses are
-    /// the gateway's: see [`Policy::outbound_target`].)
+    /// loopback, not "any address", not a vswitch network, not an IPv6 link-local address (a
+    /// link's own, with no meaning on the host's links). (The gateway's own addresses are the
+    /// gateway's: see [`Policy::outbound_target`].)
     pub fn may_reach(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        !(self.is_network(ip) || ip.is_loopback() || ip.is_unspecified())
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
+        !(self.is_network(ip) || ip.is_loopback() || ip.is_unspecified() || link_local)
     }
 
     /// Whether `ip` lies inside a vswitch network (isolated: never reached through NAT).
@@ -137,6 +139,9 @@ mod tests {
             p.outbound_target(Proto::Tcp, sa("10.1.0.1:22"), &gw),
             Some(sa("127.0.0.1:22"))
         );
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(p.may_reach(ip("2001:db8::2")));
+        assert!(!p.may_reach(ip("fe80::1")), "link-local is the link's");
     }
 
     /// A port published on one host address is reached at that address, not on the loopback
