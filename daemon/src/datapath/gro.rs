@@ -426,4 +426,47 @@ mod tests {
         let got = merge(&frames);
         assert_eq!(got.len(), frames.len());
     }
+
+    proptest::proptest! {
+        /// Whatever the tunnel lets through (segments of one flow, damaged anywhere, or
+        /// bytes that are no frame at all), the merger never panics, never makes frames out of
+        /// nothing, and marks a merged frame only with a header the TAP's kernel can follow.
+        #[test]
+        fn damaged_runs_merge_or_pass_and_never_panic(
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..1500),
+            segments in 1usize..12,
+            damage in proptest::collection::vec((0usize..2000, proptest::prelude::any::<u8>()), 0..6),
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120),
+            mtu in 68usize..9000,
+        ) {
+            let mss = payload.len() as u32;
+            let mut frames: Vec<Vec<u8>> = (0..segments as u32)
+                .map(|i| seg4(1 + i * mss, &payload, false))
+                .collect();
+            for (i, &(at, x)) in damage.iter().enumerate() {
+                let f = &mut frames[i % segments];
+                let at = at % f.len();
+                f[at] ^= x;
+            }
+            frames.insert(segments / 2, junk);
+            let mut m = Merger::default();
+            for f in &frames {
+                m.push(f, mtu);
+            }
+            m.finish(mtu);
+            let out: Vec<&[u8]> = m.frames.iter().collect();
+            proptest::prop_assert!(!out.is_empty() && out.len() <= frames.len());
+            for f in out {
+                let h = VnetHdr::parse(f).expect("a header");
+                let eth = f.len() - VNET_HDR_LEN;
+                if h.flags & F_NEEDS_CSUM != 0 {
+                    let end = usize::from(h.csum_start) + usize::from(h.csum_offset) + 2;
+                    proptest::prop_assert!(end <= eth);
+                }
+                if h.is_gso() {
+                    proptest::prop_assert!(h.gso_size > 0 && usize::from(h.hdr_len) < eth);
+                }
+            }
+        }
+    }
 }

@@ -424,4 +424,31 @@ mod tests {
         assert!(tcp_segment(&eth, tiny, 0, &mut Vec::new(), true, 1500).is_none());
         assert!(tcp_segment(&eth[..40], hdr, 0, &mut Vec::new(), true, 1500).is_none());
     }
+
+    proptest::proptest! {
+        /// A container's frame and header, whatever their bytes: cutting, marking and
+        /// finishing never panic, and a cut segment is never longer than the MTU allows.
+        #[test]
+        fn any_frame_and_header_are_handled_without_panic(
+            eth in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            fields in proptest::prelude::any::<(u8, u8, u16, u16, u16, u16)>(),
+            mtu in 68usize..9000,
+        ) {
+            let (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) = fields;
+            let hdr = VnetHdr { flags, gso_type, hdr_len, gso_size, csum_start, csum_offset };
+            for i in 0..3 {
+                let mut out = Vec::new();
+                if tcp_segment(&eth, hdr, i, &mut out, i == 1, mtu).is_some() {
+                    proptest::prop_assert!(out.len() <= 14 + mtu);
+                }
+            }
+            let mut e = eth.clone();
+            let _ = finish_partial(&mut e, hdr);
+            let _ = checksum_layout(&eth);
+            let mut f = vec![0u8; VNET_HDR_LEN];
+            f.extend_from_slice(&eth);
+            let _ = mark_partial(&mut f.clone());
+            let _ = as_tcp_super_frame(&mut f, mtu);
+        }
+    }
 }
