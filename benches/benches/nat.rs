@@ -56,7 +56,7 @@ fn arp_from_container() -> Vec<u8> {
 fn syn_flow(events: Vec<TcpEvent>) -> Option<FlowId> {
     events.into_iter().find_map(|e| match e {
         TcpEvent::Syn { flow, .. } => Some(flow),
-        TcpEvent::Activity(_) => None,
+        _ => None,
     })
 }
 

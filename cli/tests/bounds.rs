@@ -145,7 +145,8 @@ fn pending_and_stuffed_connections_hold_bounded_memory_and_give_it_back() {
         after_held < 16 * MIB,
         "{after_held} KiB kept after the held SYNs"
     );
-    // 64 large flows (256 KiB socket buffer + 1 MiB window each) and 136 small ones.
+    // 64 large flows (a 1 MiB send buffer each, and nothing queued beside it) and 136 small
+    // ones.
     assert!(
         stuffed_rss < 256 * MIB,
         "200 stuffed flows cost {stuffed_rss} KiB"

@@ -1,9 +1,10 @@
 //! TCP flows terminated on the gateway: the container side of published ports and outbound NAT.
 //!
 //! Each flow is one smoltcp socket. The gateway only moves bytes between that socket and its
-//! caller; the caller (the datapath) moves them on to a host socket on another thread, with
-//! backpressure in both directions: [`Gateway::tcp_send`] takes only what fits the socket's
-//! send buffer, and [`Gateway::tcp_recv`] is only called while the host side can take more.
+//! caller; the caller (the datapath) moves them straight to and from a host socket, with
+//! backpressure in both directions: [`Gateway::tcp_send_with`] takes only what fits the
+//! socket's send buffer, and [`Gateway::tcp_recv_with`] is only called while the host side can
+//! take more.
 //!
 //! - **Inbound** (published port): [`Gateway::tcp_connect`] opens a connection to the container
 //!   from the client's own address (the gateway runs in any-IP mode, so the container's answers to
@@ -46,6 +47,9 @@ pub enum TcpEvent {
     },
     /// The flow has something for the caller: data to read, room to write, a state change.
     Activity(FlowId),
+    /// The flow is over and forgotten. `clean`: both sides closed with a FIN and the caller
+    /// read everything the container sent; otherwise it was reset, timed out or refused.
+    Closed { flow: FlowId, clean: bool },
 }
 
 /// Where a flow stands, as the caller needs to know it.
@@ -100,17 +104,19 @@ pub const CONNECT_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::fr
 /// whose container vanished would hold its slot and host socket for ever.
 pub const IDLE_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(120);
 pub const KEEP_ALIVE: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(45);
-/// Socket buffers (each way) of a flow with full windows: enough for window scaling on a
-/// virtual link. Allocated zeroed, and just over the daemon's mmap threshold
-/// (`vswitch_netdev::MMAP_THRESHOLD`, 260 KiB) so that each gets pages of its own: a flow
-/// costs what it has buffered, and a closed one gives it back.
-pub const LARGE_BUF: usize = 264 * 1024;
+/// Socket buffers (each way) of a flow with full windows. They are the flow's only buffers
+/// (the datapath reads and writes the host socket straight from them), so they are the window
+/// a fast stream needs: 264 KiB carried a remote client's stream at 11-14 Gbit/s, 1 MiB at
+/// 18 (`benches/nat.sh`). Allocated zeroed and over the daemon's mmap threshold
+/// (`vswitch_netdev::MMAP_THRESHOLD`, 260 KiB), so each gets pages of its own: a flow costs
+/// what it has buffered, and a closed one gives it back.
+pub const LARGE_BUF: usize = 1024 * 1024;
 /// Socket buffers (each way) of the flows beyond the large ones: 16 KiB windows.
 pub const SMALL_BUF: usize = 16 * 1024;
 /// Flows per network, and per container, that get [`LARGE_BUF`] buffers. With these, a
-/// network's socket buffers hold at most 256 x 528 KiB + (16 384 - 256) x 32 KiB, about
-/// 640 MiB, however a container uses them (the daemon's splice windows come on top, see
-/// ARCHITECTURE.md); a held SYN costs its headers and a table entry.
+/// network's flows hold at most 256 x 2 MiB + (16 384 - 256) x 32 KiB, about 1 GiB, however
+/// a container uses them (one container: 64 x 2 MiB + 4096 x 32 KiB, 256 MiB); a held SYN
+/// costs its headers and a table entry.
 pub const MAX_LARGE_FLOWS: usize = 256;
 pub const MAX_LARGE_FLOWS_PER_CONTAINER: u32 = 64;
 /// A SYN held for a dial that never reports is answered with a RST after this long (the dial
@@ -274,30 +280,37 @@ impl Flows {
         for (id, f) in &mut self.flows {
             let s = sockets.get_mut::<tcp::Socket>(f.handle);
             let state = s.state();
-            let room = f.want_write && s.send_capacity() > s.send_queue();
+            // Room is reported once an eighth of the buffer is free, not at every byte an ACK
+            // frees: the caller then moves bytes in a few large pieces, not many small ones.
+            let free = s.send_capacity().saturating_sub(s.send_queue());
+            let room = f.want_write && free >= (s.send_capacity() / 8).max(1);
             if state == tcp::State::Established && f.last_state != tcp::State::Established {
                 // Past the handshake: from now on, the idle limit (keep-alive keeps a quiet but
                 // live container heard from).
                 s.set_timeout(Some(IDLE_TIMEOUT));
             }
-            let reported = state != f.last_state || s.can_recv() || room;
-            if reported {
+            // TIME-WAIT would keep a socket (and its place in smoltcp's per-frame scan) for
+            // seconds after the flow is over, so it goes as soon as the caller has read what the
+            // container sent last. An armed listener back in Listen was reset by the container:
+            // over, too.
+            let over = state == tcp::State::Closed
+                || (state == tcp::State::TimeWait && !s.can_recv())
+                || (f.armed && state == tcp::State::Listen);
+            if over {
+                // Both FINs went through: TIME-WAIT after an active close, or the last ACK of
+                // a passive one. Closed from any other state is a reset or a timeout.
+                let clean = state == tcp::State::TimeWait
+                    || (state == tcp::State::Closed && f.last_state == tcp::State::LastAck);
+                out.push(TcpEvent::Closed { flow: *id, clean });
+                closed.push(*id);
+                continue;
+            }
+            if state != f.last_state || s.can_recv() || room {
                 f.last_state = state;
                 if room {
                     f.want_write = false;
                 }
                 out.push(TcpEvent::Activity(*id));
-            }
-            // TIME-WAIT would keep a socket (and its place in smoltcp's per-frame scan) for
-            // seconds after the flow is over; the host side is gone by then, so it goes now.
-            // An armed listener back in Listen was reset by the container: over, too.
-            let over = matches!(state, tcp::State::Closed | tcp::State::TimeWait)
-                || (f.armed && state == tcp::State::Listen);
-            if over {
-                if !reported {
-                    out.push(TcpEvent::Activity(*id));
-                }
-                closed.push(*id);
             }
         }
         for id in closed {
@@ -338,6 +351,8 @@ pub(crate) fn flow_state(s: &tcp::Socket<'_>) -> FlowState {
                 FlowState::PeerClosed
             }
         }
+        // The last bytes before the container's FIN may still wait to be read.
+        TimeWait if s.can_recv() => FlowState::Open,
         Closed | TimeWait => FlowState::Closed,
     }
 }

@@ -42,7 +42,7 @@ use vswitch_nat::GatewayConfig;
 use vswitch_switch::PortId;
 
 use crate::api::{FdbRow, NetworkStats};
-pub use flow::{CHUNK, CHUNK_OVERHEAD, FLOW_WINDOW, FlowChannel, FlowShared};
+pub use flow::HostStream;
 use protocol::{Command, Commands};
 pub use protocol::{
     Event, FlowReceive, ForwardJob, Injector, NatJob, PortSpec, ReceiveKind, ReplyTo, SharedPolicy,

@@ -25,7 +25,7 @@ use vswitch_nat::flows::{IcmpKey, UdpKey};
 use vswitch_nat::{FlowId, Policy};
 use vswitch_switch::{PortGuard, PortId};
 
-use super::flow::FlowChannel;
+use super::flow::HostStream;
 use crate::api::{FdbRow, NetworkStats};
 
 /// The NAT policy as the datapaths and dial tasks share it (read once per new flow).
@@ -89,34 +89,17 @@ pub(super) enum Command {
     StreamUnanswered {
         conn: u64,
     },
-    /// Open a TCP connection to a container for a published port.
+    /// Open a TCP connection to a container for a published port, spliced to `host`.
     NatOpen {
         local: SocketAddr,
         remote: SocketAddr,
-        channel: FlowChannel,
+        host: HostStream,
         reply: oneshot::Sender<Option<FlowId>>,
     },
-    /// The outcome of dialling an outbound destination: a channel to splice, or refusal.
+    /// The outcome of dialling an outbound destination: the connected socket, or refusal.
     NatDialed {
         flow: FlowId,
-        channel: Option<FlowChannel>,
-    },
-    /// Bytes from the host side of a flow (credits for them were taken).
-    NatHostData {
-        flow: FlowId,
-        data: Vec<u8>,
-    },
-    /// The host side closed its sending half.
-    NatHostEof {
-        flow: FlowId,
-    },
-    /// The host side failed or reset: reset the container side.
-    NatHostReset {
-        flow: FlowId,
-    },
-    /// The host side drained its queue: reading from the container may resume.
-    NatResume {
-        flow: FlowId,
+        host: Option<HostStream>,
     },
     /// A datagram from the host side of a UDP flow, as a frame ready for the container.
     UdpIn {
@@ -276,18 +259,19 @@ impl Injector {
         self.backlog.dropped.load(Ordering::Relaxed)
     }
 
-    /// Asks the datapath to open a flow to a container; `None` if it cannot (table full, gone).
+    /// Asks the datapath to open a flow to a container, spliced to `host`; `None` if it cannot
+    /// (table full, gone), and then `host` is closed.
     pub async fn nat_open(
         &self,
         local: SocketAddr,
         remote: SocketAddr,
-        channel: FlowChannel,
+        host: HostStream,
     ) -> Option<FlowId> {
         let (reply, rx) = oneshot::channel();
         if !self.send(Command::NatOpen {
             local,
             remote,
-            channel,
+            host,
             reply,
         }) {
             return None;
@@ -295,24 +279,8 @@ impl Injector {
         rx.await.ok().flatten()
     }
 
-    pub fn nat_dialed(&self, flow: FlowId, channel: Option<FlowChannel>) {
-        self.send(Command::NatDialed { flow, channel });
-    }
-
-    pub fn host_data(&self, flow: FlowId, data: Vec<u8>) -> bool {
-        self.send(Command::NatHostData { flow, data })
-    }
-
-    pub fn host_eof(&self, flow: FlowId) {
-        self.send(Command::NatHostEof { flow });
-    }
-
-    pub fn host_reset(&self, flow: FlowId) {
-        self.send(Command::NatHostReset { flow });
-    }
-
-    pub fn resume(&self, flow: FlowId) {
-        self.send(Command::NatResume { flow });
+    pub fn nat_dialed(&self, flow: FlowId, host: Option<HostStream>) {
+        self.send(Command::NatDialed { flow, host });
     }
 
     /// Hands an echo reply (as a frame) for the ping flow `key` to the datapath.
@@ -372,18 +340,6 @@ impl Injector {
 /// What an [`Injector`] made by [`Injector::capturing`] sent.
 #[cfg(test)]
 pub(crate) struct Captured(mpsc::Receiver<Command>);
-
-#[cfg(test)]
-impl Captured {
-    /// The next chunk of host data a flow handed over, waiting up to `timeout`; `None` if none
-    /// came (or something else did).
-    pub(crate) fn next_data(&self, timeout: std::time::Duration) -> Option<Vec<u8>> {
-        match self.0.recv_timeout(timeout) {
-            Ok(Command::NatHostData { data, .. }) => Some(data),
-            _ => None,
-        }
-    }
-}
 
 /// Where a forwarded DNS answer goes.
 #[derive(Debug, Clone)]

@@ -1,51 +1,54 @@
-//! NAT's TCP flows as the datapath sees them: bytes move between a flow's smoltcp socket in the
-//! gateway and its host side (a tokio task in `host::splice`), with backpressure both ways.
+//! NAT's TCP flows as the datapath sees them: each flow's smoltcp socket in the gateway, spliced
+//! to the daemon's host socket for it, which sits in the datapath's own epoll set.
 //!
-//! - container -> host: chunks go through a bounded channel; when it is full the chunk waits
-//!   in `stash`, reading from the socket stops (the container's window closes) and `blocked`
-//!   tells the host side to ask for a resume once it has made room.
-//! - host -> container: chunks wait in `from_host` until the socket's send buffer takes them;
-//!   their credits go back to the host side as they do.
+//! Bytes move in one copy each way: `read(2)` from the host socket straight into the free part
+//! of the flow's send buffer, `write(2)` straight out of its receive buffer. Backpressure needs
+//! no queue of our own:
+//! - host -> container: when the send buffer is full reading stops, the host socket's receive
+//!   buffer fills and the kernel closes the peer's window; the gateway reports the flow again
+//!   once an eighth of the buffer is free.
+//! - container -> host: when the host socket takes no more (`EAGAIN`) the bytes stay in the
+//!   receive buffer and the container's window closes; `EPOLLOUT` resumes.
+//!
+//! The sockets are registered edge-triggered: `readable` and `writable` remember whether the
+//! last attempt stopped at `EAGAIN`, and an event sets them again. A FIN on either side becomes
+//! a half-close on the other; a reset, an error or bytes that could not be delivered become a
+//! reset.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::time::Instant;
 
-use tokio::sync::mpsc::error::TrySendError;
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use vswitch_nat::{FlowId, FlowState, Gateway};
 
-use super::flow::{CHUNK_OVERHEAD, FlowChannel, FlowShared};
+use super::flow::HostStream;
 
-/// Largest chunk read from a flow's socket at once.
-const CHUNK_FROM_CONTAINER: usize = 64 * 1024;
+/// Epoll tokens of host sockets carry this bit beside the flow's id (ports' tokens are their
+/// small indices, the wake-up's is `u64::MAX`).
+pub(super) const FLOW_TOKEN: u64 = 1 << 62;
 
-/// The datapath's half of a TCP flow's splice.
+/// The datapath's half of a TCP flow.
 struct FlowIo {
-    /// Chunks for the host side; `None` once the container closed its sending half.
-    to_host: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
-    /// A chunk read from the container that the host side had no room for yet.
-    stash: Option<Vec<u8>>,
-    /// Host bytes waiting for room in the socket, and how much of the first is sent.
-    from_host: VecDeque<Vec<u8>>,
-    offset: usize,
+    host: HostStream,
+    /// No `EAGAIN` from the host socket since its last event, each way.
+    readable: bool,
+    writable: bool,
+    /// The host closed its sending half, and the FIN was passed on to the container.
     host_eof: bool,
-    fin_sent: bool,
-    shared: Arc<FlowShared>,
+    /// The container's FIN was passed on to the host (after its last byte).
+    shut_host: bool,
 }
 
-impl FlowIo {
-    fn new(ch: FlowChannel) -> Self {
-        Self {
-            to_host: Some(ch.to_host),
-            stash: None,
-            from_host: VecDeque::new(),
-            offset: 0,
-            host_eof: false,
-            fin_sent: false,
-            shared: ch.shared,
-        }
-    }
+/// What one attempt at moving bytes came to.
+enum Moved {
+    Bytes,
+    NoRoom,
+    Again,
+    Eof,
+    Failed,
 }
 
 /// The host sides of the flows the gateway terminates, by flow.
@@ -55,138 +58,188 @@ pub(super) struct TcpFlows {
 }
 
 impl TcpFlows {
-    /// Splices `flow` to the host side behind `channel`.
-    pub(super) fn insert(&mut self, flow: FlowId, channel: FlowChannel) {
-        self.flows.insert(flow, FlowIo::new(channel));
-    }
-
-    /// The gateway gave `flow` large socket buffers: so does its splice.
-    pub(super) fn make_large(&mut self, flow: FlowId) {
-        if let Some(io) = self.flows.get(&flow) {
-            io.shared.make_large();
+    /// Splices `flow` to `host`, registering the socket with `epoll`. On failure the flow is
+    /// reset and the host socket closed.
+    pub(super) fn insert(
+        &mut self,
+        epoll: &Epoll,
+        gw: &mut Gateway,
+        now: Instant,
+        flow: FlowId,
+        host: HostStream,
+    ) {
+        let flags = EpollFlags::EPOLLIN
+            | EpollFlags::EPOLLOUT
+            | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLET;
+        let registered = flow.0 & FLOW_TOKEN == 0
+            && gw.tcp_state(flow) != FlowState::Closed
+            && epoll
+                .add(
+                    host.stream.as_fd(),
+                    EpollEvent::new(flags, FLOW_TOKEN | flow.0),
+                )
+                .is_ok();
+        if !registered {
+            gw.tcp_abort(now, flow);
+            Self::reset_unused(host);
+            return;
         }
+        let io = FlowIo {
+            host,
+            readable: true,
+            writable: true,
+            host_eof: false,
+            shut_host: false,
+        };
+        self.flows.insert(flow, io);
+        self.service(gw, now, flow);
     }
 
-    /// Drops `flow`'s host side, which resets its connection.
-    pub(super) fn drop_reset(&mut self, flow: FlowId) {
-        if let Some(io) = self.flows.remove(&flow) {
-            io.shared.reset.store(true, Ordering::Release);
-            io.shared.credits.close();
-        }
+    /// The flow of an epoll token, if it is a host socket's.
+    pub(super) fn token_flow(token: u64) -> Option<FlowId> {
+        (token & FLOW_TOKEN != 0).then_some(FlowId(token & !FLOW_TOKEN))
     }
 
-    /// The host side hands over `data` (its credits were taken).
-    pub(super) fn host_data(
+    /// The host socket of `flow` is ready in the ways `events` says.
+    pub(super) fn ready(
         &mut self,
         gw: &mut Gateway,
         now: Instant,
         flow: FlowId,
-        data: Vec<u8>,
+        events: EpollFlags,
     ) {
-        if let Some(io) = self.flows.get_mut(&flow) {
-            io.from_host.push_back(data);
-            self.service(gw, now, flow);
+        let Some(io) = self.flows.get_mut(&flow) else {
+            return;
+        };
+        let trouble = EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP;
+        if events.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | trouble) {
+            io.readable = true;
         }
+        if events.intersects(EpollFlags::EPOLLOUT | trouble) {
+            io.writable = true;
+        }
+        self.service(gw, now, flow);
     }
 
-    /// The host side is done sending.
-    pub(super) fn host_eof(&mut self, gw: &mut Gateway, now: Instant, flow: FlowId) {
-        if let Some(io) = self.flows.get_mut(&flow) {
-            io.host_eof = true;
-            self.service(gw, now, flow);
-        }
+    /// Closes the host socket of a flow that never came to be, with a reset.
+    pub(super) fn reset_unused(host: HostStream) {
+        let _ =
+            nix::sys::socket::setsockopt(&host.stream, nix::sys::socket::sockopt::Linger, &RESET);
     }
 
-    /// The host side failed: the flow is reset, and the host side stops waiting for credits.
-    pub(super) fn host_reset(&mut self, gw: &mut Gateway, now: Instant, flow: FlowId) {
-        if let Some(io) = self.flows.remove(&flow) {
-            io.shared.credits.close();
-        }
-        gw.tcp_abort(now, flow);
-    }
-
-    /// Moves bytes between a flow's smoltcp socket and its host side, both ways, as far as
-    /// the other side can take them, and propagates closes.
+    /// Moves bytes between a flow's smoltcp socket and its host socket, both ways, as far as
+    /// each side can take them, and passes closes and resets on.
     pub(super) fn service(&mut self, gw: &mut Gateway, now: Instant, flow: FlowId) {
         let Some(io) = self.flows.get_mut(&flow) else {
             return;
         };
-        // Container -> host, while the host side's queue has room.
-        loop {
-            if let Some(chunk) = io.stash.take() {
-                let len = chunk.len();
-                if io.shared.to_host_full(len) {
-                    // The flag, then the room again: see `host::splice`.
-                    io.shared.blocked.store(true, Ordering::SeqCst);
-                    if io.shared.to_host_full(len) {
-                        io.stash = Some(chunk);
-                        break;
-                    }
-                    io.shared.blocked.store(false, Ordering::SeqCst);
+        let mut failed = false;
+        // Host -> container, while the send buffer has room.
+        while io.readable && !io.host_eof {
+            let stream = &mut io.host.stream;
+            let moved = gw.tcp_send_with(now, flow, |buf| {
+                if buf.is_empty() {
+                    return (0, Moved::NoRoom);
                 }
-                let Some(to_host) = io.to_host.as_ref() else {
+                match stream.read(buf) {
+                    Ok(0) => (0, Moved::Eof),
+                    Ok(n) => (n, Moved::Bytes),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Moved::Again),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => (0, Moved::Bytes),
+                    Err(_) => (0, Moved::Failed),
+                }
+            });
+            match moved {
+                Some(Moved::Bytes) => {}
+                // Not established yet, closed for sending, or full: the gateway reports the
+                // flow when that changes.
+                None | Some(Moved::NoRoom) => break,
+                Some(Moved::Again) => io.readable = false,
+                Some(Moved::Eof) => {
+                    io.host_eof = true;
+                    gw.tcp_close(now, flow);
+                }
+                Some(Moved::Failed) => {
+                    failed = true;
                     break;
-                };
-                // Counted before it is queued, so the host side never counts below zero.
-                io.shared.to_host_bytes.fetch_add(len, Ordering::SeqCst);
-                let sent = match to_host.try_send(chunk) {
-                    Err(TrySendError::Full(c)) => {
-                        // The flag, then the queue again: the host side may have emptied it
-                        // since, and would then have nothing left to resume us for.
-                        io.shared.blocked.store(true, Ordering::SeqCst);
-                        to_host.try_send(c)
-                    }
-                    other => other,
-                };
-                match sent {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(c)) => {
-                        io.shared.to_host_bytes.fetch_sub(len, Ordering::SeqCst);
-                        io.stash = Some(c);
-                        break;
-                    }
-                    Err(TrySendError::Closed(_)) => {
-                        io.shared.to_host_bytes.fetch_sub(len, Ordering::SeqCst);
-                        break;
-                    }
                 }
             }
-            let Some(chunk) = gw.tcp_recv_chunk(now, flow, CHUNK_FROM_CONTAINER) else {
-                break;
-            };
-            io.stash = Some(chunk);
         }
-        // Host -> container, as far as the socket's send buffer allows.
-        while let Some(front) = io.from_host.front() {
-            let n = gw.tcp_send(now, flow, &front[io.offset..]);
-            io.shared.credits.add_permits(n);
-            io.offset += n;
-            if io.offset < front.len() {
-                break;
+        // Container -> host, while the host socket takes it.
+        while io.writable && !io.shut_host && !failed {
+            let stream = &mut io.host.stream;
+            let moved = gw.tcp_recv_with(now, flow, |data| match stream.write(data) {
+                // A stream socket that takes nothing without an error is broken.
+                Ok(0) => (0, Moved::Failed),
+                Ok(n) => (n, Moved::Bytes),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Moved::Again),
+                Err(e) if e.kind() == ErrorKind::Interrupted => (0, Moved::Bytes),
+                Err(_) => (0, Moved::Failed),
+            });
+            match moved {
+                Some(Moved::Bytes) => {}
+                None | Some(Moved::NoRoom) | Some(Moved::Eof) => break,
+                Some(Moved::Again) => io.writable = false,
+                Some(Moved::Failed) => failed = true,
             }
-            io.from_host.pop_front();
-            io.offset = 0;
-            io.shared.credits.add_permits(CHUNK_OVERHEAD);
         }
-        if io.host_eof && io.from_host.is_empty() && !io.fin_sent {
-            io.fin_sent = true;
-            gw.tcp_close(now, flow);
-        }
-        match gw.tcp_state(flow) {
-            FlowState::PeerClosed if io.stash.is_none() => {
-                // The container is done sending: closing our end of the queue lets the host
-                // side shut down its write half after the last byte.
-                io.to_host = None;
+        if failed {
+            // The host side broke: the container's side is reset too.
+            if let Some(io) = self.flows.remove(&flow) {
+                reset(io);
             }
-            FlowState::Closed => {
-                if let Some(io) = self.flows.remove(&flow) {
-                    if !io.fin_sent || io.stash.is_some() {
-                        io.shared.reset.store(true, Ordering::Release);
-                    }
-                    io.shared.credits.close();
-                }
-            }
-            _ => {}
+            gw.tcp_abort(now, flow);
+            return;
         }
+        if gw.tcp_state(flow) == FlowState::PeerClosed && !io.shut_host {
+            // The container is done sending and the host has all of it.
+            io.shut_host = true;
+            let _ = io.host.stream.shutdown(Shutdown::Write);
+        }
+    }
+
+    /// The gateway forgot `flow`. Only a clean end (both FINs through, every byte delivered)
+    /// closes the host socket gracefully; anything else (a reset, a timeout, bytes the host
+    /// never took) resets it.
+    pub(super) fn closed(&mut self, flow: FlowId, clean: bool) {
+        if let Some(io) = self.flows.remove(&flow)
+            && !(clean && io.host_eof)
+        {
+            reset(io);
+        }
+    }
+}
+
+/// `SO_LINGER` with a zero timeout: closing the socket then resets the connection.
+const RESET: libc::linger = libc::linger {
+    l_onoff: 1,
+    l_linger: 0,
+};
+
+/// Closes the host socket with a reset rather than a FIN.
+fn reset(io: FlowIo) {
+    TcpFlows::reset_unused(io.host);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flows' socket buffers are mapped on their own: their memory comes and goes with the flow.
+    #[test]
+    fn socket_buffers_are_mapped() {
+        const {
+            assert!(vswitch_nat::tcp::LARGE_BUF >= vswitch_netdev::MMAP_THRESHOLD);
+        }
+    }
+
+    #[test]
+    fn tokens_of_flows_never_look_like_ports_or_the_wake_up() {
+        let flow = FlowId(12345 << 4 | 3);
+        let token = FLOW_TOKEN | flow.0;
+        assert_eq!(TcpFlows::token_flow(token), Some(flow));
+        assert_eq!(TcpFlows::token_flow(7), None, "a port's index");
+        assert_ne!(token, u64::MAX);
     }
 }

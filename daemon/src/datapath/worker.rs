@@ -224,6 +224,11 @@ impl Worker {
                     self.drain_commands();
                     continue;
                 }
+                if let Some(flow) = TcpFlows::token_flow(token) {
+                    self.tcp
+                        .ready(&mut self.gateway, Instant::now(), flow, ev.events());
+                    continue;
+                }
                 let Some(port) = usize::try_from(token)
                     .ok()
                     .and_then(|i| self.bridge.port_at(i))
@@ -383,6 +388,7 @@ impl Worker {
             match ev {
                 TcpEvent::Syn { flow, src, dst } => self.services.dial(flow, src, dst),
                 TcpEvent::Activity(flow) => self.tcp.service(&mut self.gateway, now, flow),
+                TcpEvent::Closed { flow, clean } => self.tcp.closed(flow, clean),
             }
         }
         while let Some(frame) = self.gateway.poll_transmit() {
@@ -525,37 +531,27 @@ impl Worker {
             Command::NatOpen {
                 local,
                 remote,
-                channel,
+                host,
                 reply,
             } => {
+                // Without a flow the host socket is closed here, which the client sees.
                 let flow = self.gateway.tcp_connect(now, local, remote);
                 if let Some(f) = flow {
-                    self.tcp.insert(f, channel);
-                    if self.gateway.tcp_is_large(f) {
-                        self.tcp.make_large(f);
-                    }
+                    self.tcp
+                        .insert(&self.epoll, &mut self.gateway, now, f, host);
                 }
                 let _ = reply.send(flow);
             }
-            Command::NatDialed { flow, channel } => match channel {
-                Some(ch) => {
-                    self.tcp.insert(flow, ch);
-                    if !self.gateway.tcp_established(now, flow) {
-                        // The container gave up, or the SYN waited too long: the host
-                        // connection is reset.
-                        self.tcp.drop_reset(flow);
-                    } else if self.gateway.tcp_is_large(flow) {
-                        self.tcp.make_large(flow);
-                    }
+            Command::NatDialed { flow, host } => match host {
+                // The container may have given up, or its SYN waited too long: the host
+                // connection is then reset.
+                Some(h) if self.gateway.tcp_established(now, flow) => {
+                    self.tcp
+                        .insert(&self.epoll, &mut self.gateway, now, flow, h);
                 }
+                Some(h) => TcpFlows::reset_unused(h),
                 None => self.gateway.tcp_abort(now, flow),
             },
-            Command::NatHostData { flow, data } => {
-                self.tcp.host_data(&mut self.gateway, now, flow, data)
-            }
-            Command::NatHostEof { flow } => self.tcp.host_eof(&mut self.gateway, now, flow),
-            Command::NatHostReset { flow } => self.tcp.host_reset(&mut self.gateway, now, flow),
-            Command::NatResume { flow } => self.tcp.service(&mut self.gateway, now, flow),
             Command::IcmpIn { key, frame } => {
                 self.injector.taken(frame.len());
                 if self.services.icmp.touch(now, &key).is_some() {

@@ -3,8 +3,8 @@
 //!
 //! - [`published`]: published ports' accept loops;
 //! - [`masq`]: the gateway ports of published-port clients shown as the gateway;
-//! - [`outbound`]: dialling containers' TCP destinations, receiving their UDP and ping answers;
-//! - [`splice`]: moving a TCP flow's bytes between a host socket and the datapath;
+//! - [`outbound`]: dialling containers' TCP destinations (the connected socket goes to the
+//!   datapath, which moves the flow's bytes itself), receiving their UDP and ping answers;
 //! - [`direct`]: the in-kernel path of published ports for loopback clients;
 //! - [`dns`]: relaying DNS queries upstream.
 //!
@@ -16,5 +16,4 @@ pub mod dns;
 pub mod masq;
 pub mod outbound;
 pub mod published;
-pub mod splice;
 pub mod vxlan;

@@ -9,8 +9,7 @@ use tokio::net::TcpStream;
 use vswitch_nat::FlowId;
 use vswitch_nat::frame::{EchoFlow, echo_reply_frame, udp_frame};
 
-use super::splice::splice;
-use crate::datapath::{FlowChannel, FlowReceive, Injector, NatJob, ReceiveKind};
+use crate::datapath::{FlowReceive, HostStream, Injector, NatJob, ReceiveKind};
 
 /// Receive buffer of each outbound UDP or ping flow: up to 4096 flows per network each hold
 /// one, so it is sized for what can reach a container unfragmented (and EDNS answers), not
@@ -59,11 +58,7 @@ async fn dial(
     injector: Injector,
 ) {
     match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(target)).await {
-        Ok(Ok(stream)) => {
-            let (ch, rx, shared) = FlowChannel::new();
-            injector.nat_dialed(flow, Some(ch));
-            splice(stream, flow, injector, rx, shared).await;
-        }
+        Ok(Ok(stream)) => injector.nat_dialed(flow, HostStream::new(stream).ok()),
         Ok(Err(e)) => {
             tracing::debug!(%src, %dst, error = %e, "outbound connection refused");
             injector.nat_dialed(flow, None);

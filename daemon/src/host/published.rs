@@ -11,8 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use super::masq;
-use super::splice::splice;
-use crate::datapath::{FlowChannel, Injector};
+use crate::datapath::{HostStream, Injector};
 
 /// Most clients of one published UDP port that are shown as the gateway and remembered at once
 /// (the oldest are forgotten when full).
@@ -134,12 +133,15 @@ pub async fn serve_published_tcp(
                 None => SocketAddr::new(ip, client.port()),
                 Some(l) => SocketAddr::new(gateway, l.port()),
             };
-            let (ch, rx, shared) = FlowChannel::new();
-            match injector.nat_open(local, container, ch).await {
-                Some(flow) => splice(stream, flow, injector, rx, shared).await,
-                None => drop(stream),
-            }
-            drop(lease);
+            // From here the datapath moves the bytes itself; the lease lasts as long as the flow.
+            let Ok(host) = HostStream::new(stream) else {
+                return;
+            };
+            let host = match lease {
+                Some(l) => host.keeping(l),
+                None => host,
+            };
+            let _ = injector.nat_open(local, container, host).await;
         });
     }
 }

@@ -101,61 +101,92 @@ impl Gateway {
     /// Moves up to `data.len()` bytes into the flow's send buffer; returns how many it took.
     /// If it took less, the flow reports activity once there is room again.
     pub fn tcp_send(&mut self, now: Instant, flow: FlowId, data: &[u8]) -> usize {
+        let mut taken = 0;
+        while taken < data.len() {
+            let rest = &data[taken..];
+            let n = self
+                .tcp_send_with(now, flow, |buf| {
+                    let n = buf.len().min(rest.len());
+                    buf[..n].copy_from_slice(&rest[..n]);
+                    (n, n)
+                })
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            taken += n;
+        }
+        taken
+    }
+
+    /// Lets `fill` write straight into the free part of the flow's send buffer (one contiguous
+    /// piece of it, possibly empty); `fill` returns how many bytes it wrote and a result of its
+    /// own. `None` if the flow cannot send (gone, not yet established, or closed for sending).
+    /// Whenever the buffer is left full, the flow reports activity once it has room again.
+    pub fn tcp_send_with<R>(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        fill: impl FnOnce(&mut [u8]) -> (usize, R),
+    ) -> Option<R> {
         let k = shard_of(flow);
-        let Some(shard) = self.shards.get_mut(k) else {
-            return 0;
-        };
-        let Some(f) = shard.flows.flows.get_mut(&flow) else {
-            return 0;
-        };
+        let shard = self.shards.get_mut(k)?;
+        let f = shard.flows.flows.get_mut(&flow)?;
         let s = shard.sockets.get_mut::<tcp::Socket>(f.handle);
-        let n = if s.may_send() {
-            s.send_slice(data).unwrap_or(0)
-        } else {
-            0
-        };
-        if n < data.len() {
+        if !s.may_send() {
+            return None;
+        }
+        let (n, r) = s
+            .send(|buf| {
+                let (n, r) = fill(buf);
+                let n = n.min(buf.len());
+                (n, (n, r))
+            })
+            .ok()?;
+        if s.send_queue() >= s.send_capacity() {
             f.want_write = true;
         }
         if n > 0 {
             self.poll(now, k);
         }
-        n
+        Some(r)
     }
 
     /// Reads what the container sent, up to `buf.len()` bytes.
     pub fn tcp_recv(&mut self, now: Instant, flow: FlowId, buf: &mut [u8]) -> usize {
-        let Some((k, s)) = self.flow_socket(flow) else {
-            return 0;
-        };
-        let n = if s.can_recv() {
-            s.recv_slice(buf).unwrap_or(0)
-        } else {
-            0
-        };
-        if n > 0 {
-            // Window updates go out with the next poll; do it now so the sender is not stalled.
-            self.poll(now, k);
-        }
-        n
+        self.tcp_recv_with(now, flow, |data| {
+            let n = data.len().min(buf.len());
+            buf[..n].copy_from_slice(&data[..n]);
+            (n, n)
+        })
+        .unwrap_or(0)
     }
 
-    /// Takes up to `max` bytes the container sent as one new buffer (one copy, no zeroing);
-    /// `None` if there is nothing to read.
-    pub fn tcp_recv_chunk(&mut self, now: Instant, flow: FlowId, max: usize) -> Option<Vec<u8>> {
+    /// Lets `drain` take bytes the container sent straight from the flow's receive buffer (one
+    /// contiguous piece of it, never empty); `drain` returns how many it took and a result of
+    /// its own. `None` if there is nothing to read.
+    pub fn tcp_recv_with<R>(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        drain: impl FnOnce(&[u8]) -> (usize, R),
+    ) -> Option<R> {
         let (k, s) = self.flow_socket(flow)?;
         if !s.can_recv() {
             return None;
         }
-        let chunk = s
+        let (n, r) = s
             .recv(|data| {
-                let n = data.len().min(max);
-                (n, data[..n].to_vec())
+                let (n, r) = drain(data);
+                let n = n.min(data.len());
+                (n, (n, r))
             })
-            .ok()
-            .filter(|c| !c.is_empty())?;
-        self.poll(now, k);
-        Some(chunk)
+            .ok()?;
+        if n > 0 {
+            // Window updates go out with the next poll; do it now so the sender is not stalled.
+            self.poll(now, k);
+        }
+        Some(r)
     }
 
     /// Half-closes the flow towards the container (FIN after the queued data).

@@ -407,7 +407,7 @@ fn thousands_of_flows_spread_over_shards_each_reach_their_own_socket() {
             .iter()
             .filter_map(|e| match e {
                 crate::TcpEvent::Syn { flow, src, .. } => Some((*flow, src.port())),
-                crate::TcpEvent::Activity(_) => None,
+                _ => None,
             })
             .collect();
         match syns.as_slice() {

@@ -18,7 +18,7 @@ fn held_syn(t: Instant, gw: &mut Gateway, port: u16) -> FlowId {
         .into_iter()
         .find_map(|e| match e {
             crate::TcpEvent::Syn { flow, .. } => Some(flow),
-            crate::TcpEvent::Activity(_) => None,
+            _ => None,
         })
         .expect("a Syn event")
 }
@@ -52,7 +52,7 @@ fn a_container_that_resets_the_handshake_leaves_no_listener_behind() {
     gw.handle_frame(t, &with_vnet(out));
     let events = gw.poll_tcp_events();
     assert!(
-        events.contains(&crate::TcpEvent::Activity(flow)),
+        events.contains(&crate::TcpEvent::Closed { flow, clean: false }),
         "{events:?}"
     );
     assert_eq!(gw.tcp_state(flow), crate::FlowState::Closed);
