@@ -30,10 +30,16 @@ while True:
 
 /// Connects to HOST:PORT and sends N bytes, then half-closes and prints "<first line> <bytes
 /// after it>" once the server closes. With "reset" as N it sends that word and prints what
-/// ending it saw; with "abort" it sends 100 kB and resets the connection itself.
+/// ending it saw; with "abort" it sends 100 kB and resets the connection itself; with "hold"
+/// it waits for the connection to end.
 const CLIENT: &str = "import socket,struct,sys,time
 s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=20)
 arg=sys.argv[3]
+if arg=='hold':
+  s.settimeout(60)
+  try: print('ended', len(s.recv(10)))
+  except ConnectionResetError: print('ended reset')
+  sys.exit()
 if arg=='abort':
   s.sendall(b'a'*100000); time.sleep(0.5)
   s.setsockopt(socket.SOL_SOCKET,socket.SO_LINGER,struct.pack('ii',1,0)); s.close(); print('aborted'); sys.exit()
@@ -177,4 +183,25 @@ fn gateway_flows_carry_bytes_half_closes_and_resets_both_ways() {
         "no flows left: {:?}",
         flows()
     );
+
+    // A client held open on the published port is cut off when the endpoint is detached,
+    // not left until the flow times out.
+    let mut held = std::process::Command::new("ip")
+        .args(["netns", "exec", &outside.ns.name, "python3", "-c", CLIENT])
+        .args([Outside::DAEMON_IP, "9001", "hold"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("client");
+    assert!(
+        vswitch_tests::wait_until(secs(10), || flows() == Some(1)),
+        "the held connection is a flow"
+    );
+    d.ok(&["detach", "svc"]);
+    let ended = vswitch_tests::wait_until(secs(10), || matches!(held.try_wait(), Ok(Some(_))));
+    if !ended {
+        let _ = held.kill();
+    }
+    let out = held.wait_with_output().expect("client output");
+    assert!(ended, "detach ends gateway flows");
+    assert_eq!(text(&out.stdout).trim(), "ended reset");
 }

@@ -385,7 +385,11 @@ impl Gateway {
     }
 
     /// When the stack next needs [`Self::handle_timeout`]; `None` if it has nothing pending.
-    pub fn poll_timeout(&mut self, _now: Instant) -> Option<Instant> {
+    pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
+        if !self.tcp_events.is_empty() {
+            // Events the caller has not taken yet: it should come back at once.
+            return Some(now);
+        }
         let stack = self.shards.iter().filter_map(|s| s.due).min();
         let idle = self.stream.as_ref().and_then(StreamService::next_deadline);
         let held = self.held_sweep;

@@ -29,13 +29,13 @@ pub fn release_free_memory() -> bool {
 /// [`return_large_blocks_to_the_kernel`] is called.
 pub const MMAP_THRESHOLD: usize = 260 * 1024;
 
-/// Allocations of [`MMAP_THRESHOLD`] and more (a TCP flow's socket buffers, sized just above
-/// it) get mappings of their own: a zeroed buffer costs no memory until written, and freeing
-/// it gives the memory back to the kernel. glibc's default raises its threshold each time
-/// such a block is freed, after which large buffers come from the heap: zeroed by hand (all
-/// resident at once) and kept by the process after they are freed. Blocks that come and go
-/// by the thousand per second (the splice's 256 KiB chunks) stay below it, on the heap: a
-/// mapping each would cost a page fault per 4 KiB moved. Call it once, early.
+/// Allocations of [`MMAP_THRESHOLD`] and more (a large TCP flow's socket buffers) get
+/// mappings of their own: a zeroed buffer costs no memory until written, and freeing it gives
+/// the memory back to the kernel. glibc's default raises its threshold each time such a block
+/// is freed, after which large buffers come from the heap: zeroed by hand (all resident at
+/// once) and kept by the process after they are freed. Blocks that come and go by the
+/// thousand per second must stay below it, on the heap: a mapping each would cost a page
+/// fault per 4 KiB moved. Call it once, early.
 pub fn return_large_blocks_to_the_kernel() -> std::io::Result<()> {
     sys::set_mmap_threshold(MMAP_THRESHOLD as libc::c_int)
 }

@@ -101,6 +101,10 @@ pub(super) enum Command {
         flow: FlowId,
         host: Option<HostStream>,
     },
+    /// Reset a flow (its published port or endpoint went away).
+    NatAbort {
+        flow: FlowId,
+    },
     /// A datagram from the host side of a UDP flow, as a frame ready for the container.
     UdpIn {
         key: UdpKey,
@@ -281,6 +285,10 @@ impl Injector {
 
     pub fn nat_dialed(&self, flow: FlowId, host: Option<HostStream>) {
         self.send(Command::NatDialed { flow, host });
+    }
+
+    pub fn nat_abort(&self, flow: FlowId) {
+        self.send(Command::NatAbort { flow });
     }
 
     /// Hands an echo reply (as a frame) for the ping flow `key` to the datapath.

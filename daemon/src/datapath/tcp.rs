@@ -113,6 +113,14 @@ impl TcpFlows {
             return;
         };
         let trouble = EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP;
+        if events.contains(EpollFlags::EPOLLERR)
+            && matches!(io.host.stream.take_error(), Ok(Some(_)) | Err(_))
+        {
+            // A reset or an error on the host side: the container's side is reset at once,
+            // not when the flow next has bytes to move.
+            self.abort(gw, now, flow);
+            return;
+        }
         if events.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | trouble) {
             io.readable = true;
         }
@@ -120,6 +128,14 @@ impl TcpFlows {
             io.writable = true;
         }
         self.service(gw, now, flow);
+    }
+
+    /// Resets `flow` on both sides.
+    pub(super) fn abort(&mut self, gw: &mut Gateway, now: Instant, flow: FlowId) {
+        if let Some(io) = self.flows.remove(&flow) {
+            reset(io);
+        }
+        gw.tcp_abort(now, flow);
     }
 
     /// Closes the host socket of a flow that never came to be, with a reset.
@@ -186,10 +202,7 @@ impl TcpFlows {
         }
         if failed {
             // The host side broke: the container's side is reset too.
-            if let Some(io) = self.flows.remove(&flow) {
-                reset(io);
-            }
-            gw.tcp_abort(now, flow);
+            self.abort(gw, now, flow);
             return;
         }
         if gw.tcp_state(flow) == FlowState::PeerClosed && !io.shut_host {
@@ -206,6 +219,16 @@ impl TcpFlows {
         if let Some(io) = self.flows.remove(&flow)
             && !(clean && io.host_eof)
         {
+            reset(io);
+        }
+    }
+}
+
+impl Drop for TcpFlows {
+    /// The datapath stops (its network is removed, or the daemon exits): no host connection
+    /// may look as if it ended cleanly.
+    fn drop(&mut self) {
+        for (_, io) in self.flows.drain() {
             reset(io);
         }
     }

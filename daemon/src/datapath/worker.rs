@@ -31,6 +31,10 @@ const BATCH: usize = 64;
 /// Largest frame a vnet TAP hands over: a 64 KiB GSO frame plus Ethernet and virtio headers.
 const FRAME_BUF: usize = VNET_HDR_LEN + 14 + 65_535 + 64;
 const WAKE_TOKEN: u64 = u64::MAX;
+/// Rounds of TCP events one flush takes at most (each round's servicing may raise a few
+/// more); what is left waits for the next wake-up, which `Gateway::poll_timeout` makes
+/// immediate.
+const EVENT_ROUNDS: usize = 8;
 const GATEWAY_NAME: &str = "(gateway)";
 const TUNNEL_NAME: &str = "(tunnel)";
 /// DNS over TCP on the virtual network: connections per network, and how long a client may take
@@ -384,11 +388,19 @@ impl Worker {
                 StreamAnswer::Unanswered => self.gateway.stream_unanswered(now, conn),
             }
         }
-        for ev in self.gateway.poll_tcp_events() {
-            match ev {
-                TcpEvent::Syn { flow, src, dst } => self.services.dial(flow, src, dst),
-                TcpEvent::Activity(flow) => self.tcp.service(&mut self.gateway, now, flow),
-                TcpEvent::Closed { flow, clean } => self.tcp.closed(flow, clean),
+        // Servicing a flow polls the gateway, which may raise more events (a flow drained of
+        // its last bytes closes): take those too, or they would wait for the next wake-up.
+        for _ in 0..EVENT_ROUNDS {
+            let events = self.gateway.poll_tcp_events();
+            if events.is_empty() {
+                break;
+            }
+            for ev in events {
+                match ev {
+                    TcpEvent::Syn { flow, src, dst } => self.services.dial(flow, src, dst),
+                    TcpEvent::Activity(flow) => self.tcp.service(&mut self.gateway, now, flow),
+                    TcpEvent::Closed { flow, clean } => self.tcp.closed(flow, clean),
+                }
             }
         }
         while let Some(frame) = self.gateway.poll_transmit() {
@@ -534,11 +546,13 @@ impl Worker {
                 host,
                 reply,
             } => {
-                // Without a flow the host socket is closed here, which the client sees.
+                // Without a flow the client is reset.
                 let flow = self.gateway.tcp_connect(now, local, remote);
-                if let Some(f) = flow {
-                    self.tcp
-                        .insert(&self.epoll, &mut self.gateway, now, f, host);
+                match flow {
+                    Some(f) => self
+                        .tcp
+                        .insert(&self.epoll, &mut self.gateway, now, f, host),
+                    None => TcpFlows::reset_unused(host),
                 }
                 let _ = reply.send(flow);
             }
@@ -552,6 +566,7 @@ impl Worker {
                 Some(h) => TcpFlows::reset_unused(h),
                 None => self.gateway.tcp_abort(now, flow),
             },
+            Command::NatAbort { flow } => self.tcp.abort(&mut self.gateway, now, flow),
             Command::IcmpIn { key, frame } => {
                 self.injector.taken(frame.len());
                 if self.services.icmp.touch(now, &key).is_some() {

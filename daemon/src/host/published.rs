@@ -133,16 +133,37 @@ pub async fn serve_published_tcp(
                 None => SocketAddr::new(ip, client.port()),
                 Some(l) => SocketAddr::new(gateway, l.port()),
             };
-            // From here the datapath moves the bytes itself; the lease lasts as long as the flow.
+            // From here the datapath moves the bytes itself. The lease, and `done`, last as long
+            // as the flow; this task waits for `done` to go, so that aborting it (detach, GC)
+            // still ends the connection.
             let Ok(host) = HostStream::new(stream) else {
                 return;
             };
-            let host = match lease {
-                Some(l) => host.keeping(l),
-                None => host,
-            };
-            let _ = injector.nat_open(local, container, host).await;
+            let (done, over) = tokio::sync::oneshot::channel::<()>();
+            let host = host.keeping((lease, done));
+            if let Some(flow) = injector.nat_open(local, container, host).await {
+                let abort = AbortOnDrop(Some((injector, flow)));
+                let _ = over.await;
+                abort.disarm();
+            }
         });
+    }
+}
+
+/// Resets a gateway flow when dropped, unless disarmed: the task carrying it was aborted.
+struct AbortOnDrop(Option<(Injector, vswitch_nat::FlowId)>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some((injector, flow)) = self.0.take() {
+            injector.nat_abort(flow);
+        }
     }
 }
 
