@@ -120,4 +120,8 @@ print('|---|---|---|---|---|---|')
 for m in ['sat_qps', 'sat_avg_us', '2k_qps', '2k_avg_us']:
     v, q, a = med(m, 'vswitch'), med(m, 'dnsmasq'), med(m, 'aardvark')
     print(f'| {m} | {f(v)} | {f(q)} | {f(a)} | {r(v, q)} | {r(v, a)} |')
+# Repeats are interleaved: the ratio within each, to show its spread.
+pairs = zip(d.get('sat_qps', {}).get('vswitch', []), d.get('sat_qps', {}).get('dnsmasq', []))
+print('\nsaturated queries/s, vswitch / dnsmasq in each repeat: '
+      + ', '.join(f'{a / b:.2f}x' for a, b in pairs if b))
 PY

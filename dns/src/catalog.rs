@@ -165,6 +165,8 @@ pub struct Catalog {
     clients: HashMap<String, HashMap<IpAddr, String>>,
     /// scope key -> (network id, endpoint id) of each of its endpoints.
     scopes: HashMap<String, Vec<(String, String)>>,
+    /// Bumped by every change: answers kept from an older generation are stale.
+    generation: u64,
 }
 
 impl Catalog {
@@ -174,10 +176,12 @@ impl Catalog {
     }
 
     pub fn add_network(&mut self, id: &str, zone: Zone) {
+        self.generation += 1;
         self.zones.insert(id.to_owned(), zone);
     }
 
     pub fn remove_network(&mut self, id: &str) {
+        self.generation += 1;
         self.zones.remove(id);
         self.clients.remove(id);
         for eps in self.scopes.values_mut() {
@@ -188,6 +192,7 @@ impl Catalog {
 
     /// Registers an endpoint's names on network `net_id`. They resolve from this call on.
     pub fn add_endpoint(&mut self, net_id: &str, ep: &EndpointRecords) {
+        self.generation += 1;
         let Some(zone) = self.zones.get_mut(net_id) else {
             return;
         };
@@ -204,6 +209,7 @@ impl Catalog {
 
     /// Removes an endpoint's names. They stop resolving from this call on.
     pub fn remove_endpoint(&mut self, net_id: &str, endpoint_id: &str) {
+        self.generation += 1;
         let Some(zone) = self.zones.get_mut(net_id) else {
             return;
         };
@@ -217,6 +223,11 @@ impl Catalog {
             eps.retain(|(n, e)| !(n == net_id && e == endpoint_id));
         }
         self.scopes.retain(|_, v| !v.is_empty());
+    }
+
+    /// Changes so far: two reads with the same generation saw the same catalog.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn zone(&self, net_id: &str) -> Option<&Zone> {

@@ -115,6 +115,8 @@ pub(super) struct Services {
     pub(super) nat: bool,
     pub(super) udp: UdpFlows<UdpFlow>,
     pub(super) icmp: IcmpFlows<IcmpFlow>,
+    /// Recent local answers to UDP queries, given again for the same query.
+    pub(super) dns_cache: vswitch_dns::AnswerCache,
     /// Queries answered here, by response code, and refused for the fair share.
     pub(super) dns_local: [u64; 16],
     pub(super) dns_refused: u64,
@@ -147,7 +149,7 @@ impl Services {
             client: u.src.ip(),
             namespace,
         };
-        let answer = match hook.responder.answer(asker, Transport::Udp, u.payload) {
+        let answer = match self.dns_cache.answer_udp(&hook.responder, asker, u.payload) {
             Outcome::Reply(answer) => {
                 self.count_local(&answer);
                 Some(answer)

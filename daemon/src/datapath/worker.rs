@@ -145,6 +145,7 @@ impl Worker {
             nat: gateway.nat,
             udp: UdpFlows::default(),
             icmp: IcmpFlows::default(),
+            dns_cache: vswitch_dns::AnswerCache::default(),
             dns_local: [0; 16],
             dns_refused: 0,
             udp_evicted: 0,
