@@ -10,7 +10,8 @@
 //! [`MAX_QUERY`] bytes, with at most one answer record: a name with several addresses rotates
 //! them from one answer to the next, so its answers are never repeated. An entry is good for
 //! one catalog generation only. The cache belongs to one caller (a datapath thread), so it
-//! needs no lock; it holds at most [`MAX_ENTRIES`] entries and is emptied when full.
+//! needs no lock; it holds at most [`MAX_ENTRIES`] entries, and when full one entry makes way
+//! for the next, so a flood of unique queries churns the cache without wiping it at once.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
@@ -18,12 +19,13 @@ use std::net::IpAddr;
 
 use crate::responder::{Asker, Outcome, Responder, Transport};
 
-/// Entries at most: about 1.5 KiB each at worst.
+/// Entries at most: about 2 KiB each at worst (a 512-byte query, a 1232-byte answer).
 pub const MAX_ENTRIES: usize = 1024;
 /// Longest query kept (a question and an OPT record fit many times over).
 pub const MAX_QUERY: usize = 512;
 
 struct Entry {
+    network_id: Box<str>,
     namespace: Option<Box<str>>,
     client: IpAddr,
     /// The query without its id.
@@ -60,12 +62,13 @@ impl std::fmt::Debug for AnswerCache {
 }
 
 impl AnswerCache {
-    /// What `responder` would answer to `query` over UDP from `asker` on network
-    /// `network_id`: from the cache when it can be, else from the responder (and kept if it
-    /// may be).
+    /// What `responder` would answer to `query` over UDP from `asker`: from the cache when it
+    /// can be, else from the responder (and kept if it may be).
     pub fn answer_udp(&mut self, responder: &Responder, asker: Asker<'_>, query: &[u8]) -> Outcome {
         let Asker::Network {
-            client, namespace, ..
+            network_id,
+            client,
+            namespace,
         } = asker
         else {
             return responder.answer(asker, Transport::Udp, query);
@@ -81,9 +84,16 @@ impl AnswerCache {
             self.entries.clear();
             self.generation = generation;
         }
-        let key = self.key(namespace, client, body);
+        // With the port's scope known, the client's address changes nothing in the answer:
+        // it is left out, so spoofed sources cannot multiply the entries.
+        let client = match namespace {
+            Some(_) => IpAddr::from([0u8; 4]),
+            None => client,
+        };
+        let key = self.key(network_id, namespace, client, body);
         if let Some(e) = self.entries.get(&key)
             && e.client == client
+            && *e.network_id == *network_id
             && e.namespace.as_deref() == namespace
             && *e.query == *body
         {
@@ -96,12 +106,17 @@ impl AnswerCache {
         if let Outcome::Reply(answer) = &outcome
             && repeatable(answer)
         {
-            if self.entries.len() >= MAX_ENTRIES {
-                self.entries.clear();
+            if self.entries.len() >= MAX_ENTRIES
+                && !self.entries.contains_key(&key)
+                && let Some(&old) = self.entries.keys().next()
+            {
+                // An arbitrary entry (the map's order follows a random hash) makes way.
+                self.entries.remove(&old);
             }
             self.entries.insert(
                 key,
                 Entry {
+                    network_id: network_id.into(),
                     namespace: namespace.map(Into::into),
                     client,
                     query: body.into(),
@@ -126,8 +141,9 @@ impl AnswerCache {
         self.entries.is_empty()
     }
 
-    fn key(&self, namespace: Option<&str>, client: IpAddr, body: &[u8]) -> u64 {
+    fn key(&self, network_id: &str, namespace: Option<&str>, client: IpAddr, body: &[u8]) -> u64 {
         let mut h = self.hasher.build_hasher();
+        network_id.hash(&mut h);
         namespace.hash(&mut h);
         client.hash(&mut h);
         body.hash(&mut h);
@@ -306,7 +322,7 @@ mod tests {
             ResponseCode::NXDomain,
             "ns1's address from ns2's port sees what ns2 sees"
         );
-        assert_eq!(c.hits(), 0);
+        assert_eq!(c.hits(), 1, "ns2's own entry, whatever the source claims");
     }
 
     #[test]
@@ -317,9 +333,29 @@ mod tests {
             let _ = c.answer_udp(&r, asker("10.1.0.2", "ns1"), &query(1, &format!("n{i}")));
             assert!(c.len() <= MAX_ENTRIES);
         }
+        assert_eq!(c.len(), MAX_ENTRIES, "one entry made way, not all of them");
         let long = vec![0u8; MAX_QUERY + 1];
         let _ = c.answer_udp(&r, asker("10.1.0.2", "ns1"), &long);
         let _ = c.answer_udp(&r, asker("10.1.0.2", "ns1"), &long);
         assert_eq!(c.hits(), 0, "long queries are not kept");
+    }
+
+    #[test]
+    fn spoofed_sources_share_their_port_s_entry_and_unscoped_askers_have_their_own() {
+        let r = responder();
+        let mut c = AnswerCache::default();
+        for i in 0..50 {
+            let a = asker(&format!("10.9.0.{i}"), "ns1");
+            let _ = c.answer_udp(&r, a, &query(3, "tomcat82"));
+        }
+        assert_eq!((c.len(), c.hits()), (1, 49));
+        let unscoped = |client: &str| Asker::Network {
+            network_id: NET,
+            client: ip(client),
+            namespace: None,
+        };
+        let _ = c.answer_udp(&r, unscoped("10.1.0.2"), &query(3, "tomcat82"));
+        let _ = c.answer_udp(&r, unscoped("10.1.0.3"), &query(3, "tomcat82"));
+        assert_eq!((c.len(), c.hits()), (3, 49));
     }
 }

@@ -156,6 +156,12 @@ pub type Upstreams = Arc<[SocketAddr]>;
 /// responders (which read it per query) share it.
 pub type SharedCatalog = Arc<parking_lot::RwLock<Catalog>>;
 
+/// A generation number never handed out before in this process.
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Every network's zone, and which client sees which networks.
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
@@ -165,7 +171,8 @@ pub struct Catalog {
     clients: HashMap<String, HashMap<IpAddr, String>>,
     /// scope key -> (network id, endpoint id) of each of its endpoints.
     scopes: HashMap<String, Vec<(String, String)>>,
-    /// Bumped by every change: answers kept from an older generation are stale.
+    /// Set anew by every change, from a counter of the whole process: answers kept from
+    /// another generation are stale, even across a catalog replaced wholesale.
     generation: u64,
 }
 
@@ -176,12 +183,12 @@ impl Catalog {
     }
 
     pub fn add_network(&mut self, id: &str, zone: Zone) {
-        self.generation += 1;
+        self.generation = next_generation();
         self.zones.insert(id.to_owned(), zone);
     }
 
     pub fn remove_network(&mut self, id: &str) {
-        self.generation += 1;
+        self.generation = next_generation();
         self.zones.remove(id);
         self.clients.remove(id);
         for eps in self.scopes.values_mut() {
@@ -192,7 +199,7 @@ impl Catalog {
 
     /// Registers an endpoint's names on network `net_id`. They resolve from this call on.
     pub fn add_endpoint(&mut self, net_id: &str, ep: &EndpointRecords) {
-        self.generation += 1;
+        self.generation = next_generation();
         let Some(zone) = self.zones.get_mut(net_id) else {
             return;
         };
@@ -209,7 +216,7 @@ impl Catalog {
 
     /// Removes an endpoint's names. They stop resolving from this call on.
     pub fn remove_endpoint(&mut self, net_id: &str, endpoint_id: &str) {
-        self.generation += 1;
+        self.generation = next_generation();
         let Some(zone) = self.zones.get_mut(net_id) else {
             return;
         };
