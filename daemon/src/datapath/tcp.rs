@@ -60,7 +60,7 @@ pub(super) struct TcpFlows {
 impl TcpFlows {
     /// Splices `flow` to `host`, registering the socket with `epoll`. On failure the flow is
     /// reset and the host socket closed.
-    pub(super) fn insert(
+    fn insert(
         &mut self,
         epoll: &Epoll,
         gw: &mut Gateway,
@@ -94,6 +94,42 @@ impl TcpFlows {
         };
         self.flows.insert(flow, io);
         self.service(gw, now, flow);
+    }
+
+    /// Opens a flow to a container from `local` to `remote` (a published port's client),
+    /// spliced to `host`; without one (the table is full) the client is reset.
+    pub(super) fn open(
+        &mut self,
+        epoll: &Epoll,
+        gw: &mut Gateway,
+        now: Instant,
+        (local, remote): (std::net::SocketAddr, std::net::SocketAddr),
+        host: HostStream,
+    ) -> Option<FlowId> {
+        let flow = gw.tcp_connect(now, local, remote);
+        match flow {
+            Some(f) => self.insert(epoll, gw, now, f, host),
+            None => Self::reset_unused(host),
+        }
+        flow
+    }
+
+    /// The dial of a held outbound connection came back: with its socket the container's SYN
+    /// is answered and the flow spliced; without, the container is refused. A container that
+    /// gave up meanwhile (or whose SYN waited too long) has its host connection reset.
+    pub(super) fn dialed(
+        &mut self,
+        epoll: &Epoll,
+        gw: &mut Gateway,
+        now: Instant,
+        flow: FlowId,
+        host: Option<HostStream>,
+    ) {
+        match host {
+            Some(h) if gw.tcp_established(now, flow) => self.insert(epoll, gw, now, flow, h),
+            Some(h) => Self::reset_unused(h),
+            None => gw.tcp_abort(now, flow),
+        }
     }
 
     /// The flow of an epoll token, if it is a host socket's.

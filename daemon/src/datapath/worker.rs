@@ -547,26 +547,15 @@ impl Worker {
                 host,
                 reply,
             } => {
-                // Without a flow the client is reset.
-                let flow = self.gateway.tcp_connect(now, local, remote);
-                match flow {
-                    Some(f) => self
-                        .tcp
-                        .insert(&self.epoll, &mut self.gateway, now, f, host),
-                    None => TcpFlows::reset_unused(host),
-                }
+                let flow =
+                    self.tcp
+                        .open(&self.epoll, &mut self.gateway, now, (local, remote), host);
                 let _ = reply.send(flow);
             }
-            Command::NatDialed { flow, host } => match host {
-                // The container may have given up, or its SYN waited too long: the host
-                // connection is then reset.
-                Some(h) if self.gateway.tcp_established(now, flow) => {
-                    self.tcp
-                        .insert(&self.epoll, &mut self.gateway, now, flow, h);
-                }
-                Some(h) => TcpFlows::reset_unused(h),
-                None => self.gateway.tcp_abort(now, flow),
-            },
+            Command::NatDialed { flow, host } => {
+                self.tcp
+                    .dialed(&self.epoll, &mut self.gateway, now, flow, host)
+            }
             Command::NatAbort { flow } => self.tcp.abort(&mut self.gateway, now, flow),
             Command::IcmpIn { key, frame } => {
                 self.injector.taken(frame.len());
