@@ -171,7 +171,10 @@ impl Gateway {
         flow: FlowId,
         drain: impl FnOnce(&[u8]) -> (usize, R),
     ) -> Option<R> {
-        let (k, s) = self.flow_socket(flow)?;
+        let k = shard_of(flow);
+        let shard = self.shards.get_mut(k)?;
+        let f = shard.flows.flows.get_mut(&flow)?;
+        let s = shard.sockets.get_mut::<tcp::Socket>(f.handle);
         if !s.can_recv() {
             return None;
         }
@@ -182,6 +185,11 @@ impl Gateway {
                 (n, (n, r))
             })
             .ok()?;
+        let bulk = n >= crate::tcp::BULK_DRAIN;
+        if bulk != f.bulk {
+            f.bulk = bulk;
+            s.set_ack_delay(bulk.then_some(crate::tcp::BULK_ACK_DELAY));
+        }
         if n > 0 {
             // Window updates go out with the next poll; do it now so the sender is not stalled.
             self.poll(now, k);

@@ -658,4 +658,5 @@ fn a_gateway_needs_unicast_addresses() {
     assert!(Gateway::new(&config(GW_MAC, GW), t).is_ok());
 }
 
+mod acks;
 mod held;
