@@ -184,8 +184,20 @@ fn gateway_flows_carry_bytes_half_closes_and_resets_both_ways() {
         flows()
     );
 
-    // A client held open on the published port is cut off when the endpoint is detached,
-    // not left until the flow times out.
+    // A client held open on the published port, and a connection the container holds open
+    // to the outside, are cut off when the endpoint is detached, not left until the flows
+    // time out.
+    let resets_outside = || {
+        std::fs::read_to_string(&outside_log)
+            .unwrap_or_default()
+            .matches(&format!("reset {}", Outside::DAEMON_IP))
+            .count()
+    };
+    let before_detach = resets_outside();
+    let _out = NsDaemon::spawn(
+        &a.name,
+        &["python3", "-c", CLIENT, Outside::IP, "9001", "hold"],
+    );
     let mut held = std::process::Command::new("ip")
         .args(["netns", "exec", &outside.ns.name, "python3", "-c", CLIENT])
         .args([Outside::DAEMON_IP, "9001", "hold"])
@@ -193,8 +205,9 @@ fn gateway_flows_carry_bytes_half_closes_and_resets_both_ways() {
         .spawn()
         .expect("client");
     assert!(
-        vswitch_tests::wait_until(secs(10), || flows() == Some(1)),
-        "the held connection is a flow"
+        vswitch_tests::wait_until(secs(10), || flows() == Some(2)),
+        "the held connections are flows: {:?}",
+        flows()
     );
     d.ok(&["detach", "svc"]);
     let ended = vswitch_tests::wait_until(secs(10), || matches!(held.try_wait(), Ok(Some(_))));
@@ -204,4 +217,8 @@ fn gateway_flows_carry_bytes_half_closes_and_resets_both_ways() {
     let out = held.wait_with_output().expect("client output");
     assert!(ended, "detach ends gateway flows");
     assert_eq!(text(&out.stdout).trim(), "ended reset");
+    assert!(
+        vswitch_tests::wait_until(secs(10), || resets_outside() > before_detach),
+        "the container's own connection to the outside is reset at detach"
+    );
 }

@@ -261,6 +261,9 @@ impl Daemon {
                     namespace: scope_key(ep),
                     mac: ep.mac.0,
                     guard: guard(net, ep),
+                    addrs: std::iter::once(std::net::IpAddr::V4(ep.ipv4))
+                        .chain(ep.ipv6.map(std::net::IpAddr::V6))
+                        .collect(),
                 },
             )
             .await

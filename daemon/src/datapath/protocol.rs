@@ -132,6 +132,8 @@ pub struct PortSpec {
     pub mac: [u8; 6],
     /// What the port may send from, on networks with port security.
     pub guard: Option<PortGuard>,
+    /// The endpoint's addresses: its NAT flows end with its port.
+    pub addrs: Vec<std::net::IpAddr>,
 }
 
 /// The sending half of a datapath's command queue: wakes the thread after each command.

@@ -48,6 +48,7 @@ struct PortIo {
     endpoint_name: String,
     /// The DNS scope key of the endpoint's namespace.
     namespace: String,
+    addrs: Vec<IpAddr>,
 }
 
 /// Everything one network's datapath thread owns.
@@ -425,6 +426,9 @@ impl Worker {
         if let Some(t) = self.tunnel.as_mut() {
             t.port_gone(port);
         }
+        for &a in &io.addrs {
+            self.gateway.tcp_abort_container(Instant::now(), a);
+        }
         Some(io)
     }
 
@@ -470,6 +474,7 @@ impl Worker {
                     endpoint_id: spec.endpoint_id,
                     endpoint_name: spec.endpoint_name,
                     namespace: spec.namespace,
+                    addrs: spec.addrs,
                 };
                 let r = self.add_port(io, spec.mac, spec.guard);
                 let _ = reply.send(r);

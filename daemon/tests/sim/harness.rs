@@ -160,6 +160,7 @@ impl Sim {
                     namespace: format!("scope-{name}"),
                     mac: mac.0,
                     guard,
+                    addrs: Vec::new(),
                 },
             ))
             .expect("add port");

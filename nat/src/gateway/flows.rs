@@ -216,6 +216,23 @@ impl Gateway {
         }
     }
 
+    /// Resets every TCP flow of the container at `addr`, held SYNs included: its endpoint is
+    /// gone, and its connections with it (as when a container leaves a kernel bridge).
+    pub fn tcp_abort_container(&mut self, now: Instant, addr: IpAddr) {
+        let flows: Vec<FlowId> = self
+            .shards
+            .iter()
+            .flat_map(|sh| {
+                let open = sh.flows.flows.iter().filter(|(_, f)| f.container == addr);
+                let held = sh.held.iter().filter(|(_, h)| h.src.ip() == addr);
+                open.map(|(id, _)| *id).chain(held.map(|(id, _)| *id))
+            })
+            .collect();
+        for flow in flows {
+            self.tcp_abort(now, flow);
+        }
+    }
+
     pub fn tcp_state(&self, flow: FlowId) -> FlowState {
         if self.is_held(flow) {
             return FlowState::Connecting;

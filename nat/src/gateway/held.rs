@@ -18,7 +18,7 @@ use crate::tcp::{FlowId, HELD_SYN_TIMEOUT, TcpEvent};
 
 /// A SYN waiting for its dial.
 pub(super) struct Held {
-    src: SocketAddr,
+    pub(super) src: SocketAddr,
     dst: SocketAddr,
     /// The SYN as it came (Ethernet header first), to feed to the stack later.
     syn: Vec<u8>,
