@@ -93,9 +93,11 @@ pub(crate) struct Flows {
 /// segments get smoltcp's delayed ACK ([`BULK_ACK_DELAY`], or every second segment, whichever
 /// comes first) instead of one each: every ACK is a TAP write that runs the container's stack
 /// and wakes its sender, and halving them moved a stream out of a container from 0.64-0.79x
-/// to 0.77-0.89x of the kernel's NAT (BENCHMARKS.md). A smaller read marks it interactive
-/// again, with immediate ACKs, so a request split over two writes behind Nagle's algorithm
-/// does not wait for the timer.
+/// to 0.77-0.89x of the kernel's NAT (BENCHMARKS.md). A short read that empties the buffer
+/// (the container sent little) marks it interactive again, with immediate ACKs, so a request
+/// split over two writes behind Nagle's algorithm does not wait for the timer. A timer already
+/// running then still runs out: at most one ACK per burst waits up to the delay, which a Linux
+/// sender's Nagle (Minshall's variant) does not wait for after full-sized segments.
 pub const BULK_DRAIN: usize = 32 * 1024;
 pub const BULK_ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(1);
 

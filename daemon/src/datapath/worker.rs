@@ -422,12 +422,16 @@ impl Worker {
     fn unplug(&mut self, port: PortId) -> Option<PortIo> {
         let io = self.ports.get_mut(port.index())?.take()?;
         let _ = self.epoll.delete(io.fd.as_fd());
+        // Its TCP flows end with it. Their RSTs leave while its MAC is still pinned to the
+        // port, which has no device any more: dropped here, never flooded to the others.
+        let now = Instant::now();
+        for &a in &io.addrs {
+            self.gateway.tcp_abort_container(now, a);
+        }
+        self.flush_gateway(now);
         self.bridge.remove_port(port);
         if let Some(t) = self.tunnel.as_mut() {
             t.port_gone(port);
-        }
-        for &a in &io.addrs {
-            self.gateway.tcp_abort_container(Instant::now(), a);
         }
         Some(io)
     }

@@ -185,7 +185,16 @@ impl Gateway {
                 (n, (n, r))
             })
             .ok()?;
-        let bulk = n >= crate::tcp::BULK_DRAIN;
+        // Judged by reads that moved something. A short read with more left behind it (the
+        // ring wrapped, or the host side took less) says nothing about the container; one that
+        // emptied the buffer says it sent little.
+        let bulk = if n >= crate::tcp::BULK_DRAIN {
+            true
+        } else if n > 0 && s.recv_queue() == 0 {
+            false
+        } else {
+            f.bulk
+        };
         if bulk != f.bulk {
             f.bulk = bulk;
             s.set_ack_delay(bulk.then_some(crate::tcp::BULK_ACK_DELAY));
