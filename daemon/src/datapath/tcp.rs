@@ -51,6 +51,18 @@ enum Moved {
     Failed,
 }
 
+/// What a read or write of `r` bytes came to; `zero` is what 0 bytes mean (EOF for a read).
+fn moved(r: std::io::Result<usize>, zero: Moved) -> (usize, Moved) {
+    match r {
+        Ok(0) => (0, zero),
+        Ok(n) => (n, Moved::Bytes),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Moved::Again),
+        // Interrupted: nothing moved, try again.
+        Err(e) if e.kind() == ErrorKind::Interrupted => (0, Moved::Bytes),
+        Err(_) => (0, Moved::Failed),
+    }
+}
+
 /// The host sides of the flows the gateway terminates, by flow.
 #[derive(Default)]
 pub(super) struct TcpFlows {
@@ -194,13 +206,7 @@ impl TcpFlows {
                 if buf.is_empty() {
                     return (0, Moved::NoRoom);
                 }
-                match stream.read(buf) {
-                    Ok(0) => (0, Moved::Eof),
-                    Ok(n) => (n, Moved::Bytes),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Moved::Again),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => (0, Moved::Bytes),
-                    Err(_) => (0, Moved::Failed),
-                }
+                moved(stream.read(buf), Moved::Eof)
             });
             match moved {
                 Some(Moved::Bytes) => {}
@@ -221,14 +227,9 @@ impl TcpFlows {
         // Container -> host, while the host socket takes it.
         while io.writable && !io.shut_host && !failed {
             let stream = &mut io.host.stream;
-            let moved = gw.tcp_recv_with(now, flow, |data| match stream.write(data) {
-                // A stream socket that takes nothing without an error is broken.
-                Ok(0) => (0, Moved::Failed),
-                Ok(n) => (n, Moved::Bytes),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Moved::Again),
-                Err(e) if e.kind() == ErrorKind::Interrupted => (0, Moved::Bytes),
-                Err(_) => (0, Moved::Failed),
-            });
+            // A stream socket that takes nothing without an error is broken.
+            let moved =
+                gw.tcp_recv_with(now, flow, |data| moved(stream.write(data), Moved::Failed));
             match moved {
                 Some(Moved::Bytes) => {}
                 None | Some(Moved::NoRoom) | Some(Moved::Eof) => break,
