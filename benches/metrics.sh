@@ -20,14 +20,7 @@ while getopts "r:t:" o; do case $o in r) REPS=$OPTARG ;; t) DUR=$OPTARG ;; *) ex
 
 cargo build --release --locked -p vswitch >&2
 BIN=$PWD/target/release/vswitch
-P=vsmet-$$-
-TMP=$(mktemp -d)
-cleanup() {
-    pkill -f "$TMP/" 2>/dev/null || true
-    remove_netns_with_prefix "$P"
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+bench_scratch vsmet
 
 ip netns add "${P}d"; ip netns add "${P}a"; ip netns add "${P}b"
 ip -n "${P}d" link set lo up

@@ -24,14 +24,7 @@ while getopts "r:t:" o; do case $o in r) REPS=$OPTARG ;; t) DUR=$OPTARG ;; *) ex
 
 cargo build --release --locked -p vswitch >&2
 BIN=$PWD/target/release/vswitch
-P=vsov-$$-
-TMP=$(mktemp -d)
-cleanup() {
-    pkill -f "$TMP/" 2>/dev/null || true
-    remove_netns_with_prefix "$P"
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+bench_scratch vsov
 
 # Two hosts h1 (192.0.2.1) and h2 (192.0.2.2) on one veth pair: the underlay.
 underlay() {

@@ -51,6 +51,14 @@ find_cargo() {
 
 # Kills the processes in, and deletes, every network namespace whose name starts with $1 (and
 # the resolv.conf files vswitch wrote for them). Benchmarks call it from their EXIT trap.
+# A benchmark's scratch space: namespaces named PREFIX-<pid>-* ($P) and a directory ($TMP),
+# both removed at exit together with every process started from that directory.
+bench_scratch() { # PREFIX
+    P=$1-$$-
+    TMP=$(mktemp -d)
+    trap 'pkill -f "$TMP/" 2>/dev/null || true; remove_netns_with_prefix "$P"; rm -rf "$TMP"' EXIT
+}
+
 remove_netns_with_prefix() {
     local n
     for n in $(ip netns list | awk '{print $1}' | grep "^$1" || true); do

@@ -70,14 +70,6 @@ impl Gateway {
         self.budget.flows_of(addr)
     }
 
-    /// Whether `flow` has large socket buffers.
-    pub fn tcp_is_large(&self, flow: FlowId) -> bool {
-        self.shards
-            .get(shard_of(flow))
-            .and_then(|s| s.flows.flows.get(&flow))
-            .is_some_and(|f| f.large)
-    }
-
     /// TCP flows with large buffers (see [`crate::tcp::MAX_LARGE_FLOWS`]).
     pub fn tcp_large_flows(&self) -> usize {
         self.budget.large()
